@@ -1,0 +1,5 @@
+import sys
+
+from gallery.cli import main
+
+sys.exit(main())

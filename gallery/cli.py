@@ -1,0 +1,67 @@
+"""The `gallery` command: small tools around the pipeline (the pipeline itself is flows/train_flow.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from gallery.errors import ContractError
+
+EXIT_CONTRACT = 2
+
+
+def cmd_synth(args) -> int:
+    from gallery.synth import SynthSettings, generate
+
+    try:
+        settings = SynthSettings(galleries=args.galleries, seed=args.seed, image_size=args.image_size,
+                                 min_images=args.min_images, max_images=args.max_images)
+    except ValueError as e:
+        print(f"gallery synth: {e}", file=sys.stderr)
+        return EXIT_CONTRACT
+    start = time.perf_counter()
+    manifest = generate(args.out, settings, workers=args.workers)
+    print(f"wrote {manifest} and {manifest.parent / 'tasks.yaml'} "
+          f"({settings.galleries} galleries, {time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from gallery.ingest import describe, ingest
+
+    print(describe(ingest(args.manifest, args.tasks)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gallery", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic accommodation catalogue (manifest, tasks, images)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--galleries", type=int, default=2500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96, help="pixels per side")
+    p.add_argument("--min-images", type=int, default=4)
+    p.add_argument("--max-images", type=int, default=12)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("validate", help="check a manifest and task spec against the data contract")
+    p.add_argument("--manifest", required=True, help="Parquet, CSV or JSON Lines manifest")
+    p.add_argument("--tasks", required=True, help="YAML or JSON task spec")
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ContractError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONTRACT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Read the two user inputs (manifest, task spec) and check them against `data_contracts/`.
+
+Every violation is collected before anything stops, so a user fixes their files in one pass;
+each names the file, the column or key, the offending ids/values and the fix.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+from jsonschema import Draft202012Validator
+
+from gallery.errors import ContractError, Violation, example
+from gallery.labels import label_key
+
+CONTRACTS_DIR = Path(__file__).resolve().parents[1] / "data_contracts"
+KINDS = ("binary", "multiclass", "regression")
+SPLITS = ("train", "valid", "test")
+RESERVED_COLUMNS = ("gallery_id", "images", "split")
+MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
+                    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def load_schema(name: str) -> dict:
+    """One of the JSON Schemas in data_contracts/ (manifest, tasks, embeddings)."""
+    return json.loads((CONTRACTS_DIR / f"{name}.schema.json").read_text())
+
+
+@dataclass(frozen=True)
+class Task:
+    """One learning target: a manifest column and how to read it."""
+
+    name: str
+    column: str
+    kind: str
+    classes: tuple[str, ...] | None = None  # multiclass: class keys (see labels.label_key), in output order
+    num_classes: int | None = None
+    positive: object = None
+    description: str = ""
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the head's output layer."""
+        if self.kind != "multiclass":
+            return 1
+        if self.classes is not None:
+            return len(self.classes)
+        if self.num_classes is None:
+            raise ValueError(f"task {self.name!r}: classes are unknown until the data is read "
+                             "(declare `classes` or `num_classes` in the task spec)")
+        return self.num_classes
+
+
+@dataclass
+class TaskSpec:
+    path: str
+    tasks: list[Task]
+    holdout: list[Task] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- task spec
+
+def _schema_error_to_violation(path: str, err) -> Violation:
+    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
+                    for i, p in enumerate(err.absolute_path)) or "top level"
+    fixes = {
+        "enum": f"use one of {err.validator_value}",
+        "required": "add the missing key",
+        "additionalProperties": "remove or rename the key (allowed: "
+                                f"{', '.join(sorted(err.schema.get('properties', {})))})",
+        "type": f"give a value of type {err.validator_value}",
+        "minItems": f"give at least {err.validator_value} item(s)",
+        "uniqueItems": "list each value once",
+        "pattern": "use letters, digits, '_', '.', '-' only",
+        "not": "'classes'/'num_classes' apply to multiclass tasks only, 'positive' to binary tasks only",
+    }
+    problem = err.message
+    if err.validator == "not":
+        problem = "a key does not fit this task's kind"
+    return Violation(path, where, problem, fixes.get(err.validator, "see data_contracts/tasks.schema.json"))
+
+
+def load_task_spec(path) -> TaskSpec:
+    """Parse and validate a YAML/JSON task spec; raise ContractError listing every problem."""
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ContractError([Violation(path, "file", f"cannot read the task spec ({e.strerror})",
+                                       "pass an existing YAML or JSON file with --tasks")]) from None
+    try:
+        doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ContractError([Violation(path, "file", f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}",
+                                       "fix the syntax (see data_contracts/examples/paper_tasks.yaml)")]) from None
+    errors = sorted(Draft202012Validator(load_schema("tasks")).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    violations = [_schema_error_to_violation(path, e) for e in errors]
+    if violations:
+        raise ContractError(violations)
+
+    def build(entry) -> Task:
+        classes = entry.get("classes")
+        return Task(name=entry["name"], column=entry["column"], kind=entry["kind"],
+                    classes=tuple(label_key(c) for c in classes) if classes else None,
+                    num_classes=entry.get("num_classes"), positive=entry.get("positive"),
+                    description=entry.get("description", ""))
+
+    spec = TaskSpec(path, [build(t) for t in doc["tasks"]], [build(t) for t in doc.get("holdout") or []])
+    violations += _check_task_names(spec)
+    if violations:
+        raise ContractError(violations)
+    return spec
+
+
+def _check_task_names(spec: TaskSpec) -> list[Violation]:
+    out = []
+    names = [t.name for t in spec.tasks + spec.holdout]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        out.append(Violation(spec.path, "task names", f"duplicate task names {example(dupes)}",
+                             "give every task (MTL and holdout) a unique name"))
+    mtl_columns = {t.column: t.name for t in spec.tasks}
+    for t in spec.holdout:
+        if t.name in {m.name for m in spec.tasks} or t.column in mtl_columns:
+            out.append(Violation(spec.path, f"holdout task {t.name!r}",
+                                 f"column {t.column!r} is also an MTL task ({mtl_columns.get(t.column, t.name)!r}); "
+                                 "a holdout must never be seen in training",
+                                 "remove it from `tasks` or from `holdout`"))
+    for t in spec.tasks + spec.holdout:
+        if t.column in RESERVED_COLUMNS:
+            out.append(Violation(spec.path, f"task {t.name!r}", f"column {t.column!r} is reserved",
+                                 "point the task at a label column"))
+    return out
+
+
+# ---------------------------------------------------------------- manifest
+
+def load_manifest(path) -> pd.DataFrame:
+    """Read a Parquet/CSV/JSON Lines manifest as given (no validation beyond being readable).
+
+    `images` comes back as Python lists (CSV cells are parsed from JSON text); other columns as
+    the format stores them. The user's file is only read.
+    """
+    path = str(path)
+    fmt = MANIFEST_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ContractError([Violation(path, "file", f"unsupported manifest format {Path(path).suffix!r}",
+                                       "write the manifest as .parquet, .csv or .jsonl")])
+    if not Path(path).is_file():
+        raise ContractError([Violation(path, "file", "the manifest does not exist",
+                                       "pass an existing file with --manifest")])
+    try:
+        if fmt == "parquet":
+            df = pq.read_table(path).to_pandas()
+        elif fmt == "csv":
+            df = pd.read_csv(path, dtype={c: "string" for c in RESERVED_COLUMNS}, keep_default_na=True)
+        else:
+            df = _read_jsonl(path)
+    except ContractError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a contract problem of this file
+        raise ContractError([Violation(path, "file", f"cannot be read as {fmt}: {e}",
+                                       f"check that the file is valid {fmt}")]) from None
+    if "images" in df.columns:
+        df["images"], bad = _images_as_lists(df["images"], from_text=(fmt == "csv"))
+        if bad:
+            ids = df["gallery_id"].iloc[bad] if "gallery_id" in df.columns else [f"row {i + 1}" for i in bad]
+            raise ContractError([Violation(path, "column 'images'",
+                                           f"{len(bad)} row(s) are not a list of image paths: {example(ids)}",
+                                           'write each cell as a JSON array of strings, e.g. ["a.jpg", "b.jpg"]')])
+    return df
+
+
+def _read_jsonl(path: str) -> pd.DataFrame:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ContractError([Violation(path, f"line {i}", f"not valid JSON ({e.msg})",
+                                                   "write one JSON object per line")]) from None
+                if not isinstance(row, dict):
+                    raise ContractError([Violation(path, f"line {i}", "not a JSON object",
+                                                   "write one JSON object per line")])
+                rows.append(row)
+    return pd.DataFrame.from_records(rows)
+
+
+def _images_as_lists(column: pd.Series, from_text: bool) -> tuple[list, list[int]]:
+    out, bad = [], []
+    for i, cell in enumerate(column):
+        value = cell
+        if from_text and isinstance(cell, str):
+            try:
+                value = json.loads(cell)
+            except json.JSONDecodeError:
+                value = cell  # not a JSON array: rejected below
+        elif hasattr(cell, "tolist") and not isinstance(cell, str):
+            value = cell.tolist()
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            out.append(None)  # a missing cell; reported by validate_manifest as "no images"
+            continue
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            bad.append(i)
+            value = None
+        out.append(value)
+    return out, bad
+
+
+def validate_manifest(df: pd.DataFrame, path: str, spec: TaskSpec) -> list[Violation]:
+    """Structural checks from manifest.schema.json plus the task columns the spec needs."""
+    schema = load_schema("manifest")
+    props = schema["properties"]
+    out: list[Violation] = []
+    for col in schema["required"]:
+        if col not in df.columns:
+            out.append(Violation(path, f"column {col!r}", "required column is missing",
+                                 f"add a {col!r} column ({props[col]['description']})"))
+    for task in spec.tasks + spec.holdout:
+        if task.column not in df.columns:
+            out.append(Violation(path, f"column {task.column!r}",
+                                 f"task {task.name!r} ({spec.path}) names a column the manifest lacks",
+                                 f"add the column, or fix `column:` of task {task.name!r}; "
+                                 f"manifest columns: {example(df.columns, 12)}"))
+    if "gallery_id" in df.columns:
+        ids = df["gallery_id"]
+        empty = ids.isna() | (ids.astype("string").str.strip() == "")
+        if empty.any():
+            rows = [f"row {i + 1}" for i in df.index[empty]]
+            out.append(Violation(path, "column 'gallery_id'", f"{int(empty.sum())} empty id(s) at {example(rows)}",
+                                 "give every product a non-empty gallery_id"))
+        dup = ids[~empty & ids.duplicated(keep=False)]
+        if len(dup):
+            out.append(Violation(path, "column 'gallery_id'",
+                                 f"{dup.nunique()} id(s) appear more than once: {example(dup.unique())}",
+                                 "make gallery_id unique: one row per product"))
+    if "images" in df.columns:
+        no_images = [i for i, imgs in enumerate(df["images"]) if not imgs or any(not s.strip() for s in imgs)]
+        if no_images:
+            names = df["gallery_id"].iloc[no_images] if "gallery_id" in df.columns else [f"row {i + 1}" for i in no_images]
+            out.append(Violation(path, "column 'images'",
+                                 f"{len(no_images)} product(s) with an empty image list or an empty path: {example(names)}",
+                                 "list at least one image per product, or drop the product from the manifest"))
+    if "split" in df.columns:
+        allowed = set(SPLITS)
+        bad = df["split"].dropna()
+        bad = bad[~bad.isin(allowed)]
+        if len(bad):
+            out.append(Violation(path, "column 'split'", f"unknown split value(s) {example(sorted(set(bad)))} "
+                                 f"(ids {example(df.loc[bad.index, 'gallery_id'])})" if "gallery_id" in df.columns
+                                 else f"unknown split value(s) {example(sorted(set(bad)))}",
+                                 f"use one of {list(SPLITS)} or leave it empty for the hashed 9:1 split"))
+    return out

@@ -1,0 +1,151 @@
+"""The one image loader: bytes from any location -> RGB uint8 array of the preset size.
+
+Damaged items never crash a run: `load_image` raises ImageProblem with a short reason, and
+`load_gallery` turns those into a list of problems to count and report.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Anything past this many pixels is treated as a decompression bomb (PIL's own default is 89M;
+# product photos are far smaller, and a 20k x 20k "photo" only costs memory).
+MAX_PIXELS = 64_000_000
+WHITE = (255, 255, 255)
+
+
+class ImageProblem(Exception):
+    """A per-item problem: the image is skipped, counted and listed, the run goes on."""
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    gallery_id: str
+    image: str
+    reason: str
+
+
+def read_bytes(location: str) -> bytes:
+    """Bytes of a local path or a URI any pyarrow filesystem understands (s3://, gs://, ...)."""
+    try:
+        if "://" in location:
+            from pyarrow import fs
+
+            filesystem, path = fs.FileSystem.from_uri(location)
+            with filesystem.open_input_stream(path) as f:
+                return f.read()
+        with open(location, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageProblem("missing file") from None
+    except IsADirectoryError:
+        raise ImageProblem("is a directory, not an image") from None
+    except PermissionError:
+        raise ImageProblem("permission denied") from None
+    except OSError as e:
+        raise ImageProblem(f"unreadable ({e.__class__.__name__}: {e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: transparency on white, 16-bit and 32-bit scaled, CMYK/YCbCr/P converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode(data: bytes, size: int) -> np.ndarray:
+    """Decode image bytes (first frame), apply EXIF orientation, bilinear-resize to size x size."""
+    if not data:
+        raise ImageProblem("zero-byte file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageProblem(f"decompression bomb ({img.width}x{img.height} pixels)")
+            img.seek(0)  # GIF/WEBP/TIFF: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+        except ImageProblem:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageProblem(f"decompression bomb ({e})") from None
+        except Image.UnidentifiedImageError:
+            raise ImageProblem("not an image (unrecognised format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageProblem(f"damaged image ({e})") from None
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def load_image(location: str, size: int) -> np.ndarray:
+    return decode(read_bytes(location), size)
+
+
+def load_gallery(gallery_id: str, locations: list[str], size: int) -> tuple[np.ndarray, list[SkippedImage]]:
+    """All readable images of a gallery as (n, size, size, 3) uint8, plus the ones skipped."""
+    images, skipped = [], []
+    for loc in locations:
+        try:
+            images.append(load_image(loc, size))
+        except ImageProblem as e:
+            skipped.append(SkippedImage(gallery_id, loc, str(e)))
+    stack = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return stack, skipped
+
+
+
+@dataclass
+class DataQuality:
+    """What was skipped and why: counted, listed in the run's data-quality report, never silent."""
+
+    skipped: list[SkippedImage]
+    excluded: list[str]  # galleries left with no readable image
+
+    @staticmethod
+    def merge(parts) -> "DataQuality":
+        parts = list(parts)
+        return DataQuality([s for p in parts for s in p.skipped], [g for p in parts for g in p.excluded])
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped images per reason kind (the text before any parenthesis)."""
+        counts: dict[str, int] = {}
+        for s in self.skipped:
+            kind = s.reason.split(" (")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def summary(self) -> str:
+        if not self.skipped and not self.excluded:
+            return "no damaged images"
+        by_reason = ", ".join(f"{n} {r}" for r, n in self.reasons().items())
+        return (f"{len(self.skipped)} image(s) skipped ({by_reason}); "
+                f"{len(self.excluded)} gallery(ies) excluded with no readable image")
+
+
+def load_galleries(gallery_ids, image_lists, size: int):
+    """Decode many galleries: (kept ids, one (n, size, size, 3) array per kept gallery, DataQuality)."""
+    kept, arrays, skipped, excluded = [], [], [], []
+    for gid, locations in zip(gallery_ids, image_lists):
+        stack, bad = load_gallery(gid, locations, size)
+        skipped += bad
+        if len(stack):
+            kept.append(gid)
+            arrays.append(stack)
+        else:
+            excluded.append(gid)
+    return kept, arrays, DataQuality(skipped, excluded)

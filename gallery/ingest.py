@@ -1,0 +1,112 @@
+"""Ingestion: validated manifest + task spec -> a Catalogue with split, encoded labels and statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gallery.contracts import Task, load_manifest, load_task_spec, validate_manifest
+from gallery.errors import ContractError, Violation
+from gallery.labels import LabelStats, encode_labels, label_statistics
+from gallery.split import assign_splits
+
+
+@dataclass
+class Catalogue:
+    """Everything downstream steps need to know about the user's data, in memory.
+
+    `frame` has one row per product: gallery_id, images (resolved locations), split, and one
+    encoded label column per task, named after the task (see gallery.labels for the encodings).
+    """
+
+    manifest_path: str
+    spec_path: str
+    tasks: list[Task]
+    holdout: list[Task]
+    frame: pd.DataFrame
+    stats: dict[str, LabelStats]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def all_tasks(self) -> list[Task]:
+        return self.tasks + self.holdout
+
+
+def resolve_image(ref: str, base_dir: Path) -> str:
+    """A manifest image reference as an absolute path or URI (relative paths are from the manifest's folder)."""
+    if "://" in ref:
+        return ref[len("file://"):] if ref.startswith("file://") else ref
+    path = Path(ref)
+    return str(path if path.is_absolute() else base_dir / path)
+
+
+def ingest(manifest_path, tasks_path) -> Catalogue:
+    """Validate both inputs against the contract and build the Catalogue.
+
+    Raises ContractError listing every violation found; the user's files are only read.
+    """
+    spec = load_task_spec(tasks_path)
+    manifest_path = str(manifest_path)
+    raw = load_manifest(manifest_path)
+    violations = validate_manifest(raw, manifest_path, spec)
+    if any(v.where in ("column 'gallery_id'", "column 'images'") and "missing" in v.problem for v in violations):
+        raise ContractError(violations)  # nothing more can be checked without ids and images
+
+    ids = raw["gallery_id"].astype("string").fillna("")
+    split = assign_splits(raw.assign(gallery_id=ids))
+    is_train = split == "train"
+    base_dir = Path(manifest_path).resolve().parent
+    frame = pd.DataFrame({
+        "gallery_id": ids.astype(str).to_numpy(dtype=object),
+        "images": [[resolve_image(r, base_dir) for r in (imgs or [])] for imgs in raw["images"]],
+        "split": split,
+    })
+    tasks, holdout, stats, notes = [], [], {}, []
+    for group, resolved in ((spec.tasks, tasks), (spec.holdout, holdout)):
+        for task in group:
+            if task.column not in raw.columns:
+                continue  # already reported by validate_manifest
+            enc = encode_labels(raw[task.column], task, is_train, frame["gallery_id"])
+            violations += [Violation(manifest_path, f"column {task.column!r} (task {task.name!r})", p, f)
+                           for p, f in enc.problems]
+            notes += enc.notes
+            resolved.append(enc.task)
+            frame[task.name] = enc.values
+    if violations:
+        raise ContractError(violations)
+    for task in tasks + holdout:
+        stats[task.name] = label_statistics(frame[task.name].to_numpy(), task, split)
+    return Catalogue(manifest_path, str(tasks_path), tasks, holdout, frame, stats, notes)
+
+
+def describe(cat: Catalogue) -> str:
+    """Human summary printed by `gallery validate` and the ingest step."""
+    n_images = cat.frame["images"].map(len).to_numpy()
+    splits = cat.frame["split"].value_counts()
+    lines = [
+        f"manifest: {cat.manifest_path}",
+        f"tasks:    {cat.spec_path} ({len(cat.tasks)} MTL, {len(cat.holdout)} holdout)",
+        f"galleries: {len(cat.frame)} ({', '.join(f'{s} {n}' for s, n in splits.items())})",
+        f"images:    {int(n_images.sum())}; per gallery min {n_images.min()} / median {np.median(n_images):g} "
+        f"/ max {n_images.max()}",
+        "",
+        f"{'task':<28} {'kind':<10} {'role':<7} {'labelled (train/valid)':>22}  balance / distribution (train)",
+    ]
+    for role, group in (("mtl", cat.tasks), ("holdout", cat.holdout)):
+        for task in group:
+            st = cat.stats[task.name]
+            labelled = f"{st.labelled.get('train', 0)}/{st.labelled.get('valid', 0)}"
+            if task.kind == "binary":
+                pos = st.class_counts[1] / max(sum(st.class_counts), 1)
+                detail = f"positive {pos:.1%}, minority {st.minority_fraction:.1%}"
+            elif task.kind == "multiclass":
+                counts = np.array(st.class_counts)
+                detail = f"{len(counts)} classes, largest {counts.max() / max(counts.sum(), 1):.1%}"
+            else:
+                detail = f"mean {st.mean:.4g}, variance {st.variance:.4g}" if st.variance is not None else "n/a"
+            lines.append(f"{task.name:<28} {task.kind:<10} {role:<7} {labelled:>22}  {detail}")
+    lines += [f"note: {n}" for n in cat.notes]
+    return "\n".join(lines)
+

@@ -1,0 +1,218 @@
+"""Every contract violation of DESIGN §3 stops ingestion with a message naming file, column, ids and fix."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from gallery.cli import main
+from gallery.errors import ContractError
+from gallery.ingest import ingest
+from gallery.labels import MISSING_CLASS
+
+SPEC = {
+    "tasks": [
+        {"name": "B15_pool", "column": "has_pool", "kind": "binary"},
+        {"name": "C2_region", "column": "world_region", "kind": "multiclass", "classes": ["africa", "asia", "europe"]},
+        {"name": "R3_adr", "column": "avg_daily_rate", "kind": "regression"},
+    ],
+    "holdout": [{"name": "star_rating", "column": "star_rating", "kind": "multiclass"}],
+}
+
+
+def rows(n=40):
+    return pd.DataFrame({
+        "gallery_id": [f"g{i}" for i in range(n)],
+        "images": [[f"img/{i}_a.jpg", f"img/{i}_b.jpg"] for i in range(n)],
+        "has_pool": [bool(i % 2) if i % 5 else None for i in range(n)],
+        "world_region": [["africa", "asia", "europe"][i % 3] for i in range(n)],
+        "avg_daily_rate": [100.0 + i if i % 7 else np.nan for i in range(n)],
+        "star_rating": [1 + i % 5 if i % 2 else None for i in range(n)],
+    })
+
+
+def write(tmp_path, df, spec=SPEC, fmt="parquet", spec_name="tasks.yaml"):
+    manifest = tmp_path / f"manifest.{fmt}"
+    if fmt == "parquet":
+        df.to_parquet(manifest)
+    elif fmt == "csv":
+        df.assign(images=df["images"].map(json.dumps)).to_csv(manifest, index=False)
+    else:
+        manifest.write_text("\n".join(json.dumps(r, default=str) for r in df.to_dict("records")))
+    tasks = tmp_path / spec_name
+    tasks.write_text(json.dumps(spec) if spec_name.endswith(".json") else yaml.safe_dump(spec))
+    return manifest, tasks
+
+
+def violations(tmp_path, df, spec=SPEC):
+    with pytest.raises(ContractError) as info:
+        ingest(*write(tmp_path, df, spec))
+    return str(info.value)
+
+
+def test_valid_inputs_are_encoded(tmp_path):
+    cat = ingest(*write(tmp_path, rows()))
+    f = cat.frame
+    assert list(f["gallery_id"][:2]) == ["g0", "g1"]
+    assert f["images"][0] == [str(tmp_path / "img/0_a.jpg"), str(tmp_path / "img/0_b.jpg")]
+    assert np.isnan(f["B15_pool"][0]) and f["B15_pool"][1] == 1.0 and f["B15_pool"][2] == 0.0
+    assert list(f["C2_region"][:3]) == [0, 1, 2]
+    assert np.isnan(f["R3_adr"][0]) and f["R3_adr"][1] == pytest.approx(101.0)
+    star = cat.holdout[0]
+    assert star.classes == ("1", "2", "3", "4", "5")  # inferred from train, numeric order
+    assert f["star_rating"][0] == MISSING_CLASS
+    assert cat.stats["R3_adr"].variance == pytest.approx(np.var(f["R3_adr"][(f["split"] == "train")].dropna(), ddof=1), rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_csv_and_jsonl_read_like_parquet(tmp_path, fmt):
+    reference = ingest(*write(tmp_path, rows())).frame
+    other = ingest(*write(tmp_path, rows(), fmt=fmt)).frame
+    pd.testing.assert_frame_equal(reference, other)
+
+
+def test_json_task_spec(tmp_path):
+    cat = ingest(*write(tmp_path, rows(), spec_name="tasks.json"))
+    assert [t.name for t in cat.tasks] == ["B15_pool", "C2_region", "R3_adr"]
+
+
+@pytest.mark.parametrize("column", ["gallery_id", "images"])
+def test_missing_required_column(tmp_path, column):
+    msg = violations(tmp_path, rows().drop(columns=[column]))
+    assert f"manifest.parquet: column '{column}': required column is missing" in msg
+    assert f"add a '{column}' column" in msg
+
+
+def test_missing_task_column(tmp_path):
+    msg = violations(tmp_path, rows().drop(columns=["has_pool"]))
+    assert "column 'has_pool': task 'B15_pool'" in msg and "names a column the manifest lacks" in msg
+
+
+def test_duplicate_and_empty_ids_listed_together(tmp_path):
+    df = rows()
+    df.loc[3, "gallery_id"] = "g1"
+    df.loc[5, "gallery_id"] = ""
+    msg = violations(tmp_path, df)
+    assert msg.startswith("2 data-contract violations")
+    assert "appear more than once: 'g1'" in msg and "make gallery_id unique" in msg
+    assert "1 empty id(s) at 'row 6'" in msg
+
+
+def test_empty_image_list(tmp_path):
+    df = rows()
+    df.at[4, "images"] = []
+    msg = violations(tmp_path, df)
+    assert "column 'images': 1 product(s) with an empty image list or an empty path: 'g4'" in msg
+
+
+def test_unknown_kind(tmp_path):
+    spec = json.loads(json.dumps(SPEC))
+    spec["tasks"][0]["kind"] = "clasification"
+    msg = violations(tmp_path, rows(), spec)
+    assert "tasks.yaml: tasks[0].kind: 'clasification' is not one of ['binary', 'multiclass', 'regression']" in msg
+    assert "fix: use one of" in msg
+
+
+def test_binary_with_third_value(tmp_path):
+    df = rows()
+    df["has_pool"] = df["has_pool"].astype(object)
+    df.loc[7, "has_pool"] = "maybe"
+    df["has_pool"] = df["has_pool"].astype(str).replace("None", None)
+    msg = violations(tmp_path, df)
+    assert "column 'has_pool' (task 'B15_pool'): binary column has 3 distinct values" in msg
+    assert "'maybe'" in msg and "kind: multiclass" in msg
+
+
+def test_binary_with_other_words_needs_positive(tmp_path):
+    df = rows().assign(has_pool=lambda d: d["has_pool"].map({True: "pool", False: "none", None: None}))
+    assert "declare `positive:" in violations(tmp_path, df)
+    spec = json.loads(json.dumps(SPEC))
+    spec["tasks"][0]["positive"] = "pool"
+    cat = ingest(*write(tmp_path, df, spec))
+    assert cat.frame["B15_pool"][1] == 1.0 and cat.frame["B15_pool"][2] == 0.0
+
+
+def test_label_outside_declared_classes(tmp_path):
+    df = rows()
+    df.loc[[2, 9], "world_region"] = "mars"
+    msg = violations(tmp_path, df)
+    assert "2 label(s) outside the declared classes: values 'mars' at ids 'g2', 'g9'" in msg
+
+
+def test_task_without_train_labels(tmp_path):
+    df = rows().assign(avg_daily_rate=np.nan)
+    msg = violations(tmp_path, df)
+    assert "column 'avg_daily_rate' (task 'R3_adr'): no labels in the train split" in msg
+
+
+def test_holdout_that_is_also_mtl(tmp_path):
+    spec = json.loads(json.dumps(SPEC))
+    spec["holdout"][0]["column"] = "has_pool"
+    msg = violations(tmp_path, rows(), spec)
+    assert "holdout task 'star_rating': column 'has_pool' is also an MTL task ('B15_pool')" in msg
+
+
+def test_unknown_split_value(tmp_path):
+    df = rows().assign(split=["train"] * 38 + ["training", "valid"])
+    msg = violations(tmp_path, df)
+    assert "column 'split': unknown split value(s) 'training' (ids 'g38')" in msg
+
+
+def test_given_split_wins_and_nulls_are_hashed(tmp_path):
+    df = rows().assign(split=["valid"] * 10 + [None] * 30)
+    cat = ingest(*write(tmp_path, df))
+    assert set(cat.frame["split"][:10]) == {"valid"}
+    assert set(cat.frame["split"][10:]) <= {"train", "valid"}
+
+
+def test_regression_nan_inf_missing_and_text_rejected(tmp_path):
+    df = rows()
+    df.loc[1, "avg_daily_rate"] = np.inf
+    cat = ingest(*write(tmp_path, df))
+    assert np.isnan(cat.frame["R3_adr"][1])
+    df = df.astype({"avg_daily_rate": object})
+    df.loc[2, "avg_daily_rate"] = "cheap"
+    df["avg_daily_rate"] = df["avg_daily_rate"].astype(str)
+    assert "1 non-numeric value(s) 'cheap' at ids 'g2'" in violations(tmp_path, df)
+
+
+def test_csv_images_must_be_json_arrays(tmp_path):
+    manifest, tasks = write(tmp_path, rows(), fmt="csv")
+    text = manifest.read_text().splitlines()
+    text[1] = text[1].replace('"[""img/0_a.jpg"", ""img/0_b.jpg""]"', "img/0_a.jpg")
+    manifest.write_text("\n".join(text) + "\n")
+    with pytest.raises(ContractError, match=r"column 'images': 1 row\(s\) are not a list of image paths: 'g0'"):
+        ingest(manifest, tasks)
+
+
+def test_user_files_untouched(tmp_path):
+    manifest, tasks = write(tmp_path, rows())
+    before = manifest.read_bytes(), tasks.read_bytes()
+    ingest(manifest, tasks)
+    assert (manifest.read_bytes(), tasks.read_bytes()) == before
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    manifest, tasks = write(tmp_path, rows())
+    assert main(["validate", "--manifest", str(manifest), "--tasks", str(tasks)]) == 0
+    out = capsys.readouterr().out
+    assert "galleries: 40" in out and "per gallery min 2 / median 2 / max 2" in out
+    assert "B15_pool" in out and "minority" in out and "variance" in out
+
+    df = rows()
+    df.loc[3, "gallery_id"] = "g1"
+    manifest, tasks = write(tmp_path, df)
+    assert main(["validate", "--manifest", str(manifest), "--tasks", str(tasks)]) == 2
+    err = capsys.readouterr().err
+    assert "appear more than once" in err and "Traceback" not in err
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(SPEC))
+    with pytest.raises(ContractError, match="unsupported manifest format '.xlsx'"):
+        ingest(tmp_path / "m.xlsx", tmp_path / "tasks.yaml")
+    with pytest.raises(ContractError, match="the manifest does not exist"):
+        ingest(tmp_path / "nope.parquet", tmp_path / "tasks.yaml")
+    with pytest.raises(ContractError, match="cannot read the task spec"):
+        ingest(tmp_path / "nope.parquet", tmp_path / "none.yaml")
