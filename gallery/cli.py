@@ -33,6 +33,34 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_model_summary(args) -> int:
+    from dataclasses import replace
+
+    from gallery.config import load_settings
+    from gallery.contracts import load_task_spec
+    from gallery.models import build_model, parameter_counts
+
+    settings = load_settings(args.config)
+    spec = load_task_spec(args.tasks)
+    model = build_model(replace(settings.model, weights="random"), spec.tasks)  # counting needs no weights
+    c = parameter_counts(model)
+    m = settings.model
+    print(f"model: {m.backbone} ({m.trainable_blocks} top block(s) trainable), {m.pooling} pooling, "
+          f"{model.encoder.dim}-d embedding, {len(spec.tasks)} task heads of hidden width {m.hidden}")
+    rows = [("encoder", c["encoder_trainable"], c["encoder_frozen"]), ("heads", c["heads_trainable"], c["heads_frozen"]),
+            ("total", c["encoder_trainable"] + c["heads_trainable"], c["encoder_frozen"] + c["heads_frozen"])]
+    for label, trainable, frozen in rows:
+        print(f"{label:<9} trainable {trainable:>11,}   frozen {frozen:>10,}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from gallery.bench import bench_train
+
+    bench_train(steps=args.steps, device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gallery", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="Parquet, CSV or JSON Lines manifest")
     p.add_argument("--tasks", required=True, help="YAML or JSON task spec")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("model-summary", help="trainable and frozen parameter counts of encoder and heads")
+    p.add_argument("--config", required=True, help="a preset name (smoke, default, paper) or settings JSON")
+    p.add_argument("--tasks", required=True, help="task spec (multiclass tasks need classes or num_classes)")
+    p.set_defaults(func=cmd_model_summary)
+
+    p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
+    p.add_argument("what", choices=["train"], help="train: feature cache vs recompute, packed vs padded")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per variant")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

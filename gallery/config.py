@@ -1,0 +1,83 @@
+"""Run settings: the presets in flows/configs/*.json, read into typed, checked dataclasses.
+
+Unknown or misspelt keys are errors (a typo must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from gallery.synth import SynthSettings
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "flows" / "configs"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"          # "imagenet", "random" (tests), or a path to a state-dict file
+    trainable_blocks: int = 1          # backbone blocks (from the top) that train; the rest is the frozen trunk
+    image_size: int = 96
+    pooling: str = "mean"              # mean | max | gem
+    hidden: int = 256                  # width of each task head's hidden layer
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_galleries: int = 32
+    max_epochs: int = 12
+    patience: int = 2                  # epochs without a lower validation total loss before stopping
+    weightings: tuple[str, ...] = ("pseudo_uniform", "kendall")
+    reference_weighting: str = "pseudo_uniform"
+    seed: int = 0
+    cache_dtype: str = "float16"       # frozen-trunk feature cache precision
+    use_cache: bool = True
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    synth: SynthSettings = field(default_factory=SynthSettings)
+    shards: int = 4                    # preprocessing fan-out
+    max_images: int = 44               # per gallery, the first ones kept (the paper's maximum)
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str = "default"
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"settings {where}: expected an object, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"settings {where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def settings_from_dict(values: dict) -> Settings:
+    return _build(Settings, dict(values), "")
+
+
+def load_settings(path_or_name) -> Settings:
+    """A preset by name (smoke, default, paper) or a JSON file path."""
+    path = Path(path_or_name)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{path_or_name}.json"
+    return settings_from_dict(json.loads(path.read_text()))

@@ -1,0 +1,200 @@
+"""Multi-task training (paper §3.4, DESIGN §6): Adam, early stopping on validation total loss,
+an atomic checkpoint every epoch, and resume that continues exactly where it stopped.
+
+Determinism: the batch order of epoch e is a permutation seeded by (seed, e), so a resumed run
+sees the same batches as an uninterrupted one; model initialisation is seeded by the caller.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gallery.config import TrainSettings
+from gallery.losses import labelled, task_losses
+from gallery.models import GalleryModel
+from gallery.packed import PackedGalleries, iterate_batches, label_tensors
+from gallery.progress import Progress
+
+
+@dataclass
+class TrainData:
+    """What one training run reads: packed pixels or trunk features, labels aligned to them, and
+    which galleries are train and valid."""
+
+    store: PackedGalleries
+    targets: dict[str, torch.Tensor]
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+    from_features: bool = True
+
+    @staticmethod
+    def from_catalogue(frame, tasks, store: PackedGalleries, from_features: bool) -> "TrainData":
+        """Labels of `tasks` aligned to `store`; train/valid rows from the catalogue's split."""
+        split = frame.set_index("gallery_id").loc[store.gallery_ids, "split"].to_numpy()
+        return TrainData(store, label_tensors(frame, tasks, store.gallery_ids),
+                         np.flatnonzero(split == "train"), np.flatnonzero(split == "valid"), from_features)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    valid_loss: float
+    valid_task_losses: dict[str, float]
+    valid_metrics: dict[str, float]   # accuracy (classification) or MSE (regression), per task
+    seconds: float
+    images_per_s: float
+    galleries_per_s: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = -1
+    best_valid_loss: float = math.inf
+    stopped_early: bool = False
+    resumed_at_epoch: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    return torch.device(prefer or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fast, no loss scaling needed); full precision on CPU. Same code."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def task_metric(output: torch.Tensor, target: torch.Tensor, kind: str) -> float:
+    """Accuracy for classification, MSE for regression, over labelled galleries (NaN if none)."""
+    mask = labelled(target, kind)
+    if not mask.any():
+        return float("nan")
+    output, target = output[mask].float(), target[mask]
+    if kind == "binary":
+        return ((output > 0).float() == target).float().mean().item()
+    if kind == "multiclass":
+        return (output.argmax(1) == target).float().mean().item()
+    return torch.mean((output - target) ** 2).item()
+
+
+@torch.no_grad()
+def predict(model: GalleryModel, data: TrainData, rows, batch_galleries: int, device) -> tuple[torch.Tensor, dict]:
+    """Embeddings and head outputs for galleries `rows` (eval mode, on CPU)."""
+    model.eval()
+    zs, outs = [], {t.name: [] for t in model.tasks}
+    for batch in iterate_batches(data.store, {}, rows, batch_galleries):
+        with autocast(device):
+            z, out = model(batch.x.to(device), batch.index.to(device), batch.n, data.from_features)
+        zs.append(z.float().cpu())
+        for name, o in out.items():
+            outs[name].append(o.float().cpu())
+    return torch.cat(zs), {k: torch.cat(v) for k, v in outs.items()}
+
+
+def evaluate(model, weighting, data: TrainData, batch_galleries: int, device):
+    """Validation total loss (the weighting applied to whole-split task losses) and per-task metrics."""
+    _, outputs = predict(model, data, data.valid_rows, batch_galleries, device)
+    targets = {k: v[data.valid_rows] for k, v in data.targets.items()}
+    losses = task_losses(outputs, targets, model.tasks)
+    with torch.no_grad():
+        total = float(weighting({k: v.to(device) for k, v in losses.items()}))
+    metrics = {t.name: task_metric(outputs[t.name], targets[t.name], t.kind) for t in model.tasks}
+    return total, {k: float(v) for k, v in losses.items()}, metrics
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(model: GalleryModel, weighting: torch.nn.Module, data: TrainData, settings: TrainSettings,
+        checkpoint_dir, resume_from=None, device=None, log=print) -> TrainResult:
+    """Train until the validation total loss stops falling; leaves the best weights in `model`.
+
+    Writes `checkpoint_dir/last.pt` (everything needed to resume) and `best.pt` after every epoch.
+    With `resume_from` (a last.pt, e.g. of the failed origin run), training continues at the next
+    epoch with the optimiser, weighting parameters, early-stopping state and history restored.
+    """
+    device = pick_device(device)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    weighting.to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(weighting.parameters())
+    optimizer = torch.optim.Adam(params, lr=settings.lr, betas=tuple(settings.betas))
+    result, epochs_without_gain, start_epoch = TrainResult(), 0, 0
+    best_path = checkpoint_dir / "best.pt"
+
+    if resume_from is not None and Path(resume_from).exists():
+        state = torch.load(resume_from, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        weighting.load_state_dict(state["weighting"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        result = TrainResult(**{**state["result"], "history": [EpochRecord(**h) for h in state["result"]["history"]]})
+        epochs_without_gain, start_epoch = state["epochs_without_gain"], state["epoch"] + 1
+        result.resumed_at_epoch = start_epoch
+        if Path(resume_from).parent != checkpoint_dir and (Path(resume_from).parent / "best.pt").exists():
+            _save_atomic(torch.load(Path(resume_from).parent / "best.pt", weights_only=True), best_path)
+        log(f"resumed from {resume_from}: continuing at epoch {start_epoch + 1}")
+        if result.stopped_early:
+            start_epoch = settings.max_epochs  # it had already finished; only the best weights are reloaded
+
+    n_train_images = int(data.store.lengths[torch.as_tensor(data.train_rows)].sum())
+    for epoch in range(start_epoch, settings.max_epochs):
+        # ---- one epoch over the train galleries, in this epoch's seeded order
+        model.train()
+        order = np.random.default_rng([settings.seed, epoch]).permutation(data.train_rows)
+        progress = Progress(n_train_images, f"epoch {epoch + 1}/{settings.max_epochs}", "images", log)
+        started, loss_sum, batches = time.perf_counter(), 0.0, 0
+        for batch in iterate_batches(data.store, data.targets, order, settings.batch_galleries):
+            with autocast(device):
+                _, outputs = model(batch.x.to(device), batch.index.to(device), batch.n, data.from_features)
+            targets = {k: v.to(device) for k, v in batch.targets.items()}
+            loss = weighting(task_losses(outputs, targets, model.tasks))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum, batches = loss_sum + loss.item(), batches + 1
+            progress.update(len(batch.x), f"loss {loss_sum / batches:.4f}")
+        seconds = time.perf_counter() - started
+
+        # ---- validation, early stopping, checkpoints
+        valid_loss, valid_task_losses, metrics = evaluate(model, weighting, data, settings.batch_galleries, device)
+        result.history.append(EpochRecord(epoch, loss_sum / max(batches, 1), valid_loss, valid_task_losses, metrics,
+                                          seconds, n_train_images / seconds, len(order) / seconds))
+        if valid_loss < result.best_valid_loss:
+            result.best_valid_loss, result.best_epoch, epochs_without_gain = valid_loss, epoch, 0
+            _save_atomic({"model": model.state_dict(), "weighting": weighting.state_dict(), "epoch": epoch}, best_path)
+        else:
+            epochs_without_gain += 1
+        result.stopped_early = epochs_without_gain >= settings.patience
+        log(f"epoch {epoch + 1}: train loss {result.history[-1].train_loss:.4f}, valid total loss {valid_loss:.4f}"
+            f"{' (best)' if result.best_epoch == epoch else ''}, {len(order) / seconds:,.1f} galleries/s")
+        _save_atomic({
+            "model": model.state_dict(), "weighting": weighting.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "epochs_without_gain": epochs_without_gain, "torch_rng": torch.get_rng_state(),
+            "result": result.as_dict(),
+        }, checkpoint_dir / "last.pt")
+        if result.stopped_early:
+            log(f"early stop: no lower validation total loss for {settings.patience} epoch(s)")
+            break
+
+    best = torch.load(best_path, map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    weighting.load_state_dict(best["weighting"])
+    return result
