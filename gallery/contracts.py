@@ -5,6 +5,7 @@ each names the file, the column or key, the offending ids/values and the fix.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 from jsonschema import Draft202012Validator
 
+from gallery import storage
 from gallery.errors import ContractError, Violation, example
 from gallery.labels import label_key
 
@@ -88,9 +90,9 @@ def load_task_spec(path) -> TaskSpec:
     """Parse and validate a YAML/JSON task spec; raise ContractError listing every problem."""
     path = str(path)
     try:
-        text = Path(path).read_text()
+        text = storage.read_bytes(path).decode("utf-8")
     except OSError as e:
-        raise ContractError([Violation(path, "file", f"cannot read the task spec ({e.strerror})",
+        raise ContractError([Violation(path, "file", f"cannot read the task spec ({e.strerror or e})",
                                        "pass an existing YAML or JSON file with --tasks")]) from None
     try:
         doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
@@ -150,16 +152,17 @@ def load_manifest(path) -> pd.DataFrame:
     if fmt is None:
         raise ContractError([Violation(path, "file", f"unsupported manifest format {Path(path).suffix!r}",
                                        "write the manifest as .parquet, .csv or .jsonl")])
-    if not Path(path).is_file():
+    if not storage.exists(path):
         raise ContractError([Violation(path, "file", "the manifest does not exist",
                                        "pass an existing file with --manifest")])
     try:
+        data = io.BytesIO(storage.read_bytes(path))
         if fmt == "parquet":
-            df = pq.read_table(path).to_pandas()
+            df = pq.read_table(data).to_pandas()
         elif fmt == "csv":
-            df = pd.read_csv(path, dtype={c: "string" for c in RESERVED_COLUMNS}, keep_default_na=True)
+            df = pd.read_csv(data, dtype={c: "string" for c in RESERVED_COLUMNS}, keep_default_na=True)
         else:
-            df = _read_jsonl(path)
+            df = _read_jsonl(path, data)
     except ContractError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is a contract problem of this file
@@ -175,9 +178,9 @@ def load_manifest(path) -> pd.DataFrame:
     return df
 
 
-def _read_jsonl(path: str) -> pd.DataFrame:
+def _read_jsonl(path: str, data: io.BytesIO) -> pd.DataFrame:
     rows = []
-    with open(path) as f:
+    with io.TextIOWrapper(data, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:

@@ -1,8 +1,14 @@
 """Gallery embeddings for export: float vectors and their packed sign bits (Pinterest-style binarization)."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+
+from gallery import storage
 
 from gallery.models import GalleryEncoder
 from gallery.packed import PackedGalleries, iterate_batches
@@ -25,3 +31,32 @@ def embed_galleries(encoder: GalleryEncoder, store: PackedGalleries, from_featur
 def pack_sign_bits(embeddings: np.ndarray) -> np.ndarray:
     """(G, d) floats -> (G, ceil(d/8)) uint8: bit = value > 0, most significant bit first."""
     return np.packbits(embeddings > 0, axis=1)
+
+
+def embeddings_table(gallery_ids, splits, embeddings: np.ndarray, metadata: dict):
+    """The export of data_contracts/embeddings.schema.json as an Arrow table with schema metadata."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = embeddings.shape
+    bits = pack_sign_bits(embeddings)
+    table = pa.table({
+        "gallery_id": pa.array(list(gallery_ids), pa.string()),
+        "split": pa.array(list(splits), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim),
+        "embedding_bits": pa.array([row.tobytes() for row in bits], pa.binary(bits.shape[1])),
+    })
+    meta = {f"gallery.{k}": str(v) for k, v in {**metadata, "dimension": dim}.items()}
+    return table.replace_schema_metadata(meta)
+
+
+def write_embeddings(location: str, table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(location, buffer.getvalue())
+
+
+def read_embeddings(location: str):
+    """(table, metadata dict without the 'gallery.' prefix) of an embeddings Parquet file."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(location)))
+    meta = {k.decode()[len("gallery."):]: v.decode() for k, v in (table.schema.metadata or {}).items()
+            if k.decode().startswith("gallery.")}
+    return table, meta

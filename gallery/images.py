@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from gallery import storage
+
 # Anything past this many pixels is treated as a decompression bomb (PIL's own default is 89M;
 # product photos are far smaller, and a 20k x 20k "photo" only costs memory).
 MAX_PIXELS = 64_000_000
@@ -29,17 +31,10 @@ class SkippedImage:
     reason: str
 
 
-def read_bytes(location: str) -> bytes:
-    """Bytes of a local path or a URI any pyarrow filesystem understands (s3://, gs://, ...)."""
+def read_image_bytes(location: str) -> bytes:
+    """Bytes of a local path or URI; any failure to read is a per-item problem."""
     try:
-        if "://" in location:
-            from pyarrow import fs
-
-            filesystem, path = fs.FileSystem.from_uri(location)
-            with filesystem.open_input_stream(path) as f:
-                return f.read()
-        with open(location, "rb") as f:
-            return f.read()
+        return storage.read_bytes(location)
     except FileNotFoundError:
         raise ImageProblem("missing file") from None
     except IsADirectoryError:
@@ -93,7 +88,7 @@ def decode(data: bytes, size: int) -> np.ndarray:
 
 
 def load_image(location: str, size: int) -> np.ndarray:
-    return decode(read_bytes(location), size)
+    return decode(read_image_bytes(location), size)
 
 
 def load_gallery(gallery_id: str, locations: list[str], size: int) -> tuple[np.ndarray, list[SkippedImage]]:
@@ -137,11 +132,13 @@ class DataQuality:
                 f"{len(self.excluded)} gallery(ies) excluded with no readable image")
 
 
-def load_galleries(gallery_ids, image_lists, size: int):
+def load_galleries(gallery_ids, image_lists, size: int, progress=None):
     """Decode many galleries: (kept ids, one (n, size, size, 3) array per kept gallery, DataQuality)."""
     kept, arrays, skipped, excluded = [], [], [], []
     for gid, locations in zip(gallery_ids, image_lists):
         stack, bad = load_gallery(gid, locations, size)
+        if progress is not None:
+            progress.update(len(locations))
         skipped += bad
         if len(stack):
             kept.append(gid)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gallery import storage
 from gallery.contracts import Task, load_manifest, load_task_spec, validate_manifest
 from gallery.errors import ContractError, Violation
 from gallery.labels import LabelStats, encode_labels, label_statistics
@@ -34,12 +35,11 @@ class Catalogue:
         return self.tasks + self.holdout
 
 
-def resolve_image(ref: str, base_dir: Path) -> str:
-    """A manifest image reference as an absolute path or URI (relative paths are from the manifest's folder)."""
+def resolve_image(ref: str, base: str) -> str:
+    """A manifest image reference as an absolute path or URI (relative ones are from the manifest's folder)."""
     if "://" in ref:
         return ref[len("file://"):] if ref.startswith("file://") else ref
-    path = Path(ref)
-    return str(path if path.is_absolute() else base_dir / path)
+    return ref if Path(ref).is_absolute() else storage.join(base, ref)
 
 
 def ingest(manifest_path, tasks_path) -> Catalogue:
@@ -57,10 +57,16 @@ def ingest(manifest_path, tasks_path) -> Catalogue:
     ids = raw["gallery_id"].astype("string").fillna("")
     split = assign_splits(raw.assign(gallery_id=ids))
     is_train = split == "train"
-    base_dir = Path(manifest_path).resolve().parent
+    for needed in ("train", "valid"):
+        if not (split == needed).any():
+            violations.append(Violation(manifest_path, "column 'split'", f"no product falls in the {needed} split "
+                                        f"({len(split)} products)",
+                                        "give a `split` column with both train and valid rows, or more products "
+                                        "(the hashed split sends about 1 in 10 to valid)"))
+    base = storage.parent(manifest_path)
     frame = pd.DataFrame({
         "gallery_id": ids.astype(str).to_numpy(dtype=object),
-        "images": [[resolve_image(r, base_dir) for r in (imgs or [])] for imgs in raw["images"]],
+        "images": [[resolve_image(r, base) for r in (imgs or [])] for imgs in raw["images"]],
         "split": split,
     })
     tasks, holdout, stats, notes = [], [], {}, []

@@ -6,12 +6,12 @@ yields training batches: x (N, ...), index (N,) gallery-in-batch of each row, n 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from gallery import storage
 
 
 @dataclass
@@ -54,16 +54,13 @@ class PackedGalleries:
         """Same galleries, new per-row data (e.g. pixels -> trunk features)."""
         return PackedGalleries(self.gallery_ids, self.offsets, fn(self.data))
 
-    def save(self, path) -> None:
-        """Atomic write (temp file + rename): a killed step never leaves half a shard."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"gallery_ids": self.gallery_ids, "offsets": self.offsets, "data": self.data}, tmp)
-        os.replace(tmp, path)
+    def save(self, location: str) -> None:
+        """Write to a store location (atomic: a killed step never leaves half a shard)."""
+        storage.save_torch(location, {"gallery_ids": self.gallery_ids, "offsets": self.offsets, "data": self.data})
 
     @staticmethod
-    def load(path) -> "PackedGalleries":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load(location: str) -> "PackedGalleries":
+        state = storage.load_torch(location)
         return PackedGalleries(state["gallery_ids"], state["offsets"], state["data"])
 
 

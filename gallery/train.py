@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from gallery import storage
 from gallery.config import TrainSettings
 from gallery.losses import labelled, task_losses
 from gallery.models import GalleryModel
@@ -115,32 +114,26 @@ def evaluate(model, weighting, data: TrainData, batch_galleries: int, device):
     return total, {k: float(v) for k, v in losses.items()}, metrics
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def fit(model: GalleryModel, weighting: torch.nn.Module, data: TrainData, settings: TrainSettings,
-        checkpoint_dir, resume_from=None, device=None, log=print) -> TrainResult:
+        checkpoints: str, resume_from: str | None = None, device=None, log=print, on_epoch_end=None) -> TrainResult:
     """Train until the validation total loss stops falling; leaves the best weights in `model`.
 
-    Writes `checkpoint_dir/last.pt` (everything needed to resume) and `best.pt` after every epoch.
-    With `resume_from` (a last.pt, e.g. of the failed origin run), training continues at the next
-    epoch with the optimiser, weighting parameters, early-stopping state and history restored.
+    `checkpoints` is a folder in the store (local path or URI): after every epoch it gets
+    `last.pt` (everything needed to resume) and, when the epoch is the best so far, `best.pt`.
+    With `resume_from` (a checkpoints folder holding a last.pt, e.g. the failed origin run's),
+    training continues at the next epoch with optimiser, weighting parameters, early-stopping
+    state and history restored. `on_epoch_end(epoch)` runs after each epoch's checkpoint.
     """
     device = pick_device(device)
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     weighting.to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(weighting.parameters())
     optimizer = torch.optim.Adam(params, lr=settings.lr, betas=tuple(settings.betas))
     result, epochs_without_gain, start_epoch = TrainResult(), 0, 0
-    best_path = checkpoint_dir / "best.pt"
+    best_path, last_path = storage.join(checkpoints, "best.pt"), storage.join(checkpoints, "last.pt")
 
-    if resume_from is not None and Path(resume_from).exists():
-        state = torch.load(resume_from, map_location=device, weights_only=True)
+    if resume_from is not None and storage.exists(storage.join(resume_from, "last.pt")):
+        state = storage.load_torch(storage.join(resume_from, "last.pt"), map_location=device)
         model.load_state_dict(state["model"])
         weighting.load_state_dict(state["weighting"])
         optimizer.load_state_dict(state["optimizer"])
@@ -148,8 +141,8 @@ def fit(model: GalleryModel, weighting: torch.nn.Module, data: TrainData, settin
         result = TrainResult(**{**state["result"], "history": [EpochRecord(**h) for h in state["result"]["history"]]})
         epochs_without_gain, start_epoch = state["epochs_without_gain"], state["epoch"] + 1
         result.resumed_at_epoch = start_epoch
-        if Path(resume_from).parent != checkpoint_dir and (Path(resume_from).parent / "best.pt").exists():
-            _save_atomic(torch.load(Path(resume_from).parent / "best.pt", weights_only=True), best_path)
+        if str(resume_from) != str(checkpoints):
+            storage.save_torch(best_path, storage.load_torch(storage.join(resume_from, "best.pt")))
         log(f"resumed from {resume_from}: continuing at epoch {start_epoch + 1}")
         if result.stopped_early:
             start_epoch = settings.max_epochs  # it had already finished; only the best weights are reloaded
@@ -179,22 +172,24 @@ def fit(model: GalleryModel, weighting: torch.nn.Module, data: TrainData, settin
                                           seconds, n_train_images / seconds, len(order) / seconds))
         if valid_loss < result.best_valid_loss:
             result.best_valid_loss, result.best_epoch, epochs_without_gain = valid_loss, epoch, 0
-            _save_atomic({"model": model.state_dict(), "weighting": weighting.state_dict(), "epoch": epoch}, best_path)
+            storage.save_torch(best_path, {"model": model.state_dict(), "weighting": weighting.state_dict(), "epoch": epoch})
         else:
             epochs_without_gain += 1
         result.stopped_early = epochs_without_gain >= settings.patience
         log(f"epoch {epoch + 1}: train loss {result.history[-1].train_loss:.4f}, valid total loss {valid_loss:.4f}"
             f"{' (best)' if result.best_epoch == epoch else ''}, {len(order) / seconds:,.1f} galleries/s")
-        _save_atomic({
+        storage.save_torch(last_path, {
             "model": model.state_dict(), "weighting": weighting.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "epochs_without_gain": epochs_without_gain, "torch_rng": torch.get_rng_state(),
             "result": result.as_dict(),
-        }, checkpoint_dir / "last.pt")
+        })
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
         if result.stopped_early:
             log(f"early stop: no lower validation total loss for {settings.patience} epoch(s)")
             break
 
-    best = torch.load(best_path, map_location=device, weights_only=True)
+    best = storage.load_torch(best_path, map_location=device)
     model.load_state_dict(best["model"])
     weighting.load_state_dict(best["weighting"])
     return result

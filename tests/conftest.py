@@ -1,10 +1,17 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# Metaflow refuses to run without a user name; CI has none.
+# Metaflow refuses to run without a user name (CI has none), and its local datastore (and our
+# run-scoped store beside it) must not land in the checkout. Set before metaflow is imported.
+# Flows under test run with this folder as their working directory too: Metaflow's card writer
+# finds its root from the working directory, its card reader from the datastore root.
 os.environ.setdefault("USERNAME", "tests")
+METAFLOW_ROOT = tempfile.mkdtemp(prefix="gallery-tests-metaflow-")
+os.makedirs(os.path.join(METAFLOW_ROOT, ".metaflow"))
+os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = METAFLOW_ROOT
 
 
 @pytest.fixture(scope="session")

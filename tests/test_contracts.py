@@ -159,6 +159,11 @@ def test_unknown_split_value(tmp_path):
     assert "column 'split': unknown split value(s) 'training' (ids 'g38')" in msg
 
 
+def test_split_without_valid_rows(tmp_path):
+    msg = violations(tmp_path, rows().assign(split="train"))
+    assert "column 'split': no product falls in the valid split (40 products)" in msg
+
+
 def test_given_split_wins_and_nulls_are_hashed(tmp_path):
     df = rows().assign(split=["valid"] * 10 + [None] * 30)
     cat = ingest(*write(tmp_path, df))

@@ -107,7 +107,7 @@ def train_once(cat, features, weighting, settings, ckpt, resume_from=None):
     model = seeded_model(cat)
     w = build_weighting(weighting, cat.tasks, cat.stats)
     data = TrainData.from_catalogue(cat.frame, cat.tasks, features, from_features=True)
-    result = fit(model, w, data, settings, ckpt, resume_from=resume_from, log=lambda _: None)
+    result = fit(model, w, data, settings, str(ckpt), resume_from=resume_from, log=lambda _: None)
     return model, w, result
 
 
@@ -119,7 +119,7 @@ def test_resume_equals_uninterrupted(catalogue, features, tmp_path, weighting):
     # a run that died after its first epoch, then a fresh process resuming from its checkpoint
     train_once(cat, features, weighting, replace(settings, max_epochs=1), tmp_path / "died")
     model, w, resumed = train_once(cat, features, weighting, settings, tmp_path / "resumed",
-                                   resume_from=tmp_path / "died" / "last.pt")
+                                   resume_from=str(tmp_path / "died"))
     assert resumed.resumed_at_epoch == 1 and [h.epoch for h in resumed.history] == [0, 1, 2]
     assert [h.valid_loss for h in resumed.history] == [h.valid_loss for h in full.history]
     for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values()):

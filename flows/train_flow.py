@@ -1,0 +1,173 @@
+"""GalleryTrainFlow: one universal gallery embedding by multi-task learning (DESIGN §4).
+
+    python flows/train_flow.py run                                        # default preset, synthetic catalogue
+    python flows/train_flow.py --config settings flows/configs/smoke.json run
+    python flows/train_flow.py run --manifest data/listings.parquet --tasks data/tasks.yaml
+    python flows/train_flow.py resume                                     # after a failure
+    python flows/train_flow.py run --with kubernetes                      # on a cluster
+
+Each step loads its inputs, calls one gallery/ function and saves its outputs; large things
+(shards, feature cache, checkpoints, embeddings) go to the run-scoped store.
+"""
+from pathlib import Path
+
+from metaflow import Config, FlowSpec, Parameter, card, current, resources, step
+from metaflow.cards import Image, Markdown
+from metaflow.exception import MetaflowException
+
+from gallery import storage
+from gallery.config import settings_from_dict
+from gallery.errors import ContractError
+from gallery.faults import kill_after_epoch
+from gallery.images import DataQuality
+from gallery.ingest import describe, ingest
+from gallery.pipeline import (export_embeddings, preprocess_shard, shard_rows, share_cores, synthetic_source,
+                              train_weighting)
+from gallery.report import quality_csv, quality_markdown, training_curves, training_markdown
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+class InputError(MetaflowException):
+    headline = "Input error"
+
+
+class GalleryTrainFlow(FlowSpec):
+    settings = Config("settings", default=str(PRESETS / "default.json"),
+                      help="settings JSON: flows/configs/smoke.json, default.json (the default) or paper.json")
+    manifest = Parameter("manifest", default="", help="your manifest (Parquet, CSV or JSON Lines); "
+                                                      "default: the preset's synthetic catalogue")
+    tasks = Parameter("tasks", default="", help="your task spec (YAML or JSON), with --manifest")
+    store = Parameter("store", default="", help="root of the run-scoped store, a folder or s3://... prefix; "
+                                                "default: beside Metaflow's datastore")
+
+    @property
+    def cfg(self):
+        return settings_from_dict(self.settings)
+
+    def run_location(self, *parts: str) -> str:
+        """Where this run writes (a resumed run writes under its own run id)."""
+        return storage.join(self.store_root, current.run_id, *parts)
+
+    def share_machine(self, siblings: int):
+        """A local run executes a fan-out's tasks side by side on this machine: split its cores."""
+        if not storage.is_uri(self._datastore._storage_impl.datastore_root):
+            share_cores(siblings)
+
+    @step
+    def start(self):
+        """Resolve the settings and the data source (the user's files, or the synthetic catalogue)."""
+        if bool(self.manifest) != bool(self.tasks):
+            raise InputError("--manifest and --tasks go together: give both, or neither for the synthetic catalogue")
+        self.store_root = self.store or default_store_root(self)
+        if self.manifest:
+            self.manifest_location, self.tasks_location = self.manifest, self.tasks
+        else:
+            self.manifest_location, self.tasks_location = synthetic_source(self.store_root, self.cfg)
+        print(f"preset {self.cfg.name}; data {self.manifest_location}; store {self.run_location()}")
+        self.next(self.ingest)
+
+    @step
+    def ingest(self):
+        """Validate the contract, split 9:1, compute train-split label statistics."""
+        try:
+            self.catalogue = ingest(self.manifest_location, self.tasks_location)
+        except ContractError as e:
+            raise InputError(str(e)) from None
+        print(describe(self.catalogue))
+        self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.cfg.data.shards))))
+        self.next(self.preprocess, foreach="shards")
+
+    @step
+    def preprocess(self):
+        """Decode and resize one shard's images; write the frozen-trunk feature cache."""
+        self.share_machine(len(self.shards))
+        rows = shard_rows(len(self.catalogue.frame), self.cfg.data.shards)[self.input]
+        self.shard = preprocess_shard(self.catalogue, rows, self.cfg, self.run_location("shards", str(self.input)))
+        self.next(self.join_shards)
+
+    @step
+    def join_shards(self, inputs):
+        """Collect the shards."""
+        self.merge_artifacts(inputs, exclude=["shard"])
+        self.shard_list = [i.shard for i in inputs]
+        self.next(self.data_quality)
+
+    @step
+    def data_quality(self):
+        """List every image skipped while decoding; fan out one training per loss weighting."""
+        self.quality = DataQuality.merge(s.quality for s in self.shard_list)
+        self.quality_location = self.run_location("data_quality.csv")
+        storage.write_bytes(self.quality_location, quality_csv(self.quality).encode())
+        print(self.quality.summary())
+        if not any(s.gallery_ids for s in self.shard_list):
+            raise InputError(f"no gallery has a readable image; see {self.quality_location}")
+        self.weightings = list(self.cfg.train.weightings)
+        self.next(self.train, foreach="weightings")
+
+    @resources(gpu=1)
+    @step
+    def train(self):
+        """MTL training with one loss weighting; continues from the last checkpoint after a failure."""
+        self.share_machine(len(self.weightings))
+        self.weighting = self.input
+        self.checkpoints = self.run_location("checkpoints", self.weighting)
+        recovering = current.origin_run_id is not None or current.retry_count > 0
+        self.train_result = train_weighting(
+            self.catalogue, self.shard_list, self.cfg, self.weighting, self.checkpoints,
+            resume_from=self.recovery_checkpoints(), on_epoch_end=kill_after_epoch(recovering)).as_dict()
+        self.next(self.join_train)
+
+    def recovery_checkpoints(self):
+        """A retry continues from this run's checkpoints, a `resume` from the origin run's."""
+        for run_id in (current.run_id, current.origin_run_id):
+            if run_id and storage.exists(storage.join(self.store_root, run_id, "checkpoints", self.weighting, "last.pt")):
+                return storage.join(self.store_root, run_id, "checkpoints", self.weighting)
+        return None
+
+    @step
+    def join_train(self, inputs):
+        """Keep every weighting's history; the reference model is the preset's (pseudo-uniform, as in the paper)."""
+        self.merge_artifacts(inputs, exclude=["weighting", "checkpoints", "train_result"])
+        self.training = {i.weighting: i.train_result for i in inputs}
+        self.checkpoint_locations = {i.weighting: i.checkpoints for i in inputs}
+        self.reference = self.cfg.train.reference_weighting
+        if self.reference not in self.training:
+            raise InputError(f"reference weighting {self.reference!r} was not trained; weightings: {list(self.training)}")
+        self.next(self.export)
+
+    @step
+    def export(self):
+        """Embeddings of every readable gallery with the reference model -> Parquet (+ packed sign bits)."""
+        self.embeddings_location = self.run_location("embeddings.parquet")
+        self.exported_galleries = export_embeddings(
+            self.catalogue, self.shard_list, self.cfg, self.checkpoint_locations[self.reference],
+            self.embeddings_location, {"run_id": current.run_id, "weighting": self.reference})
+        self.next(self.end)
+
+    @card(type="blank", id="run")
+    @step
+    def end(self):
+        """The run's page: data, data quality, training, where the outputs are."""
+        current.card.append(Markdown(f"# GalleryTrainFlow {current.run_id} (preset `{self.cfg.name}`)"))
+        current.card.append(Markdown("## Data\n```\n" + describe(self.catalogue) + "\n```"))
+        current.card.append(Markdown("## Data quality\n" + quality_markdown(self.quality)))
+        current.card.append(Markdown("## Training\n" + training_markdown(self.training)))
+        current.card.append(Image.from_matplotlib(training_curves({w: r["history"] for w, r in self.training.items()})))
+        outputs = (f"- embeddings ({self.exported_galleries} galleries, {self.reference}): `{self.embeddings_location}`\n"
+                   f"- data-quality list: `{self.quality_location}`\n"
+                   + "".join(f"- checkpoints ({w}): `{c}`\n" for w, c in self.checkpoint_locations.items()))
+        current.card.append(Markdown("## Outputs\n" + outputs))
+        print(f"embeddings: {self.embeddings_location} ({self.exported_galleries} galleries)")
+
+
+def default_store_root(flow) -> str:
+    """Beside Metaflow's own datastore: `.gallery/` next to a local `.metaflow/`, or `<s3 root>/gallery`."""
+    root = flow._datastore._storage_impl.datastore_root
+    if storage.is_uri(root):
+        return storage.join(root, "gallery")
+    return str(Path(root).parent / ".gallery")
+
+
+if __name__ == "__main__":
+    GalleryTrainFlow()

@@ -1,0 +1,125 @@
+"""GalleryTrainFlow end to end through metaflow.Runner, smoke preset, temporary datastore."""
+import base64
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from metaflow import Runner
+from metaflow.cards import get_cards
+
+from conftest import METAFLOW_ROOT
+from gallery.embed import read_embeddings
+from gallery.synth import SynthSettings, generate
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW = str(REPO / "flows" / "train_flow.py")
+SMOKE = str(REPO / "flows" / "configs" / "smoke.json")
+
+
+def run_flow(env=None, **params):
+    runner = Runner(FLOW, show_output=False, env=env or {}, cwd=METAFLOW_ROOT, config=[("settings", SMOKE)])
+    with runner.run(**params) as running:
+        return running.status, running.run, running.stderr
+
+
+def card_text(task) -> str:
+    """The text of a task's card (Metaflow embeds it as base64 JSON in the HTML)."""
+    html = get_cards(task)[0].get()
+    payload = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html).group(1)
+    return json.dumps(json.loads(base64.b64decode(payload)))
+
+
+@pytest.fixture(scope="module")
+def smoke_run():
+    status, run, stderr = run_flow()
+    assert status == "successful", stderr[-3000:]
+    return run
+
+
+def test_smoke_run_exports_one_embedding_per_gallery(smoke_run):
+    end = smoke_run["end"].task.data
+    table, meta = read_embeddings(end.embeddings_location)
+    frame = end.catalogue.frame
+    assert table.num_rows == len(frame) == end.exported_galleries == 80
+    assert sorted(table["gallery_id"].to_pylist()) == sorted(frame["gallery_id"])
+    assert meta["dimension"] == "1280" and meta["backbone"] == "efficientnet_lite0" and meta["pooling"] == "mean"
+    assert meta["weighting"] == "pseudo_uniform" and meta["run_id"] == smoke_run.id
+    embeddings = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    assert embeddings.shape == (80, 1280) and np.isfinite(embeddings).all()
+    bits = np.frombuffer(b"".join(table["embedding_bits"].to_pylist()), np.uint8).reshape(80, 160)
+    assert (np.unpackbits(bits, axis=1).astype(bool) == (embeddings > 0)).all()
+    assert set(table["split"].to_pylist()) == {"train", "valid"}
+
+
+def test_smoke_run_trains_both_weightings_and_writes_a_card(smoke_run):
+    end = smoke_run["end"].task.data
+    assert set(end.training) == {"pseudo_uniform", "kendall"}
+    for result in end.training.values():
+        assert len(result["history"]) >= 1 and np.isfinite(result["best_valid_loss"])
+    text = card_text(smoke_run["end"].task)
+    for section in ("## Data quality", "no damaged images", "## Training", "pseudo_uniform", "kendall",
+                    "## Outputs", end.embeddings_location, '"type": "image"'):
+        assert section in text, section
+
+
+@pytest.fixture
+def damaged_catalogue(tmp_path):
+    out = tmp_path / "cat"
+    generate(out, SynthSettings(galleries=80, seed=5, image_size=32, min_images=2, max_images=4), workers=1)
+    m = pd.read_parquet(out / "manifest.parquet")
+    first = out / m["images"][0][0]
+    first.write_bytes(first.read_bytes()[:100])             # truncated
+    (out / m["images"][1][0]).write_bytes(b"")              # zero bytes
+    (out / m["images"][2][0]).unlink()                      # missing
+    for image in m["images"][5]:                            # a gallery with no readable image left
+        (out / image).unlink()
+    return out
+
+
+def test_damaged_images_are_skipped_counted_and_listed(damaged_catalogue):
+    manifest, tasks = damaged_catalogue / "manifest.parquet", damaged_catalogue / "tasks.yaml"
+    before = hashlib.sha1(manifest.read_bytes() + tasks.read_bytes()).hexdigest()
+    status, run, stderr = run_flow(manifest=str(manifest), tasks=str(tasks))
+    assert status == "successful", stderr[-3000:]
+    end = run["end"].task.data
+    assert end.quality.excluded == ["acc_000005"]
+    reasons = {(s.gallery_id, s.reason.split(" (")[0]) for s in end.quality.skipped}
+    assert {("acc_000000", "damaged image"), ("acc_000001", "zero-byte file"), ("acc_000002", "missing file")} <= reasons
+    listed = pd.read_csv(end.quality_location)
+    assert len(listed) == len(end.quality.skipped) + 1 and "acc_000005" in set(listed["gallery_id"])
+    table, _ = read_embeddings(end.embeddings_location)
+    assert table.num_rows == 79 and "acc_000005" not in table["gallery_id"].to_pylist()
+    assert hashlib.sha1(manifest.read_bytes() + tasks.read_bytes()).hexdigest() == before
+
+
+def test_contract_violation_fails_ingest_with_the_message(damaged_catalogue, tmp_path):
+    m = pd.read_parquet(damaged_catalogue / "manifest.parquet")
+    bad = pd.concat([m, m.iloc[[3]]])
+    bad.to_parquet(damaged_catalogue / "dupes.parquet")
+    status, run, stderr = run_flow(manifest=str(damaged_catalogue / "dupes.parquet"), tasks=str(damaged_catalogue / "tasks.yaml"))
+    assert status == "failed" and "Step ingest (task-id 2) failed" in stderr
+    log = run["ingest"].task.stderr
+    assert "Input error" in log and "column 'gallery_id': 1 id(s) appear more than once: 'acc_000003'" in log
+    assert "fix: make gallery_id unique" in log and "Traceback" not in log
+    assert not run["ingest"].task.successful and "preprocess" not in [s.id for s in run]
+
+
+def test_killed_training_resumes_from_its_checkpoint():
+    status, killed, _ = run_flow(env={"GALLERY_KILL_AFTER_EPOCH": "1"})
+    assert status == "failed"
+    assert all(not t.successful for t in killed["train"].tasks())
+    with Runner(FLOW, show_output=False, cwd=METAFLOW_ROOT).resume(origin_run_id=killed.id) as running:
+        assert running.status == "successful", running.stderr[-3000:]
+        resumed = running.run
+    for name in ("start", "ingest", "preprocess", "data_quality"):
+        assert resumed[name].task.origin_pathspec.startswith(f"GalleryTrainFlow/{killed.id}/"), name
+    assert resumed["train"].task.origin_pathspec is None  # re-executed, not cloned
+    for task in resumed["train"].tasks():
+        result = task.data.train_result
+        assert result["resumed_at_epoch"] == 1  # epoch 1 came from the killed run's checkpoint
+        assert [h["epoch"] for h in result["history"]] == [0, 1]
+    assert resumed["end"].task.data.exported_galleries == 80
