@@ -98,7 +98,7 @@ def _step(model, weighting, optimizer, batch, device, variant: str, case: Case, 
     store, targets = batch
     x, index = store.gather(np.arange(len(store)))
     x, index = x.to(device), index.to(device)
-    with _saved_activation_bytes(counter), autocast(device):
+    with _saved_activation_bytes(counter), autocast(device, "auto" if device.type == "cuda" else "fp32"):
         if variant == "recompute":
             _, outputs = model(x, index, len(store), from_features=False)
         else:

@@ -34,6 +34,7 @@ class TrainSettings:
     reference_weighting: str = "pseudo_uniform"
     seed: int = 0
     cache_dtype: str = "float16"       # frozen-trunk feature cache precision
+    precision: str = "auto"            # auto: bf16 autocast on CUDA and on CPUs with native bf16; fp32; bf16
     use_cache: bool = True
 
 

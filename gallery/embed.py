@@ -17,13 +17,14 @@ from gallery.train import autocast, pick_device
 
 @torch.no_grad()
 def embed_galleries(encoder: GalleryEncoder, store: PackedGalleries, from_features: bool,
-                    batch_galleries: int = 64, device=None) -> np.ndarray:
-    """(G, d) float32 embeddings of every gallery in `store`, in its order (eval mode)."""
+                    batch_galleries: int = 64, device=None, precision: str = "fp32") -> np.ndarray:
+    """(G, d) float32 embeddings of every gallery in `store`, in its order (eval mode; full
+    precision unless asked, so an export does not depend on the machine's bf16 support)."""
     device = pick_device(device)
     encoder = encoder.to(device).eval()
     out = []
     for batch in iterate_batches(store, {}, np.arange(len(store)), batch_galleries):
-        with autocast(device):
+        with autocast(device, precision):
             out.append(encoder(batch.x.to(device), batch.index.to(device), batch.n, from_features).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)
 

