@@ -7,7 +7,8 @@
     python flows/train_flow.py run --with kubernetes                      # on a cluster
 
 Each step loads its inputs, calls one gallery/ function and saves its outputs; large things
-(shards, feature cache, checkpoints, embeddings) go to the run-scoped store.
+(shards, feature cache, checkpoints, embeddings) go to the run-scoped store, and the report to
+reports/<run id>/ (and the run's card).
 """
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from gallery.errors import ContractError
 from gallery.faults import kill_after_epoch
 from gallery.images import DataQuality
 from gallery.ingest import describe, ingest
-from gallery.pipeline import (export_embeddings, preprocess_shard, shard_rows, share_cores, synthetic_source,
-                              train_weighting)
-from gallery.report import quality_csv, quality_markdown, training_curves, training_markdown
+from gallery.pipeline import (build_report, export_embeddings, holdout_evaluation, preprocess_shard, shard_rows,
+                              share_cores, synthetic_source, task_optimal_models, train_weighting, write_report)
+from gallery.report import quality_csv
+from gallery.task_optimal import group_tasks
 
 PRESETS = Path(__file__).resolve().parent / "configs"
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
 class InputError(MetaflowException):
@@ -40,6 +43,7 @@ class GalleryTrainFlow(FlowSpec):
     tasks = Parameter("tasks", default="", help="your task spec (YAML or JSON), with --manifest")
     store = Parameter("store", default="", help="root of the run-scoped store, a folder or s3://... prefix; "
                                                 "default: beside Metaflow's datastore")
+    reports = Parameter("reports", default=str(REPORTS), help="folder (or s3://... prefix) for reports/<run id>/")
 
     @property
     def cfg(self):
@@ -115,14 +119,15 @@ class GalleryTrainFlow(FlowSpec):
         recovering = current.origin_run_id is not None or current.retry_count > 0
         self.train_result = train_weighting(
             self.catalogue, self.shard_list, self.cfg, self.weighting, self.checkpoints,
-            resume_from=self.recovery_checkpoints(), on_epoch_end=kill_after_epoch(recovering)).as_dict()
+            resume_from=self.recovery("checkpoints", self.weighting),
+            on_epoch_end=kill_after_epoch(recovering)).as_dict()
         self.next(self.join_train)
 
-    def recovery_checkpoints(self):
-        """A retry continues from this run's checkpoints, a `resume` from the origin run's."""
+    def recovery(self, *parts: str):
+        """Checkpoints to continue from: this run's (a retry), else the origin run's (a `resume`)."""
         for run_id in (current.run_id, current.origin_run_id):
-            if run_id and storage.exists(storage.join(self.store_root, run_id, "checkpoints", self.weighting, "last.pt")):
-                return storage.join(self.store_root, run_id, "checkpoints", self.weighting)
+            if run_id and storage.exists(storage.join(self.store_root, run_id, *parts, "last.pt")):
+                return storage.join(self.store_root, run_id, *parts)
         return None
 
     @step
@@ -143,21 +148,70 @@ class GalleryTrainFlow(FlowSpec):
         self.exported_galleries = export_embeddings(
             self.catalogue, self.shard_list, self.cfg, self.checkpoint_locations[self.reference],
             self.embeddings_location, {"run_id": current.run_id, "weighting": self.reference})
+        self.task_groups = group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
+        self.next(self.holdout, self.task_optimal_fanout)
+
+    @resources(gpu=1)
+    @step
+    def holdout(self):
+        """Table 2: MTL embeddings vs ImageNet transfer vs end-to-end on the held-out task(s)."""
+        self.share_machine(1 + len(self.task_groups))
+        self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
+        self.holdout_results = holdout_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
+                                                  self.imagenet_location, {"run_id": current.run_id})
+        self.next(self.join_evaluation)
+
+    @step
+    def task_optimal_fanout(self):
+        """One branch per group of MTL tasks (one task per group on a cluster: task_groups = #tasks)."""
+        self.next(self.task_optimal, foreach="task_groups")
+
+    @resources(gpu=1)
+    @step
+    def task_optimal(self):
+        """The same architecture trained on each task alone, from the feature cache."""
+        self.share_machine(1 + len(self.task_groups))
+        self.optimal = task_optimal_models(
+            self.catalogue, self.shard_list, self.cfg, self.input,
+            checkpoints_of=lambda name: self.run_location("task_optimal", name),
+            recovery_of=lambda name: self.recovery("task_optimal", name))
+        self.next(self.join_task_optimal)
+
+    @step
+    def join_task_optimal(self, inputs):
+        self.merge_artifacts(inputs, exclude=["optimal"])
+        self.optimal = {name: result for i in inputs for name, result in i.optimal.items()}
+        self.next(self.join_evaluation)
+
+    @step
+    def join_evaluation(self, inputs):
+        self.merge_artifacts(inputs)
+        self.next(self.report)
+
+    @step
+    def report(self):
+        """Tables, figures and a reading of the results -> reports/<run id>/ and the run's store."""
+        r = build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training, self.holdout_results,
+                         self.optimal, self.embeddings_location, self.checkpoint_locations[self.reference])
+        self.report_location = storage.join(self.reports, current.run_id)
+        for location in (self.report_location, self.run_location("report")):
+            write_report(r, location)
+        self.report_blocks, self.report_figures, self.metrics = r.blocks, r.files, r.metrics
         self.next(self.end)
 
     @card(type="blank", id="run")
     @step
     def end(self):
-        """The run's page: data, data quality, training, where the outputs are."""
-        current.card.append(Markdown(f"# GalleryTrainFlow {current.run_id} (preset `{self.cfg.name}`)"))
-        current.card.append(Markdown("## Data\n```\n" + describe(self.catalogue) + "\n```"))
-        current.card.append(Markdown("## Data quality\n" + quality_markdown(self.quality)))
-        current.card.append(Markdown("## Training\n" + training_markdown(self.training)))
-        current.card.append(Image.from_matplotlib(training_curves({w: r["history"] for w, r in self.training.items()})))
-        outputs = (f"- embeddings ({self.exported_galleries} galleries, {self.reference}): `{self.embeddings_location}`\n"
+        """The run's page: the report, and where the outputs are."""
+        for kind, content in self.report_blocks:
+            current.card.append(Markdown(content) if kind == "md" else Image(self.report_figures[content]))
+        outputs = (f"- report: `{self.report_location}/report.md` (+ metrics.json, CSVs, PNGs)\n"
+                   f"- embeddings ({self.exported_galleries} galleries, {self.reference}): `{self.embeddings_location}`\n"
+                   f"- ImageNet-transfer embeddings: `{self.imagenet_location}`\n"
                    f"- data-quality list: `{self.quality_location}`\n"
                    + "".join(f"- checkpoints ({w}): `{c}`\n" for w, c in self.checkpoint_locations.items()))
         current.card.append(Markdown("## Outputs\n" + outputs))
+        print(f"report: {self.report_location}/report.md")
         print(f"embeddings: {self.embeddings_location} ({self.exported_galleries} galleries)")
 
 

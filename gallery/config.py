@@ -46,11 +46,25 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    holdout_fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)  # of one epoch (Table 2's rows)
+    holdout_epochs: int = 4
+    head_lr: float = 1e-3              # the 2-layer head on frozen embeddings (arms a and b)
+    batch_galleries: int = 32
+    task_optimal_epochs: int = 4       # single-task models: at most this many epochs, early stopping
+    task_optimal_patience: int = 1
+    task_groups: int = 2               # fan-out branches; a local run groups tasks to save start-up
+    projection_points: int = 3000      # UMAP on at most this many galleries
+    retrieval_examples: int = 3
+
+
+@dataclass(frozen=True)
 class Settings:
     name: str = "default"
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
 
 
 def _build(cls, values: dict, where: str):

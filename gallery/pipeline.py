@@ -17,18 +17,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gallery import storage
+from gallery import report, storage
 from gallery.backbones import build_backbone
 from gallery.config import Settings
-from gallery.embed import embed_galleries, embeddings_table, write_embeddings
+from gallery.embed import embed_galleries, embeddings_table, read_embeddings, write_embeddings
 from gallery.features import trunk_features
+from gallery.holdout import evaluate_holdout, vectors_as_galleries
 from gallery.images import DataQuality, load_galleries
-from gallery.ingest import Catalogue
+from gallery.ingest import Catalogue, describe
 from gallery.losses import build_weighting
-from gallery.models import GalleryModel, build_model
+from gallery.models import GalleryEncoder, GalleryModel, build_model
 from gallery.packed import PackedGalleries
+from gallery.pooling import MeanPool
 from gallery.progress import Progress
+from gallery.projection import projection_attributes, projection_figure, umap_2d
+from gallery.report import PAPER_BALANCE_R, PAPER_PU_WINS
+from gallery.retrieval import retrieval_examples, retrieval_figure
 from gallery.synth import generate
+from gallery.task_optimal import class_balance, per_task_table, pseudo_uniform_wins, train_task_optimal
 from gallery.train import TrainData, TrainResult, fit, pick_device
 
 PIXELS, FEATURES = "pixels.pt", "features.pt"
@@ -149,3 +155,120 @@ def export_embeddings(catalogue: Catalogue, shards: list[Shard], settings: Setti
     meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
     write_embeddings(location, embeddings_table(store.gallery_ids, splits, embeddings, meta))
     return len(store)
+
+
+# ---------------------------------------------------------------- evaluate
+
+def imagenet_embeddings(shards: list[Shard], settings: Settings) -> tuple[list[str], np.ndarray]:
+    """The ImageNet-transfer arm: the pretrained backbone (no MTL training), mean-pooled per gallery."""
+    store = load_packed(shards, settings.train.use_cache)
+    m = settings.model
+    encoder = GalleryEncoder(build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size), MeanPool())
+    return store.gallery_ids, embed_galleries(encoder, store, settings.train.use_cache)
+
+
+def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
+                       imagenet_location: str, metadata: dict, log=print) -> list[dict]:
+    """Table 2 for every holdout task; also writes the ImageNet-transfer embeddings for later comparisons."""
+    table, _ = read_embeddings(embeddings_location)
+    mtl_ids = table["gallery_id"].to_pylist()
+    mtl = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    ids, imagenet = imagenet_embeddings(shards, settings)
+    splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
+    write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
+        "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
+    stores = {"mtl": vectors_as_galleries(mtl_ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet),
+              "cache": load_packed(shards, settings.train.use_cache)}
+    return [evaluate_holdout(catalogue, task, settings, stores, log) for task in catalogue.holdout]
+
+
+def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Settings, names: list[str],
+                        checkpoints_of, recovery_of, log=print) -> dict:
+    """Task-optimal models for the named tasks, one after the other in this process."""
+    store = load_packed(shards, settings.train.use_cache)
+    tasks = {t.name: t for t in catalogue.tasks}
+    return {name: train_task_optimal(catalogue, tasks[name], store, settings, checkpoints_of(name), recovery_of(name), log)
+            for name in names}
+
+
+# ---------------------------------------------------------------- report
+
+def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality, training: dict,
+                 holdout: list[dict], optimal: dict, embeddings_location: str, reference_checkpoints: str,
+                 log=print) -> report.Report:
+    """Tables, figures, a short reading of the results beside the paper's, and metrics.json."""
+    weightings = list(training)
+    table = per_task_table(catalogue, training, optimal)
+    balance = class_balance(table, weightings)
+    wins = pseudo_uniform_wins(table) if {"pseudo_uniform", "kendall"} <= set(weightings) else None
+    r = report.Report()
+    r.text(f"# Gallery embedding report — run {run_id}\n\nPreset `{settings.name}`: {settings.model.backbone} at "
+           f"{settings.model.image_size} px, {settings.model.pooling} pooling, weightings {', '.join(weightings)}. "
+           "Every number below was measured in this run; the paper's figures are shown beside ours, never in our columns.")
+    r.text("## Data\n```\n" + describe(catalogue) + "\n```\n\n" + report.quality_markdown(quality))
+    r.text("## Training\n" + report.training_markdown(training))
+    r.figure("training_curves.png", report.training_curves({w: t["history"] for w, t in training.items()}),
+             "Train and validation total loss per epoch.")
+
+    for h in holdout:
+        r.text(f"## Held-out task `{h['task']}` (Table 2)\n{h['metric']} on the valid split, "
+               f"{h['valid_galleries']} labelled valid galleries ({h['train_galleries']} train); "
+               f"95% intervals in brackets.\n\n" + report.table2_markdown(h) + "\n\n" + report.table2_reading(h))
+    r.table("table2.csv", pd.concat([report.table2_frame(h) for h in holdout]) if holdout else pd.DataFrame())
+
+    r.text("## MTL vs task-optimal models (Figure 5)\nError is 1 - accuracy (classification) or MSE (regression) on "
+           "the valid split; relative error increase = (err_MTL - err_opt) / err_opt, below 0 when MTL does better. "
+           f"Task-optimal models: the same architecture on one task, at most {settings.evaluation.task_optimal_epochs} "
+           "epochs with early stopping.\n\n" + report.per_task_markdown(table, weightings))
+    r.table("per_task.csv", table)
+    r.figure("relative_error.png", report.relative_error_figure(table, weightings), "Relative error increase per task.")
+    better = {w: int((table[f"relative_error_increase_{w}"] < 0).sum()) for w in weightings}
+    lines = [f"MTL ({w}) beats the task-optimal model on {n} of {len(table)} tasks." for w, n in better.items()]
+    if wins:
+        lines.append(f"Pseudo-uniform has a lower error than Kendall on {wins['wins']} of {wins['tasks']} tasks "
+                     f"({wins['share']:.0%}); the paper: {PAPER_PU_WINS[0]} of {PAPER_PU_WINS[1]} (71%).")
+    r.text("\n".join(f"- {line}" for line in lines))
+
+    r.text("## Class balance vs MTL benefit (Figure 6)\n" + "\n".join(
+        f"- {w}: Pearson r = {report._fmt(b['r'], 2)}, p = {report._fmt(b['p'], 4)} over {b['n']} binary tasks "
+        f"(paper: r = {PAPER_BALANCE_R.get(w, float('nan')):.2f}, p < .001): {report.balance_reading(b)}"
+        for w, b in balance.items()))
+    r.table("class_balance.csv", pd.DataFrame([{"weighting": w, **b} for w, b in balance.items()]))
+    r.figure("class_balance.png", report.class_balance_figure(table, balance),
+             "Minority-class fraction against relative error increase, with least-squares lines.")
+
+    emb_table, _ = read_embeddings(embeddings_location)
+    ids = emb_table["gallery_id"].to_pylist()
+    embeddings = np.stack(emb_table["embedding"].to_numpy(zero_copy_only=False))
+    attributes = projection_attributes(catalogue)
+    if attributes and len(ids) >= 5:
+        rows, coords = umap_2d(embeddings, settings.train.seed, settings.evaluation.projection_points)
+        frame = catalogue.frame.set_index("gallery_id").loc[[ids[i] for i in rows]]
+        r.text("## 2-D projection (Figure 4)")
+        r.figure("projection.png", projection_figure(coords, [(t, frame[t.name].to_numpy()) for t in attributes]),
+                 "UMAP of the exported embeddings, coloured by attributes (grey: label missing).")
+    model = load_trained(catalogue, settings, reference_checkpoints)
+    examples = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
+                                  settings.evaluation.retrieval_examples, settings.train.seed)
+    if examples:
+        r.text("## Retrieval by seed images (Figure 1)")
+        r.figure("retrieval.png", retrieval_figure(examples), "Seeds from a valid gallery; its nearest other galleries.")
+
+    r.metrics = {"run_id": run_id, "preset": settings.name, "galleries": len(catalogue.frame),
+                 "exported_galleries": len(ids),
+                 "data_quality": {"skipped_images": len(quality.skipped), "excluded_galleries": len(quality.excluded),
+                                  "reasons": quality.reasons()},
+                 "training": {w: {k: t[k] for k in ("best_epoch", "best_valid_loss", "stopped_early")} | {"epochs": len(t["history"])}
+                              for w, t in training.items()},
+                 "holdout": holdout, "per_task": table.to_dict("records"), "class_balance": balance,
+                 "pseudo_uniform_wins": wins, "retrieval": examples}
+    log(f"report: {len(r.files)} files")
+    return r
+
+
+def write_report(r: report.Report, location: str) -> None:
+    """report.md, metrics.json, the CSV tables and PNG figures into a folder or store location."""
+    for name, data in r.files.items():
+        storage.write_bytes(storage.join(location, name), data)
+    storage.write_bytes(storage.join(location, "metrics.json"), json.dumps(r.metrics, indent=2, default=float).encode())
+    storage.write_bytes(storage.join(location, "report.md"), r.markdown().encode())

@@ -117,6 +117,9 @@ def predict(model: GalleryModel, data: TrainData, rows, batch_galleries: int, de
         zs.append(z.float().cpu())
         for name, o in out.items():
             outs[name].append(o.float().cpu())
+    if not zs:  # no galleries asked for
+        return torch.zeros(0, model.encoder.dim), {t.name: torch.zeros((0, t.out_dim) if t.kind == "multiclass" else 0)
+                                                   for t in model.tasks}
     return torch.cat(zs), {k: torch.cat(v) for k, v in outs.items()}
 
 
@@ -129,6 +132,18 @@ def evaluate(model, weighting, data: TrainData, batch_galleries: int, device, pr
         total = float(weighting({k: v.to(device) for k, v in losses.items()}))
     metrics = {t.name: task_metric(outputs[t.name], targets[t.name], t.kind) for t in model.tasks}
     return total, {k: float(v) for k, v in losses.items()}, metrics
+
+
+def train_step(model: GalleryModel, weighting, optimizer, batch, from_features: bool, device, precision: str) -> float:
+    """One optimiser step on one packed batch; returns the weighted total loss."""
+    with autocast(device, precision):
+        _, outputs = model(batch.x.to(device), batch.index.to(device), batch.n, from_features)
+    targets = {k: v.to(device) for k, v in batch.targets.items()}
+    loss = weighting(task_losses(outputs, targets, model.tasks))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def fit(model: GalleryModel, weighting: torch.nn.Module, data: TrainData, settings: TrainSettings,
@@ -172,14 +187,8 @@ def fit(model: GalleryModel, weighting: torch.nn.Module, data: TrainData, settin
         progress = Progress(n_train_images, f"epoch {epoch + 1}/{settings.max_epochs}", "images", log)
         started, loss_sum, batches = time.perf_counter(), 0.0, 0
         for batch in iterate_batches(data.store, data.targets, order, settings.batch_galleries):
-            with autocast(device, settings.precision):
-                _, outputs = model(batch.x.to(device), batch.index.to(device), batch.n, data.from_features)
-            targets = {k: v.to(device) for k, v in batch.targets.items()}
-            loss = weighting(task_losses(outputs, targets, model.tasks))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum, batches = loss_sum + loss.item(), batches + 1
+            loss = train_step(model, weighting, optimizer, batch, data.from_features, device, settings.precision)
+            loss_sum, batches = loss_sum + loss, batches + 1
             progress.update(len(batch.x), f"loss {loss_sum / batches:.4f}")
         seconds = time.perf_counter() - started
 

@@ -20,7 +20,11 @@ FLOW = str(REPO / "flows" / "train_flow.py")
 SMOKE = str(REPO / "flows" / "configs" / "smoke.json")
 
 
+REPORTS = str(Path(METAFLOW_ROOT) / "reports")
+
+
 def run_flow(env=None, **params):
+    params.setdefault("reports", REPORTS)
     runner = Runner(FLOW, show_output=False, env=env or {}, cwd=METAFLOW_ROOT, config=[("settings", SMOKE)])
     with runner.run(**params) as running:
         return running.status, running.run, running.stderr
@@ -44,13 +48,13 @@ def test_smoke_run_exports_one_embedding_per_gallery(smoke_run):
     end = smoke_run["end"].task.data
     table, meta = read_embeddings(end.embeddings_location)
     frame = end.catalogue.frame
-    assert table.num_rows == len(frame) == end.exported_galleries == 80
+    assert table.num_rows == len(frame) == end.exported_galleries == 200
     assert sorted(table["gallery_id"].to_pylist()) == sorted(frame["gallery_id"])
     assert meta["dimension"] == "1280" and meta["backbone"] == "efficientnet_lite0" and meta["pooling"] == "mean"
     assert meta["weighting"] == "pseudo_uniform" and meta["run_id"] == smoke_run.id
     embeddings = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-    assert embeddings.shape == (80, 1280) and np.isfinite(embeddings).all()
-    bits = np.frombuffer(b"".join(table["embedding_bits"].to_pylist()), np.uint8).reshape(80, 160)
+    assert embeddings.shape == (200, 1280) and np.isfinite(embeddings).all()
+    bits = np.frombuffer(b"".join(table["embedding_bits"].to_pylist()), np.uint8).reshape(200, 160)
     assert (np.unpackbits(bits, axis=1).astype(bool) == (embeddings > 0)).all()
     assert set(table["split"].to_pylist()) == {"train", "valid"}
 
@@ -61,9 +65,56 @@ def test_smoke_run_trains_both_weightings_and_writes_a_card(smoke_run):
     for result in end.training.values():
         assert len(result["history"]) >= 1 and np.isfinite(result["best_valid_loss"])
     text = card_text(smoke_run["end"].task)
-    for section in ("## Data quality", "no damaged images", "## Training", "pseudo_uniform", "kendall",
-                    "## Outputs", end.embeddings_location, '"type": "image"'):
+    for section in ("no damaged images", "## Training", "pseudo_uniform", "kendall", "(Table 2)", "(Figure 5)",
+                    "(Figure 6)", "## Outputs", end.embeddings_location, '"type": "image"'):
         assert section in text, section
+
+
+def test_smoke_run_report(smoke_run):
+    """Files present; Table 2 is 3 arms x 6 rows + baseline; every task x both weightings; r/p computed
+    from that table; valid PNGs; metrics.json agrees with the CSVs."""
+    from PIL import Image
+    from scipy.stats import linregress
+
+    folder = Path(REPORTS) / smoke_run.id
+    names = {"report.md", "metrics.json", "table2.csv", "per_task.csv", "class_balance.csv", "training_curves.png",
+             "relative_error.png", "class_balance.png", "projection.png", "retrieval.png"}
+    assert names <= {p.name for p in folder.iterdir()}
+    for png in folder.glob("*.png"):
+        with Image.open(png) as img:
+            img.verify()
+        assert png.stat().st_size > 5000 and Image.open(png).size[0] > 300
+    metrics = json.loads((folder / "metrics.json").read_text())
+    report = (folder / "report.md").read_text()
+
+    table2 = pd.read_csv(folder / "table2.csv")
+    arms = table2[table2["row"] != "baseline"]
+    assert sorted(arms["arm"].unique()) == ["end_to_end", "imagenet", "mtl"]
+    assert (arms.groupby("arm").size() == 6).all() and (table2["row"] == "baseline").sum() == 1
+    assert list(arms[arms["arm"] == "mtl"]["row"]) == [f"{p}% of one epoch" for p in (20, 40, 60, 80, 100)] + ["2 epochs"]
+    holdout = metrics["holdout"][0]
+    assert [r["value"] for r in holdout["arms"]["mtl"]["rows"]] == pytest.approx(list(arms[arms["arm"] == "mtl"]["value"]))
+    assert holdout["baseline"] == pytest.approx(table2.loc[table2["row"] == "baseline", "value"].item())
+    assert "| majority class baseline |" in report and "paper (MTL / ImageNet / end-to-end)" in report
+
+    per_task = pd.read_csv(folder / "per_task.csv")
+    assert len(per_task) == 31 and per_task["task"].is_unique
+    for w in ("pseudo_uniform", "kendall"):
+        assert per_task[f"error_{w}"].notna().all()
+        finite = per_task[f"relative_error_increase_{w}"].dropna()
+        assert len(finite) > 20
+    assert pd.DataFrame(metrics["per_task"])["error_kendall"].tolist() == pytest.approx(per_task["error_kendall"].tolist())
+
+    balance = pd.read_csv(folder / "class_balance.csv").set_index("weighting")
+    binary = per_task[per_task["kind"] == "binary"]
+    for w in ("pseudo_uniform", "kendall"):
+        pairs = binary[["minority_fraction", f"relative_error_increase_{w}"]].dropna()
+        expected = linregress(pairs.iloc[:, 0], pairs.iloc[:, 1])
+        assert np.isfinite(balance.loc[w, "r"]) and np.isfinite(balance.loc[w, "p"])
+        assert balance.loc[w, "r"] == pytest.approx(expected.rvalue) and balance.loc[w, "p"] == pytest.approx(expected.pvalue)
+        assert metrics["class_balance"][w]["r"] == pytest.approx(expected.rvalue)
+    wins = metrics["pseudo_uniform_wins"]
+    assert wins["wins"] == int((per_task["error_pseudo_uniform"] < per_task["error_kendall"]).sum())
 
 
 @pytest.fixture
@@ -93,6 +144,7 @@ def test_damaged_images_are_skipped_counted_and_listed(damaged_catalogue):
     assert len(listed) == len(end.quality.skipped) + 1 and "acc_000005" in set(listed["gallery_id"])
     table, _ = read_embeddings(end.embeddings_location)
     assert table.num_rows == 79 and "acc_000005" not in table["gallery_id"].to_pylist()
+    assert json.loads((Path(REPORTS) / run.id / "metrics.json").read_text())["data_quality"]["excluded_galleries"] == 1
     assert hashlib.sha1(manifest.read_bytes() + tasks.read_bytes()).hexdigest() == before
 
 
@@ -122,4 +174,4 @@ def test_killed_training_resumes_from_its_checkpoint():
         result = task.data.train_result
         assert result["resumed_at_epoch"] == 1  # epoch 1 came from the killed run's checkpoint
         assert [h["epoch"] for h in result["history"]] == [0, 1]
-    assert resumed["end"].task.data.exported_galleries == 80
+    assert resumed["end"].task.data.exported_galleries == 200

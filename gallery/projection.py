@@ -1,0 +1,47 @@
+"""2-D map of the gallery embeddings (paper Fig. 4): UMAP, coloured by a few attributes."""
+from __future__ import annotations
+
+import numpy as np
+
+from gallery.contracts import Task
+from gallery.ingest import Catalogue
+from gallery.labels import MISSING_CLASS
+
+
+def projection_attributes(catalogue: Catalogue, limit: int = 3) -> list[Task]:
+    """Classification tasks worth colouring by: the holdout first, then multiclass tasks with few classes."""
+    holdout = [t for t in catalogue.holdout if t.kind == "multiclass"]
+    few = sorted((t for t in catalogue.tasks if t.kind == "multiclass" and t.out_dim <= 12), key=lambda t: t.out_dim)
+    return (holdout + few)[:limit]
+
+
+def umap_2d(embeddings: np.ndarray, seed: int, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows used, their 2-D coordinates); a seeded sample when there are more than max_points."""
+    import umap  # heavy import (numba): only where it is used
+
+    rows = np.arange(len(embeddings))
+    if len(rows) > max_points:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_points, replace=False))
+    n_neighbors = max(2, min(15, len(rows) - 1))
+    coords = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed).fit_transform(embeddings[rows])
+    return rows, coords
+
+
+def projection_figure(coords: np.ndarray, colourings: list[tuple[Task, np.ndarray]]):
+    """One panel per attribute; unlabelled galleries in light grey."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(colourings), figsize=(5.2 * len(colourings), 4.6), squeeze=False)
+    for ax, (task, labels) in zip(axes[0], colourings):
+        missing = labels == MISSING_CLASS
+        ax.scatter(coords[missing, 0], coords[missing, 1], s=4, c="#dddddd", label="unlabelled")
+        cmap = plt.get_cmap("viridis" if all(c.isdigit() for c in task.classes) else "tab10", len(task.classes))
+        for k, name in enumerate(task.classes):
+            mask = labels == k
+            if mask.any():
+                ax.scatter(coords[mask, 0], coords[mask, 1], s=5, color=cmap(k), label=name)
+        ax.set(title=task.name, xticks=[], yticks=[])
+        ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2)
+    fig.suptitle("UMAP of the MTL gallery embeddings")
+    fig.tight_layout()
+    return fig
