@@ -14,7 +14,6 @@ from pathlib import Path
 
 from metaflow import Config, FlowSpec, Parameter, card, current, resources, step
 from metaflow.cards import Image, Markdown
-from metaflow.exception import MetaflowException
 
 from gallery import storage
 from gallery.config import settings_from_dict
@@ -22,17 +21,14 @@ from gallery.errors import ContractError
 from gallery.faults import kill_after_epoch
 from gallery.images import DataQuality
 from gallery.ingest import describe, ingest
-from gallery.pipeline import (build_report, export_embeddings, holdout_evaluation, preprocess_shard, shard_rows,
-                              share_cores, synthetic_source, task_optimal_models, train_weighting, write_report)
+from gallery.pipeline import (build_report, export_embeddings, holdout_evaluation, load_trained, preprocess_shard,
+                              shard_rows, synthetic_source, task_optimal_models, train_weighting, write_report)
 from gallery.report import quality_csv
+from gallery.runs import InputError, default_store_root, share_machine
 from gallery.task_optimal import group_tasks
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
-
-
-class InputError(MetaflowException):
-    headline = "Input error"
 
 
 class GalleryTrainFlow(FlowSpec):
@@ -53,17 +49,13 @@ class GalleryTrainFlow(FlowSpec):
         """Where this run writes (a resumed run writes under its own run id)."""
         return storage.join(self.store_root, current.run_id, *parts)
 
-    def share_machine(self, siblings: int):
-        """A local run executes a fan-out's tasks side by side on this machine: split its cores."""
-        if not storage.is_uri(self._datastore._storage_impl.datastore_root):
-            share_cores(siblings)
-
     @step
     def start(self):
         """Resolve the settings and the data source (the user's files, or the synthetic catalogue)."""
         if bool(self.manifest) != bool(self.tasks):
             raise InputError("--manifest and --tasks go together: give both, or neither for the synthetic catalogue")
         self.store_root = self.store or default_store_root(self)
+        self.run_settings = self.cfg  # kept with the run, for the embed flow and `gallery search`
         if self.manifest:
             self.manifest_location, self.tasks_location = self.manifest, self.tasks
         else:
@@ -85,7 +77,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def preprocess(self):
         """Decode and resize one shard's images; write the frozen-trunk feature cache."""
-        self.share_machine(len(self.shards))
+        share_machine(self, len(self.shards))
         rows = shard_rows(len(self.catalogue.frame), self.cfg.data.shards)[self.input]
         self.shard = preprocess_shard(self.catalogue, rows, self.cfg, self.run_location("shards", str(self.input)))
         self.next(self.join_shards)
@@ -113,7 +105,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def train(self):
         """MTL training with one loss weighting; continues from the last checkpoint after a failure."""
-        self.share_machine(len(self.weightings))
+        share_machine(self, len(self.weightings))
         self.weighting = self.input
         self.checkpoints = self.run_location("checkpoints", self.weighting)
         recovering = current.origin_run_id is not None or current.retry_count > 0
@@ -145,9 +137,10 @@ class GalleryTrainFlow(FlowSpec):
     def export(self):
         """Embeddings of every readable gallery with the reference model -> Parquet (+ packed sign bits)."""
         self.embeddings_location = self.run_location("embeddings.parquet")
-        self.exported_galleries = export_embeddings(
-            self.catalogue, self.shard_list, self.cfg, self.checkpoint_locations[self.reference],
-            self.embeddings_location, {"run_id": current.run_id, "weighting": self.reference})
+        model = load_trained(self.catalogue.tasks, self.catalogue.stats, self.cfg, self.checkpoint_locations[self.reference])
+        self.exported_galleries = export_embeddings(model, self.catalogue.frame, self.shard_list, self.cfg,
+                                                    self.embeddings_location,
+                                                    {"run_id": current.run_id, "weighting": self.reference})
         self.task_groups = group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
         self.next(self.holdout, self.task_optimal_fanout)
 
@@ -155,7 +148,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def holdout(self):
         """Table 2: MTL embeddings vs ImageNet transfer vs end-to-end on the held-out task(s)."""
-        self.share_machine(1 + len(self.task_groups))
+        share_machine(self, 1 + len(self.task_groups))
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
         self.holdout_results = holdout_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
                                                   self.imagenet_location, {"run_id": current.run_id})
@@ -170,7 +163,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def task_optimal(self):
         """The same architecture trained on each task alone, from the feature cache."""
-        self.share_machine(1 + len(self.task_groups))
+        share_machine(self, 1 + len(self.task_groups))
         self.optimal = task_optimal_models(
             self.catalogue, self.shard_list, self.cfg, self.input,
             checkpoints_of=lambda name: self.run_location("task_optimal", name),
@@ -192,7 +185,8 @@ class GalleryTrainFlow(FlowSpec):
     def report(self):
         """Tables, figures and a reading of the results -> reports/<run id>/ and the run's store."""
         r = build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training, self.holdout_results,
-                         self.optimal, self.embeddings_location, self.checkpoint_locations[self.reference])
+                         self.optimal, self.embeddings_location, self.imagenet_location,
+                         self.checkpoint_locations[self.reference])
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)
@@ -213,14 +207,6 @@ class GalleryTrainFlow(FlowSpec):
         current.card.append(Markdown("## Outputs\n" + outputs))
         print(f"report: {self.report_location}/report.md")
         print(f"embeddings: {self.embeddings_location} ({self.exported_galleries} galleries)")
-
-
-def default_store_root(flow) -> str:
-    """Beside Metaflow's own datastore: `.gallery/` next to a local `.metaflow/`, or `<s3 root>/gallery`."""
-    root = flow._datastore._storage_impl.datastore_root
-    if storage.is_uri(root):
-        return storage.join(root, "gallery")
-    return str(Path(root).parent / ".gallery")
 
 
 if __name__ == "__main__":

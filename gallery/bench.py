@@ -170,3 +170,44 @@ def bench_train(steps: int = 3, device=None, log=print) -> list[dict]:
     if device.type != "cuda":
         log("\nno CUDA device: paper-preset galleries/s and images/s with autocast are measured on a GPU only")
     return results
+
+
+# ---------------------------------------------------------------- search
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_search(sizes=(100_000, 1_000_000), dim: int = 1280, queries: int = 100, k: int = 10,
+                 chunk: int = 50_000, log=print) -> list[dict]:
+    """Float (cosine, 4·d bytes) vs binary (Hamming, d/8 bytes) exact search over synthetic
+    embeddings: index memory (measured as resident memory growth while adding) and query latency."""
+    from gallery.search import BinaryIndex, FloatIndex
+
+    log(f"{dim}-d synthetic embeddings, {queries} queries, top {k}, exact search with faiss, "
+        f"{torch.get_num_threads()} threads")
+    results = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        row = {"n": n}
+        for name, index in (("float", FloatIndex(dim=dim)), ("binary", BinaryIndex(dim=dim))):
+            before = _rss_bytes()
+            for start in range(0, n, chunk):
+                index.add(rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32))
+            memory = _rss_bytes() - before
+            q = np.random.default_rng(1).standard_normal((queries, dim), dtype=np.float32)
+            index.search(q[:2], k)  # warm-up
+            start = time.perf_counter()
+            index.search(q, k)
+            row[name] = {"memory_bytes": memory, "ms_per_query": (time.perf_counter() - start) * 1000 / queries}
+            del index
+        log(f"  {n:>9,} galleries: float {row['float']['memory_bytes'] / 2**20:8.1f} MiB {row['float']['ms_per_query']:8.3f} ms/query"
+            f" | binary {row['binary']['memory_bytes'] / 2**20:7.1f} MiB {row['binary']['ms_per_query']:8.3f} ms/query"
+            f" | ratio: binary uses {row['float']['memory_bytes'] / max(row['binary']['memory_bytes'], 1):.1f}x less memory,"
+            f" queries {row['float']['ms_per_query'] / row['binary']['ms_per_query']:.1f}x faster")
+        results.append(row)
+    return results

@@ -5,9 +5,9 @@ import argparse
 import sys
 import time
 
-from gallery.errors import ContractError
+from gallery.errors import ContractError, UserError
 
-EXIT_CONTRACT = 2
+EXIT_USER = 2
 
 
 def cmd_synth(args) -> int:
@@ -18,7 +18,7 @@ def cmd_synth(args) -> int:
                                  min_images=args.min_images, max_images=args.max_images)
     except ValueError as e:
         print(f"gallery synth: {e}", file=sys.stderr)
-        return EXIT_CONTRACT
+        return EXIT_USER
     start = time.perf_counter()
     manifest = generate(args.out, settings, workers=args.workers)
     print(f"wrote {manifest} and {manifest.parent / 'tasks.yaml'} "
@@ -55,9 +55,24 @@ def cmd_model_summary(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from gallery.bench import bench_train
+    from gallery.bench import bench_search, bench_train
 
-    bench_train(steps=args.steps, device=args.device)
+    if args.what == "train":
+        bench_train(steps=args.steps, device=args.device)
+    else:
+        bench_search(sizes=args.sizes)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from gallery.search import search_embeddings
+
+    hits = search_embeddings(args.embeddings, k=args.k, binary=args.binary, images=args.images,
+                             gallery_id=args.gallery_id, run=args.run)
+    score = "hamming bits" if args.binary else "cosine"
+    print(f"{'rank':>4}  {'gallery_id':<24} {score}")
+    for rank, (gallery_id, value) in enumerate(hits, 1):
+        print(f"{rank:>4}  {gallery_id:<24} {value:.0f}" if args.binary else f"{rank:>4}  {gallery_id:<24} {value:.4f}")
     return 0
 
 
@@ -85,10 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="task spec (multiclass tasks need classes or num_classes)")
     p.set_defaults(func=cmd_model_summary)
 
+    p = sub.add_parser("search", help="nearest galleries to seed images or to a gallery")
+    p.add_argument("--embeddings", required=True, help="an embeddings Parquet file (train or embed flow)")
+    p.add_argument("--run", default=None, help="GalleryTrainFlow run id (or latest) whose model embeds the seeds; "
+                                               "default: the run that made the embeddings")
+    p.add_argument("--images", nargs="+", default=None, help="seed images, embedded together as one gallery")
+    p.add_argument("--gallery-id", default=None, help="use this gallery's embedding as the query")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--binary", action="store_true", help="Hamming search on the packed sign bits")
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train"], help="train: feature cache vs recompute, packed vs padded")
+    p.add_argument("what", choices=["train", "search"],
+                   help="train: feature cache vs recompute, packed vs padded; search: float vs binary search")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per variant")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="search: database sizes")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -99,7 +126,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except ContractError as e:
         print(e, file=sys.stderr)
-        return EXIT_CONTRACT
+        return EXIT_USER
+    except UserError as e:
+        print(f"gallery {args.command}: {e}", file=sys.stderr)
+        return EXIT_USER
 
 
 if __name__ == "__main__":

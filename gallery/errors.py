@@ -15,7 +15,11 @@ class Violation:
         return f"{self.file}: {self.where}: {self.problem}\n    fix: {self.fix}"
 
 
-class ContractError(Exception):
+class UserError(Exception):
+    """A problem with what the user asked for or gave: reported as its message, never a traceback."""
+
+
+class ContractError(UserError):
     """Inputs break the data contract; carries every violation found."""
 
     def __init__(self, violations: list[Violation]):

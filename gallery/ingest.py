@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from gallery import storage
-from gallery.contracts import Task, load_manifest, load_task_spec, validate_manifest
+from gallery.contracts import Task, TaskSpec, load_manifest, load_task_spec, validate_manifest
 from gallery.errors import ContractError, Violation
 from gallery.labels import LabelStats, encode_labels, label_statistics
 from gallery.split import assign_splits
@@ -42,12 +42,14 @@ def resolve_image(ref: str, base: str) -> str:
     return ref if Path(ref).is_absolute() else storage.join(base, ref)
 
 
-def ingest(manifest_path, tasks_path) -> Catalogue:
-    """Validate both inputs against the contract and build the Catalogue.
+def ingest(manifest_path, tasks_path=None) -> Catalogue:
+    """Validate the inputs against the contract and build the Catalogue.
 
-    Raises ContractError listing every violation found; the user's files are only read.
+    Without a task spec only the manifest's own columns are checked (labels are optional when
+    embedding a catalogue). Raises ContractError listing every violation found; the user's files
+    are only read.
     """
-    spec = load_task_spec(tasks_path)
+    spec = load_task_spec(tasks_path) if tasks_path else TaskSpec("(no task spec)", [], [])
     manifest_path = str(manifest_path)
     raw = load_manifest(manifest_path)
     violations = validate_manifest(raw, manifest_path, spec)
@@ -57,7 +59,7 @@ def ingest(manifest_path, tasks_path) -> Catalogue:
     ids = raw["gallery_id"].astype("string").fillna("")
     split = assign_splits(raw.assign(gallery_id=ids))
     is_train = split == "train"
-    for needed in ("train", "valid"):
+    for needed in ("train", "valid") if spec.tasks else ():
         if not (split == needed).any():
             violations.append(Violation(manifest_path, "column 'split'", f"no product falls in the {needed} split "
                                         f"({len(split)} products)",

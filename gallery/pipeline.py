@@ -30,9 +30,10 @@ from gallery.models import GalleryEncoder, GalleryModel, build_model
 from gallery.packed import PackedGalleries
 from gallery.pooling import MeanPool
 from gallery.progress import Progress
-from gallery.projection import projection_attributes, projection_figure, umap_2d
+from gallery.projection import agreement_attributes, projection_attributes, projection_figure, umap_2d
 from gallery.report import PAPER_BALANCE_R, PAPER_PU_WINS
 from gallery.retrieval import retrieval_examples, retrieval_figure
+from gallery.search import attribute_agreement, neighbours, recall_at_k
 from gallery.synth import generate
 from gallery.task_optimal import class_balance, per_task_table, pseudo_uniform_wins, train_task_optimal
 from gallery.train import TrainData, TrainResult, fit, pick_device
@@ -136,22 +137,23 @@ def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Setting
     return fit(model, w, data, settings.train, checkpoints, resume_from, log=log, on_epoch_end=on_epoch_end)
 
 
-def load_trained(catalogue: Catalogue, settings: Settings, checkpoints: str) -> GalleryModel:
+def load_trained(tasks, stats, settings: Settings, checkpoints: str) -> GalleryModel:
     """The model as trained (best epoch); no pretrained weights are needed to rebuild it."""
-    model = build_model(replace(settings.model, weights="random"), catalogue.tasks, catalogue.stats)
+    model = build_model(replace(settings.model, weights="random"), tasks, stats)
     model.load_state_dict(storage.load_torch(storage.join(checkpoints, "best.pt"))["model"])
     return model.eval()
 
 
 # ---------------------------------------------------------------- export
 
-def export_embeddings(catalogue: Catalogue, shards: list[Shard], settings: Settings, checkpoints: str,
+def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Shard], settings: Settings,
                       location: str, metadata: dict) -> int:
-    """Embeddings of every readable gallery -> Parquet per data_contracts/embeddings.schema.json."""
+    """Embeddings of every readable gallery -> Parquet per data_contracts/embeddings.schema.json.
+
+    `metadata["run_id"]` names the training run whose model made them (searches check it)."""
     store = load_packed(shards, settings.train.use_cache)
-    model = load_trained(catalogue, settings, checkpoints)
     embeddings = embed_galleries(model.encoder, store, settings.train.use_cache)
-    splits = catalogue.frame.set_index("gallery_id").loc[store.gallery_ids, "split"]
+    splits = frame.set_index("gallery_id").loc[store.gallery_ids, "split"]
     meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
     write_embeddings(location, embeddings_table(store.gallery_ids, splits, embeddings, meta))
     return len(store)
@@ -194,8 +196,8 @@ def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Set
 # ---------------------------------------------------------------- report
 
 def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality, training: dict,
-                 holdout: list[dict], optimal: dict, embeddings_location: str, reference_checkpoints: str,
-                 log=print) -> report.Report:
+                 holdout: list[dict], optimal: dict, embeddings_location: str, imagenet_location: str,
+                 reference_checkpoints: str, log=print) -> report.Report:
     """Tables, figures, a short reading of the results beside the paper's, and metrics.json."""
     weightings = list(training)
     table = per_task_table(catalogue, training, optimal)
@@ -240,6 +242,9 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
     emb_table, _ = read_embeddings(embeddings_location)
     ids = emb_table["gallery_id"].to_pylist()
     embeddings = np.stack(emb_table["embedding"].to_numpy(zero_copy_only=False))
+    binary = binary_vs_float(catalogue, ids, embeddings, imagenet_location)
+    if binary:
+        r.text("## Binarized embeddings (Pinterest)\n" + report.binary_markdown(binary, embeddings.shape[1]))
     attributes = projection_attributes(catalogue)
     if attributes and len(ids) >= 5:
         rows, coords = umap_2d(embeddings, settings.train.seed, settings.evaluation.projection_points)
@@ -247,7 +252,7 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
         r.text("## 2-D projection (Figure 4)")
         r.figure("projection.png", projection_figure(coords, [(t, frame[t.name].to_numpy()) for t in attributes]),
                  "UMAP of the exported embeddings, coloured by attributes (grey: label missing).")
-    model = load_trained(catalogue, settings, reference_checkpoints)
+    model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints)
     examples = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
                                   settings.evaluation.retrieval_examples, settings.train.seed)
     if examples:
@@ -261,9 +266,29 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
                  "training": {w: {k: t[k] for k in ("best_epoch", "best_valid_loss", "stopped_early")} | {"epochs": len(t["history"])}
                               for w, t in training.items()},
                  "holdout": holdout, "per_task": table.to_dict("records"), "class_balance": balance,
-                 "pseudo_uniform_wins": wins, "retrieval": examples}
+                 "pseudo_uniform_wins": wins, "binary_vs_float": binary, "retrieval": examples}
     log(f"report: {len(r.files)} files")
     return r
+
+
+def binary_vs_float(catalogue: Catalogue, ids: list[str], embeddings: np.ndarray, imagenet_location: str,
+                    k: int = 10) -> dict | None:
+    """Recall@k of Hamming search on sign bits against float search, and attribute agreement of the
+    top-k neighbours (float MTL, binary MTL, float ImageNet transfer), valid galleries as queries."""
+    frame = catalogue.frame.set_index("gallery_id").loc[ids]
+    queries = np.flatnonzero(frame["split"].to_numpy() == "valid")
+    if len(queries) == 0 or len(ids) <= k:
+        return None
+    imagenet_table, _ = read_embeddings(imagenet_location)
+    imagenet = np.stack(imagenet_table["embedding"].to_numpy(zero_copy_only=False))
+    assert imagenet_table["gallery_id"].to_pylist() == ids, "ImageNet and MTL embeddings list the same galleries"
+    found = {"float": neighbours(embeddings, queries, k, binary=False),
+             "binary": neighbours(embeddings, queries, k, binary=True),
+             "imagenet_float": neighbours(imagenet, queries, k, binary=False)}
+    agreement = {t.name: {kind: attribute_agreement(rows, frame[t.name].to_numpy(), queries) for kind, rows in found.items()}
+                 for t in agreement_attributes(catalogue)}
+    return {"k": k, "queries": len(queries), "recall_binary_vs_float": recall_at_k(embeddings, queries, k),
+            "attribute_agreement": agreement}
 
 
 def write_report(r: report.Report, location: str) -> None:

@@ -15,6 +15,14 @@ def projection_attributes(catalogue: Catalogue, limit: int = 3) -> list[Task]:
     return (holdout + few)[:limit]
 
 
+def agreement_attributes(catalogue: Catalogue, limit: int = 2) -> list[Task]:
+    """Attributes a neighbour should share: property type and region when present, else the
+    multiclass MTL tasks with the fewest classes."""
+    named = [t for t in catalogue.tasks if t.column in ("property_type", "world_region")]
+    few = sorted((t for t in catalogue.tasks if t.kind == "multiclass"), key=lambda t: t.out_dim)
+    return (named or few)[:limit]
+
+
 def umap_2d(embeddings: np.ndarray, seed: int, max_points: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows used, their 2-D coordinates); a seeded sample when there are more than max_points."""
     import umap  # heavy import (numba): only where it is used

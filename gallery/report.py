@@ -158,6 +158,19 @@ def balance_reading(fit: dict) -> str:
     return "unlike the paper, no significant positive relationship here."
 
 
+def binary_markdown(b: dict, dim: int) -> str:
+    kinds = {"float": "MTL, float (cosine)", "binary": f"MTL, {dim // 8}-byte sign bits (Hamming)",
+             "imagenet_float": "ImageNet transfer, float"}
+    lines = [f"Queries: the {b['queries']} valid galleries; neighbours: their top {b['k']} among all galleries.",
+             "", f"- recall@{b['k']} of binary search against float search: **{b['recall_binary_vs_float']:.3f}** "
+             f"(storage {dim * 4} bytes -> {dim // 8} bytes per gallery, {32}x smaller)", "",
+             f"Share of the top {b['k']} neighbours with the query's attribute:", "",
+             "| attribute | " + " | ".join(kinds.values()) + " |", "|" + " --- |" * (len(kinds) + 1)]
+    for name, values in b["attribute_agreement"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(values[k]) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def relative_error_figure(table: pd.DataFrame, weightings):
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(table)), 4))
     x = np.arange(len(table))

@@ -14,6 +14,32 @@ os.makedirs(os.path.join(METAFLOW_ROOT, ".metaflow"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = METAFLOW_ROOT
 
 
+REPO = Path(__file__).resolve().parents[1]
+FLOW = str(REPO / "flows" / "train_flow.py")
+SMOKE = str(REPO / "flows" / "configs" / "smoke.json")
+REPORTS = os.path.join(METAFLOW_ROOT, "reports")
+
+
+def run_flow(env=None, flow=FLOW, config=SMOKE, **params):
+    """Run a flow through metaflow.Runner in the temporary datastore: (status, run, runtime stderr)."""
+    from metaflow import Runner
+
+    if flow == FLOW:
+        params.setdefault("reports", REPORTS)
+    runner = Runner(flow, show_output=False, env=env or {}, cwd=METAFLOW_ROOT,
+                    **({"config": [("settings", config)]} if config else {}))
+    with runner.run(**params) as running:
+        return running.status, running.run, running.stderr
+
+
+@pytest.fixture(scope="session")
+def smoke_run():
+    """One smoke-preset training run (synthetic catalogue), shared by the tests that only read it."""
+    status, run, stderr = run_flow()
+    assert status == "successful", stderr[-3000:]
+    return run
+
+
 @pytest.fixture(scope="session")
 def small_catalogue(tmp_path_factory) -> Path:
     """A 120-gallery synthetic catalogue at 32 px, shared by the tests that only read it."""

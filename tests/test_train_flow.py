@@ -11,23 +11,9 @@ import pytest
 from metaflow import Runner
 from metaflow.cards import get_cards
 
-from conftest import METAFLOW_ROOT
+from conftest import FLOW, METAFLOW_ROOT, REPORTS, run_flow
 from gallery.embed import read_embeddings
 from gallery.synth import SynthSettings, generate
-
-REPO = Path(__file__).resolve().parents[1]
-FLOW = str(REPO / "flows" / "train_flow.py")
-SMOKE = str(REPO / "flows" / "configs" / "smoke.json")
-
-
-REPORTS = str(Path(METAFLOW_ROOT) / "reports")
-
-
-def run_flow(env=None, **params):
-    params.setdefault("reports", REPORTS)
-    runner = Runner(FLOW, show_output=False, env=env or {}, cwd=METAFLOW_ROOT, config=[("settings", SMOKE)])
-    with runner.run(**params) as running:
-        return running.status, running.run, running.stderr
 
 
 def card_text(task) -> str:
@@ -35,13 +21,6 @@ def card_text(task) -> str:
     html = get_cards(task)[0].get()
     payload = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html).group(1)
     return json.dumps(json.loads(base64.b64decode(payload)))
-
-
-@pytest.fixture(scope="module")
-def smoke_run():
-    status, run, stderr = run_flow()
-    assert status == "successful", stderr[-3000:]
-    return run
 
 
 def test_smoke_run_exports_one_embedding_per_gallery(smoke_run):

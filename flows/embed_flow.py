@@ -1,0 +1,92 @@
+"""GalleryEmbedFlow: embed a catalogue with the model of a finished GalleryTrainFlow run.
+
+    python flows/embed_flow.py run --manifest data/new_listings.parquet                 # latest training run
+    python flows/embed_flow.py run --manifest data/new_listings.parquet --train-run 1795...
+
+Labels are optional. The images go through exactly the training run's preprocessing (size,
+frozen trunk, cache precision) and its reference model; the output follows
+data_contracts/embeddings.schema.json, so `gallery search` reads it like the training export.
+"""
+from metaflow import FlowSpec, Parameter, current, resources, step
+
+from gallery import storage
+from gallery.errors import ContractError
+from gallery.images import DataQuality
+from gallery.ingest import ingest
+from gallery.pipeline import export_embeddings, load_trained, preprocess_shard, shard_rows
+from gallery.report import quality_csv
+from gallery.runs import InputError, RunNotFound, default_store_root, share_machine, trained_run
+
+
+class GalleryEmbedFlow(FlowSpec):
+    manifest = Parameter("manifest", required=True, help="the catalogue to embed (Parquet, CSV or JSON Lines)")
+    train_run = Parameter("train-run", default="latest", help="GalleryTrainFlow run id whose model to use, or latest")
+    store = Parameter("store", default="", help="root of the run-scoped store; default: beside Metaflow's datastore")
+
+    def run_location(self, *parts: str) -> str:
+        return storage.join(self.store_root, current.run_id, *parts)
+
+    @step
+    def start(self):
+        """Find the training run: its settings and model decide how images are read and embedded."""
+        try:
+            model_run = trained_run(self.train_run)
+        except RunNotFound as e:
+            raise InputError(str(e)) from None
+        self.model_run_id, self.run_settings = model_run.run_id, model_run.settings
+        self.model_tasks, self.model_stats, self.checkpoints = model_run.tasks, model_run.stats, model_run.checkpoints
+        self.store_root = self.store or default_store_root(self)
+        print(f"embedding {self.manifest} with the model of {model_run.run_id}")
+        self.next(self.ingest)
+
+    @step
+    def ingest(self):
+        """Validate the manifest (no task spec needed)."""
+        try:
+            self.catalogue = ingest(self.manifest)
+        except ContractError as e:
+            raise InputError(str(e)) from None
+        self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.run_settings.data.shards))))
+        self.next(self.preprocess, foreach="shards")
+
+    @step
+    def preprocess(self):
+        """The training run's decoding, resizing and frozen-trunk cache, for one shard."""
+        share_machine(self, len(self.shards))
+        rows = shard_rows(len(self.catalogue.frame), self.run_settings.data.shards)[self.input]
+        self.shard = preprocess_shard(self.catalogue, rows, self.run_settings, self.run_location("shards", str(self.input)))
+        self.next(self.join_shards)
+
+    @step
+    def join_shards(self, inputs):
+        self.merge_artifacts(inputs, exclude=["shard"])
+        self.shard_list = [i.shard for i in inputs]
+        self.quality = DataQuality.merge(s.quality for s in self.shard_list)
+        self.quality_location = self.run_location("data_quality.csv")
+        storage.write_bytes(self.quality_location, quality_csv(self.quality).encode())
+        print(self.quality.summary())
+        if not any(s.gallery_ids for s in self.shard_list):
+            raise InputError(f"no gallery has a readable image; see {self.quality_location}")
+        self.next(self.embed)
+
+    @resources(gpu=1)
+    @step
+    def embed(self):
+        """Every readable gallery through the training run's reference model -> embeddings Parquet."""
+        self.embeddings_location = self.run_location("embeddings.parquet")
+        model = load_trained(self.model_tasks, self.model_stats, self.run_settings, self.checkpoints)
+        self.embedded_galleries = export_embeddings(
+            model, self.catalogue.frame, self.shard_list, self.run_settings, self.embeddings_location,
+            {"run_id": self.model_run_id, "weighting": self.run_settings.train.reference_weighting,
+             "embed_run_id": current.run_id})
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print(f"data quality: {self.quality.summary()} ({self.quality_location})")
+        print(f"embeddings: {self.embeddings_location} ({self.embedded_galleries} galleries, "
+              f"model of GalleryTrainFlow/{self.model_run_id})")
+
+
+if __name__ == "__main__":
+    GalleryEmbedFlow()

@@ -1,0 +1,78 @@
+"""The one module of gallery/ that talks to Metaflow: finished training runs, and what flows share.
+
+Everything else in gallery/ is plain Python, testable without Metaflow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaflow.exception import MetaflowException
+
+from gallery import storage
+from gallery.config import Settings
+from gallery.errors import UserError
+from gallery.models import GalleryModel
+from gallery.pipeline import load_trained, share_cores
+
+TRAIN_FLOW = "GalleryTrainFlow"
+
+
+class InputError(MetaflowException):
+    """Bad input to a flow: shown as a headline and the message, without a traceback."""
+
+    headline = "Input error"
+
+
+class RunNotFound(UserError):
+    """The training run asked for does not exist or did not finish."""
+
+
+@dataclass
+class TrainedRun:
+    """What a finished GalleryTrainFlow run leaves for later use: its settings, model and embeddings."""
+
+    run_id: str
+    settings: Settings
+    tasks: list
+    stats: dict
+    checkpoints: str
+    embeddings_location: str
+
+    def model(self) -> GalleryModel:
+        return load_trained(self.tasks, self.stats, self.settings, self.checkpoints)
+
+
+def trained_run(run: str = "latest") -> TrainedRun:
+    """A successful GalleryTrainFlow run by id, or the latest successful one."""
+    from metaflow import Flow, Run, namespace
+    from metaflow.exception import MetaflowNotFound
+
+    namespace(None)
+    try:
+        found = Flow(TRAIN_FLOW).latest_successful_run if run == "latest" else Run(f"{TRAIN_FLOW}/{run}")
+    except MetaflowNotFound:
+        raise RunNotFound(f"no {TRAIN_FLOW} run {run!r} in this Metaflow datastore; pass the id of a finished "
+                          f"run (`python flows/train_flow.py run` prints it) or 'latest'") from None
+    if found is None:
+        raise RunNotFound(f"no successful {TRAIN_FLOW} run yet: run `python flows/train_flow.py run` first")
+    if not found.successful:
+        raise RunNotFound(f"{TRAIN_FLOW} run {run} did not finish successfully: `python flows/train_flow.py resume` it, "
+                          "or pass another run")
+    data = found["end"].task.data
+    return TrainedRun(found.id, data.run_settings, data.catalogue.tasks, data.catalogue.stats,
+                      data.checkpoint_locations[data.reference], data.embeddings_location)
+
+
+def default_store_root(flow) -> str:
+    """Beside Metaflow's own datastore: `.gallery/` next to a local `.metaflow/`, or `<s3 root>/gallery`."""
+    root = flow._datastore._storage_impl.datastore_root
+    if storage.is_uri(root):
+        return storage.join(root, "gallery")
+    return str(Path(root).parent / ".gallery")
+
+
+def share_machine(flow, siblings: int) -> None:
+    """A local run executes a fan-out's tasks side by side on this machine: split its cores."""
+    if not storage.is_uri(flow._datastore._storage_impl.datastore_root):
+        share_cores(siblings)
