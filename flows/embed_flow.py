@@ -10,12 +10,9 @@ data_contracts/embeddings.schema.json, so `gallery search` reads it like the tra
 from metaflow import FlowSpec, Parameter, current, resources, step
 
 from gallery import storage
-from gallery.errors import ContractError
-from gallery.images import DataQuality
 from gallery.ingest import ingest
-from gallery.pipeline import export_embeddings, load_trained, preprocess_shard, shard_rows
-from gallery.report import quality_csv
-from gallery.runs import InputError, RunNotFound, default_store_root, share_machine, trained_run
+from gallery.pipeline import collect_quality, export_embeddings, load_trained, preprocess_shard, shard_rows
+from gallery.runs import as_input_error, default_store_root, share_machine, trained_run
 
 
 class GalleryEmbedFlow(FlowSpec):
@@ -29,10 +26,8 @@ class GalleryEmbedFlow(FlowSpec):
     @step
     def start(self):
         """Find the training run: its settings and model decide how images are read and embedded."""
-        try:
+        with as_input_error():
             model_run = trained_run(self.train_run)
-        except RunNotFound as e:
-            raise InputError(str(e)) from None
         self.model_run_id, self.run_settings = model_run.run_id, model_run.settings
         self.model_tasks, self.model_stats, self.checkpoints = model_run.tasks, model_run.stats, model_run.checkpoints
         self.store_root = self.store or default_store_root(self)
@@ -42,10 +37,8 @@ class GalleryEmbedFlow(FlowSpec):
     @step
     def ingest(self):
         """Validate the manifest (no task spec needed)."""
-        try:
+        with as_input_error():
             self.catalogue = ingest(self.manifest)
-        except ContractError as e:
-            raise InputError(str(e)) from None
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.run_settings.data.shards))))
         self.next(self.preprocess, foreach="shards")
 
@@ -61,12 +54,9 @@ class GalleryEmbedFlow(FlowSpec):
     def join_shards(self, inputs):
         self.merge_artifacts(inputs, exclude=["shard"])
         self.shard_list = [i.shard for i in inputs]
-        self.quality = DataQuality.merge(s.quality for s in self.shard_list)
         self.quality_location = self.run_location("data_quality.csv")
-        storage.write_bytes(self.quality_location, quality_csv(self.quality).encode())
-        print(self.quality.summary())
-        if not any(s.gallery_ids for s in self.shard_list):
-            raise InputError(f"no gallery has a readable image; see {self.quality_location}")
+        with as_input_error():
+            self.quality = collect_quality(self.shard_list, self.quality_location)
         self.next(self.embed)
 
     @resources(gpu=1)

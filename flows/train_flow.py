@@ -17,14 +17,12 @@ from metaflow.cards import Image, Markdown
 
 from gallery import storage
 from gallery.config import settings_from_dict
-from gallery.errors import ContractError
 from gallery.faults import kill_after_epoch
-from gallery.images import DataQuality
 from gallery.ingest import describe, ingest
-from gallery.pipeline import (build_report, export_embeddings, holdout_evaluation, load_trained, preprocess_shard,
-                              shard_rows, synthetic_source, task_optimal_models, train_weighting, write_report)
-from gallery.report import quality_csv
-from gallery.runs import InputError, default_store_root, share_machine
+from gallery.pipeline import (build_report, collect_quality, export_embeddings, holdout_evaluation, load_trained,
+                              preprocess_shard, shard_rows, synthetic_source, task_optimal_models, train_weighting,
+                              write_report)
+from gallery.runs import InputError, as_input_error, checkpoints_to_resume, default_store_root, share_machine
 from gallery.task_optimal import group_tasks
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -66,10 +64,8 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def ingest(self):
         """Validate the contract, split 9:1, compute train-split label statistics."""
-        try:
+        with as_input_error():
             self.catalogue = ingest(self.manifest_location, self.tasks_location)
-        except ContractError as e:
-            raise InputError(str(e)) from None
         print(describe(self.catalogue))
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.cfg.data.shards))))
         self.next(self.preprocess, foreach="shards")
@@ -92,12 +88,9 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def data_quality(self):
         """List every image skipped while decoding; fan out one training per loss weighting."""
-        self.quality = DataQuality.merge(s.quality for s in self.shard_list)
         self.quality_location = self.run_location("data_quality.csv")
-        storage.write_bytes(self.quality_location, quality_csv(self.quality).encode())
-        print(self.quality.summary())
-        if not any(s.gallery_ids for s in self.shard_list):
-            raise InputError(f"no gallery has a readable image; see {self.quality_location}")
+        with as_input_error():
+            self.quality = collect_quality(self.shard_list, self.quality_location)
         self.weightings = list(self.cfg.train.weightings)
         self.next(self.train, foreach="weightings")
 
@@ -111,16 +104,9 @@ class GalleryTrainFlow(FlowSpec):
         recovering = current.origin_run_id is not None or current.retry_count > 0
         self.train_result = train_weighting(
             self.catalogue, self.shard_list, self.cfg, self.weighting, self.checkpoints,
-            resume_from=self.recovery("checkpoints", self.weighting),
+            resume_from=checkpoints_to_resume(self.store_root, "checkpoints", self.weighting),
             on_epoch_end=kill_after_epoch(recovering)).as_dict()
         self.next(self.join_train)
-
-    def recovery(self, *parts: str):
-        """Checkpoints to continue from: this run's (a retry), else the origin run's (a `resume`)."""
-        for run_id in (current.run_id, current.origin_run_id):
-            if run_id and storage.exists(storage.join(self.store_root, run_id, *parts, "last.pt")):
-                return storage.join(self.store_root, run_id, *parts)
-        return None
 
     @step
     def join_train(self, inputs):
@@ -167,7 +153,7 @@ class GalleryTrainFlow(FlowSpec):
         self.optimal = task_optimal_models(
             self.catalogue, self.shard_list, self.cfg, self.input,
             checkpoints_of=lambda name: self.run_location("task_optimal", name),
-            recovery_of=lambda name: self.recovery("task_optimal", name))
+            recovery_of=lambda name: checkpoints_to_resume(self.store_root, "task_optimal", name))
         self.next(self.join_task_optimal)
 
     @step

@@ -23,6 +23,7 @@ from gallery.config import Settings
 from gallery.embed import embed_galleries, embeddings_table, read_embeddings, write_embeddings
 from gallery.features import trunk_features
 from gallery.holdout import evaluate_holdout, vectors_as_galleries
+from gallery.errors import UserError
 from gallery.images import DataQuality, load_galleries
 from gallery.ingest import Catalogue, describe
 from gallery.losses import build_weighting
@@ -114,6 +115,16 @@ def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: s
     storage.write_bytes(storage.join(location, "galleries.parquet"), buffer.getvalue())
     log(f"shard {location}: {len(ids)} galleries, {sum(map(len, arrays))} images; {quality.summary()}")
     return Shard(location, ids, sum(map(len, arrays)), quality)
+
+
+def collect_quality(shards: list[Shard], location: str) -> DataQuality:
+    """Merge the shards' data-quality problems and write them as CSV; stop if no gallery is left."""
+    quality = DataQuality.merge(s.quality for s in shards)
+    storage.write_bytes(location, report.quality_csv(quality).encode())
+    print(quality.summary())
+    if not any(s.gallery_ids for s in shards):
+        raise UserError(f"no gallery has a readable image; see {location}")
+    return quality
 
 
 def load_packed(shards: list[Shard], use_cache: bool) -> PackedGalleries:

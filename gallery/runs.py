@@ -4,6 +4,7 @@ Everything else in gallery/ is plain Python, testable without Metaflow.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,15 @@ class InputError(MetaflowException):
     """Bad input to a flow: shown as a headline and the message, without a traceback."""
 
     headline = "Input error"
+
+
+@contextmanager
+def as_input_error():
+    """Inside a step: a UserError (contract violation, unusable input) becomes Metaflow's headline error."""
+    try:
+        yield
+    except UserError as e:
+        raise InputError(str(e)) from None
 
 
 class RunNotFound(UserError):
@@ -62,6 +72,16 @@ def trained_run(run: str = "latest") -> TrainedRun:
     data = found["end"].task.data
     return TrainedRun(found.id, data.run_settings, data.catalogue.tasks, data.catalogue.stats,
                       data.checkpoint_locations[data.reference], data.embeddings_location)
+
+
+def checkpoints_to_resume(store_root: str, *parts: str) -> str | None:
+    """Checkpoints a re-run step continues from: this run's (a retry), else the origin run's (a `resume`)."""
+    from metaflow import current
+
+    for run_id in (current.run_id, current.origin_run_id):
+        if run_id and storage.exists(storage.join(store_root, run_id, *parts, "last.pt")):
+            return storage.join(store_root, run_id, *parts)
+    return None
 
 
 def default_store_root(flow) -> str:

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ from metaflow import Runner
 from metaflow.cards import get_cards
 
 from conftest import FLOW, METAFLOW_ROOT, REPORTS, run_flow
+from gallery.contracts import load_schema
 from gallery.embed import read_embeddings
 from gallery.synth import SynthSettings, generate
 
@@ -36,6 +38,12 @@ def test_smoke_run_exports_one_embedding_per_gallery(smoke_run):
     bits = np.frombuffer(b"".join(table["embedding_bits"].to_pylist()), np.uint8).reshape(200, 160)
     assert (np.unpackbits(bits, axis=1).astype(bool) == (embeddings > 0)).all()
     assert set(table["split"].to_pylist()) == {"train", "valid"}
+    schema = load_schema("embeddings")
+    for row in table.slice(0, 5).to_pylist():
+        row["embedding_bits"] = base64.b64encode(row["embedding_bits"]).decode()
+        jsonschema.validate(row, schema)
+    required = {k[len("gallery."):] for k in schema["x-schema-metadata"]} - {"embed_run_id"}
+    assert required <= set(meta)
 
 
 def test_smoke_run_trains_both_weightings_and_writes_a_card(smoke_run):
