@@ -29,6 +29,16 @@ def embed_galleries(encoder: GalleryEncoder, store: PackedGalleries, from_featur
     return torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)
 
 
+@torch.no_grad()
+def embed_images(encoder: GalleryEncoder, images: list[np.ndarray], device=None) -> np.ndarray:
+    """A few photos (uint8, H x W x 3, already resized) embedded together as one gallery."""
+    device = pick_device(device)
+    store = PackedGalleries.from_arrays(["query"], [np.stack(images)])
+    x, index = store.gather([0])
+    encoder = encoder.to(device).eval()
+    return encoder(x.to(device), index.to(device), 1, from_features=False)[0].float().cpu().numpy()
+
+
 def pack_sign_bits(embeddings: np.ndarray) -> np.ndarray:
     """(G, d) floats -> (G, ceil(d/8)) uint8: bit = value > 0, most significant bit first."""
     return np.packbits(embeddings > 0, axis=1)

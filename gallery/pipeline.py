@@ -243,7 +243,7 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
     r.text("\n".join(f"- {line}" for line in lines))
 
     r.text("## Class balance vs MTL benefit (Figure 6)\n" + "\n".join(
-        f"- {w}: Pearson r = {report._fmt(b['r'], 2)}, p = {report._fmt(b['p'], 4)} over {b['n']} binary tasks "
+        f"- {w}: Pearson r = {report.fmt(b['r'], 2)}, p = {report.fmt(b['p'], 4)} over {b['n']} binary tasks "
         f"(paper: r = {PAPER_BALANCE_R.get(w, float('nan')):.2f}, p < .001): {report.balance_reading(b)}"
         for w, b in balance.items()))
     r.table("class_balance.csv", pd.DataFrame([{"weighting": w, **b} for w, b in balance.items()]))

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from gallery.holdout import ARMS  # noqa: E402
 from gallery.images import DataQuality  # noqa: E402
 
 
@@ -62,7 +63,6 @@ PAPER_TABLE2 = {"rows": ["50k (20%)", "100k (40%)", "150k (60%)", "200k (80%)", 
                 "end_to_end": [0.543, 0.558, 0.575, 0.586, 0.583, 0.598]}
 PAPER_PU_WINS = (22, 31)
 PAPER_BALANCE_R = {"pseudo_uniform": 0.78, "kendall": 0.80}
-ARM_NAMES = {"mtl": "MTL embeddings", "imagenet": "ImageNet transfer", "end_to_end": "End-to-end model"}
 
 
 class Report:
@@ -93,7 +93,7 @@ class Report:
         return "\n\n".join(f"![{c}]({c})" if kind == "png" else c for kind, c in self.blocks) + "\n"
 
 
-def _fmt(x, digits=3) -> str:
+def fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -114,7 +114,7 @@ def table2_frame(holdout: dict) -> pd.DataFrame:
 def table2_markdown(holdout: dict) -> str:
     arms = list(holdout["arms"])
     paper = holdout["task"] == "star_rating" and holdout["metric"] == "accuracy"
-    head = "| data seen | " + " | ".join(ARM_NAMES[a] for a in arms) + (" | paper (MTL / ImageNet / end-to-end) |" if paper else " |")
+    head = "| data seen | " + " | ".join(ARMS[a] for a in arms) + (" | paper (MTL / ImageNet / end-to-end) |" if paper else " |")
     lines = [head, "|" + " --- |" * (len(arms) + 1 + paper)]
     n_rows = len(holdout["arms"][arms[0]]["rows"])
     for i in range(n_rows):
@@ -122,13 +122,13 @@ def table2_markdown(holdout: dict) -> str:
         cells = [f"{first['label']} ({first['galleries_seen']} galleries)"]
         for arm in arms:
             r = holdout["arms"][arm]["rows"][i]
-            ci = f" [{_fmt(r['ci_low'], 2)}, {_fmt(r['ci_high'], 2)}]" if r["ci_low"] is not None else ""
-            cells.append(f"{_fmt(r['value'])}{ci}")
+            ci = f" [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]" if r["ci_low"] is not None else ""
+            cells.append(f"{fmt(r['value'])}{ci}")
         if paper:
             cells.append(" / ".join(f"{PAPER_TABLE2[a][i]:.3f}" for a in arms) if i < 6 else "")
         lines.append("| " + " | ".join(cells) + " |")
     base = "majority class" if holdout["metric"] == "accuracy" else "train mean"
-    lines.append(f"| {base} baseline | " + " | ".join(_fmt(holdout["baseline"]) for _ in arms) + (" | |" if paper else " |"))
+    lines.append(f"| {base} baseline | " + " | ".join(fmt(holdout["baseline"]) for _ in arms) + (" | |" if paper else " |"))
     lines.append("| mean training time per instance | " + " | ".join(
         f"{holdout['arms'][a]['seconds_per_instance'] * 1000:.2f} ms" for a in arms) + (" | 14 ms (CPU) / - / 136 ms (GPU) |" if paper else " |"))
     lines.append("| total training time | " + " | ".join(f"{holdout['arms'][a]['train_seconds']:.1f} s" for a in arms)
@@ -139,13 +139,13 @@ def table2_markdown(holdout: dict) -> str:
 def table2_reading(holdout: dict) -> str:
     final = {a: r["rows"][-1]["value"] for a, r in holdout["arms"].items()}
     if holdout["metric"] != "accuracy":
-        return f"Lower is better (MSE). After all epochs: " + ", ".join(f"{ARM_NAMES[a]} {_fmt(v)}" for a, v in final.items()) + "."
+        return f"Lower is better (MSE). After all epochs: " + ", ".join(f"{ARMS[a]} {fmt(v)}" for a, v in final.items()) + "."
     best = max(final, key=final.get)
-    mtl_vs = [f"{(final['mtl'] - final[a]) * 100:+.1f} points vs {ARM_NAMES[a]}" for a in final if a != "mtl"]
+    mtl_vs = [f"{(final['mtl'] - final[a]) * 100:+.1f} points vs {ARMS[a]}" for a in final if a != "mtl"]
     verdict = ("as in the paper, the MTL embeddings transfer best" if best == "mtl"
-               else f"unlike the paper, the {ARM_NAMES[best]} arm is best here")
+               else f"unlike the paper, the {ARMS[best]} arm is best here")
     n = holdout["valid_galleries"]
-    return (f"After all epochs the MTL embeddings reach {_fmt(final['mtl'])} accuracy ({', '.join(mtl_vs)}); "
+    return (f"After all epochs the MTL embeddings reach {fmt(final['mtl'])} accuracy ({', '.join(mtl_vs)}); "
             f"{verdict}. The paper reports MTL 0.631, ImageNet 0.542, end-to-end 0.598 on 250k properties; "
             f"our valid split has {n} labelled galleries, so differences within the 95% intervals shown are noise.")
 
@@ -167,7 +167,7 @@ def binary_markdown(b: dict, dim: int) -> str:
              f"Share of the top {b['k']} neighbours with the query's attribute:", "",
              "| attribute | " + " | ".join(kinds.values()) + " |", "|" + " --- |" * (len(kinds) + 1)]
     for name, values in b["attribute_agreement"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(values[k]) for k in kinds) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(values[k]) for k in kinds) + " |")
     change = np.nanmean([v["binary"] - v["float"] for v in b["attribute_agreement"].values()] or [np.nan])
     lines += ["", f"Pinterest reports binarized embeddings without loss of precision and recall. Here the sign bits "
               f"return {b['recall_binary_vs_float']:.0%} of the float top {b['k']}, and the neighbours' attribute "
@@ -195,7 +195,7 @@ def class_balance_figure(table: pd.DataFrame, balance: dict):
     binary = table[table["kind"] == "binary"]
     for w, fit in balance.items():
         y = binary[f"relative_error_increase_{w}"]
-        points = ax.scatter(binary["minority_fraction"], y, s=18, label=f"{w} (r={_fmt(fit['r'], 2)}, p={_fmt(fit['p'], 3)})")
+        points = ax.scatter(binary["minority_fraction"], y, s=18, label=f"{w} (r={fmt(fit['r'], 2)}, p={fmt(fit['p'], 3)})")
         if not np.isnan(fit["slope"]):
             xs = np.linspace(binary["minority_fraction"].min(), binary["minority_fraction"].max(), 10)
             ax.plot(xs, fit["intercept"] + fit["slope"] * xs, color=points.get_facecolor()[0])
@@ -212,5 +212,5 @@ def per_task_markdown(table: pd.DataFrame, weightings) -> str:
     cols += [f"error_{w}" for w in weightings] + [f"relative_error_increase_{w}" for w in weightings]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for _, r in table.iterrows():
-        lines.append("| " + " | ".join(str(r[c]) if c in ("task", "kind", "valid_labelled") else _fmt(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(str(r[c]) if c in ("task", "kind", "valid_labelled") else fmt(r[c]) for c in cols) + " |")
     return "\n".join(lines)

@@ -1,37 +1,13 @@
-"""Galleries by seed images (paper Fig. 1): embed a few photos as one gallery, rank all galleries
-by cosine similarity of their embeddings."""
+"""Retrieval examples for the report (paper Fig. 1): a few photos embedded as one gallery, and the
+galleries nearest to it by cosine similarity."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from gallery.embed import embed_images
 from gallery.images import load_image
 from gallery.models import GalleryEncoder
-from gallery.packed import PackedGalleries
-from gallery.train import pick_device
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def nearest(query: np.ndarray, embeddings: np.ndarray, k: int, exclude=()) -> list[tuple[int, float]]:
-    """Top-k rows by cosine similarity, leaving out `exclude` rows."""
-    scores = normalize(embeddings) @ normalize(query)
-    scores[list(exclude)] = -np.inf
-    top = np.argsort(-scores)[:k]
-    return [(int(i), float(scores[i])) for i in top]
-
-
-@torch.no_grad()
-def embed_images(encoder: GalleryEncoder, images: list[np.ndarray]) -> np.ndarray:
-    """Seed photos (uint8, H x W x 3, already resized) embedded as one gallery with the full model."""
-    device = pick_device()
-    store = PackedGalleries.from_arrays(["seeds"], [np.stack(images)])
-    x, index = store.gather([0])
-    encoder = encoder.to(device).eval()
-    return encoder(x.to(device), index.to(device), 1, from_features=False)[0].float().cpu().numpy()
+from gallery.search import FloatIndex
 
 
 def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], embeddings: np.ndarray,
@@ -41,14 +17,16 @@ def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], e
     position = {g: i for i, g in enumerate(gallery_ids)}
     images = frame.set_index("gallery_id")["images"]
     valid = [g for g in frame.loc[frame["split"] == "valid", "gallery_id"] if g in position]
+    index = FloatIndex(embeddings)
     examples = []
     for source in rng.choice(valid, size=min(n_examples, len(valid)), replace=False):
         seeds = list(images[source][:seeds_per_example])
         query = embed_images(encoder, [load_image(s, image_size) for s in seeds])
-        hits = nearest(query, embeddings, k, exclude=[position[source]])
+        hits = index.search(query, k + 1)
+        found = [(int(i), float(s)) for i, s in zip(hits.rows[0], hits.scores[0]) if i != position[source]][:k]
         examples.append({"source": str(source), "seeds": seeds,
                          "results": [{"gallery_id": gallery_ids[i], "score": s, "images": list(images[gallery_ids[i]][:3])}
-                                     for i, s in hits]})
+                                     for i, s in found]})
     return examples
 
 

@@ -10,9 +10,14 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from gallery.embed import pack_sign_bits
+from gallery.embed import embed_images, pack_sign_bits
 from gallery.errors import UserError
-from gallery.retrieval import normalize
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Unit length rows, so inner product is cosine similarity."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @dataclass
@@ -36,6 +41,10 @@ class FloatIndex:
         scores, rows = self.index.search(normalize(np.atleast_2d(queries)), k)
         return Hits(rows, scores)
 
+    def storage_bytes(self) -> int:
+        """Bytes of vectors the index holds (faiss's own code storage)."""
+        return self.index.codes.size()
+
 
 class BinaryIndex:
     """Exact Hamming distance on sign bits: bit = value > 0, packed most significant bit first."""
@@ -51,6 +60,9 @@ class BinaryIndex:
     def search(self, queries: np.ndarray, k: int) -> Hits:
         distances, rows = self.index.search(pack_sign_bits(np.atleast_2d(queries)), k)
         return Hits(rows, distances)
+
+    def storage_bytes(self) -> int:
+        return self.index.xb.size()
 
 
 def without_self(hits: Hits, query_rows: np.ndarray, k: int) -> np.ndarray:
@@ -129,8 +141,6 @@ def search_embeddings(embeddings_location: str, k: int = 10, binary: bool = Fals
                 pictures.append(load_image(path, model_run.settings.model.image_size))
             except ImageProblem as e:
                 raise SearchError(f"seed image {path}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None
-        from gallery.retrieval import embed_images
-
         query = embed_images(model.encoder, pictures)
     index = BinaryIndex(embeddings) if binary else FloatIndex(embeddings)
     hits = index.search(query[None], min(k, len(ids)))

@@ -21,3 +21,13 @@ def test_bench_case_reports_ratios():
     r = bench_case(Case("efficientnet_lite0", 32, 4, 1, 6, 16), steps=1, device=torch.device("cpu"), log=lines.append)
     assert r["padded_memory_ratio"] > 1.0 and r["cache_speedup"] > 0
     assert any("ratio: padded vs packed" in line for line in lines)
+
+
+def test_bench_search_measures_both_indexes():
+    from gallery.bench import bench_search
+
+    lines = []
+    (row,) = bench_search(sizes=(20_000,), dim=256, queries=5, chunk=5_000, log=lines.append)
+    assert row["float"]["index_bytes"] == 32 * row["binary"]["index_bytes"] == 20_000 * 256 * 4
+    assert row["float"]["ms_per_query"] > 0 and row["binary"]["ms_per_query"] > 0
+    assert "32.0x less" in lines[-1]

@@ -191,6 +191,18 @@ def test_csv_images_must_be_json_arrays(tmp_path):
         ingest(manifest, tasks)
 
 
+def test_manifest_without_task_spec(tmp_path):
+    """Embedding a catalogue needs no labels: only the manifest's own columns are checked."""
+    manifest, _ = write(tmp_path, rows()[["gallery_id", "images"]].head(5))
+    cat = ingest(manifest)
+    assert cat.tasks == [] and list(cat.frame.columns) == ["gallery_id", "images", "split"]
+    df = rows()[["gallery_id", "images"]]
+    df.loc[1, "gallery_id"] = "g0"
+    manifest, _ = write(tmp_path, df)
+    with pytest.raises(ContractError, match="appear more than once"):
+        ingest(manifest)
+
+
 def test_user_files_untouched(tmp_path):
     manifest, tasks = write(tmp_path, rows())
     before = manifest.read_bytes(), tasks.read_bytes()
