@@ -172,12 +172,11 @@ def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Sha
 
 # ---------------------------------------------------------------- evaluate
 
-def imagenet_embeddings(shards: list[Shard], settings: Settings) -> tuple[list[str], np.ndarray]:
+def imagenet_embeddings(store: PackedGalleries, settings: Settings) -> np.ndarray:
     """The ImageNet-transfer arm: the pretrained backbone (no MTL training), mean-pooled per gallery."""
-    store = load_packed(shards, settings.train.use_cache)
     m = settings.model
     encoder = GalleryEncoder(build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size), MeanPool())
-    return store.gallery_ids, embed_galleries(encoder, store, settings.train.use_cache)
+    return embed_galleries(encoder, store, settings.train.use_cache)
 
 
 def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
@@ -186,12 +185,12 @@ def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Sett
     table, _ = read_embeddings(embeddings_location)
     mtl_ids = table["gallery_id"].to_pylist()
     mtl = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-    ids, imagenet = imagenet_embeddings(shards, settings)
+    cache = load_packed(shards, settings.train.use_cache)
+    ids, imagenet = cache.gallery_ids, imagenet_embeddings(cache, settings)
     splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
     write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
         "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
-    stores = {"mtl": vectors_as_galleries(mtl_ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet),
-              "cache": load_packed(shards, settings.train.use_cache)}
+    stores = {"mtl": vectors_as_galleries(mtl_ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet), "cache": cache}
     return [evaluate_holdout(catalogue, task, settings, stores, log) for task in catalogue.holdout]
 
 
