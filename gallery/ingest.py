@@ -30,10 +30,6 @@ class Catalogue:
     stats: dict[str, LabelStats]
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def all_tasks(self) -> list[Task]:
-        return self.tasks + self.holdout
-
 
 def resolve_image(ref: str, base: str) -> str:
     """A manifest image reference as an absolute path or URI (relative ones are from the manifest's folder)."""

@@ -22,8 +22,8 @@ from gallery.backbones import build_backbone
 from gallery.config import Settings
 from gallery.embed import embed_galleries, embeddings_table, read_embeddings, write_embeddings
 from gallery.features import trunk_features
-from gallery.holdout import evaluate_holdout, vectors_as_galleries
 from gallery.errors import UserError
+from gallery.holdout import evaluate_holdout, vectors_as_galleries
 from gallery.images import DataQuality, load_galleries
 from gallery.ingest import Catalogue, describe
 from gallery.losses import build_weighting
@@ -80,7 +80,6 @@ def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[st
 class Shard:
     location: str
     gallery_ids: list[str]
-    n_images: int
     quality: DataQuality
 
 
@@ -99,13 +98,12 @@ def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: s
     images = [imgs[: settings.data.max_images] for imgs in frame["images"]]
     progress = Progress(sum(map(len, images)), f"decode {location}", "images", log)
     ids, arrays, quality = load_galleries(frame["gallery_id"], images, settings.model.image_size, progress)
-    pixels = PackedGalleries.from_arrays(ids, arrays) if ids else None
-    if settings.train.use_cache:
-        m = settings.model
-        encoder = build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
-        if pixels is not None:
+    if ids:
+        pixels = PackedGalleries.from_arrays(ids, arrays)
+        if settings.train.use_cache:
+            m = settings.model
+            encoder = build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
             pixels = trunk_features(encoder, pixels, settings.train.cache_dtype, device=pick_device(), log=log)
-    if pixels is not None:
         pixels.save(storage.join(location, FEATURES if settings.train.use_cache else PIXELS))
     kept = frame.set_index("gallery_id").loc[ids]
     table = pd.DataFrame({"gallery_id": ids, "split": kept["split"].to_numpy(),
@@ -114,7 +112,7 @@ def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: s
     table.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(location, "galleries.parquet"), buffer.getvalue())
     log(f"shard {location}: {len(ids)} galleries, {sum(map(len, arrays))} images; {quality.summary()}")
-    return Shard(location, ids, sum(map(len, arrays)), quality)
+    return Shard(location, ids, quality)
 
 
 def collect_quality(shards: list[Shard], location: str) -> DataQuality:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gallery.embed import embed_images
-from gallery.images import load_image
+from gallery.images import ImageProblem, load_image
 from gallery.models import GalleryEncoder
 from gallery.search import FloatIndex
 
@@ -33,8 +33,6 @@ def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], e
 def retrieval_figure(examples: list[dict], thumb: int = 64):
     """One row per seed set: the seeds, then each result's first photos, with its score."""
     import matplotlib.pyplot as plt
-
-    from gallery.images import ImageProblem
 
     def picture(path):
         try:

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from gallery.embed import embed_images, pack_sign_bits
+from gallery import storage
+from gallery.embed import embed_images, pack_sign_bits, read_embeddings
 from gallery.errors import UserError
+from gallery.images import ImageProblem, load_image
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -106,10 +108,6 @@ def search_embeddings(embeddings_location: str, k: int = 10, binary: bool = Fals
                       gallery_id: str | None = None, run: str | None = None) -> list[tuple[str, float]]:
     """Top-k galleries of an embeddings file for seed images (embedded by a training run's model)
     or for one of its galleries. `run` defaults to the run that made the file."""
-    from gallery import storage
-    from gallery.embed import read_embeddings
-    from gallery.images import ImageProblem, load_image
-
     if not storage.exists(embeddings_location):
         raise SearchError(f"embeddings file {embeddings_location} does not exist")
     table, meta = read_embeddings(embeddings_location)
@@ -122,7 +120,7 @@ def search_embeddings(embeddings_location: str, k: int = 10, binary: bool = Fals
             raise SearchError(f"gallery {gallery_id!r} is not in {embeddings_location} ({len(ids)} galleries)")
         query = embeddings[ids.index(gallery_id)]
     else:
-        from gallery.runs import trained_run
+        from gallery.runs import trained_run  # the Metaflow adapter; it imports pipeline, which imports this module
 
         model_run = trained_run(run or meta.get("run_id", "latest"))
         model = model_run.model()

@@ -77,9 +77,7 @@ def load_torch(location: str, map_location="cpu"):
 
 
 def upload_dir(local_dir: str, location: str) -> None:
-    """Copy a local folder to a location (a no-op when they are the same local folder)."""
+    """Copy a local folder to a location (an object-store prefix, or another folder)."""
     fs, path = _resolve(location)
-    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local_dir) == path:
-        return
     fs.create_dir(path, recursive=True)
     pafs.copy_files(os.path.abspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

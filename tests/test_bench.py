@@ -1,4 +1,5 @@
 """The benchmark's padded baseline computes the same thing as packed batches, and the bench runs."""
+import pytest
 import torch
 
 from gallery.bench import Case, _batches, _padded_vectors, _model, bench_case
@@ -19,7 +20,11 @@ def test_padded_baseline_equals_packed_mean():
 def test_bench_case_reports_ratios():
     lines = []
     r = bench_case(Case("efficientnet_lite0", 32, 4, 1, 6, 16), steps=1, device=torch.device("cpu"), log=lines.append)
-    assert r["padded_memory_ratio"] > 1.0 and r["cache_speedup"] > 0
+    v = r["variants"]
+    assert r["padded_memory_ratio"] > 1.0  # padding rows cost activations
+    assert v["recompute"]["memory_bytes"] == v["cache"]["memory_bytes"]  # the frozen trunk saves nothing for backward
+    assert v["recompute"]["images_per_s"] * v["recompute"]["seconds_per_step"] == pytest.approx(
+        v["cache"]["images_per_s"] * v["cache"]["seconds_per_step"])  # the same images in both variants
     assert any("ratio: padded vs packed" in line for line in lines)
 
 
