@@ -23,7 +23,7 @@ from gallery.pipeline import (build_report, collect_quality, export_embeddings, 
                               preprocess_shard, shard_rows, synthetic_source, task_optimal_models, train_weighting,
                               write_report)
 from gallery.runs import InputError, as_input_error, checkpoints_to_resume, default_store_root, share_machine
-from gallery.task_optimal import group_tasks
+from gallery.task_optimal import RESUME_MARKERS, group_tasks
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
@@ -153,7 +153,8 @@ class GalleryTrainFlow(FlowSpec):
         self.optimal = task_optimal_models(
             self.catalogue, self.shard_list, self.cfg, self.input,
             checkpoints_of=lambda name: self.run_location("task_optimal", name),
-            recovery_of=lambda name: checkpoints_to_resume(self.store_root, "task_optimal", name))
+            recovery_of=lambda name: checkpoints_to_resume(self.store_root, "task_optimal", name,
+                                                           markers=RESUME_MARKERS))
         self.next(self.join_task_optimal)
 
     @step

@@ -74,12 +74,15 @@ def trained_run(run: str = "latest") -> TrainedRun:
                       data.checkpoint_locations[data.reference], data.embeddings_location)
 
 
-def checkpoints_to_resume(store_root: str, *parts: str) -> str | None:
-    """Checkpoints a re-run step continues from: this run's (a retry), else the origin run's (a `resume`)."""
+def checkpoints_to_resume(store_root: str, *parts: str, markers=("last.pt",)) -> str | None:
+    """Checkpoints a re-run step continues from: this run's (a retry), else the origin run's (a `resume`).
+
+    A folder qualifies when it holds one of `markers` (a resumable `last.pt`, or a finished result).
+    """
     from metaflow import current
 
     for run_id in (current.run_id, current.origin_run_id):
-        if run_id and storage.exists(storage.join(store_root, run_id, *parts, "last.pt")):
+        if run_id and any(storage.exists(storage.join(store_root, run_id, *parts, m)) for m in markers):
             return storage.join(store_root, run_id, *parts)
     return None
 

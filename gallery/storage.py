@@ -65,6 +65,13 @@ def write_bytes(location: str, data: bytes) -> None:
             f.write(data)
 
 
+def delete(location: str) -> None:
+    """Remove one file; a file that is already gone is fine."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
 def save_torch(location: str, obj) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -8,6 +8,7 @@ with Pearson's r and p.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 import torch
 from scipy import stats as scistats
 
+from gallery import storage
 from gallery.config import Settings
 from gallery.contracts import Task
 from gallery.holdout import baseline, labelled_rows
@@ -36,9 +38,22 @@ def group_tasks(tasks: list[Task], groups: int) -> list[list[str]]:
     return [[t.name for t in tasks[g::groups]] for g in range(groups)]
 
 
+RESULT = "result.json"
+RESUME_MARKERS = (RESULT, "last.pt")  # a finished task's result, or an interrupted fit's checkpoint
+
+
 def train_task_optimal(catalogue: Catalogue, task: Task, store: PackedGalleries, settings: Settings,
                        checkpoints: str, resume_from: str | None = None, log=print) -> dict:
-    """The §5 architecture trained on `task` alone (from the feature cache); its best valid error."""
+    """The §5 architecture trained on `task` alone (from the feature cache); its best valid error.
+
+    A task-optimal model is a yardstick, not an output: once it is evaluated its checkpoints
+    (tens of MB per task) give way to a small `result.json`, which a resumed run reuses.
+    """
+    if resume_from is not None and storage.exists(storage.join(resume_from, RESULT)):
+        outcome = json.loads(storage.read_bytes(storage.join(resume_from, RESULT)))
+        storage.write_bytes(storage.join(checkpoints, RESULT), json.dumps(outcome).encode())
+        log(f"task-optimal {task.name}: already evaluated in {resume_from}, error {outcome['error']:.4f}")
+        return outcome
     data = labelled_rows(TrainData.from_catalogue(catalogue.frame, [task], store, settings.train.use_cache), task)
     if len(data.valid_rows) == 0:
         log(f"task-optimal {task.name}: no labelled valid gallery, not evaluated")
@@ -52,9 +67,13 @@ def train_task_optimal(catalogue: Catalogue, task: Task, store: PackedGalleries,
     best = result.history[result.best_epoch]
     log(f"task-optimal {task.name}: error {error(task.kind, best.valid_metrics[task.name]):.4f} "
         f"(best of {len(result.history)} epochs)")
-    return {"error": error(task.kind, best.valid_metrics[task.name]), "epochs": len(result.history),
-            "best_epoch": result.best_epoch, "baseline_error": error(task.kind, baseline(task, data)),
-            "valid_labelled": len(data.valid_rows)}
+    outcome = {"error": error(task.kind, best.valid_metrics[task.name]), "epochs": len(result.history),
+               "best_epoch": result.best_epoch, "baseline_error": error(task.kind, baseline(task, data)),
+               "valid_labelled": len(data.valid_rows)}
+    storage.write_bytes(storage.join(checkpoints, RESULT), json.dumps(outcome).encode())
+    for name in ("last.pt", "best.pt"):
+        storage.delete(storage.join(checkpoints, name))
+    return outcome
 
 
 def per_task_table(catalogue: Catalogue, training: dict, optimal: dict) -> pd.DataFrame:

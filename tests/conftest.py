@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,13 @@ os.environ.setdefault("USERNAME", "tests")
 METAFLOW_ROOT = tempfile.mkdtemp(prefix="gallery-tests-metaflow-")
 os.makedirs(os.path.join(METAFLOW_ROOT, ".metaflow"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = METAFLOW_ROOT
+
+
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The temporary datastore holds every test run's shards, caches and checkpoints: give the disk back."""
+    shutil.rmtree(METAFLOW_ROOT, ignore_errors=True)
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -57,6 +57,14 @@ def test_smoke_run_trains_both_weightings_and_writes_a_card(smoke_run):
         assert section in text, section
 
 
+def test_smoke_run_keeps_task_optimal_results_not_checkpoints(smoke_run):
+    end = smoke_run["end"].task.data
+    folder = Path(end.store_root) / smoke_run.id / "task_optimal"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(t.name for t in end.catalogue.tasks)
+    assert {p.name for p in folder.rglob("*") if p.is_file()} == {"result.json"}
+    assert (Path(end.store_root) / smoke_run.id / "checkpoints" / "pseudo_uniform" / "best.pt").exists()
+
+
 def test_smoke_run_report(smoke_run):
     """Files present; Table 2 is 3 arms x 6 rows + baseline; every task x both weightings; r/p computed
     from that table; valid PNGs; metrics.json agrees with the CSVs."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gallery.config import ModelSettings, TrainSettings
+from gallery.config import EvalSettings, ModelSettings, Settings, TrainSettings
 from gallery.contracts import Task
 from gallery.embed import embed_galleries, pack_sign_bits
 from gallery.features import trunk_features
@@ -16,6 +16,7 @@ from gallery.labels import LabelStats
 from gallery.losses import Kendall, PseudoUniform, build_weighting, task_loss
 from gallery.models import build_model
 from gallery.packed import PackedGalleries
+from gallery.task_optimal import train_task_optimal
 from gallery.train import TrainData, fit
 
 SIZE = 32
@@ -154,3 +155,22 @@ def test_early_stopping_restores_the_best_epoch(catalogue, features, tmp_path):
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     for name, value in model.state_dict().items():
         assert torch.equal(value, best["model"][name]), name
+
+
+def test_task_optimal_keeps_its_result_not_its_checkpoints(catalogue, features, tmp_path):
+    """A finished task-optimal model leaves only result.json (not ~50 MB of checkpoints per task),
+    and a resumed run reuses that result instead of training the task again."""
+    cat, _ = catalogue
+    settings = Settings(model=MODEL, train=TrainSettings(batch_galleries=16, precision="fp32"),
+                        evaluation=EvalSettings(task_optimal_epochs=2))
+    task = next(t for t in cat.tasks if t.kind == "binary")
+    first = train_task_optimal(cat, task, features, settings, str(tmp_path / "origin"), log=lambda _: None)
+    assert [p.name for p in (tmp_path / "origin").iterdir()] == ["result.json"]
+    assert 1 <= first["epochs"] <= 2 and 0 <= first["error"] <= 1 and first["valid_labelled"] > 0
+
+    lines = []
+    again = train_task_optimal(cat, task, features, settings, str(tmp_path / "resumed"),
+                               resume_from=str(tmp_path / "origin"), log=lines.append)
+    assert again == first and lines == [f"task-optimal {task.name}: already evaluated in {tmp_path / 'origin'}, "
+                                        f"error {first['error']:.4f}"]
+    assert (tmp_path / "resumed" / "result.json").exists()
