@@ -65,11 +65,10 @@ def train_task_optimal(catalogue: Catalogue, task: Task, store: PackedGalleries,
     result = fit(model, build_weighting("pseudo_uniform", [task], catalogue.stats), data, train, checkpoints,
                  resume_from, log=lambda line: None)
     best = result.history[result.best_epoch]
-    log(f"task-optimal {task.name}: error {error(task.kind, best.valid_metrics[task.name]):.4f} "
-        f"(best of {len(result.history)} epochs)")
     outcome = {"error": error(task.kind, best.valid_metrics[task.name]), "epochs": len(result.history),
                "best_epoch": result.best_epoch, "baseline_error": error(task.kind, baseline(task, data)),
                "valid_labelled": len(data.valid_rows)}
+    log(f"task-optimal {task.name}: error {outcome['error']:.4f} (best of {outcome['epochs']} epochs)")
     storage.write_bytes(storage.join(checkpoints, RESULT), json.dumps(outcome).encode())
     for name in ("last.pt", "best.pt"):
         storage.delete(storage.join(checkpoints, name))
