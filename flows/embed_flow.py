@@ -9,10 +9,11 @@ data_contracts/embeddings.schema.json, so `gallery search` reads it like the tra
 """
 from metaflow import FlowSpec, Parameter, current, resources, step
 
-from gallery import storage
-from gallery.ingest import ingest
-from gallery.pipeline import collect_quality, export_embeddings, load_trained, preprocess_shard, shard_rows
+import gallery.storage as storage
+from gallery.data.ingest import ingest
 from gallery.runs import as_input_error, default_store_root, share_machine, trained_run
+from gallery.steps import collect_quality, export_embeddings, preprocess_shard, shard_rows
+from gallery.training.checkpoints import load_trained
 
 
 class GalleryEmbedFlow(FlowSpec):

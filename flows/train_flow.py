@@ -15,15 +15,24 @@ from pathlib import Path
 from metaflow import Config, FlowSpec, Parameter, card, current, resources, step
 from metaflow.cards import Image, Markdown
 
-from gallery import storage
+import gallery.storage as storage
 from gallery.config import settings_from_dict
-from gallery.faults import kill_after_epoch
-from gallery.ingest import describe, ingest
-from gallery.pipeline import (build_report, collect_quality, export_embeddings, holdout_evaluation, load_trained,
-                              preprocess_shard, shard_rows, synthetic_source, task_optimal_models, train_weighting,
-                              write_report)
+from gallery.data.ingest import describe, ingest
+from gallery.evaluation.report import build_report, write_report
+from gallery.evaluation.task_optimal import RESUME_MARKERS, group_tasks
 from gallery.runs import InputError, as_input_error, checkpoints_to_resume, default_store_root, share_machine
-from gallery.task_optimal import RESUME_MARKERS, group_tasks
+from gallery.steps import (
+    collect_quality,
+    export_embeddings,
+    holdout_evaluation,
+    preprocess_shard,
+    shard_rows,
+    synthetic_source,
+    task_optimal_models,
+    train_weighting,
+)
+from gallery.training.checkpoints import load_trained
+from gallery.training.faults import kill_after_epoch
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 REPORTS = Path(__file__).resolve().parents[1] / "reports"

@@ -11,7 +11,7 @@ EXIT_USER = 2
 
 
 def cmd_synth(args) -> int:
-    from gallery.synth import SynthSettings, generate
+    from gallery.data.synth import SynthSettings, generate
 
     try:
         settings = SynthSettings(galleries=args.galleries, seed=args.seed, image_size=args.image_size,
@@ -27,7 +27,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from gallery.ingest import describe, ingest
+    from gallery.data.ingest import describe, ingest
 
     print(describe(ingest(args.manifest, args.tasks)))
     return 0
@@ -37,8 +37,8 @@ def cmd_model_summary(args) -> int:
     from dataclasses import replace
 
     from gallery.config import load_settings
-    from gallery.contracts import load_task_spec
-    from gallery.models import build_model, parameter_counts
+    from gallery.data.contracts import load_task_spec
+    from gallery.model.gallery_model import build_model, parameter_counts
 
     settings = load_settings(args.config)
     spec = load_task_spec(args.tasks)
@@ -55,20 +55,27 @@ def cmd_model_summary(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from gallery.bench import bench_search, bench_train
-
     if args.what == "train":
+        from gallery.bench.train import bench_train
+
         bench_train(steps=args.steps, device=args.device)
     else:
+        from gallery.bench.search import bench_search
+
         bench_search(sizes=args.sizes)
     return 0
 
 
 def cmd_search(args) -> int:
-    from gallery.search import search_embeddings
+    from gallery.retrieval.search import model_run_id, search_embeddings
 
+    model_run = None
+    if args.images:  # seed images are embedded by a training run's model
+        from gallery.runs import trained_run
+
+        model_run = trained_run(args.run or model_run_id(args.embeddings))
     hits = search_embeddings(args.embeddings, k=args.k, binary=args.binary, images=args.images,
-                             gallery_id=args.gallery_id, run=args.run)
+                             gallery_id=args.gallery_id, model_run=model_run)
     score = "hamming bits" if args.binary else "cosine"
     print(f"{'rank':>4}  {'gallery_id':<24} {score}")
     for rank, (gallery_id, value) in enumerate(hits, 1):

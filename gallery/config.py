@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from gallery.synth import SynthSettings
+from gallery.data.synth import SynthSettings
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "flows" / "configs"
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from metaflow.exception import MetaflowException
 
-from gallery import storage
+import gallery.storage as storage
 from gallery.config import Settings
 from gallery.errors import UserError
-from gallery.models import GalleryModel
-from gallery.pipeline import load_trained, share_cores
+from gallery.model.gallery_model import GalleryModel
+from gallery.training.checkpoints import load_trained
+from gallery.training.device import share_cores
 
 TRAIN_FLOW = "GalleryTrainFlow"
 

@@ -52,6 +52,12 @@ def read_bytes(location: str) -> bytes:
         return f.read()
 
 
+def open_input_file(location: str):
+    """A random-access file (pyarrow NativeFile): read a footer or a byte range without the rest."""
+    fs, path = _resolve(location)
+    return fs.open_input_file(path)
+
+
 def write_bytes(location: str, data: bytes) -> None:
     fs, path = _resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):

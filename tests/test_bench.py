@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gallery.bench import Case, _batches, _padded_vectors, _model, bench_case
+from gallery.bench.train import Case, _batches, _model, _padded_vectors, bench_case
 
 
 def test_padded_baseline_equals_packed_mean():
@@ -29,7 +29,7 @@ def test_bench_case_reports_ratios():
 
 
 def test_bench_search_measures_both_indexes():
-    from gallery.bench import bench_search
+    from gallery.bench.search import bench_search
 
     lines = []
     (row,) = bench_search(sizes=(20_000,), dim=256, queries=5, chunk=5_000, log=lines.append)

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from gallery.cli import main
+from gallery.data.ingest import ingest
+from gallery.data.labels import MISSING_CLASS
 from gallery.errors import ContractError
-from gallery.ingest import ingest
-from gallery.labels import MISSING_CLASS
 
 SPEC = {
     "tasks": [

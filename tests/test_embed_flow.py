@@ -4,11 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-
 from conftest import REPO, REPORTS, run_flow
+
 from gallery.cli import main
-from gallery.embed import embeddings_table, read_embeddings, write_embeddings
+from gallery.retrieval.embeddings import embeddings_table, read_embeddings, write_embeddings
 
 EMBED_FLOW = str(REPO / "flows" / "embed_flow.py")
 

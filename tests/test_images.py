@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gallery.images import MAX_PIXELS, ImageProblem, load_galleries, load_image
+from gallery.data.images import MAX_PIXELS, ImageProblem, load_galleries, load_image
 
 RED = (200, 30, 30)
 

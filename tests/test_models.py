@@ -4,13 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from gallery.backbones import WeightsUnavailable, _lite0_state_dict, build_backbone, efficientnet_lite0, vgg16
 from gallery.cli import main
 from gallery.config import ModelSettings
-from gallery.contracts import Task
-from gallery.models import GalleryEncoder, build_model, parameter_counts
-from gallery.packed import PackedGalleries
-from gallery.pooling import build_pooling
+from gallery.data.packed import PackedGalleries
+from gallery.data.tasks import Task
+from gallery.model.backbones import WeightsUnavailable, _lite0_state_dict, build_backbone, efficientnet_lite0, vgg16
+from gallery.model.gallery_model import GalleryEncoder, build_model, parameter_counts
+from gallery.model.pooling import build_pooling
 
 TASKS = [Task("b", "b", "binary"), Task("m", "m", "multiclass", classes=("x", "y", "z")), Task("r", "r", "regression")]
 
@@ -117,7 +117,7 @@ def test_vgg16_block5_and_missing_weights(tmp_path, monkeypatch):
 
 
 def test_heads_shapes_and_regression_scale():
-    from gallery.labels import LabelStats
+    from gallery.data.labels import LabelStats
 
     stats = {"r": LabelStats("regression", {"train": 10}, mean=100.0, variance=25.0)}
     model = build_model(ModelSettings(weights="random", image_size=32, hidden=8), TASKS, stats).eval()

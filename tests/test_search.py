@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-from gallery.embed import embeddings_table, write_embeddings
-from gallery.search import BinaryIndex, FloatIndex, SearchError, attribute_agreement, recall_at_k, search_embeddings
+from gallery.evaluation.neighbours import attribute_agreement, recall_at_k
+from gallery.retrieval.embeddings import embeddings_table, write_embeddings
+from gallery.retrieval.index import BinaryIndex, FloatIndex
+from gallery.retrieval.search import SearchError, search_embeddings
 
 
 def clustered(n_clusters=8, per=30, dim=64, seed=0):

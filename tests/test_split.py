@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from gallery.split import hash_split, hash_unit
+from gallery.data.split import hash_split, hash_unit
 
 
 def test_ratio_and_determinism_on_10k_ids():
@@ -14,7 +14,7 @@ def test_ratio_and_determinism_on_10k_ids():
 
 def test_stable_across_processes_and_pinned():
     # Python's hash() is salted per process; ours must not be. Pinned values guard against a change.
-    code = "from gallery.split import hash_unit; print(repr(hash_unit('acc_000000')))"
+    code = "from gallery.data.split import hash_unit; print(repr(hash_unit('acc_000000')))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert float(other) == hash_unit("acc_000000")
     assert hash_unit("acc_000000") == 0.3052696692760169

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from gallery.ingest import ingest
-from gallery.synth import SynthSettings, generate
+from gallery.data.ingest import ingest
+from gallery.data.synth import SynthSettings, generate
 
 
 def test_same_arguments_give_identical_files(tmp_path):

@@ -9,13 +9,13 @@ import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FLOW, METAFLOW_ROOT, REPORTS, run_flow
 from metaflow import Runner
 from metaflow.cards import get_cards
 
-from conftest import FLOW, METAFLOW_ROOT, REPORTS, run_flow
-from gallery.contracts import load_schema
-from gallery.embed import read_embeddings
-from gallery.synth import SynthSettings, generate
+from gallery.data.contracts import load_schema
+from gallery.data.synth import SynthSettings, generate
+from gallery.retrieval.embeddings import read_embeddings
 
 
 def card_text(task) -> str:

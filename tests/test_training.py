@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from gallery.config import EvalSettings, ModelSettings, Settings, TrainSettings
-from gallery.contracts import Task
-from gallery.embed import embed_galleries, pack_sign_bits
-from gallery.features import trunk_features
-from gallery.images import load_galleries
-from gallery.ingest import ingest
-from gallery.labels import LabelStats
-from gallery.losses import Kendall, PseudoUniform, build_weighting, task_loss
-from gallery.models import build_model
-from gallery.packed import PackedGalleries
-from gallery.task_optimal import train_task_optimal
-from gallery.train import TrainData, fit
+from gallery.data.images import load_galleries
+from gallery.data.ingest import ingest
+from gallery.data.labels import LabelStats
+from gallery.data.packed import PackedGalleries
+from gallery.data.tasks import Task
+from gallery.evaluation.task_optimal import train_task_optimal
+from gallery.model.gallery_model import build_model
+from gallery.model.losses import Kendall, PseudoUniform, build_weighting, task_loss
+from gallery.retrieval.embeddings import embed_galleries, pack_sign_bits
+from gallery.training.cache import trunk_features
+from gallery.training.loop import TrainData, fit
 
 SIZE = 32
 MODEL = ModelSettings(weights="imagenet", image_size=SIZE, hidden=32)

@@ -8,11 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gallery import storage
-
-from gallery.models import GalleryEncoder
-from gallery.packed import PackedGalleries, iterate_batches
-from gallery.train import autocast, pick_device
+import gallery.storage as storage
+from gallery.data.packed import PackedGalleries, iterate_batches
+from gallery.model.gallery_model import GalleryEncoder
+from gallery.training.loop import autocast, pick_device
 
 
 @torch.no_grad()
@@ -65,9 +64,18 @@ def write_embeddings(location: str, table) -> None:
     storage.write_bytes(location, buffer.getvalue())
 
 
+def read_embeddings_metadata(location: str) -> dict:
+    """The file's `gallery.*` schema metadata (without the prefix), read from the Parquet footer only."""
+    with storage.open_input_file(location) as f:
+        return _gallery_metadata(pq.read_schema(f))
+
+
+def _gallery_metadata(schema) -> dict:
+    return {k.decode()[len("gallery."):]: v.decode() for k, v in (schema.metadata or {}).items()
+            if k.decode().startswith("gallery.")}
+
+
 def read_embeddings(location: str):
     """(table, metadata dict without the 'gallery.' prefix) of an embeddings Parquet file."""
     table = pq.read_table(io.BytesIO(storage.read_bytes(location)))
-    meta = {k.decode()[len("gallery."):]: v.decode() for k, v in (table.schema.metadata or {}).items()
-            if k.decode().startswith("gallery.")}
-    return table, meta
+    return table, _gallery_metadata(table.schema)

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gallery import storage
-from gallery.contracts import Task, TaskSpec, load_manifest, load_task_spec, validate_manifest
+import gallery.storage as storage
+from gallery.data.contracts import TaskSpec, load_manifest, load_task_spec, validate_manifest
+from gallery.data.labels import LabelStats, encode_labels, label_statistics
+from gallery.data.split import assign_splits
+from gallery.data.tasks import Task
 from gallery.errors import ContractError, Violation
-from gallery.labels import LabelStats, encode_labels, label_statistics
-from gallery.split import assign_splits
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Catalogue:
     """Everything downstream steps need to know about the user's data, in memory.
 
     `frame` has one row per product: gallery_id, images (resolved locations), split, and one
-    encoded label column per task, named after the task (see gallery.labels for the encodings).
+    encoded label column per task, named after the task (see gallery.data.labels for the encodings).
     """
 
     manifest_path: str

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from gallery.contracts import Task
-from gallery.ingest import Catalogue
-from gallery.labels import MISSING_CLASS
+from gallery.data.ingest import Catalogue
+from gallery.data.labels import MISSING_CLASS
+from gallery.data.tasks import Task
 
 
 def projection_attributes(catalogue: Catalogue, limit: int = 3) -> list[Task]:

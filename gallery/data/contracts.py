@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import yaml
 from jsonschema import Draft202012Validator
 
-from gallery import storage
+import gallery.storage as storage
+from gallery.data.labels import label_key
+from gallery.data.tasks import Task
 from gallery.errors import ContractError, Violation, example
-from gallery.labels import label_key
 
-CONTRACTS_DIR = Path(__file__).resolve().parents[1] / "data_contracts"
+CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
 KINDS = ("binary", "multiclass", "regression")
 SPLITS = ("train", "valid", "test")
 RESERVED_COLUMNS = ("gallery_id", "images", "split")
@@ -30,31 +31,6 @@ MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
 def load_schema(name: str) -> dict:
     """One of the JSON Schemas in data_contracts/ (manifest, tasks, embeddings)."""
     return json.loads((CONTRACTS_DIR / f"{name}.schema.json").read_text())
-
-
-@dataclass(frozen=True)
-class Task:
-    """One learning target: a manifest column and how to read it."""
-
-    name: str
-    column: str
-    kind: str
-    classes: tuple[str, ...] | None = None  # multiclass: class keys (see labels.label_key), in output order
-    num_classes: int | None = None
-    positive: object = None
-    description: str = ""
-
-    @property
-    def out_dim(self) -> int:
-        """Width of the head's output layer."""
-        if self.kind != "multiclass":
-            return 1
-        if self.classes is not None:
-            return len(self.classes)
-        if self.num_classes is None:
-            raise ValueError(f"task {self.name!r}: classes are unknown until the data is read "
-                             "(declare `classes` or `num_classes` in the task spec)")
-        return self.num_classes
 
 
 @dataclass

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from gallery.data.tasks import Task
 from gallery.errors import example
-
-if TYPE_CHECKING:
-    from gallery.contracts import Task
 
 MISSING_CLASS = -1
 _BOOL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "yes": 1, "no": 0, "y": 1, "n": 0, "t": 1, "f": 0}
@@ -48,7 +45,7 @@ def _sort_classes(keys) -> list[str]:
 @dataclass
 class Encoded:
     values: np.ndarray
-    task: "Task"                       # with multiclass classes resolved
+    task: Task                       # with multiclass classes resolved
     problems: list[tuple[str, str]]    # (problem, fix): contract violations in this column
     notes: list[str]                   # non-fatal observations for the data-quality report
 
@@ -57,7 +54,7 @@ def _ids_where(ids: pd.Series, mask) -> list:
     return list(ids[np.asarray(mask)])
 
 
-def encode_labels(column: pd.Series, task: "Task", is_train: np.ndarray, ids: pd.Series) -> Encoded:
+def encode_labels(column: pd.Series, task: Task, is_train: np.ndarray, ids: pd.Series) -> Encoded:
     """Encode one label column for `task`; contract problems are returned, not raised."""
     missing = column.isna().to_numpy()
     keys = pd.Series([None if m else label_key(v) for v, m in zip(column, missing)], index=column.index, dtype=object)
@@ -141,7 +138,7 @@ class LabelStats:
         return asdict(self)
 
 
-def label_statistics(values: np.ndarray, task: "Task", split: np.ndarray) -> LabelStats:
+def label_statistics(values: np.ndarray, task: Task, split: np.ndarray) -> LabelStats:
     """Counts per split; on train: class counts and minority fraction, or mean and variance."""
     labelled = is_labelled(values, task.kind)
     counts = {s: int((labelled & (split == s)).sum()) for s in np.unique(split)}

@@ -16,10 +16,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from gallery.contracts import CONTRACTS_DIR
-from gallery.synth.attributes import (REGIONS, RENTAL_TYPES, SEGMENTS, SIZE_BUCKETS, TYPES, cardinalities,
-                                      sample_properties)
-from gallery.synth.render import Look, gallery_scenes, render
+from gallery.data.contracts import CONTRACTS_DIR
+from gallery.data.synth.attributes import (
+    REGIONS,
+    RENTAL_TYPES,
+    SEGMENTS,
+    SIZE_BUCKETS,
+    TYPES,
+    cardinalities,
+    sample_properties,
+)
+from gallery.data.synth.render import Look, gallery_scenes, render
 
 PAPER_TASKS = CONTRACTS_DIR / "examples" / "paper_tasks.yaml"
 

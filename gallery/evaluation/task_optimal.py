@@ -16,15 +16,15 @@ import pandas as pd
 import torch
 from scipy import stats as scistats
 
-from gallery import storage
+import gallery.storage as storage
 from gallery.config import Settings
-from gallery.contracts import Task
-from gallery.holdout import baseline, labelled_rows
-from gallery.ingest import Catalogue
-from gallery.losses import build_weighting
-from gallery.models import build_model
-from gallery.packed import PackedGalleries
-from gallery.train import TrainData, fit
+from gallery.data.ingest import Catalogue
+from gallery.data.packed import PackedGalleries
+from gallery.data.tasks import Task
+from gallery.evaluation.holdout import baseline, labelled_rows
+from gallery.model.gallery_model import build_model
+from gallery.model.losses import build_weighting
+from gallery.training.loop import TrainData, fit
 
 
 def error(kind: str, metric: float) -> float:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from gallery.backbones import ImageEncoder
-from gallery.packed import PackedGalleries
+from gallery.data.packed import PackedGalleries
+from gallery.model.backbones import ImageEncoder
 from gallery.progress import Progress
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gallery.contracts import Task
-from gallery.labels import MISSING_CLASS, LabelStats
+from gallery.data.labels import MISSING_CLASS, LabelStats
+from gallery.data.tasks import Task
 
 
 def labelled(target: torch.Tensor, kind: str) -> torch.Tensor:

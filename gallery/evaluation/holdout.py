@@ -18,13 +18,13 @@ from scipy.stats import binomtest
 from torch import nn
 
 from gallery.config import Settings
-from gallery.contracts import Task
-from gallery.ingest import Catalogue
-from gallery.labels import is_labelled
-from gallery.losses import PseudoUniform
-from gallery.models import GalleryModel, build_model
-from gallery.packed import PackedGalleries, iterate_batches
-from gallery.train import TrainData, pick_device, predict, task_metric, train_step
+from gallery.data.ingest import Catalogue
+from gallery.data.labels import is_labelled
+from gallery.data.packed import PackedGalleries, iterate_batches
+from gallery.data.tasks import Task
+from gallery.model.gallery_model import GalleryModel, build_model
+from gallery.model.losses import PseudoUniform
+from gallery.training.loop import TrainData, pick_device, predict, task_metric, train_step
 
 ARMS = {"mtl": "MTL embeddings", "imagenet": "ImageNet transfer", "end_to_end": "End-to-end model"}
 

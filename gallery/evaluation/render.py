@@ -1,4 +1,4 @@
-"""Human-readable pieces of a run: markdown tables and figures for the card and the report."""
+"""Human-readable pieces of a run: markdown tables, figures, and the Report that holds them for the card and report.md."""
 from __future__ import annotations
 
 import matplotlib
@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from gallery.holdout import ARMS  # noqa: E402
-from gallery.images import DataQuality  # noqa: E402
+from gallery.data.images import DataQuality  # noqa: E402
+from gallery.evaluation.holdout import ARMS  # noqa: E402
 
 
 def training_curves(histories: dict[str, list]):
@@ -36,13 +36,6 @@ def quality_markdown(quality: DataQuality, limit: int = 20) -> str:
         lines += ["", f"Excluded galleries (no readable image): {', '.join(quality.excluded[:limit])}"
                   + (f" ... and {len(quality.excluded) - limit} more" if len(quality.excluded) > limit else "")]
     return "\n".join(lines)
-
-
-def quality_csv(quality: DataQuality) -> str:
-    """Every skipped image and excluded gallery, one row each."""
-    rows = [(s.gallery_id, s.image, s.reason) for s in quality.skipped]
-    rows += [(g, "", "gallery excluded: no readable image") for g in quality.excluded]
-    return pd.DataFrame(rows, columns=["gallery_id", "image", "reason"]).to_csv(index=False)
 
 
 def training_markdown(results: dict) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from gallery.embed import embed_images
-from gallery.images import ImageProblem, load_image
-from gallery.models import GalleryEncoder
-from gallery.search import FloatIndex
+from gallery.data.images import ImageProblem, load_image
+from gallery.model.gallery_model import GalleryEncoder
+from gallery.retrieval.embeddings import embed_images
+from gallery.retrieval.search import FloatIndex
 
 
 def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], embeddings: np.ndarray,

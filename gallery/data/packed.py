@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gallery import storage
+import gallery.storage as storage
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Batch:
 
 
 def label_tensors(frame, tasks, gallery_ids: list[str]) -> dict[str, torch.Tensor]:
-    """Encoded labels (gallery.labels) aligned with the packed galleries' order."""
+    """Encoded labels (gallery.data.labels) aligned with the packed galleries' order."""
     position = frame.reset_index(drop=True).set_index("gallery_id").index.get_indexer(gallery_ids)
     if (position < 0).any():
         missing = [g for g, p in zip(gallery_ids, position) if p < 0][:5]

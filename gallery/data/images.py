@@ -10,9 +10,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageOps
 
-from gallery import storage
+import gallery.storage as storage
 
 # Anything past this many pixels is treated as a decompression bomb (PIL's own default is 89M;
 # product photos are far smaller, and a 20k x 20k "photo" only costs memory).
@@ -146,3 +147,10 @@ def load_galleries(gallery_ids, image_lists, size: int, progress=None):
         else:
             excluded.append(gid)
     return kept, arrays, DataQuality(skipped, excluded)
+
+
+def quality_csv(quality: DataQuality) -> str:
+    """Every skipped image and excluded gallery, one row each."""
+    rows = [(s.gallery_id, s.image, s.reason) for s in quality.skipped]
+    rows += [(g, "", "gallery excluded: no readable image") for g in quality.excluded]
+    return pd.DataFrame(rows, columns=["gallery_id", "image", "reason"]).to_csv(index=False)

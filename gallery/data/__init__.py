@@ -1,0 +1,8 @@
+"""Data: what the user gives and what preprocessing makes of it.
+
+Owns the input contracts (manifest and task spec, checked against data_contracts/), label
+encoding and statistics, the deterministic split, ingestion into a Catalogue, the one image
+decoder and its data-quality list, packed galleries, and the synthetic catalogue (synth/).
+Imports only the base modules (gallery.errors, gallery.storage, gallery.progress); no torch model,
+no training, no Metaflow.
+"""

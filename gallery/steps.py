@@ -1,0 +1,179 @@
+"""What each step of the flows does, as plain functions (flows/train_flow.py and embed_flow.py only wire them).
+
+Everything large goes through the run-scoped store (gallery.storage): shards, the feature
+cache, checkpoints and embeddings live under `<store root>/<run id>/`, so no step depends on
+another step's local disk and the flow runs unchanged on a cluster.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+import gallery.storage as storage
+from gallery.config import Settings
+from gallery.data.images import DataQuality, load_galleries, quality_csv
+from gallery.data.ingest import Catalogue
+from gallery.data.packed import PackedGalleries
+from gallery.data.synth import generate
+from gallery.errors import UserError
+from gallery.evaluation.holdout import evaluate_holdout, vectors_as_galleries
+from gallery.evaluation.task_optimal import train_task_optimal
+from gallery.model.backbones import build_backbone
+from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_model
+from gallery.model.losses import build_weighting
+from gallery.model.pooling import MeanPool
+from gallery.progress import Progress
+from gallery.retrieval.embeddings import embed_galleries, embeddings_table, read_embeddings, write_embeddings
+from gallery.training.cache import trunk_features
+from gallery.training.device import pick_device
+from gallery.training.loop import TrainData, TrainResult, fit
+
+PIXELS, FEATURES = "pixels.pt", "features.pt"
+
+
+# ---------------------------------------------------------------- start: the data source
+
+def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[str, str]:
+    """The preset's synthetic catalogue, generated once per (settings, seed) and reused after."""
+    synth = settings.data.synth
+    key = hashlib.sha1(json.dumps(asdict(synth), sort_keys=True).encode()).hexdigest()[:12]
+    location = storage.join(store_root, "catalogues", f"synth-{key}")
+    manifest, tasks = storage.join(location, "manifest.parquet"), storage.join(location, "tasks.yaml")
+    if storage.exists(manifest):
+        log(f"reusing the synthetic catalogue at {location}")
+        return manifest, tasks
+    log(f"generating the synthetic catalogue ({synth.galleries} galleries, {synth.image_size}px) at {location}")
+    if storage.is_uri(location):
+        with tempfile.TemporaryDirectory() as tmp:
+            generate(tmp, synth)
+            storage.upload_dir(tmp, location)
+    else:
+        generate(location, synth)
+    return manifest, tasks
+
+
+# ---------------------------------------------------------------- preprocess
+
+@dataclass
+class Shard:
+    location: str
+    gallery_ids: list[str]
+    quality: DataQuality
+
+
+def shard_rows(n_galleries: int, shards: int) -> list[np.ndarray]:
+    """Round-robin rows per shard: balanced, deterministic."""
+    return [np.arange(k, n_galleries, shards) for k in range(max(1, min(shards, n_galleries)))]
+
+
+def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: str, log=print) -> Shard:
+    """Decode, EXIF-fix and resize one shard's galleries; write pixels or the frozen-trunk cache.
+
+    Writes `<location>/galleries.parquet` (gallery_id, split, images kept) and `features.pt` (the
+    trunk output, when the cache is on) or `pixels.pt` (uint8 images) as PackedGalleries.
+    """
+    frame = catalogue.frame.iloc[np.asarray(rows)]
+    images = [imgs[: settings.data.max_images] for imgs in frame["images"]]
+    progress = Progress(sum(map(len, images)), f"decode {location}", "images", log)
+    ids, arrays, quality = load_galleries(frame["gallery_id"], images, settings.model.image_size, progress)
+    if ids:
+        pixels = PackedGalleries.from_arrays(ids, arrays)
+        if settings.train.use_cache:
+            m = settings.model
+            encoder = build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
+            pixels = trunk_features(encoder, pixels, settings.train.cache_dtype, device=pick_device(), log=log)
+        pixels.save(storage.join(location, FEATURES if settings.train.use_cache else PIXELS))
+    kept = frame.set_index("gallery_id").loc[ids]
+    table = pd.DataFrame({"gallery_id": ids, "split": kept["split"].to_numpy(),
+                          "images": [len(a) for a in arrays]})
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    storage.write_bytes(storage.join(location, "galleries.parquet"), buffer.getvalue())
+    log(f"shard {location}: {len(ids)} galleries, {sum(map(len, arrays))} images; {quality.summary()}")
+    return Shard(location, ids, quality)
+
+
+def collect_quality(shards: list[Shard], location: str) -> DataQuality:
+    """Merge the shards' data-quality problems and write them as CSV; stop if no gallery is left."""
+    quality = DataQuality.merge(s.quality for s in shards)
+    storage.write_bytes(location, quality_csv(quality).encode())
+    print(quality.summary())
+    if not any(s.gallery_ids for s in shards):
+        raise UserError(f"no gallery has a readable image; see {location}")
+    return quality
+
+
+def load_packed(shards: list[Shard], use_cache: bool) -> PackedGalleries:
+    name = FEATURES if use_cache else PIXELS
+    return PackedGalleries.concat([PackedGalleries.load(storage.join(s.location, name)) for s in shards if s.gallery_ids])
+
+
+# ---------------------------------------------------------------- train
+
+def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Settings, weighting: str,
+                    checkpoints: str, resume_from: str | None = None, log=print, on_epoch_end=None) -> TrainResult:
+    """MTL training of the model with one loss weighting; best weights end in `checkpoints/best.pt`."""
+    store = load_packed(shards, settings.train.use_cache)
+    torch.manual_seed(settings.train.seed)
+    model = build_model(settings.model, catalogue.tasks, catalogue.stats)
+    data = TrainData.from_catalogue(catalogue.frame, catalogue.tasks, store, settings.train.use_cache)
+    log(f"training with {weighting} weighting: {len(data.train_rows)} train / {len(data.valid_rows)} valid galleries, "
+        f"{len(store.data)} images, {'from the feature cache' if settings.train.use_cache else 'from pixels'}, "
+        f"device {pick_device()}")
+    w = build_weighting(weighting, catalogue.tasks, catalogue.stats)
+    return fit(model, w, data, settings.train, checkpoints, resume_from, log=log, on_epoch_end=on_epoch_end)
+
+
+# ---------------------------------------------------------------- export
+
+def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Shard], settings: Settings,
+                      location: str, metadata: dict) -> int:
+    """Embeddings of every readable gallery -> Parquet per data_contracts/embeddings.schema.json.
+
+    `metadata["run_id"]` names the training run whose model made them (searches check it)."""
+    store = load_packed(shards, settings.train.use_cache)
+    embeddings = embed_galleries(model.encoder, store, settings.train.use_cache)
+    splits = frame.set_index("gallery_id").loc[store.gallery_ids, "split"]
+    meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
+    write_embeddings(location, embeddings_table(store.gallery_ids, splits, embeddings, meta))
+    return len(store)
+
+
+# ---------------------------------------------------------------- evaluate
+
+def imagenet_embeddings(store: PackedGalleries, settings: Settings) -> np.ndarray:
+    """The ImageNet-transfer arm: the pretrained backbone (no MTL training), mean-pooled per gallery."""
+    m = settings.model
+    encoder = GalleryEncoder(build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size), MeanPool())
+    return embed_galleries(encoder, store, settings.train.use_cache)
+
+
+def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
+                       imagenet_location: str, metadata: dict, log=print) -> list[dict]:
+    """Table 2 for every holdout task; also writes the ImageNet-transfer embeddings for later comparisons."""
+    table, _ = read_embeddings(embeddings_location)
+    mtl_ids = table["gallery_id"].to_pylist()
+    mtl = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    cache = load_packed(shards, settings.train.use_cache)
+    ids, imagenet = cache.gallery_ids, imagenet_embeddings(cache, settings)
+    splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
+    write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
+        "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
+    stores = {"mtl": vectors_as_galleries(mtl_ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet), "cache": cache}
+    return [evaluate_holdout(catalogue, task, settings, stores, log) for task in catalogue.holdout]
+
+
+def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Settings, names: list[str],
+                        checkpoints_of, recovery_of, log=print) -> dict:
+    """Task-optimal models for the named tasks, one after the other in this process."""
+    store = load_packed(shards, settings.train.use_cache)
+    tasks = {t.name: t for t in catalogue.tasks}
+    return {name: train_task_optimal(catalogue, tasks[name], store, settings, checkpoints_of(name), recovery_of(name), log)
+            for name in names}
