@@ -12,15 +12,16 @@ reports/<run id>/ (and the run's card).
 """
 from pathlib import Path
 
-from metaflow import Config, FlowSpec, Parameter, card, current, resources, step
+from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resources, step
 from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
 from gallery.config import settings_from_dict
 from gallery.data.ingest import describe, ingest
 from gallery.evaluation.report import build_report, write_report
-from gallery.evaluation.task_optimal import RESUME_MARKERS, group_tasks
-from gallery.runs import InputError, as_input_error, checkpoints_to_resume, default_store_root, share_machine
+from gallery.evaluation.task_optimal import RESULT, group_tasks
+from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
+                          parallel_workers_use_this_python, share_machine)
 from gallery.steps import (
     collect_quality,
     export_embeddings,
@@ -34,6 +35,7 @@ from gallery.steps import (
 from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
+parallel_workers_use_this_python()
 PRESETS = Path(__file__).resolve().parent / "configs"
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
@@ -101,27 +103,31 @@ class GalleryTrainFlow(FlowSpec):
         with as_input_error():
             self.quality = collect_quality(self.shard_list, self.quality_location)
         self.weightings = list(self.cfg.train.weightings)
-        self.next(self.train, foreach="weightings")
+        self.next(self.train, num_parallel=len(self.weightings) * self.cfg.train.workers)
 
     @resources(gpu=1)
+    @parallel
     @step
     def train(self):
-        """MTL training with one loss weighting; continues from the last checkpoint after a failure."""
-        share_machine(self, len(self.weightings))
-        self.weighting = self.input
+        """MTL training of every loss weighting side by side, each by train.workers data-parallel
+        processes (DDP); a re-run continues from the last checkpoint."""
+        share_machine(self, current.parallel.num_nodes)
+        self.weighting = self.weightings[current.parallel.node_index // self.cfg.train.workers]
         self.checkpoints = self.run_location("checkpoints", self.weighting)
+        ranks, device = data_parallel(self.cfg.train.workers)
+        self.rank = ranks.rank
         recovering = current.origin_run_id is not None or current.retry_count > 0
         self.train_result = train_weighting(
             self.catalogue, self.shard_list, self.cfg, self.weighting, self.checkpoints,
             resume_from=checkpoints_to_resume(self.store_root, "checkpoints", self.weighting),
-            on_epoch_end=kill_after_epoch(recovering)).as_dict()
+            on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device).as_dict()
         self.next(self.join_train)
 
     @step
     def join_train(self, inputs):
         """Keep every weighting's history; the reference model is the preset's (pseudo-uniform, as in the paper)."""
-        self.merge_artifacts(inputs, exclude=["weighting", "checkpoints", "train_result"])
-        self.training = {i.weighting: i.train_result for i in inputs}
+        self.merge_artifacts(inputs, exclude=["weighting", "checkpoints", "train_result", "rank"])
+        self.training = {i.weighting: i.train_result for i in inputs if i.rank == 0}
         self.checkpoint_locations = {i.weighting: i.checkpoints for i in inputs}
         self.reference = self.cfg.train.reference_weighting
         if self.reference not in self.training:
@@ -157,13 +163,12 @@ class GalleryTrainFlow(FlowSpec):
     @resources(gpu=1)
     @step
     def task_optimal(self):
-        """The same architecture trained on each task alone, from the feature cache."""
+        """The same architecture trained on each task alone (this branch's tasks together, one pass over the data)."""
         share_machine(self, 1 + len(self.task_groups))
         self.optimal = task_optimal_models(
             self.catalogue, self.shard_list, self.cfg, self.input,
             checkpoints_of=lambda name: self.run_location("task_optimal", name),
-            recovery_of=lambda name: checkpoints_to_resume(self.store_root, "task_optimal", name,
-                                                           markers=RESUME_MARKERS))
+            recovery_of=lambda name: checkpoints_to_resume(self.store_root, "task_optimal", name, markers=(RESULT,)))
         self.next(self.join_task_optimal)
 
     @step

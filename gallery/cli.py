@@ -59,6 +59,10 @@ def cmd_bench(args) -> int:
         from gallery.bench.train import bench_train
 
         bench_train(steps=args.steps, device=args.device)
+    elif args.what == "scale":
+        from gallery.bench.scale import bench_scale
+
+        bench_scale(sizes=tuple(args.galleries))
     else:
         from gallery.bench.search import bench_search
 
@@ -118,10 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train", "search"],
-                   help="train: feature cache vs recompute, packed vs padded; search: float vs binary search")
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per variant")
+    p.add_argument("what", choices=["train", "scale", "search"],
+                   help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
+                        "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
+                        "search: float vs binary search")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per variant")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--galleries", type=int, nargs=2, default=[1_500, 15_000], help="scale: the two catalogue sizes")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="search: database sizes")
     p.set_defaults(func=cmd_bench)
     return parser

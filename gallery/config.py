@@ -35,7 +35,8 @@ class TrainSettings:
     seed: int = 0
     cache_dtype: str = "float16"       # frozen-trunk feature cache precision
     precision: str = "auto"            # auto: bf16 autocast on CUDA and on CPUs with native bf16; fp32; bf16
-    use_cache: bool = True
+    use_cache: bool = True             # train the top from the frozen-trunk feature cache (else from pixels)
+    workers: int = 1                   # data-parallel processes per weighting (DDP: gloo on CPU, NCCL on GPUs)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class DataSettings:
     synth: SynthSettings = field(default_factory=SynthSettings)
     shards: int = 4                    # preprocessing fan-out
     max_images: int = 44               # per gallery, the first ones kept (the paper's maximum)
+    image_format: str = "jpeg"         # how shards store the resized images: jpeg | webp | png (lossless)
+    image_quality: int = 90            # jpeg/webp quality
+    loader_workers: int = 0            # DataLoader processes decoding shards for each training process (0: itself)
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,6 @@ class EvalSettings:
     holdout_epochs: int = 4
     head_lr: float = 1e-3              # the 2-layer head on frozen embeddings (arms a and b)
     batch_galleries: int = 32
-    task_optimal_epochs: int = 4       # single-task models: at most this many epochs, early stopping
-    task_optimal_patience: int = 1
     task_groups: int = 2               # fan-out branches; a local run groups tasks to save start-up
     projection_points: int = 3000      # UMAP on at most this many galleries
     retrieval_examples: int = 3

@@ -10,12 +10,14 @@ class Progress:
         self.done = 0
         self.start = self.last = time.perf_counter()
 
-    def update(self, n: int, extra: str = "") -> None:
+    def update(self, n: int, extra="") -> None:
+        """Count n more; `extra` (text, or a function giving it) is only evaluated when a line is printed,
+        so a training loop can report its loss without a device synchronisation every step."""
         self.done += n
         now = time.perf_counter()
         if now - self.last >= self.every_s or self.done >= self.total:
             self.last = now
-            self.log(self.line(extra))
+            self.log(self.line(extra() if callable(extra) else extra))
 
     @property
     def rate(self) -> float:

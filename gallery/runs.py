@@ -4,6 +4,9 @@ Everything else in gallery/ is plain Python, testable without Metaflow.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,8 @@ from gallery.config import Settings
 from gallery.errors import UserError
 from gallery.model.gallery_model import GalleryModel
 from gallery.training.checkpoints import load_trained
-from gallery.training.device import share_cores
+from gallery.training.device import pick_device, share_cores
+from gallery.training.distributed import Ranks, join, master_port
 
 TRAIN_FLOW = "GalleryTrainFlow"
 
@@ -100,3 +104,26 @@ def share_machine(flow, siblings: int) -> None:
     """A local run executes a fan-out's tasks side by side on this machine: split its cores."""
     if not storage.is_uri(flow._datastore._storage_impl.datastore_root):
         share_cores(siblings)
+
+
+def parallel_workers_use_this_python() -> None:
+    """Metaflow starts the extra processes of a local @parallel step with the `python` found on PATH,
+    not with this interpreter: a run started as `.venv/bin/python flows/train_flow.py run` without an
+    activated venv would start them in another Python (without metaflow). Call at the flow's import."""
+    here = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(here, "python")) and shutil.which("python") != os.path.join(here, "python"):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+
+
+def data_parallel(workers: int) -> tuple[Ranks, "torch.device"]:
+    """Inside a @parallel step: this node's device and its ranks among the `workers` nodes that train
+    the same model (torch.distributed joined through the main node Metaflow names)."""
+    import torch
+    from metaflow import current
+
+    p = current.parallel
+    local = p.main_ip in ("127.0.0.1", "localhost")  # Metaflow's local runtime: every node on this machine
+    device = pick_device(node=p.node_index if local else 0)
+    own_gpu = device.type == "cuda" and (not local or torch.cuda.device_count() >= p.num_nodes)
+    port = master_port(current.run_id, current.step_name, current.retry_count)
+    return join(p.node_index, p.num_nodes, workers, p.main_ip, port, device, "nccl" if own_gpu else "gloo"), device

@@ -7,10 +7,9 @@ another step's local disk and the flow runs unchanged on a cluster.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,8 @@ import gallery.storage as storage
 from gallery.config import Settings
 from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue
-from gallery.data.packed import PackedGalleries
+from gallery.data.readers import ShardIndex, ShardSource
+from gallery.data.shards import Shard, ShardWriter
 from gallery.data.synth import generate
 from gallery.errors import UserError
 from gallery.evaluation.holdout import evaluate_holdout, vectors_as_galleries
@@ -33,9 +33,10 @@ from gallery.progress import Progress
 from gallery.retrieval.embeddings import embed_galleries, embeddings_table, read_embeddings, write_embeddings
 from gallery.training.cache import trunk_features
 from gallery.training.device import pick_device
+from gallery.training.distributed import Ranks
 from gallery.training.loop import TrainData, TrainResult, fit
 
-PIXELS, FEATURES = "pixels.pt", "features.pt"
+CHUNK_GALLERIES = 64  # preprocessing holds this many galleries' pixels at a time
 
 
 # ---------------------------------------------------------------- start: the data source
@@ -61,43 +62,38 @@ def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[st
 
 # ---------------------------------------------------------------- preprocess
 
-@dataclass
-class Shard:
-    location: str
-    gallery_ids: list[str]
-    quality: DataQuality
-
-
 def shard_rows(n_galleries: int, shards: int) -> list[np.ndarray]:
     """Round-robin rows per shard: balanced, deterministic."""
     return [np.arange(k, n_galleries, shards) for k in range(max(1, min(shards, n_galleries)))]
 
 
 def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: str, log=print) -> Shard:
-    """Decode, EXIF-fix and resize one shard's galleries; write pixels or the frozen-trunk cache.
-
-    Writes `<location>/galleries.parquet` (gallery_id, split, images kept) and `features.pt` (the
-    trunk output, when the cache is on) or `pixels.pt` (uint8 images) as PackedGalleries.
-    """
+    """Decode, EXIF-fix and resize one shard's galleries; store them encoded, with the frozen-trunk
+    cache when the preset uses it (gallery.data.shards), a chunk of galleries at a time."""
     frame = catalogue.frame.iloc[np.asarray(rows)]
     images = [imgs[: settings.data.max_images] for imgs in frame["images"]]
-    progress = Progress(sum(map(len, images)), f"decode {location}", "images", log)
-    ids, arrays, quality = load_galleries(frame["gallery_id"], images, settings.model.image_size, progress)
-    if ids:
-        pixels = PackedGalleries.from_arrays(ids, arrays)
-        if settings.train.use_cache:
-            m = settings.model
-            encoder = build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
-            pixels = trunk_features(encoder, pixels, settings.train.cache_dtype, device=pick_device(), log=log)
-        pixels.save(storage.join(location, FEATURES if settings.train.use_cache else PIXELS))
-    kept = frame.set_index("gallery_id").loc[ids]
-    table = pd.DataFrame({"gallery_id": ids, "split": kept["split"].to_numpy(),
-                          "images": [len(a) for a in arrays]})
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    storage.write_bytes(storage.join(location, "galleries.parquet"), buffer.getvalue())
-    log(f"shard {location}: {len(ids)} galleries, {sum(map(len, arrays))} images; {quality.summary()}")
-    return Shard(location, ids, quality)
+    progress = Progress(sum(map(len, images)), f"preprocess {location}", "images", log)
+    m, d = settings.model, settings.data
+    encoder, device, qualities = None, pick_device(), []
+    with ShardWriter(location, m.image_size, d.image_format, d.image_quality) as writer:
+        for start in range(0, len(frame), CHUNK_GALLERIES):
+            chunk = frame.iloc[start:start + CHUNK_GALLERIES]
+            ids, arrays, quality = load_galleries(chunk["gallery_id"], images[start:start + CHUNK_GALLERIES],
+                                                  m.image_size, progress)
+            qualities.append(quality)
+            splits = chunk.set_index("gallery_id")["split"]
+            stored = [writer.add(g, splits[g], a) for g, a in zip(ids, arrays)]
+            if settings.train.use_cache and stored:
+                encoder = encoder or build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
+                pixels = torch.from_numpy(np.concatenate(stored))
+                writer.add_features(trunk_features(encoder, pixels, settings.train.cache_dtype, device=device))
+        shard = writer.finish(DataQuality.merge(qualities))
+    per_image = lambda n: f"{n / max(shard.images, 1) / 1024:.1f} KB per image"  # noqa: E731
+    log(f"shard {location}: {len(shard.gallery_ids)} galleries, {shard.images} images; images "
+        f"({d.image_format} at {m.image_size} px) {per_image(shard.image_bytes)}"
+        + (f", feature cache {per_image(shard.feature_bytes)}" if shard.feature_bytes else "")
+        + f"; {shard.quality.summary()}")
+    return shard
 
 
 def collect_quality(shards: list[Shard], location: str) -> DataQuality:
@@ -110,25 +106,29 @@ def collect_quality(shards: list[Shard], location: str) -> DataQuality:
     return quality
 
 
-def load_packed(shards: list[Shard], use_cache: bool) -> PackedGalleries:
-    name = FEATURES if use_cache else PIXELS
-    return PackedGalleries.concat([PackedGalleries.load(storage.join(s.location, name)) for s in shards if s.gallery_ids])
+def shard_source(shards: list[Shard], settings: Settings) -> ShardSource:
+    """Every preprocessed gallery, streamed: trunk features with the cache, pixels without."""
+    return ShardSource(ShardIndex.read([s.location for s in shards if s.gallery_ids]), settings.train.use_cache)
 
 
 # ---------------------------------------------------------------- train
 
 def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Settings, weighting: str,
-                    checkpoints: str, resume_from: str | None = None, log=print, on_epoch_end=None) -> TrainResult:
+                    checkpoints: str, resume_from: str | None = None, log=print, on_epoch_end=None,
+                    ranks: Ranks = Ranks(), device=None) -> TrainResult:
     """MTL training of the model with one loss weighting; best weights end in `checkpoints/best.pt`."""
-    store = load_packed(shards, settings.train.use_cache)
+    source = shard_source(shards, settings)
     torch.manual_seed(settings.train.seed)
     model = build_model(settings.model, catalogue.tasks, catalogue.stats)
-    data = TrainData.from_catalogue(catalogue.frame, catalogue.tasks, store, settings.train.use_cache)
+    data = TrainData.from_catalogue(catalogue.frame, catalogue.tasks, source, settings.train.use_cache,
+                                    settings.data.loader_workers)
+    device = pick_device(device)
     log(f"training with {weighting} weighting: {len(data.train_rows)} train / {len(data.valid_rows)} valid galleries, "
-        f"{len(store.data)} images, {'from the feature cache' if settings.train.use_cache else 'from pixels'}, "
-        f"device {pick_device()}")
+        f"{int(source.lengths.sum())} images, {'from the feature cache' if settings.train.use_cache else 'from pixels'}, "
+        f"device {device}" + (f", data-parallel rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""))
     w = build_weighting(weighting, catalogue.tasks, catalogue.stats)
-    return fit(model, w, data, settings.train, checkpoints, resume_from, log=log, on_epoch_end=on_epoch_end)
+    return fit(model, w, data, settings.train, checkpoints, resume_from, device=device, log=log,
+               on_epoch_end=on_epoch_end, ranks=ranks)
 
 
 # ---------------------------------------------------------------- export
@@ -138,21 +138,21 @@ def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Sha
     """Embeddings of every readable gallery -> Parquet per data_contracts/embeddings.schema.json.
 
     `metadata["run_id"]` names the training run whose model made them (searches check it)."""
-    store = load_packed(shards, settings.train.use_cache)
-    embeddings = embed_galleries(model.encoder, store, settings.train.use_cache)
-    splits = frame.set_index("gallery_id").loc[store.gallery_ids, "split"]
+    source = shard_source(shards, settings)
+    embeddings = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
+    splits = frame.set_index("gallery_id").loc[source.gallery_ids, "split"]
     meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
-    write_embeddings(location, embeddings_table(store.gallery_ids, splits, embeddings, meta))
-    return len(store)
+    write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta))
+    return len(source)
 
 
 # ---------------------------------------------------------------- evaluate
 
-def imagenet_embeddings(store: PackedGalleries, settings: Settings) -> np.ndarray:
+def imagenet_embeddings(source: ShardSource, settings: Settings) -> np.ndarray:
     """The ImageNet-transfer arm: the pretrained backbone (no MTL training), mean-pooled per gallery."""
     m = settings.model
     encoder = GalleryEncoder(build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size), MeanPool())
-    return embed_galleries(encoder, store, settings.train.use_cache)
+    return embed_galleries(encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
 
 
 def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
@@ -161,19 +161,19 @@ def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Sett
     table, _ = read_embeddings(embeddings_location)
     mtl_ids = table["gallery_id"].to_pylist()
     mtl = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-    cache = load_packed(shards, settings.train.use_cache)
-    ids, imagenet = cache.gallery_ids, imagenet_embeddings(cache, settings)
+    source = shard_source(shards, settings)
+    ids, imagenet = source.gallery_ids, imagenet_embeddings(source, settings)
     splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
     write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
         "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
-    stores = {"mtl": vectors_as_galleries(mtl_ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet), "cache": cache}
+    stores = {"mtl": vectors_as_galleries(mtl_ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet),
+              "shards": source}
     return [evaluate_holdout(catalogue, task, settings, stores, log) for task in catalogue.holdout]
 
 
 def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Settings, names: list[str],
                         checkpoints_of, recovery_of, log=print) -> dict:
-    """Task-optimal models for the named tasks, one after the other in this process."""
-    store = load_packed(shards, settings.train.use_cache)
-    tasks = {t.name: t for t in catalogue.tasks}
-    return {name: train_task_optimal(catalogue, tasks[name], store, settings, checkpoints_of(name), recovery_of(name), log)
-            for name in names}
+    """Task-optimal models for the named tasks, trained together in this process."""
+    tasks = [t for t in catalogue.tasks if t.name in set(names)]
+    return train_task_optimal(catalogue, tasks, shard_source(shards, settings), settings, checkpoints_of,
+                              recovery_of, log)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -76,6 +78,28 @@ def delete(location: str) -> None:
     fs, path = _resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_file(path)
+
+
+def staging_dir(location: str) -> str:
+    """A local folder to write files destined for `location` (a folder or prefix), then `publish` them:
+    inside the destination for a local store (so publishing is a rename), a temporary folder otherwise."""
+    fs, path = _resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(path, exist_ok=True)
+        return tempfile.mkdtemp(prefix=".staging-", dir=path)
+    return tempfile.mkdtemp(prefix="gallery-staging-")
+
+
+def publish(local_path: str, location: str) -> None:
+    """Move a finished local file to `location`: an atomic rename locally, an upload to an object store."""
+    fs, path = _resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(local_path, path)
+        return
+    with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, length=8 << 20)
+    os.remove(local_path)
 
 
 def save_torch(location: str, obj) -> None:

@@ -1,31 +1,72 @@
-"""The benchmark's padded baseline computes the same thing as packed batches, and the bench runs."""
+"""The benchmarks: the padded baseline and the plain reference compute what they claim, and each
+bench measures its variants on the same inputs."""
+import numpy as np
 import pytest
 import torch
 
-from gallery.bench.train import Case, _batches, _model, _padded_vectors, bench_case
+from gallery.bench.train import Case, Reference, _batches, _model, _padded_vectors, bench_case
+from gallery.data.labels import LabelStats
+from gallery.data.tasks import Task
+
+TASKS = [Task("b", "b", "binary"), Task("c", "c", "multiclass", classes=tuple("abcdefgh")), Task("r", "r", "regression")]
+STATS = {"r": LabelStats("regression", {"train": 1}, mean=0.0, variance=1.0)}
+CASE = Case("efficientnet_lite0", 32, 3, 1, 4, 16)
 
 
 def test_padded_baseline_equals_packed_mean():
-    case = Case("efficientnet_lite0", 32, 3, 1, 4, 16)
-    model = _model(case, log=lambda _: None).eval()
-    store, _ = _batches(case, 1)[0]
+    model = _model(CASE, lambda _: None, TASKS, STATS).eval()
+    store, _ = _batches(CASE, 1, TASKS)[0]
     x, index = store.gather(range(len(store)))
     with torch.no_grad():
         feats = model.encoder.images.trunk_features(x)
         packed = model.encoder(feats, index, len(store), from_features=True)
-        padded = _padded_vectors(model, feats, store.lengths, case.max_images)
+        padded = _padded_vectors(model, feats, store.lengths, CASE.max_images)
     torch.testing.assert_close(padded, packed, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_is_the_same_layers_written_plainly():
+    """The plain step's model: normalised pixels -> frozen trunk -> top -> spatial mean -> gallery mean
+    -> head, the same numbers as the engine's encoder gives, gallery by gallery."""
+    model = _model(CASE, lambda _: None, TASKS, STATS).eval()
+    images = model.encoder.images
+    reference = Reference(images.trunk, images.top, images.mean, images.std, images.dim, 16, 10).eval()
+    store, _ = _batches(CASE, 1, TASKS)[0]
+    x, index = store.gather(range(len(store)))
+    with torch.no_grad():
+        logits = reference(x, index, len(store))
+        for g in range(len(store)):
+            z = model.encoder(store.gather([g])[0], torch.zeros(int(store.lengths[g]), dtype=torch.int64), 1)
+            torch.testing.assert_close(logits[g:g + 1], reference.head(z), rtol=1e-4, atol=1e-5)
 
 
 def test_bench_case_reports_ratios():
     lines = []
-    r = bench_case(Case("efficientnet_lite0", 32, 4, 1, 6, 16), steps=1, device=torch.device("cpu"), log=lines.append)
+    r = bench_case(Case("efficientnet_lite0", 32, 4, 1, 6, 16), steps=1, device=torch.device("cpu"),
+                   log=lines.append, tasks=TASKS, stats=STATS)
     v = r["variants"]
     assert r["padded_memory_ratio"] > 1.0  # padding rows cost activations
     assert v["recompute"]["memory_bytes"] == v["cache"]["memory_bytes"]  # the frozen trunk saves nothing for backward
-    assert v["recompute"]["images_per_s"] * v["recompute"]["seconds_per_step"] == pytest.approx(
-        v["cache"]["images_per_s"] * v["cache"]["seconds_per_step"])  # the same images in both variants
-    assert any("ratio: padded vs packed" in line for line in lines)
+    for name in ("reference", "recompute", "cache", "padded"):  # the same images in every variant
+        assert v[name]["images_per_s"] * v[name]["seconds_per_step"] == pytest.approx(
+            v["cache"]["images_per_s"] * v["cache"]["seconds_per_step"])
+    assert r["engine_vs_reference"] == pytest.approx(v["recompute"]["images_per_s"] / v["reference"]["images_per_s"])
+    assert any(line.startswith("  ratio: engine / reference from pixels") for line in lines)
+
+
+def test_bench_scale_measures_each_phase_in_its_own_process(tmp_path):
+    from gallery.bench.scale import bench_scale
+
+    lines = []
+    *rows, summary = bench_scale(sizes=(120, 360), image_size=32, min_images=2, max_images=3, log=lines.append)
+    small, big = rows
+    assert big["preprocess"]["images"] > 2 * small["preprocess"]["images"]
+    assert big["train_export"]["exported"] == 360 and small["train_export"]["exported"] == 120
+    assert summary["rss_ratio"] == pytest.approx(big["train_export"]["peak_rss"] / small["train_export"]["peak_rss"])
+    for r in rows:  # a 32 px JPEG is a few hundred bytes; the lite0 cache at 32 px is 192 x 1 x 1 fp16
+        assert 100 < r["preprocess"]["image_bytes"] / r["preprocess"]["images"] < 32 * 32 * 3
+        assert r["preprocess"]["feature_bytes"] == r["preprocess"]["images"] * 192 * 2
+    assert 0 < summary["kb_at_224"]["photo"] < summary["kb_at_224"]["decoded"]
+    assert lines[-2].strip().startswith("headline: 3x the galleries")
 
 
 def test_bench_search_measures_both_indexes():

@@ -116,16 +116,37 @@ def test_vgg16_block5_and_missing_weights(tmp_path, monkeypatch):
         vgg16(str(tmp_path / "nope.pth"))
 
 
-def test_heads_shapes_and_regression_scale():
+def test_batched_heads_equal_one_head_per_task():
+    """The wide first layer and grouped second layers compute, for each task, exactly
+    Linear(d, hidden) -> ReLU -> Linear(hidden, out) with that task's slice of the parameters, and
+    regression heads map back to the label's scale (mean + std * h)."""
     from gallery.data.labels import LabelStats
 
+    tasks = TASKS + [Task("b2", "b2", "binary"), Task("m2", "m2", "multiclass", classes=("p", "q"))]
     stats = {"r": LabelStats("regression", {"train": 10}, mean=100.0, variance=25.0)}
-    model = build_model(ModelSettings(weights="random", image_size=32, hidden=8), TASKS, stats).eval()
+    hidden = 8
+    model = build_model(ModelSettings(weights="random", image_size=32, hidden=hidden), tasks, stats).eval()
     store = random_galleries([2, 3])
     x, index = store.gather([0, 1])
     with torch.no_grad():
         z, out = model(x, index, 2)
-    assert z.shape == (2, 1280)
-    assert out["b"].shape == (2,) and out["m"].shape == (2, 3) and out["r"].shape == (2,)
-    head = model.heads["r"]
-    torch.testing.assert_close(out["r"], 100.0 + 5.0 * head.net(z)[:, 0])
+    heads, layout = model.heads, model.heads.layout
+    assert z.shape == (2, 1280) and out.shape == (2, 3 + 3 + 2)  # b, r, b2; then m; then m2
+    split = layout.split(out)
+    assert [split[t.name].shape for t in tasks] == [(2,), (2, 3), (2,), (2,), (2, 2)]
+    classes = iter(heads.class_heads)
+    for k, task in enumerate(tasks):
+        w1, b1 = heads.first.weight[k * hidden:(k + 1) * hidden], heads.first.bias[k * hidden:(k + 1) * hidden]
+        h = torch.relu(z @ w1.T + b1)
+        if task.kind == "multiclass":
+            head = next(classes)
+            expected = h @ head.weight.T + head.bias
+        else:
+            j = layout.scalar_tasks.index(k)
+            expected = h @ heads.scalar_weight[j] + heads.scalar_bias[j]
+            if task.kind == "regression":
+                expected = 100.0 + 5.0 * expected
+        torch.testing.assert_close(split[task.name], expected.detach())
+    counts = parameter_counts(model)
+    separate = sum(1280 * hidden + hidden + hidden * t.out_dim + t.out_dim for t in tasks)
+    assert counts["heads_trainable"] == separate

@@ -155,3 +155,17 @@ def label_statistics(values: np.ndarray, task: Task, split: np.ndarray) -> Label
         stats.mean = float(train.mean()) if len(train) else None
         stats.variance = float(train.var(ddof=1)) if len(train) > 1 else None
     return stats
+
+
+def label_matrix(frame: pd.DataFrame, tasks: list[Task], gallery_ids) -> np.ndarray:
+    """(galleries, tasks) float32 targets in `gallery_ids` order, NaN = missing: every task's labels
+    in one array, so a batch's targets reach the device in one copy (class indices are exact in float32)."""
+    position = frame.reset_index(drop=True).set_index("gallery_id").index.get_indexer(list(gallery_ids))
+    if (position < 0).any():
+        missing = [g for g, p in zip(gallery_ids, position) if p < 0][:5]
+        raise KeyError(f"galleries {missing} are not in the catalogue")
+    out = np.empty((len(position), len(tasks)), np.float32)
+    for k, task in enumerate(tasks):
+        values = frame[task.name].to_numpy()[position]
+        out[:, k] = np.where(is_labelled(values, task.kind), values, np.nan)
+    return out

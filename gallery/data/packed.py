@@ -1,8 +1,10 @@
-"""Packed galleries: all images (or trunk features) of many galleries in one tensor, no padding.
+"""Packed galleries in memory: all images (or trunk features, or vectors) of many galleries in one
+tensor, no padding.
 
-Rows offsets[i]:offsets[i+1] of `data` belong to gallery i. The same container holds decoded
-pixels (uint8) and the frozen-trunk cache (fp16/fp32), is written as one file per shard, and
-yields training batches: x (N, ...), index (N,) gallery-in-batch of each row, n galleries.
+Rows offsets[i]:offsets[i+1] of `data` belong to gallery i. `gather(rows)` gives a batch in the
+same form as gallery.data.readers.ShardSource: x (N, ...) and index (N,), the gallery-in-batch of
+each row. Used where the data is small by nature (one vector per gallery, a query's few photos,
+benchmark batches); catalogues are streamed from shards instead.
 """
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-import gallery.storage as storage
 
 
 @dataclass
@@ -26,13 +26,6 @@ class PackedGalleries:
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
         data = torch.cat([torch.as_tensor(np.asarray(a)) for a in arrays]) if arrays else torch.zeros(0)
         return PackedGalleries(list(gallery_ids), offsets, data)
-
-    @staticmethod
-    def concat(parts: list["PackedGalleries"]) -> "PackedGalleries":
-        ids = [g for p in parts for g in p.gallery_ids]
-        lengths = torch.cat([p.lengths for p in parts])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-        return PackedGalleries(ids, offsets, torch.cat([p.data for p in parts]))
 
     def __len__(self) -> int:
         return len(self.gallery_ids)
@@ -53,38 +46,3 @@ class PackedGalleries:
     def map_data(self, fn) -> "PackedGalleries":
         """Same galleries, new per-row data (e.g. pixels -> trunk features)."""
         return PackedGalleries(self.gallery_ids, self.offsets, fn(self.data))
-
-    def save(self, location: str) -> None:
-        """Write to a store location (atomic: a killed step never leaves half a shard)."""
-        storage.save_torch(location, {"gallery_ids": self.gallery_ids, "offsets": self.offsets, "data": self.data})
-
-    @staticmethod
-    def load(location: str) -> "PackedGalleries":
-        state = storage.load_torch(location)
-        return PackedGalleries(state["gallery_ids"], state["offsets"], state["data"])
-
-
-@dataclass
-class Batch:
-    x: torch.Tensor
-    index: torch.Tensor
-    n: int
-    targets: dict[str, torch.Tensor]
-    rows: np.ndarray
-
-
-def label_tensors(frame, tasks, gallery_ids: list[str]) -> dict[str, torch.Tensor]:
-    """Encoded labels (gallery.data.labels) aligned with the packed galleries' order."""
-    position = frame.reset_index(drop=True).set_index("gallery_id").index.get_indexer(gallery_ids)
-    if (position < 0).any():
-        missing = [g for g, p in zip(gallery_ids, position) if p < 0][:5]
-        raise KeyError(f"galleries {missing} are not in the catalogue")
-    return {t.name: torch.as_tensor(frame[t.name].to_numpy()[position]) for t in tasks}
-
-
-def iterate_batches(store: PackedGalleries, targets: dict[str, torch.Tensor], rows: np.ndarray, batch_galleries: int):
-    """Batches of `batch_galleries` galleries in the given row order (shuffle the rows to shuffle)."""
-    for start in range(0, len(rows), batch_galleries):
-        chunk = np.asarray(rows[start:start + batch_galleries])
-        x, index = store.gather(chunk)
-        yield Batch(x, index, len(chunk), {k: v[chunk] for k, v in targets.items()}, chunk)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -19,12 +19,13 @@ from torch import nn
 
 from gallery.config import Settings
 from gallery.data.ingest import Catalogue
-from gallery.data.labels import is_labelled
-from gallery.data.packed import PackedGalleries, iterate_batches
+from gallery.data.packed import PackedGalleries
+from gallery.data.readers import batches_of
 from gallery.data.tasks import Task
 from gallery.model.gallery_model import GalleryModel, build_model
 from gallery.model.losses import PseudoUniform
-from gallery.training.loop import TrainData, pick_device, predict, task_metric, train_step
+from gallery.training.device import fast_layout, pick_device
+from gallery.training.loop import Objective, TrainData, predict, train_step
 
 ARMS = {"mtl": "MTL embeddings", "imagenet": "ImageNet transfer", "end_to_end": "End-to-end model"}
 
@@ -71,12 +72,21 @@ class ArmResult:
         return asdict(self)
 
 
+def per_gallery_scores(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """Per labelled gallery: 1/0 for a right/wrong class (classification), the squared error (regression)."""
+    targets = targets.float()
+    if kind == "regression":
+        return ((outputs.float() - targets) ** 2).numpy()
+    predicted = (outputs > 0).float() if kind == "binary" else outputs.argmax(1).float()
+    return (predicted == targets).float().numpy()
+
+
 def _row(label: str, seen: int, task: Task, outputs, targets) -> Row:
-    value = task_metric(outputs, targets, task.kind)
+    scores = per_gallery_scores(task.kind, outputs, targets)
+    value = float(scores.mean()) if len(scores) else float("nan")
     if task.kind == "regression" or math.isnan(value):
         return Row(label, seen, value)
-    n = int(is_labelled(targets.numpy(), task.kind).sum())
-    ci = binomtest(round(value * n), n).proportion_ci(0.95)
+    ci = binomtest(int(scores.sum()), len(scores)).proportion_ci(0.95)
     return Row(label, seen, value, ci.low, ci.high)
 
 
@@ -84,24 +94,26 @@ def progressive_training(model: GalleryModel, data: TrainData, task: Task, stats
                          fractions, epochs: int, seed: int, precision: str, device=None) -> ArmResult:
     """Train `model` on `task`, measuring the valid metric at fractions of the first epoch and at the end."""
     device = pick_device(device)
-    model.to(device)
-    loss = PseudoUniform([task], stats).to(device)
+    fast_layout(model.to(device), device)
+    objective = Objective(model, PseudoUniform([task], stats).to(device), data.from_features, precision)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    valid_targets = data.targets[task.name][data.valid_rows]
+    valid_targets = data.targets[data.valid_rows, 0]
     n = len(data.train_rows)
     marks = [(f, math.ceil(f * n)) for f in fractions]
     rows, seconds, instances = [], 0.0, 0
 
     def measure(label, seen):
         _, outputs = predict(model, data, data.valid_rows, batch_galleries, device, precision)
-        rows.append(_row(label, seen, task, outputs[task.name], valid_targets))
+        rows.append(_row(label, seen, task, model.heads.layout.task_output(outputs, 0), valid_targets))
 
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(data.train_rows)
-        for batch in iterate_batches(data.store, data.targets, order, batch_galleries):
+        for batch in data.stream(batches_of(order, batch_galleries), device):
             model.train()
             start = time.perf_counter()
-            train_step(model, loss, optimizer, batch, data.from_features, device, precision)
+            train_step(objective, optimizer, batch, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             seconds += time.perf_counter() - start
             instances += batch.n
             while epoch == 0 and marks and instances >= marks[0][1]:
@@ -111,39 +123,40 @@ def progressive_training(model: GalleryModel, data: TrainData, task: Task, stats
     return ArmResult("", rows, seconds, seconds / max(instances, 1), instances)
 
 
-def labelled_rows(data: TrainData, task: Task) -> TrainData:
-    """Only the galleries that carry the task's label, in both splits."""
-    labelled = is_labelled(data.targets[task.name].numpy(), task.kind)
-    return TrainData(data.store, data.targets, data.train_rows[labelled[data.train_rows]],
-                     data.valid_rows[labelled[data.valid_rows]], data.from_features)
+def labelled_rows(data: TrainData, column: int = 0) -> TrainData:
+    """Only the galleries that carry the label of task `column`, in both splits."""
+    labelled = ~torch.isnan(data.targets[:, column]).numpy()
+    return replace(data, train_rows=data.train_rows[labelled[data.train_rows]],
+                   valid_rows=data.valid_rows[labelled[data.valid_rows]])
 
 
-def baseline(task: Task, data: TrainData) -> float:
-    """Majority class (classification) or train mean (regression), scored on valid."""
-    train = data.targets[task.name][data.train_rows]
-    valid = data.targets[task.name][data.valid_rows]
-    if task.kind == "regression":
+def baseline(kind: str, train: torch.Tensor, valid: torch.Tensor) -> float:
+    """Majority class (classification) or train mean (regression), scored on the valid labels."""
+    train, valid = train[~torch.isnan(train)], valid[~torch.isnan(valid)]
+    if len(valid) == 0 or len(train) == 0:
+        return float("nan")
+    if kind == "regression":
         return float(torch.mean((valid - train.mean()) ** 2))
     majority = torch.mode(train.long()).values
     return float((valid.long() == majority).float().mean())
 
 
-def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, stores: dict[str, PackedGalleries],
-                     log=print) -> dict:
-    """All three arms on one holdout task. `stores`: 'mtl' and 'imagenet' vectors, 'cache' features/pixels."""
+def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, stores: dict, log=print) -> dict:
+    """All three arms on one holdout task. `stores`: 'mtl' and 'imagenet' vectors (PackedGalleries),
+    'shards' the preprocessed galleries (features or pixels: gallery.data.readers.ShardSource)."""
     ev, stats = settings.evaluation, catalogue.stats
     results = {}
     for arm in ARMS:
         torch.manual_seed(settings.train.seed)
         if arm == "end_to_end":
-            store, from_features = stores["cache"], settings.train.use_cache
+            store, from_features, workers = stores["shards"], settings.train.use_cache, settings.data.loader_workers
             model = build_model(settings.model, [task], stats)
             lr = settings.train.lr
         else:
-            store, from_features = stores[arm], True
+            store, from_features, workers = stores[arm], True, 0
             model = GalleryModel(VectorInput(store.data.shape[1]), [task], settings.model.hidden, stats)
             lr = ev.head_lr
-        data = labelled_rows(TrainData.from_catalogue(catalogue.frame, [task], store, from_features), task)
+        data = labelled_rows(TrainData.from_catalogue(catalogue.frame, [task], store, from_features, workers))
         result = progressive_training(model, data, task, stats, lr, ev.batch_galleries, ev.holdout_fractions,
                                       ev.holdout_epochs, settings.train.seed, settings.train.precision)
         result.arm = arm
@@ -151,5 +164,6 @@ def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, store
         log(f"holdout {task.name} / {ARMS[arm]}: {metric_name(task)} {result.rows[-1].value:.4f} after "
             f"{ev.holdout_epochs} epochs, {result.seconds_per_instance * 1000:.2f} ms per instance")
     return {"task": task.name, "metric": metric_name(task), "train_galleries": len(data.train_rows),
-            "valid_galleries": len(data.valid_rows), "baseline": baseline(task, data), "arms": results}
+            "valid_galleries": len(data.valid_rows), "arms": results,
+            "baseline": baseline(task.kind, data.targets[data.train_rows, 0], data.targets[data.valid_rows, 0])}
 

@@ -50,8 +50,9 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
 
     r.text("## MTL vs task-optimal models (Figure 5)\nError is 1 - accuracy (classification) or MSE (regression) on "
            "the valid split; relative error increase = (err_MTL - err_opt) / err_opt, below 0 when MTL does better. "
-           f"Task-optimal models: the same architecture on one task, at most {settings.evaluation.task_optimal_epochs} "
-           "epochs with early stopping.\n\n" + render.per_task_markdown(table, weightings))
+           f"Task-optimal models: the same architecture on one task, trained on the MTL model's batches with the "
+           f"same budget (at most {settings.train.max_epochs} epochs, patience {settings.train.patience}), each with "
+           "its own early stopping.\n\n" + render.per_task_markdown(table, weightings))
     r.table("per_task.csv", table)
     r.figure("relative_error.png", render.relative_error_figure(table, weightings), "Relative error increase per task.")
     better = {w: int((table[f"relative_error_increase_{w}"] < 0).sum()) for w in weightings}

@@ -19,12 +19,12 @@ from scipy import stats as scistats
 import gallery.storage as storage
 from gallery.config import Settings
 from gallery.data.ingest import Catalogue
-from gallery.data.packed import PackedGalleries
 from gallery.data.tasks import Task
-from gallery.evaluation.holdout import baseline, labelled_rows
+from gallery.evaluation.holdout import baseline
 from gallery.model.gallery_model import build_model
 from gallery.model.losses import build_weighting
-from gallery.training.loop import TrainData, fit
+from gallery.training.loop import TrainData
+from gallery.training.single_task import fit_single_task_models
 
 
 def error(kind: str, metric: float) -> float:
@@ -39,40 +39,60 @@ def group_tasks(tasks: list[Task], groups: int) -> list[list[str]]:
 
 
 RESULT = "result.json"
-RESUME_MARKERS = (RESULT, "last.pt")  # a finished task's result, or an interrupted fit's checkpoint
 
 
-def train_task_optimal(catalogue: Catalogue, task: Task, store: PackedGalleries, settings: Settings,
-                       checkpoints: str, resume_from: str | None = None, log=print) -> dict:
-    """The §5 architecture trained on `task` alone (from the feature cache); its best valid error.
+def train_task_optimal(catalogue: Catalogue, tasks: list[Task], source, settings: Settings, checkpoints_of,
+                       recovery_of, log=print) -> dict[str, dict]:
+    """The §5 architecture trained on each task alone; each task's best valid error.
 
-    A task-optimal model is a yardstick, not an output: once it is evaluated its checkpoints
-    (tens of MB per task) give way to a small `result.json`, which a resumed run reuses.
+    All of them train together (gallery.training.single_task): every batch is read once for all,
+    and every model gets the MTL model's budget (the same batches, max epochs and patience), each
+    with its own early stopping. A task-optimal model is a yardstick, not an output: it leaves a
+    small `result.json` in `checkpoints_of(name)` as soon as it stops, which a resumed run reuses
+    (`recovery_of(name)`: the origin run's folder holding one, or None).
     """
-    if resume_from is not None and storage.exists(storage.join(resume_from, RESULT)):
-        outcome = json.loads(storage.read_bytes(storage.join(resume_from, RESULT)))
-        storage.write_bytes(storage.join(checkpoints, RESULT), json.dumps(outcome).encode())
-        log(f"task-optimal {task.name}: already evaluated in {resume_from}, error {outcome['error']:.4f}")
-        return outcome
-    data = labelled_rows(TrainData.from_catalogue(catalogue.frame, [task], store, settings.train.use_cache), task)
-    if len(data.valid_rows) == 0:
-        log(f"task-optimal {task.name}: no labelled valid gallery, not evaluated")
-        return {"error": np.nan, "epochs": 0, "best_epoch": -1, "baseline_error": np.nan, "valid_labelled": 0}
-    torch.manual_seed(settings.train.seed)
-    model = build_model(settings.model, [task], catalogue.stats)
-    train = replace(settings.train, max_epochs=settings.evaluation.task_optimal_epochs,
-                    patience=settings.evaluation.task_optimal_patience)
-    result = fit(model, build_weighting("pseudo_uniform", [task], catalogue.stats), data, train, checkpoints,
-                 resume_from, log=lambda line: None)
-    best = result.history[result.best_epoch]
-    outcome = {"error": error(task.kind, best.valid_metrics[task.name]), "epochs": len(result.history),
-               "best_epoch": result.best_epoch, "baseline_error": error(task.kind, baseline(task, data)),
-               "valid_labelled": len(data.valid_rows)}
-    log(f"task-optimal {task.name}: error {outcome['error']:.4f} (best of {outcome['epochs']} epochs)")
-    storage.write_bytes(storage.join(checkpoints, RESULT), json.dumps(outcome).encode())
-    for name in ("last.pt", "best.pt"):
-        storage.delete(storage.join(checkpoints, name))
-    return outcome
+    outcomes = {}
+    for task in tasks:
+        recovered = recovery_of(task.name)
+        if recovered is not None:
+            outcome = json.loads(storage.read_bytes(storage.join(recovered, RESULT)))
+            storage.write_bytes(storage.join(checkpoints_of(task.name), RESULT), json.dumps(outcome).encode())
+            log(f"task-optimal {task.name}: already evaluated in {recovered}, error {outcome['error']:.4f}")
+            outcomes[task.name] = outcome
+    todo = [t for t in tasks if t.name not in outcomes]
+    if not todo:
+        return outcomes
+    data = TrainData.from_catalogue(catalogue.frame, todo, source, settings.train.use_cache,
+                                    settings.data.loader_workers)
+    targets = data.targets  # column k: task todo[k]
+    labelled = ~torch.isnan(targets).numpy()
+    for k, task in enumerate(todo):
+        if not labelled[data.valid_rows, k].any():
+            log(f"task-optimal {task.name}: no labelled valid gallery, not evaluated")
+            outcomes[task.name] = {"error": np.nan, "epochs": 0, "best_epoch": -1, "baseline_error": np.nan,
+                                   "valid_labelled": 0}
+    trained = [k for k, t in enumerate(todo) if t.name not in outcomes]
+    models, weightings = [], []
+    for k in trained:
+        torch.manual_seed(settings.train.seed)
+        models.append(build_model(settings.model, [todo[k]], catalogue.stats))
+        weightings.append(build_weighting("pseudo_uniform", [todo[k]], catalogue.stats))
+
+    def done(m: int, result) -> None:
+        k, task = trained[m], todo[trained[m]]
+        outcome = {"error": error(task.kind, result.best_metric), "epochs": len(result.valid_losses),
+                   "best_epoch": result.best_epoch, "max_epochs": settings.train.max_epochs,
+                   "patience": settings.train.patience,
+                   "baseline_error": error(task.kind, baseline(task.kind, targets[data.train_rows, k],
+                                                               targets[data.valid_rows, k])),
+                   "valid_labelled": int(labelled[data.valid_rows, k].sum())}
+        storage.write_bytes(storage.join(checkpoints_of(task.name), RESULT), json.dumps(outcome).encode())
+        log(f"task-optimal {task.name}: error {outcome['error']:.4f} (best of {outcome['epochs']} epochs)")
+        outcomes[task.name] = outcome
+
+    fit_single_task_models(models, weightings, replace(data, targets=targets[:, trained]), settings.train, log=log,
+                           on_model_done=done)  # column m of the targets: model m's task
+    return {t.name: outcomes[t.name] for t in tasks}
 
 
 def per_task_table(catalogue: Catalogue, training: dict, optimal: dict) -> pd.DataFrame:

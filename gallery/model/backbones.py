@@ -51,7 +51,10 @@ class ImageEncoder(nn.Module):
         return self.trunk((x - self.mean) / self.std)
 
     def top_vectors(self, features: torch.Tensor) -> torch.Tensor:
-        return self.top(features.float()).mean(dim=(2, 3))
+        x = features.float()
+        if x.is_cuda:  # cached features arrive as NCHW; NHWC kernels are the fast ones on a GPU
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.top(x).mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.top_vectors(self.trunk_features(images))

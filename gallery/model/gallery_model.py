@@ -7,7 +7,8 @@ from torch import nn
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
 from gallery.model.backbones import ImageEncoder, build_backbone
-from gallery.model.heads import TaskHead
+from gallery.model.heads import TaskHeads
+from gallery.model.losses import TaskLosses
 from gallery.model.pooling import build_pooling
 
 
@@ -28,15 +29,19 @@ class GalleryEncoder(nn.Module):
 
 
 class GalleryModel(nn.Module):
+    """Encoder, the task heads, and their masked losses: forward gives (embeddings, head outputs);
+    `losses(outputs, targets)` the per-task sums (columns of the outputs: `heads.layout`)."""
+
     def __init__(self, encoder: GalleryEncoder, tasks: list[Task], hidden: int, stats: dict[str, LabelStats] | None = None):
         super().__init__()
         self.encoder = encoder
         self.tasks = list(tasks)
-        self.heads = nn.ModuleDict({t.name: TaskHead(encoder.dim, hidden, t, (stats or {}).get(t.name)) for t in tasks})
+        self.heads = TaskHeads(encoder.dim, hidden, tasks, stats)
+        self.losses = TaskLosses(self.heads.layout)
 
     def forward(self, x, index, n, from_features: bool = False):
         z = self.encoder(x, index, n, from_features)
-        return z, {name: head(z) for name, head in self.heads.items()}
+        return z, self.heads(z)
 
 
 def build_model(model_settings, tasks: list[Task], stats: dict[str, LabelStats] | None = None) -> GalleryModel:

@@ -9,20 +9,23 @@ import pyarrow.parquet as pq
 import torch
 
 import gallery.storage as storage
-from gallery.data.packed import PackedGalleries, iterate_batches
+from gallery.data.packed import PackedGalleries
+from gallery.data.readers import batches_of, stream
 from gallery.model.gallery_model import GalleryEncoder
-from gallery.training.loop import autocast, pick_device
+from gallery.training.device import autocast, fast_layout, pick_device
 
 
 @torch.no_grad()
-def embed_galleries(encoder: GalleryEncoder, store: PackedGalleries, from_features: bool,
-                    batch_galleries: int = 64, device=None, precision: str = "fp32") -> np.ndarray:
-    """(G, d) float32 embeddings of every gallery in `store`, in its order (eval mode; full
-    precision unless asked, so an export does not depend on the machine's bf16 support)."""
+def embed_galleries(encoder: GalleryEncoder, source, from_features: bool, batch_galleries: int = 64, device=None,
+                    precision: str = "fp32", workers: int = 0) -> np.ndarray:
+    """(G, d) float32 embeddings of every gallery of `source` (shards or PackedGalleries), in its
+    order, streamed batch by batch (eval mode; full precision unless asked, so an export does not
+    depend on the machine's bf16 support)."""
     device = pick_device(device)
-    encoder = encoder.to(device).eval()
+    encoder = fast_layout(encoder.to(device), device).eval()
     out = []
-    for batch in iterate_batches(store, {}, np.arange(len(store)), batch_galleries):
+    for batch in stream(source, batches_of(np.arange(len(source)), batch_galleries), workers=workers,
+                        pin_memory=device.type == "cuda"):
         with autocast(device, precision):
             out.append(encoder(batch.x.to(device), batch.index.to(device), batch.n, from_features).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)

@@ -1,0 +1,76 @@
+"""Data-parallel training (DESIGN §6): N processes, each reading its part of every batch, with
+torch.distributed DistributedDataParallel averaging their gradients (NCCL on GPUs, gloo on CPU).
+
+Metaflow launches the processes (`@parallel`); this module only needs each one's node index,
+the number of nodes and the main node's address. One parallel step trains every loss weighting
+at once: nodes [m·W, (m+1)·W) train model m with W workers each, in their own process group, so
+the weightings train side by side as the foreach over weightings did.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+TIMEOUT = timedelta(minutes=10)  # a peer that died must not leave the others waiting for half an hour
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes training one model; a lone process is rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """DDP around `module` when there are peers: gradients are averaged over the group in backward."""
+        if self.world == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                       process_group=self.group)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, in place."""
+        if self.world > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+
+def master_port(run_id: str, step: str, attempt: int) -> int:
+    """A port for one run's step and attempt: concurrent local runs must not meet on the same one
+    (derived with SHA-1: Python's hash() differs between processes)."""
+    digest = hashlib.sha1(f"{run_id}/{step}/{attempt}".encode()).digest()
+    return 29500 + int.from_bytes(digest[:4], "big") % 20000
+
+
+def join(node: int, nodes: int, workers: int, main_ip: str, port: int, device: torch.device,
+         backend: str = "gloo") -> Ranks:
+    """Join the nodes of a parallel step; return the ranks of this node's model (node // workers).
+    NCCL needs a GPU of its own per rank; gloo works with CPU and CUDA tensors alike."""
+    if workers == 1:
+        return Ranks()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://{main_ip}:{port}", rank=node, world_size=nodes,
+                            timeout=TIMEOUT)
+    groups = [dist.new_group(list(range(m * workers, (m + 1) * workers))) for m in range(nodes // workers)]
+    return Ranks(node % workers, workers, groups[node // workers])
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

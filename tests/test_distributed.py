@@ -1,0 +1,75 @@
+"""Data-parallel training: two gloo processes train a model exactly as one process does."""
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gallery.config import TrainSettings
+from gallery.data.labels import LabelStats
+from gallery.data.tasks import Task
+from gallery.evaluation.holdout import VectorInput, vectors_as_galleries
+from gallery.model.gallery_model import GalleryModel
+from gallery.model.losses import build_weighting
+from gallery.training.distributed import join, leave
+from gallery.training.loop import TrainData, fit
+
+TASKS = [Task("b", "b", "binary"), Task("c", "c", "multiclass", classes=("x", "y", "z")),
+         Task("r", "r", "regression"), Task("sparse", "s", "binary")]
+STATS = {"r": LabelStats("regression", {"train": 56}, mean=0.5, variance=2.0)}
+SETTINGS = TrainSettings(lr=1e-2, batch_galleries=8, max_epochs=3, patience=10, precision="fp32")
+
+
+def problem():
+    """64 galleries as 16-d vectors (no BatchNorm, so the ranks' halves combine exactly) and labels,
+    the last task labelled on 1 gallery in 8: its few labels often all fall on one rank."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(64, 16)).astype(np.float32)
+    targets = np.stack([rng.integers(0, 2, 64), rng.integers(0, 3, 64), rng.normal(size=64),
+                        rng.integers(0, 2, 64)], 1).astype(np.float32)
+    targets[rng.random((64, 4)) < 0.15] = np.nan
+    targets[rng.random(64) < 0.875, 3] = np.nan
+    source = vectors_as_galleries([f"g{i}" for i in range(64)], vectors)
+    data = TrainData(source, torch.from_numpy(targets), np.arange(56), np.arange(56, 64))
+    torch.manual_seed(0)
+    return GalleryModel(VectorInput(16), TASKS, 8, STATS), data
+
+
+def train(folder, ranks=None):
+    model, data = problem()
+    weighting = build_weighting("kendall", TASKS, STATS)
+    kwargs = {"ranks": ranks} if ranks is not None else {}
+    result = fit(model, weighting, data, SETTINGS, str(folder), log=lambda _: None, **kwargs)
+    return result, {**model.state_dict(), "log_vars": weighting.log_vars.detach()}
+
+
+def rank_process(rank: int, port: int, folder: str) -> None:
+    ranks = join(rank, 2, 2, "127.0.0.1", port, torch.device("cpu"))
+    result, weights = train(folder, ranks)
+    torch.save({"history": [h.valid_loss for h in result.history], "train": [h.train_loss for h in result.history],
+                "weights": weights, "digest": result.weights_digest}, f"{folder}/rank{rank}.pt")
+    leave()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(rank_process, args=(free_port(), str(folder)), nprocs=2)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_two_ranks_train_exactly_like_one_process(two_ranks, tmp_path):
+    one, weights = train(tmp_path)
+    zero, first = two_ranks
+    assert zero["digest"] == first["digest"]  # both ranks hold identical weights
+    np.testing.assert_allclose(zero["history"], [h.valid_loss for h in one.history], rtol=1e-5)
+    np.testing.assert_allclose(zero["train"], [h.train_loss for h in one.history], rtol=1e-5)
+    for name, value in weights.items():
+        torch.testing.assert_close(zero["weights"][name], value, rtol=1e-4, atol=1e-5)
