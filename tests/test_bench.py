@@ -26,13 +26,3 @@ def test_bench_case_reports_ratios():
     assert v["recompute"]["images_per_s"] * v["recompute"]["seconds_per_step"] == pytest.approx(
         v["cache"]["images_per_s"] * v["cache"]["seconds_per_step"])  # the same images in both variants
     assert any("ratio: padded vs packed" in line for line in lines)
-
-
-def test_bench_search_measures_both_indexes():
-    from gallery.bench.search import bench_search
-
-    lines = []
-    (row,) = bench_search(sizes=(20_000,), dim=256, queries=5, chunk=5_000, log=lines.append)
-    assert row["float"]["index_bytes"] == 32 * row["binary"]["index_bytes"] == 20_000 * 256 * 4
-    assert row["float"]["ms_per_query"] > 0 and row["binary"]["ms_per_query"] > 0
-    assert "32.0x less" in lines[-1]
