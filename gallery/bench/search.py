@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from gallery.config import RetrievalSettings
+from gallery.evaluation.neighbours import recall_at_k
 from gallery.retrieval.codes import fit_code
 from gallery.retrieval.index import CodeIndex, FloatIndex, one_faiss_thread
 
@@ -69,11 +70,6 @@ def _saved_bytes(index) -> int:
         return os.path.getsize(f.name)
 
 
-def _recall(exact: np.ndarray, found: np.ndarray) -> float:
-    k = exact.shape[1]
-    return float(np.mean([len(set(a) & set(b[:k])) / k for a, b in zip(exact, found)]))
-
-
 def _timed_build(build):
     before, start = _rss_bytes(), time.perf_counter()
     built = build()
@@ -92,9 +88,9 @@ def _latency(search, queries) -> tuple[np.ndarray, np.ndarray]:
     return np.array(rows), np.array(seconds)
 
 
-def _encode_catalogue(code, n: int, dim: int, seed: int) -> np.ndarray:
+def _encode_catalogue(code, n: int, dim: int, families: int, seed: int) -> np.ndarray:
     """Codes of the synthetic catalogue, generated a chunk at a time (its float vectors never all in memory)."""
-    return np.concatenate([code.encode(structured_vectors(min(CHUNK, n - s), dim, n // FAMILY_SIZE, CATALOGUE, s, seed))
+    return np.concatenate([code.encode(structured_vectors(min(CHUNK, n - s), dim, families, CATALOGUE, s, seed))
                            for s in range(0, n, CHUNK)])
 
 
@@ -139,7 +135,7 @@ def bench_search(sizes=(1_000_000,), dim: int = 1280, queries: int = 100, k: int
         query_codes = code.encode(query_vectors)
         floats_fit = n * dim * 4 * FLOAT_MEMORY_FACTOR < _available_bytes()
         vectors = structured_vectors(n, dim, families, CATALOGUE, seed=seed) if floats_fit else None
-        codes = code.encode(vectors) if floats_fit else _encode_catalogue(code, n, dim, seed)
+        codes = code.encode(vectors) if floats_fit else _encode_catalogue(code, n, dim, families, seed)
         log(f"{n:,} galleries generated and encoded in {time.perf_counter() - start:.0f} s" + (
             "" if floats_fit else f"; their float vectors ({n * dim * 4 / 2**30:.0f} GiB) do not fit in the "
                                   f"{_available_bytes() / 2**30:.0f} GiB available: codes only"))
@@ -174,8 +170,8 @@ def bench_search(sizes=(1_000_000,), dim: int = 1280, queries: int = 100, k: int
                  if name in rows}
         for row in rows.values():
             found = row.pop("found")
-            row["recall_vs_exact_float"] = _recall(truth["float"], found) if "float" in truth else None
-            row["recall_vs_exact_same_kind"] = None if row["kind"] == "two-stage" else _recall(truth[row["kind"]], found)
+            row["recall_vs_exact_float"] = recall_at_k(truth["float"], found) if "float" in truth else None
+            row["recall_vs_exact_same_kind"] = None if row["kind"] == "two-stage" else recall_at_k(truth[row["kind"]], found)
         results.append({"n": n, "dim": dim, "code": code_name, "variants": rows})
         log(format_table(results[-1]))
     return results

@@ -185,8 +185,8 @@ def binary_markdown(b: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(fmt(values[kind]) for kind in kinds) + " |")
     change = np.nanmean([v["binary"] - v["float"] for v in b["attribute_agreement"].values()] or [np.nan])
     lines += ["", f"Pinterest reports binarized embeddings without loss of precision and recall. Here two-stage search "
-              f"with {b['code_bytes']}-byte codes returns {b['recall_binary_vs_float']:.0%} of the float top {k} "
-              f"(Hamming distance alone: {b['recall_hamming_vs_float']:.0%}), and the neighbours' attribute agreement "
+              f"with {b['code_bytes']}-byte codes returns {b['recall_binary_vs_float']:.1%} of the float top {k} "
+              f"(Hamming distance alone: {b['recall_hamming_vs_float']:.1%}), and the neighbours' attribute agreement "
               f"changes by {change:+.3f} on average: their quality {'holds' if abs(change) < 0.03 else 'changes'}."]
     return "\n".join(lines)
 
