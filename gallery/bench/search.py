@@ -76,14 +76,14 @@ def _timed_build(build):
     return built, time.perf_counter() - start, _rss_bytes() - before
 
 
-def _latency(search, queries) -> tuple[np.ndarray, np.ndarray]:
-    """Each query alone on one core: (rows found, seconds per query)."""
+def _latency(search, index, queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query alone on one core, `search(index, query number)`: (rows found, seconds per query)."""
     rows, seconds = [], []
     with one_faiss_thread():
-        search(queries[0])  # warm-up
-        for q in queries:
+        search(index, 0)  # warm-up
+        for q in range(queries):
             start = time.perf_counter()
-            rows.append(search(q).rows[0])
+            rows.append(search(index, q).rows[0])
             seconds.append(time.perf_counter() - start)
     return np.array(rows), np.array(seconds)
 
@@ -121,69 +121,72 @@ def bench_search(sizes=(1_000_000,), dim: int = 1280, queries: int = 100, k: int
     """Exact float, approximate float (HNSW), exact binary, approximate binary (IVF), the approximate ones at
     several query breadths, and two-stage search (IVF candidates re-ranked with float vectors in RAM, in RAM
     as float16, or memory-mapped float16), per catalogue size; float variants only where the vectors fit in memory."""
-    exact, approximate = replace(settings, approximate_above=2**62), replace(settings, approximate_above=0)
     log(f"{dim}-d structured synthetic embeddings (families of ~{FAMILY_SIZE} in a {LATENT_DIM}-d latent space); code "
         f"{code_name} fitted on {CODE_TRAIN_ROWS:,} others; {queries} queries (new galleries of the same families), "
         f"top {k}; latency: one query at a time on one core. HNSW {settings.hnsw_links} links, efConstruction "
         f"{settings.hnsw_build_breadth}; IVF up to {settings.ivf_lists} lists; two-stage: IVF nprobe "
         f"{settings.ivf_probes}, the top {settings.rerank} re-ranked")
-    results = []
-    for n in sizes:
-        start, families = time.perf_counter(), max(1, n // FAMILY_SIZE)
-        code = fit_code(structured_vectors(CODE_TRAIN_ROWS, dim, families, CODE_TRAIN, seed=seed), code_name)
-        query_vectors = structured_vectors(queries, dim, families, QUERIES, seed=seed)
-        query_codes = code.encode(query_vectors)
-        floats_fit = n * dim * 4 * FLOAT_MEMORY_FACTOR < _available_bytes()
-        vectors = structured_vectors(n, dim, families, CATALOGUE, seed=seed) if floats_fit else None
-        codes = code.encode(vectors) if floats_fit else _encode_catalogue(code, n, dim, families, seed)
-        log(f"{n:,} galleries generated and encoded in {time.perf_counter() - start:.0f} s" + (
-            "" if floats_fit else f"; their float vectors ({n * dim * 4 / 2**30:.0f} GiB) do not fit in the "
-                                  f"{_available_bytes() / 2**30:.0f} GiB available: codes only"))
-        by_vectors = lambda index, q: index.search(query_vectors[q], k)  # noqa: E731
-        by_codes = lambda index, q: index.search(query_codes[q], k)  # noqa: E731
-        two_stage = lambda index, q: index.search(query_codes[q], k, query_vectors[q])  # noqa: E731
-        ivf = lambda: built["approximate binary"].index  # noqa: E731
-        variants = [("exact float", "float", lambda: FloatIndex(vectors, exact), by_vectors),
-                    ("approximate float", "float", lambda: FloatIndex(vectors, approximate), by_vectors)] if floats_fit else []
-        variants += [("exact binary", "binary", lambda: CodeIndex(codes, exact), by_codes),
-                     ("approximate binary", "binary", lambda: CodeIndex(codes, approximate), by_codes)]
-        if floats_fit:
-            variants += [(f"two-stage, {where}", "two-stage", lambda store=store: CodeIndex(settings=approximate, index=ivf(),
-                                                                                            vectors=store()), two_stage)
-                         for where, store in (("float32 in RAM", lambda: vectors),
-                                              ("float16 in RAM", lambda: vectors.astype(np.float16)),
-                                              ("float16 mapped", lambda: _memory_mapped_float16(vectors, folder)))]
-        built, rows = {}, {}
-        with tempfile.TemporaryDirectory() as folder:
-            for name, kind, build, search in variants:
-                built[name], build_s, rss = _timed_build(build)
-                rerank_store = getattr(built[name], "vectors", None)
-                for label, index in _at_breadths(built[name], settings):
-                    found, seconds = _latency(lambda q: search(index, q), np.arange(queries))
-                    rows[name + label] = {"kind": kind, "build_s": build_s, "index_bytes": _saved_bytes(index.index),
-                                          "rerank_bytes": 0 if rerank_store is None else rerank_store.nbytes,
-                                          "rss_growth_bytes": rss, "p50_ms": 1000 * np.median(seconds),
-                                          "p99_ms": 1000 * np.percentile(seconds, 99), "found": found}
-                if name != "approximate binary":  # the two-stage variants reuse its IVF; the rest go before the next
-                    del built[name]
-        truth = {kind: rows[name]["found"] for name, kind in (("exact binary", "binary"), ("exact float", "float"))
-                 if name in rows}
-        for row in rows.values():
-            found = row.pop("found")
-            row["recall_vs_exact_float"] = recall_at_k(truth["float"], found) if "float" in truth else None
-            row["recall_vs_exact_same_kind"] = None if row["kind"] == "two-stage" else recall_at_k(truth[row["kind"]], found)
-        results.append({"n": n, "dim": dim, "code": code_name, "variants": rows})
-        log(format_table(results[-1]))
-    return results
+    return [_bench_size(n, dim, queries, k, code_name, settings, seed, log) for n in sizes]
+
+
+def _bench_size(n: int, dim: int, queries: int, k: int, code_name: str, settings: RetrievalSettings, seed: int,
+                log) -> dict:
+    exact, approximate = replace(settings, approximate_above=2**62), replace(settings, approximate_above=0)
+    start, families = time.perf_counter(), max(1, n // FAMILY_SIZE)
+    code = fit_code(structured_vectors(CODE_TRAIN_ROWS, dim, families, CODE_TRAIN, seed=seed), code_name)
+    query_vectors = structured_vectors(queries, dim, families, QUERIES, seed=seed)
+    query_codes = code.encode(query_vectors)
+    floats_fit = n * dim * 4 * FLOAT_MEMORY_FACTOR < _available_bytes()
+    vectors = structured_vectors(n, dim, families, CATALOGUE, seed=seed) if floats_fit else None
+    codes = code.encode(vectors) if floats_fit else _encode_catalogue(code, n, dim, families, seed)
+    log(f"{n:,} galleries generated and encoded in {time.perf_counter() - start:.0f} s" + (
+        "" if floats_fit else f"; their float vectors ({n * dim * 4 / 2**30:.0f} GiB) do not fit in the "
+                              f"{_available_bytes() / 2**30:.0f} GiB available: codes only"))
+    by_vectors = lambda index, q: index.search(query_vectors[q], k)
+    by_codes = lambda index, q: index.search(query_codes[q], k)
+    two_stage = lambda index, q: index.search(query_codes[q], k, query_vectors[q])
+    ivf = lambda: built["approximate binary"].index
+    variants = [("exact float", "float", lambda: FloatIndex(vectors, exact), by_vectors),
+                ("approximate float", "float", lambda: FloatIndex(vectors, approximate), by_vectors)] if floats_fit else []
+    variants += [("exact binary", "binary", lambda: CodeIndex(codes, exact), by_codes),
+                 ("approximate binary", "binary", lambda: CodeIndex(codes, approximate), by_codes)]
+    if floats_fit:
+        variants += [(f"two-stage, {where}", "two-stage",
+                      lambda store=store: CodeIndex(settings=approximate, index=ivf(), vectors=store()), two_stage)
+                     for where, store in (("float32 in RAM", lambda: vectors),
+                                          ("float16 in RAM", lambda: vectors.astype(np.float16)),
+                                          ("float16 mapped", lambda: _memory_mapped_float16(vectors, folder)))]
+    built, rows = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, kind, build, search in variants:
+            built[name], build_s, rss = _timed_build(build)
+            rerank_store = getattr(built[name], "vectors", None)
+            for label, index in _at_breadths(built[name], settings):
+                found, seconds = _latency(search, index, queries)
+                rows[name + label] = {"kind": kind, "build_s": build_s, "index_bytes": _saved_bytes(index.index),
+                                      "rerank_bytes": 0 if rerank_store is None else rerank_store.nbytes,
+                                      "rss_growth_bytes": rss, "p50_ms": 1000 * np.median(seconds),
+                                      "p99_ms": 1000 * np.percentile(seconds, 99), "found": found}
+            if name != "approximate binary":  # the two-stage variants reuse its IVF; the rest go before the next
+                del built[name]
+    truth = {kind: rows[name]["found"] for name, kind in (("exact binary", "binary"), ("exact float", "float"))
+             if name in rows}
+    for row in rows.values():
+        found = row.pop("found")
+        row["recall_vs_exact_float"] = recall_at_k(truth["float"], found) if "float" in truth else None
+        row["recall_vs_exact_same_kind"] = None if row["kind"] == "two-stage" else recall_at_k(truth[row["kind"]], found)
+    result = {"n": n, "dim": dim, "code": code_name, "variants": rows}
+    log(format_table(result))
+    return result
 
 
 def format_table(result: dict) -> str:
     """One line per variant: what it costs and what it finds, with ratios to exact float search."""
     base = result["variants"].get("exact float")
-    lines = [f"{result['n']:,} galleries, {result['dim']}-d, code {result['code']}; recall@10 against exact float "
-             "search and against exact search of the same kind; ratios to exact float search:",
-             f"  {'variant':<36} {'build s':>8} {'index MiB':>10} {'re-rank MiB':>11} {'RSS +MiB':>9} {'p50 ms':>8} "
-             f"{'p99 ms':>8} {'recall float':>12} {'recall same':>11} {'x smaller':>9} {'x faster':>8}"]
+    lines = [(f"{result['n']:,} galleries, {result['dim']}-d, code {result['code']}; recall@10 against exact float "
+              "search and against exact search of the same kind; ratios to exact float search:"),
+             (f"  {'variant':<36} {'build s':>8} {'index MiB':>10} {'re-rank MiB':>11} {'RSS +MiB':>9} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'recall float':>12} {'recall same':>11} {'x smaller':>9} {'x faster':>8}")]
     for name, v in result["variants"].items():
         recall, same = ("-" if r is None else f"{r:.3f}" for r in (v["recall_vs_exact_float"], v["recall_vs_exact_same_kind"]))
         smaller, faster = (f"{base['index_bytes'] / v['index_bytes']:.0f}", f"{base['p50_ms'] / v['p50_ms']:.0f}") if base else ("-", "-")

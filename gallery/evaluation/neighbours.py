@@ -5,8 +5,6 @@ the numbers measure the code, not an approximate index. Valid galleries are the 
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from gallery.config import RetrievalSettings

@@ -135,8 +135,7 @@ def load_code(location: str) -> BinaryCode:
         raise CodeError(f"binary code {location} does not exist: the export writes it beside the training run's "
                         f"embeddings ({CODE_FILE}); keep it with the embeddings file that names it, or export again")
     with np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False) as f:
-        return BinaryCode(str(f["name"]), f["thresholds"], f["center"] if "center" in f else None,
-                          f["projection"] if "projection" in f else None, location)
+        return BinaryCode(str(f["name"]), f["thresholds"], f.get("center"), f.get("projection"), location)
 
 
 def code_of(metadata: dict) -> BinaryCode:

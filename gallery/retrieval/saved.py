@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import faiss
 import numpy as np
 
 import gallery.storage as storage
-
 
 SAMPLED_BLOCKS, BLOCK_BYTES = 16, 16_384  # data the fingerprint hashes besides the footer
 
