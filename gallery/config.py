@@ -61,12 +61,28 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class RetrievalSettings:
+    """Binary codes and search indexes (DESIGN §10); the defaults are what the bench and the
+    default run measured (README, "Using the embeddings")."""
+    code: str = "itq256"               # fitted at export on the train split: itq<bits> (ITQ rotation), median, sign
+    rerank: int = 100                  # code candidates re-ranked by exact cosine; 0: pure Hamming order
+    approximate_above: int = 100_000   # galleries; up to this many, indexes are exact (flat)
+    hnsw_links: int = 16               # float HNSW: links per node (memory, build time and recall grow with it)
+    hnsw_build_breadth: int = 40       # float HNSW efConstruction
+    hnsw_search_breadth: int = 64      # float HNSW efSearch: recall against query time
+    ivf_lists: int = 4096              # binary IVF: lists (fewer when the catalogue is small)
+    ivf_probes: int = 128              # binary IVF: lists visited per query: recall against query time
+    curve_codes: tuple[str, ...] = ("sign", "median", "itq64", "itq128", "itq256")  # the report's recall/size curve
+
+
+@dataclass(frozen=True)
 class Settings:
     name: str = "default"
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
 
 
 def _build(cls, values: dict, where: str):

@@ -30,6 +30,7 @@ from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_mode
 from gallery.model.losses import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
+from gallery.retrieval.codes import BinaryCode, code_location, fit_code, save_code
 from gallery.retrieval.embeddings import embed_galleries, embeddings_table, read_embeddings, write_embeddings
 from gallery.training.cache import trunk_features
 from gallery.training.device import pick_device
@@ -134,15 +135,19 @@ def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Setting
 # ---------------------------------------------------------------- export
 
 def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Shard], settings: Settings,
-                      location: str, metadata: dict) -> int:
+                      location: str, metadata: dict, code: BinaryCode | None = None) -> int:
     """Embeddings of every readable gallery -> Parquet per data_contracts/embeddings.schema.json.
 
-    `metadata["run_id"]` names the training run whose model made them (searches check it)."""
+    `metadata["run_id"]` names the training run whose model made them (searches check it). The bits are
+    made by `code` (the embed flow passes its training run's); without one, settings.retrieval.code is
+    fitted on the train split and saved beside the embeddings."""
     source = shard_source(shards, settings)
     embeddings = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
     splits = frame.set_index("gallery_id").loc[source.gallery_ids, "split"]
+    if code is None:
+        code = save_code(fit_code(embeddings[splits.to_numpy() == "train"], settings.retrieval.code), code_location(location))
     meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
-    write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta))
+    write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta, code))
     return len(source)
 
 

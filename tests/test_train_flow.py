@@ -15,7 +15,7 @@ from metaflow.cards import get_cards
 
 from gallery.data.contracts import load_schema
 from gallery.data.synth import SynthSettings, generate
-from gallery.retrieval.embeddings import read_embeddings
+from gallery.retrieval.embeddings import code_matrix, embeddings_code, read_embeddings
 
 
 def card_text(task) -> str:
@@ -35,8 +35,8 @@ def test_smoke_run_exports_one_embedding_per_gallery(smoke_run):
     assert meta["weighting"] == "pseudo_uniform" and meta["run_id"] == smoke_run.id
     embeddings = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
     assert embeddings.shape == (200, 1280) and np.isfinite(embeddings).all()
-    bits = np.frombuffer(b"".join(table["embedding_bits"].to_pylist()), np.uint8).reshape(200, 160)
-    assert (np.unpackbits(bits, axis=1).astype(bool) == (embeddings > 0)).all()
+    bits = code_matrix(table)  # the preset's code (itq64: 8 bytes), fitted at export; more in test_codes.py
+    assert bits.shape == (200, 8) and (embeddings_code(end.embeddings_location).encode(embeddings) == bits).all()
     assert set(table["split"].to_pylist()) == {"train", "valid"}
     schema = load_schema("embeddings")
     for row in table.slice(0, 5).to_pylist():

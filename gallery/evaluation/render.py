@@ -151,22 +151,78 @@ def balance_reading(fit: dict) -> str:
     return "unlike the paper, no significant positive relationship here."
 
 
-def binary_markdown(b: dict, dim: int) -> str:
-    kinds = {"float": "MTL, float (cosine)", "binary": f"MTL, {dim // 8}-byte sign bits (Hamming)",
-             "imagenet_float": "ImageNet transfer, float"}
-    lines = [f"Queries: the {b['queries']} valid galleries; neighbours: their top {b['k']} among all galleries.",
-             "", f"- recall@{b['k']} of binary search against float search: **{b['recall_binary_vs_float']:.3f}** "
-             f"(storage {dim * 4} bytes -> {dim // 8} bytes per gallery, {32}x smaller)", "",
-             f"Share of the top {b['k']} neighbours with the query's attribute:", "",
-             "| attribute | " + " | ".join(kinds.values()) + " |", "|" + " --- |" * (len(kinds) + 1)]
+SEARCHES = {"hamming": "Hamming only", "two_stage": "two-stage"}
+
+
+def binary_markdown(b: dict) -> str:
+    """The run's code against float search, the recall/size curve over codes, and attribute agreement."""
+    k, ratio = b["k"], b["float_bytes"] // b["code_bytes"]
+    attributes = list(b["attribute_agreement"])
+    lines = [f"Queries: the {b['queries']} valid galleries; neighbours: their top {k} among all galleries, by exact "
+             f"search. Codes are fitted on the train split; the run's code, `{b['code']}`, binarized the export "
+             f"(`embedding_bits`). Two-stage search takes the top {b['rerank']} galleries by Hamming distance and "
+             "orders them by exact cosine on the float vectors.", "",
+             f"- recall@{k} of the run's code against float search: **{b['recall_binary_vs_float']:.3f}** two-stage, "
+             f"{b['recall_hamming_vs_float']:.3f} by Hamming distance alone (candidate index: {b['code_bytes']} bytes "
+             f"per gallery instead of {b['float_bytes']}, {ratio}x smaller)", "",
+             f"| code | bytes per gallery | smaller than float32 | recall@{k} Hamming | recall@{k} two-stage | "
+             + " | ".join(f"{a} agreement (Hamming / two-stage)" for a in attributes) + " |",
+             "|" + " --- |" * (5 + len(attributes))]
+    for row in b["curve"]:
+        if "skipped" in row:
+            lines.append(f"| {row['code']} | not fitted here: {row['skipped']} |" + " |" * (3 + len(attributes)))
+            continue
+        agreement = [" / ".join(fmt(row["attribute_agreement"][a][kind]) for kind in SEARCHES) for a in attributes]
+        lines.append(f"| {row['code']} ({row['bits']} bits) | {row['bytes_per_gallery']} | "
+                     f"{b['float_bytes'] / row['bytes_per_gallery']:.0f}x | {fmt(row['recall_hamming'])} | "
+                     f"{fmt(row['recall_two_stage'])} | " + " | ".join(agreement) + " |")
+    lines.append(f"| float32 (reference) | {b['float_bytes']} | 1x | 1.000 | 1.000 | "
+                 + " | ".join(fmt(b["attribute_agreement"][a]["float"]) for a in attributes) + " |")
+    kinds = {"float": "MTL, float (cosine)", "binary": f"MTL, `{b['code']}` two-stage", "imagenet_float": "ImageNet transfer, float"}
+    lines += ["", f"Share of the top {k} neighbours with the query's attribute:", "",
+              "| attribute | " + " | ".join(kinds.values()) + " |", "|" + " --- |" * (len(kinds) + 1)]
     for name, values in b["attribute_agreement"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(values[k]) for k in kinds) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(values[kind]) for kind in kinds) + " |")
     change = np.nanmean([v["binary"] - v["float"] for v in b["attribute_agreement"].values()] or [np.nan])
-    lines += ["", f"Pinterest reports binarized embeddings without loss of precision and recall. Here the sign bits "
-              f"return {b['recall_binary_vs_float']:.0%} of the float top {b['k']}, and the neighbours' attribute "
-              f"agreement changes by {change:+.3f} on average: the neighbourhoods differ, their quality "
-              f"{'holds' if abs(change) < 0.03 else 'changes'}."]
+    lines += ["", f"Pinterest reports binarized embeddings without loss of precision and recall. Here two-stage search "
+              f"with {b['code_bytes']}-byte codes returns {b['recall_binary_vs_float']:.1%} of the float top {k} "
+              f"(Hamming distance alone: {b['recall_hamming_vs_float']:.1%}), and the neighbours' attribute agreement "
+              f"changes by {change:+.3f} on average: their quality {'holds' if abs(change) < 0.03 else 'changes'}."]
     return "\n".join(lines)
+
+
+def code_curve_figure(b: dict):
+    """Recall@k against float search and mean attribute agreement, against bytes per gallery, for pure
+    Hamming and two-stage search; ITQ codes joined by lines, the per-dimension codes as single points."""
+    rows = [r for r in b["curve"] if "skipped" not in r]
+    fig, (recall, agreement) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (kind, label), colour in zip(SEARCHES.items(), ("tab:blue", "tab:orange")):
+        for ax, value in ((recall, lambda r: r[f"recall_{kind}"]),
+                          (agreement, lambda r: np.nanmean([v[kind] for v in r["attribute_agreement"].values()]))):
+            itq = sorted((r for r in rows if r["code"].startswith("itq")), key=lambda r: r["bytes_per_gallery"])
+            ax.plot([r["bytes_per_gallery"] for r in itq], [value(r) for r in itq], "-o", color=colour, label=label)
+            for r in rows:
+                ax.plot(r["bytes_per_gallery"], value(r), "o" if r["code"].startswith("itq") else "s", color=colour)
+                ax.annotate(r["code"], (r["bytes_per_gallery"], value(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    float_agreement = np.nanmean([v["float"] for v in b["attribute_agreement"].values()])
+    recall.axhline(1.0, color="grey", linestyle=":", label="float32 (reference)")
+    agreement.axhline(float_agreement, color="grey", linestyle=":", label="float32")
+    recall.set(ylabel=f"recall@{b['k']} against float search", title="Neighbours kept")
+    agreement.set(ylabel=f"top-{b['k']} attribute agreement (mean)", title="Neighbour quality")
+    for ax in (recall, agreement):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"bytes per gallery (float32: {b['float_bytes']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def code_curve_frame(b: dict) -> pd.DataFrame:
+    """The curve as a table: one row per code and search."""
+    return pd.DataFrame([{"code": r["code"], "bits": r["bits"], "bytes_per_gallery": r["bytes_per_gallery"],
+                          "search": kind, "recall_at_k": r[f"recall_{kind}"],
+                          **{f"agreement_{a}": v[kind] for a, v in r["attribute_agreement"].items()}}
+                         for r in b["curve"] if "skipped" not in r for kind in SEARCHES])
 
 
 def relative_error_figure(table: pd.DataFrame, weightings):

@@ -21,7 +21,7 @@ from gallery.evaluation.projection import projection_attributes, projection_figu
 from gallery.evaluation.render import PAPER_BALANCE_R, PAPER_PU_WINS
 from gallery.evaluation.retrieval_examples import retrieval_examples, retrieval_figure
 from gallery.evaluation.task_optimal import class_balance, per_task_table, pseudo_uniform_wins
-from gallery.retrieval.embeddings import read_embeddings
+from gallery.retrieval.embeddings import embeddings_code, read_embeddings
 from gallery.training.checkpoints import load_trained
 
 
@@ -73,9 +73,13 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
     emb_table, _ = read_embeddings(embeddings_location)
     ids = emb_table["gallery_id"].to_pylist()
     embeddings = np.stack(emb_table["embedding"].to_numpy(zero_copy_only=False))
-    binary = binary_vs_float(catalogue, ids, embeddings, imagenet_location)
+    binary = binary_vs_float(catalogue, ids, embeddings, imagenet_location, embeddings_code(embeddings_location),
+                             settings.retrieval)
     if binary:
-        r.text("## Binarized embeddings (Pinterest)\n" + render.binary_markdown(binary, embeddings.shape[1]))
+        r.text("## Binarized embeddings (Pinterest)\n" + render.binary_markdown(binary))
+        r.figure("binary_codes.png", render.code_curve_figure(binary),
+                 "Recall@10 against float search and top-10 attribute agreement, by bytes per gallery.")
+        r.table("binary_codes.csv", render.code_curve_frame(binary))
     attributes = projection_attributes(catalogue)
     if attributes and len(ids) >= 5:
         rows, coords = umap_2d(embeddings, settings.train.seed, settings.evaluation.projection_points)
