@@ -58,6 +58,7 @@ class EvalSettings:
     task_groups: int = 2               # fan-out branches; a local run groups tasks to save start-up
     projection_points: int = 3000      # UMAP on at most this many galleries
     retrieval_examples: int = 3
+    seeds: int = 1                     # training and evaluation repeated with train.seed, +1, ...: mean and spread
 
 
 @dataclass(frozen=True)
