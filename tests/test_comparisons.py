@@ -10,7 +10,7 @@ from scipy import stats
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.evaluation.comparisons import (class_balance, mtl_vs_baseline, mtl_vs_optimal, paper_row, per_task,
+from gallery.evaluation.comparisons import (class_balance, findings, mtl_vs_baseline, mtl_vs_optimal, paper_row, per_task,
                                             table2_comparisons, weighting_wins)
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
 
@@ -158,3 +158,73 @@ def test_presets_repeat_training_with_their_seeds(preset, seeds):
     assert seeds_of(settings) == seeds
     assert [with_seed(settings, s).train.seed for s in seeds] == seeds
     assert [seeded("kendall", s, settings) for s in seeds] == ["kendall"] + [f"kendall-seed{s}" for s in seeds[1:]]
+
+
+def _errors_table(pu, kendall):
+    """A per-task table with only what weighting_wins and mtl_vs_optimal read."""
+    n = len(pu)
+    rows = {"task": [f"B{k + 1}_t" for k in range(n)], "error_pseudo_uniform": pu, "error_kendall": kendall}
+    for w, errors in (("pseudo_uniform", pu), ("kendall", kendall)):
+        rows[f"relative_error_increase_{w}"] = np.asarray(errors) - 0.3   # task-optimal error 0.3 everywhere
+        rows[f"relative_error_increase_{w}_low"] = np.asarray(errors) - 0.35
+        rows[f"relative_error_increase_{w}_high"] = np.asarray(errors) - 0.25
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("pu_wins,expected", [(28, CONSISTENT), (3, OPPOSITE), (16, NOISE)])
+def test_weighting_wins_readings(pu_wins, expected):
+    """31 tasks; pseudo-uniform lower on `pu_wins` of them (the paper: 22 of 31)."""
+    pu = np.full(31, 0.3)
+    kendall = np.where(np.arange(31) < pu_wins, 0.4, 0.2)
+    wins = weighting_wins(_errors_table(pu, kendall))
+    assert (wins["wins"], wins["losses"]) == (pu_wins, 31 - pu_wins)
+    assert wins["p"] == pytest.approx(stats.binomtest(pu_wins, 31, 0.5).pvalue) and wins["reading"] == expected
+
+
+@pytest.mark.parametrize("worse,expected", [(27, CONSISTENT), (4, OPPOSITE), (15, NOISE)])
+def test_share_of_tasks_where_mtl_is_worse(worse, expected):
+    """MTL's error 0.4 (worse than the task-optimal 0.3) on `worse` tasks of 31, 0.2 elsewhere."""
+    errors = np.where(np.arange(31) < worse, 0.4, 0.2)
+    summary = mtl_vs_optimal(_errors_table(errors, errors), "pseudo_uniform")
+    share = summary["share_worse"]
+    assert share["estimate"] == pytest.approx(worse / 31) and share["reading"] == expected
+    assert (summary["clearly_worse"], summary["clearly_better"]) == (worse, 31 - worse)
+    assert summary["paper_named_tasks"]["B1_t"]["reading"] == (OPPOSITE if worse else CONSISTENT)
+
+
+def test_findings_sort_each_paper_claim_by_its_reading(known):
+    catalogue, training, optimal, _, _ = known
+    table = per_task(catalogue, training, optimal)
+    rng = np.random.default_rng(0)
+    base = (rng.random(N) < 0.5).astype(float)
+    holdout = {"task": "star_rating", "metric": "accuracy",
+               "arms": {"mtl": arm([np.maximum(base, rng.random(N) < 0.3)]), "imagenet": arm([base]), "end_to_end": arm([base])}}
+    weightings = ["pseudo_uniform", "kendall"]
+    found = findings([(holdout, table2_comparisons(holdout))], {w: mtl_vs_optimal(table, w) for w in weightings},
+                     weighting_wins(table), {w: mtl_vs_baseline(table, w) for w in weightings},
+                     class_balance(table, weightings))
+    claims = {f["finding"]: f["reading"] for f in found}
+    assert claims["On a new task (`star_rating`), MTL embeddings beat ImageNet transfer"] == CONSISTENT
+    assert claims["Pseudo-uniform weighting beats Kendall's on most tasks"] == NOISE  # 3 of 3: too few
+    assert claims["MTL (pseudo_uniform) beats the majority/mean baseline on every task"] == CONSISTENT
+    assert claims["`B1_chain` does better under MTL (pseudo_uniform) than its task-optimal model"] == NOISE
+    assert len(found) == 2 + 2 * (1 + 1) + 1 + 2 + 2  # Table 2; per weighting share + B1; wins; baseline; balance
+
+
+def test_seeds_average_each_gallerys_scores():
+    """Two seeds' holdout rows: the combined row holds each gallery's mean score, its value their mean."""
+    from gallery.evaluation.seeds import mean_holdout
+
+    def holdout(scores):
+        arms = {a: {"rows": [{"label": "4 epochs", "value": float(np.mean(scores)), "ci_low": 0.1, "ci_high": 0.9,
+                              "scores": scores}], "train_seconds": 1.0, "seconds_per_instance": 0.5,
+                    "seconds_per_instance_from_pixels": None} for a in ("mtl", "imagenet", "end_to_end")}
+        return {"valid_ids": ["a", "b", "c"], "arms": arms}
+
+    combined = mean_holdout([holdout([1.0, 0.0, 1.0]), holdout([1.0, 1.0, 0.0])])
+    row = combined["arms"]["mtl"]["rows"][0]
+    assert row["scores"] == [1.0, 0.5, 0.5] and row["value"] == pytest.approx(2 / 3) and row["ci_low"] is None
+    other = holdout([1.0, 1.0, 0.0])
+    other["valid_ids"] = ["a", "b", "d"]
+    with pytest.raises(ValueError, match="different valid galleries"):
+        mean_holdout([holdout([1.0, 0.0, 1.0]), other])
