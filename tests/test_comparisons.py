@@ -204,7 +204,7 @@ def test_findings_sort_each_paper_claim_by_its_reading(known):
                      weighting_wins(table), {w: mtl_vs_baseline(table, w) for w in weightings},
                      class_balance(table, weightings))
     claims = {f["finding"]: f["reading"] for f in found}
-    assert claims["On a new task (`star_rating`), MTL embeddings beat ImageNet transfer"] == CONSISTENT
+    assert claims["On a new task (`star_rating`), MTL embeddings beat ImageNet transfer (row 0)"] == CONSISTENT
     assert claims["Pseudo-uniform weighting beats Kendall's on most tasks"] == NOISE  # 3 of 3: too few
     assert claims["MTL (pseudo_uniform) beats the majority/mean baseline on every task"] == CONSISTENT
     assert claims["`B1_chain` does better under MTL (pseudo_uniform) than its task-optimal model"] == NOISE
@@ -228,3 +228,19 @@ def test_seeds_average_each_gallerys_scores():
     other["valid_ids"] = ["a", "b", "d"]
     with pytest.raises(ValueError, match="different valid galleries"):
         mean_holdout([holdout([1.0, 0.0, 1.0]), other])
+
+
+def test_table2_findings_after_one_epoch_and_after_all_quote_the_papers_row():
+    rng = np.random.default_rng(2)
+    base = (rng.random(N) < 0.5).astype(float)
+    rows = [{"label": "100% of one epoch", "fraction": 1.0, "epochs": None}, {"label": "4 epochs", "fraction": None, "epochs": 4}]
+    scores = {"mtl": np.maximum(base, rng.random(N) < 0.3), "imagenet": base, "end_to_end": base}
+    holdout = {"task": "star_rating", "metric": "accuracy",
+               "arms": {a: {"rows": [r | {"scores": list(s)} for r in rows]} for a, s in scores.items()}}
+    found = {f["finding"]: f for f in findings([(holdout, table2_comparisons(holdout))], {}, None, {}, {})}
+    one = found["On a new task (`star_rating`), MTL embeddings beat ImageNet transfer (100% of one epoch)"]
+    assert one["paper"].startswith("0.623 vs 0.534") and one["reading"] == CONSISTENT
+    assert found["On a new task (`star_rating`), MTL embeddings beat an end-to-end model (4 epochs)"]["paper"].startswith("0.631 vs 0.598")
+    holdout["task"] = "review_band"  # another holdout task: the paper has no figures for it
+    assert all(f["paper"] == "MTL embeddings best at every row of Table 2"
+               for f in findings([(holdout, table2_comparisons(holdout))], {}, None, {}, {}))

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from gallery.data.images import DataQuality  # noqa: E402
-from gallery.evaluation.comparisons import PAPER_BALANCE_R, PAPER_TIME_PER_INSTANCE, paper_row  # noqa: E402
+from gallery.evaluation.comparisons import PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE, paper_row  # noqa: E402
 from gallery.evaluation.holdout import ARMS  # noqa: E402
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE  # noqa: E402
 
@@ -104,7 +104,7 @@ def effect_text(e: dict, digits: int = 3, percent: bool = False) -> str:
     """An effect as `+0.031 [-0.012, +0.074]`, its p-value where a test gave one."""
     if e["estimate"] is None or math.isnan(e["estimate"]):
         return "n/a"
-    f = (lambda x: f"{x:+.0%}") if percent else (lambda x: f"{x:+.{digits}f}")
+    f = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.{digits}f}")  # a share, or a signed difference
     interval = f" [{f(e['low'])}, {f(e['high'])}]" if not math.isnan(e["low"]) else ""
     return f"{f(e['estimate'])}{interval}" + (f", p = {e['p']:.3g}" if e.get("p") is not None else "")
 
@@ -185,14 +185,16 @@ def figure5_markdown(vs_optimal: dict, wins: dict | None, vs_baseline: dict) -> 
     lines = []
     for w, o in vs_optimal.items():
         s = o["share_worse"]
-        lines.append(f"MTL ({w}) has the higher error on {effect_text(s, percent=True)} of {s['n']} tasks (sign test; "
+        lines.append(f"MTL ({w}) has the higher error on {effect_text(s, percent=True)} of the {s['n']} tasks where the "
+                     f"errors differ (sign test; "
                      f"the paper: worse on most tasks): {s['reading']}. Intervals: clearly worse on {o['clearly_worse']}, "
                      f"clearly better on {o['clearly_better']}, not distinguishable on {o['not_distinguishable']}.")
         lines += [f"`{t}` under {w}: relative error increase {effect_text(e, 2)} (the paper: better under MTL): {e['reading']}."
                   for t, e in o["paper_named_tasks"].items()]
     if wins:
         lines.append(f"Pseudo-uniform has the lower error on {wins['wins']} tasks, Kendall on {wins['losses']} ({wins['ties']} "
-                     f"ties); share {effect_text(wins, percent=True)} (sign test; the paper: 22 of 31, 71%): {wins['reading']}.")
+                     f"ties); share {effect_text(wins, percent=True)} (sign test; the paper: {PAPER_PU_WINS[0]} of {PAPER_PU_WINS[1]}, "
+                     f"71%): {wins['reading']}.")
     for w, b in vs_baseline.items():
         lines.append(f"MTL ({w}) against the majority/mean baseline: clearly better on {b['clearly_better']} of "
                      f"{b['tasks']} tasks, clearly worse on {b['clearly_worse']} (the paper: better on every task): "

@@ -68,7 +68,7 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
     r.table("table2.csv", pd.concat([render.table2_frame(h) for h in holdout]) if holdout else pd.DataFrame())
     r.table("table2_comparisons.csv", pd.DataFrame([
         {"holdout_task": h["task"], "row": row["row"], "comparison": name, **effect}
-        for h, rows in zip(holdout, table2) for row in rows for name, effect in row.items() if name != "row"]))
+        for h, rows in zip(holdout, table2) for row in rows for name, effect in row.items() if name.startswith("mtl_vs_")]))
 
     epochs = [o["epochs"] for o in optimal.values() if o["epochs"]]
     ran = ", ".join(f"{w} {len(t['history'])}" for w, t in training.items())
