@@ -16,7 +16,7 @@ from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resou
 from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
-from gallery.config import settings_from_dict
+from gallery.config import PRESETS_DIR, settings_from_dict
 from gallery.data.ingest import describe, ingest
 from gallery.evaluation.report import build_report, write_report
 from gallery.evaluation.task_optimal import RESULT, group_tasks
@@ -36,12 +36,11 @@ from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
 parallel_workers_use_this_python()
-PRESETS = Path(__file__).resolve().parent / "configs"
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
 class GalleryTrainFlow(FlowSpec):
-    settings = Config("settings", default=str(PRESETS / "default.json"),
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"),
                       help="settings JSON: flows/configs/smoke.json, default.json (the default) or paper.json")
     manifest = Parameter("manifest", default="", help="your manifest (Parquet, CSV or JSON Lines); "
                                                       "default: the preset's synthetic catalogue")

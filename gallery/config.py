@@ -1,16 +1,19 @@
 """Run settings: the presets in flows/configs/*.json, read into typed, checked dataclasses.
 
-Unknown or misspelt keys are errors (a typo must not silently fall back to a default).
+Unknown or misspelt keys are errors (a typo must not silently fall back to a default). The presets
+are package data (`gallery/presets` is flows/configs), so an installed package finds them too.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 
 from gallery.data.synth import SynthSettings
+from gallery.errors import UserError
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "flows" / "configs"
+PRESETS_DIR = resources.files("gallery") / "presets"
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,9 @@ def settings_from_dict(values: dict) -> Settings:
 
 def load_settings(path_or_name) -> Settings:
     """A preset by name (smoke, default, paper) or a JSON file path."""
-    path = Path(path_or_name)
-    if not path.suffix:
-        path = PRESETS_DIR / f"{path_or_name}.json"
+    path = Path(path_or_name) if Path(path_or_name).suffix else PRESETS_DIR / f"{path_or_name}.json"
+    if not path.is_file():
+        presets = sorted(p.name.removesuffix(".json") for p in PRESETS_DIR.iterdir() if p.name.endswith(".json"))
+        raise UserError(f"settings {path_or_name!r}: no such file; give a preset name ({', '.join(presets)}) "
+                        "or the path of a settings JSON file")
     return settings_from_dict(json.loads(path.read_text()))
