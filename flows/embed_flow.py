@@ -46,7 +46,7 @@ class GalleryEmbedFlow(FlowSpec):
     @step
     def preprocess(self):
         """The training run's decoding, resizing and frozen-trunk cache, for one shard."""
-        share_machine(self, len(self.shards))
+        share_machine(len(self.shards))
         rows = shard_rows(len(self.catalogue.frame), self.run_settings.data.shards)[self.input]
         self.shard = preprocess_shard(self.catalogue, rows, self.run_settings, self.run_location("shards", str(self.input)))
         self.next(self.join_shards)

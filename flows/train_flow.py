@@ -83,7 +83,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def preprocess(self):
         """Decode and resize one shard's images; write the frozen-trunk feature cache."""
-        share_machine(self, len(self.shards))
+        share_machine(len(self.shards))
         rows = shard_rows(len(self.catalogue.frame), self.cfg.data.shards)[self.input]
         self.shard = preprocess_shard(self.catalogue, rows, self.cfg, self.run_location("shards", str(self.input)))
         self.next(self.join_shards)
@@ -110,7 +110,7 @@ class GalleryTrainFlow(FlowSpec):
     def train(self):
         """MTL training of every loss weighting side by side, each by train.workers data-parallel
         processes (DDP); a re-run continues from the last checkpoint."""
-        share_machine(self, current.parallel.num_nodes)
+        share_machine(current.parallel.num_nodes)
         self.weighting = self.weightings[current.parallel.node_index // self.cfg.train.workers]
         self.checkpoints = self.run_location("checkpoints", self.weighting)
         ranks, device = data_parallel(self.cfg.train.workers)
@@ -148,7 +148,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def holdout(self):
         """Table 2: MTL embeddings vs ImageNet transfer vs end-to-end on the held-out task(s)."""
-        share_machine(self, 1 + len(self.task_groups))
+        share_machine(1 + len(self.task_groups))
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
         self.holdout_results = holdout_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
                                                   self.imagenet_location, {"run_id": current.run_id})
@@ -163,7 +163,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def task_optimal(self):
         """The same architecture trained on each task alone (this branch's tasks together, one pass over the data)."""
-        share_machine(self, 1 + len(self.task_groups))
+        share_machine(1 + len(self.task_groups))
         self.optimal = task_optimal_models(
             self.catalogue, self.shard_list, self.cfg, self.input,
             checkpoints_of=lambda name: self.run_location("task_optimal", name),

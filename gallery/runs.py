@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from metaflow.exception import MetaflowException
 
 import gallery.storage as storage
@@ -100,9 +101,15 @@ def default_store_root(flow) -> str:
     return str(Path(root).parent / ".gallery")
 
 
-def share_machine(flow, siblings: int) -> None:
-    """A local run executes a fan-out's tasks side by side on this machine: split its cores."""
-    if not storage.is_uri(flow._datastore._storage_impl.datastore_root):
+def runs_locally() -> bool:
+    """Inside a step: whether it executes in Metaflow's local runtime, beside its sibling tasks on this
+    machine (remote compute, @kubernetes or @batch, says where it runs in METAFLOW_RUNTIME_ENVIRONMENT)."""
+    return os.environ.get("METAFLOW_RUNTIME_ENVIRONMENT", "local") == "local"
+
+
+def share_machine(siblings: int) -> None:
+    """A fan-out's tasks run side by side when they run locally: split this machine's cores."""
+    if runs_locally():
         share_cores(siblings)
 
 
@@ -115,15 +122,14 @@ def parallel_workers_use_this_python() -> None:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
-def data_parallel(workers: int) -> tuple[Ranks, "torch.device"]:
+def data_parallel(workers: int) -> tuple[Ranks, torch.device]:
     """Inside a @parallel step: this node's device and its ranks among the `workers` nodes that train
     the same model (torch.distributed joined through the main node Metaflow names)."""
-    import torch
     from metaflow import current
 
     p = current.parallel
-    local = p.main_ip in ("127.0.0.1", "localhost")  # Metaflow's local runtime: every node on this machine
-    device = pick_device(node=p.node_index if local else 0)
+    local = runs_locally()  # every node on this machine
+    device = pick_device(node=p.node_index if local else 0, distributed=workers > 1)
     own_gpu = device.type == "cuda" and (not local or torch.cuda.device_count() >= p.num_nodes)
     port = master_port(current.run_id, current.step_name, current.retry_count)
     return join(p.node_index, p.num_nodes, workers, p.main_ip, port, device, "nccl" if own_gpu else "gloo"), device

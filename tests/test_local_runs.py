@@ -1,0 +1,48 @@
+"""What makes a local run portable: core counting without Linux's CPU affinity (macOS), the device
+order CUDA -> MPS -> CPU, and sharing cores only where tasks share a machine."""
+import os
+
+import pytest
+import torch
+
+from gallery.runs import share_machine
+from gallery.training.device import DEVICE_ENV, available_cores, pick_device, share_cores
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cores_are_counted_without_cpu_affinity(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS
+    assert available_cores() == 8 and share_cores(2) == 4 and torch.get_num_threads() == 4
+
+
+def test_device_order_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device() == torch.device("mps")
+    assert pick_device(distributed=True) == torch.device("cpu")  # gloo cannot all-reduce MPS tensors
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert pick_device() == torch.device("cpu")
+    monkeypatch.delenv(DEVICE_ENV)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device(node=3) == torch.device("cuda", 1)
+
+
+def test_cores_are_shared_only_where_the_tasks_share_this_machine(monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(4)), raising=False)
+    monkeypatch.setenv("METAFLOW_RUNTIME_ENVIRONMENT", "kubernetes")  # set by Metaflow in a remote task
+    share_machine(2)
+    assert torch.get_num_threads() == 1
+    monkeypatch.delenv("METAFLOW_RUNTIME_ENVIRONMENT")
+    share_machine(2)
+    assert torch.get_num_threads() == 2
+
