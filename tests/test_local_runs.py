@@ -1,10 +1,16 @@
-"""What makes a local run portable: core counting without Linux's CPU affinity (macOS), the device
-order CUDA -> MPS -> CPU, and sharing cores only where tasks share a machine."""
+"""What makes a local run portable and a stored run safe to reuse: core counting without Linux's CPU
+affinity (macOS), the device order CUDA -> MPS -> CPU, sharing cores only where tasks share a machine,
+and a synthetic catalogue reused only when complete."""
 import os
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import gallery.steps as steps
+from gallery.config import DataSettings, Settings
+from gallery.data.synth import SynthSettings
 from gallery.runs import share_machine
 from gallery.training.device import DEVICE_ENV, available_cores, pick_device, share_cores
 
@@ -45,4 +51,30 @@ def test_cores_are_shared_only_where_the_tasks_share_this_machine(monkeypatch):
     monkeypatch.delenv("METAFLOW_RUNTIME_ENVIRONMENT")
     share_machine(2)
     assert torch.get_num_threads() == 2
+
+
+def tiny_synthetic(seed=0) -> Settings:
+    synth = SynthSettings(galleries=6, seed=seed, image_size=16, min_images=1, max_images=2)
+    return replace(Settings(), data=replace(DataSettings(), synth=synth))
+
+
+def test_a_crashed_catalogue_generation_is_never_reused(tmp_path, monkeypatch):
+    generate = steps.generate
+
+    def crash_after_the_manifest(out, synth):  # killed with the manifest written and the images not
+        generate(out, synth, workers=1)
+        for image in Path(out, "images").iterdir():
+            image.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(steps, "generate", crash_after_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        steps.synthetic_source(str(tmp_path), tiny_synthetic())
+    monkeypatch.setattr(steps, "generate", generate)
+    said = []
+    manifest, _ = steps.synthetic_source(str(tmp_path), tiny_synthetic(), log=said.append)
+    images = list((Path(manifest).parent / "images").iterdir())
+    assert said[0].startswith("generating") and len(images) >= 6
+    steps.synthetic_source(str(tmp_path), tiny_synthetic(), log=said.append)
+    assert said[1].startswith("reusing")
 
