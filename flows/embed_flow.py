@@ -7,9 +7,10 @@ Labels are optional. The images go through exactly the training run's preprocess
 frozen trunk, cache precision) and its reference model; the output follows
 data_contracts/embeddings.schema.json, so `gallery search` reads it like the training export.
 """
-from metaflow import FlowSpec, Parameter, current, resources, step
+from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step
 
 import gallery.storage as storage
+from gallery.config import PRESETS_DIR, settings_json
 from gallery.data.ingest import ingest
 from gallery.runs import as_input_error, default_store_root, share_machine, trained_run
 from gallery.steps import collect_quality, export_embeddings, preprocess_shard, shard_rows
@@ -17,6 +18,9 @@ from gallery.training.checkpoints import load_trained
 
 
 class GalleryEmbedFlow(FlowSpec):
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_json,
+                      help="a preset (flows/configs/*.json) whose `resources` size this flow's steps on a cluster; "
+                           "images are read and embedded as the training run did")
     manifest = Parameter("manifest", required=True, help="the catalogue to embed (Parquet, CSV or JSON Lines)")
     train_run = Parameter("train-run", default="latest", help="GalleryTrainFlow run id whose model to use, or latest")
     store = Parameter("store", default="", help="root of the run-scoped store; default: beside Metaflow's datastore")
@@ -43,6 +47,8 @@ class GalleryEmbedFlow(FlowSpec):
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.run_settings.data.shards))))
         self.next(self.preprocess, foreach="shards")
 
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.preprocess)
     @step
     def preprocess(self):
         """The training run's decoding, resizing and frozen-trunk cache, for one shard."""
@@ -60,7 +66,8 @@ class GalleryEmbedFlow(FlowSpec):
             self.quality = collect_quality(self.shard_list, self.quality_location)
         self.next(self.embed)
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.export)
     @step
     def embed(self):
         """Every readable gallery through the training run's reference model -> embeddings Parquet."""

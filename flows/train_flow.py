@@ -12,11 +12,11 @@ reports/<run id>/ (and the run's card).
 """
 from pathlib import Path
 
-from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resources, step
+from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resources, retry, step
 from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
-from gallery.config import PRESETS_DIR, settings_from_dict
+from gallery.config import PRESETS_DIR, settings_from_dict, settings_json
 from gallery.data.ingest import describe, ingest
 from gallery.evaluation.report import build_report, write_report
 from gallery.evaluation.task_optimal import RESULT, group_tasks
@@ -40,7 +40,7 @@ REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
 class GalleryTrainFlow(FlowSpec):
-    settings = Config("settings", default=str(PRESETS_DIR / "default.json"),
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_json,
                       help="settings JSON: flows/configs/smoke.json, default.json (the default) or paper.json")
     manifest = Parameter("manifest", default="", help="your manifest (Parquet, CSV or JSON Lines); "
                                                       "default: the preset's synthetic catalogue")
@@ -80,6 +80,8 @@ class GalleryTrainFlow(FlowSpec):
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.cfg.data.shards))))
         self.next(self.preprocess, foreach="shards")
 
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.preprocess)
     @step
     def preprocess(self):
         """Decode and resize one shard's images; write the frozen-trunk feature cache."""
@@ -104,12 +106,13 @@ class GalleryTrainFlow(FlowSpec):
         self.weightings = list(self.cfg.train.weightings)
         self.next(self.train, num_parallel=len(self.weightings) * self.cfg.train.workers)
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.train)
     @parallel
     @step
     def train(self):
         """MTL training of every loss weighting side by side, each by train.workers data-parallel
-        processes (DDP); a re-run continues from the last checkpoint."""
+        processes (DDP); a retry or a resume continues from the last checkpoint."""
         share_machine(current.parallel.num_nodes)
         self.weighting = self.weightings[current.parallel.node_index // self.cfg.train.workers]
         self.checkpoints = self.run_location("checkpoints", self.weighting)
@@ -133,6 +136,8 @@ class GalleryTrainFlow(FlowSpec):
             raise InputError(f"reference weighting {self.reference!r} was not trained; weightings: {list(self.training)}")
         self.next(self.export)
 
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.export)
     @step
     def export(self):
         """Embeddings of every readable gallery with the reference model -> Parquet (+ packed sign bits)."""
@@ -144,7 +149,8 @@ class GalleryTrainFlow(FlowSpec):
         self.task_groups = group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
         self.next(self.holdout, self.task_optimal_fanout)
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.holdout)
     @step
     def holdout(self):
         """Table 2: MTL embeddings vs ImageNet transfer vs end-to-end on the held-out task(s)."""
@@ -159,7 +165,8 @@ class GalleryTrainFlow(FlowSpec):
         """One branch per group of MTL tasks (one task per group on a cluster: task_groups = #tasks)."""
         self.next(self.task_optimal, foreach="task_groups")
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.task_optimal)
     @step
     def task_optimal(self):
         """The same architecture trained on each task alone (this branch's tasks together, one pass over the data)."""

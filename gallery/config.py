@@ -6,7 +6,7 @@ are package data (`gallery/presets` is flows/configs), so an installed package f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -64,12 +64,37 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class StepResources:
+    """What each task of a step asks of a cluster (Metaflow's @resources; a local run ignores it):
+    cores; GPUs (None: none); memory, local disk and /dev/shm in MB (staged shards go through the
+    disk, DataLoader workers pass batches through shared memory; None: Metaflow's default)."""
+    cpu: int = 2
+    memory: int = 4096
+    gpu: int | None = None
+    disk: int | None = None
+    shared_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    """The heavy steps' requests, sized per preset (each preset says which steps get a GPU), and how
+    often Metaflow retries a failed task of them (a retried training continues from its checkpoint)."""
+    retries: int = 2
+    preprocess: StepResources = field(default_factory=StepResources)
+    train: StepResources = field(default_factory=StepResources)
+    export: StepResources = field(default_factory=StepResources)
+    holdout: StepResources = field(default_factory=StepResources)
+    task_optimal: StepResources = field(default_factory=StepResources)
+
+
+@dataclass(frozen=True)
 class Settings:
     name: str = "default"
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
 
 
 def _build(cls, values: dict, where: str):
@@ -93,6 +118,12 @@ def _build(cls, values: dict, where: str):
 
 def settings_from_dict(values: dict) -> Settings:
     return _build(Settings, dict(values), "")
+
+
+def settings_json(text: str) -> dict:
+    """Metaflow's parser of the flows' `settings` Config: checked like any settings, and returned
+    complete (defaults filled in), so decorators can read any value (`settings.resources.train`)."""
+    return asdict(settings_from_dict(json.loads(text)))
 
 
 def load_settings(path_or_name) -> Settings:

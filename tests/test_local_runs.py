@@ -1,6 +1,6 @@
 """What makes a local run portable and a stored run safe to reuse: core counting without Linux's CPU
 affinity (macOS), the device order CUDA -> MPS -> CPU, sharing cores only where tasks share a machine,
-and a synthetic catalogue reused only when complete."""
+a synthetic catalogue reused only when complete, and the resources section of the presets."""
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gallery.steps as steps
-from gallery.config import DataSettings, Settings
+from gallery.config import DataSettings, Settings, load_settings, settings_from_dict, settings_json
 from gallery.data.synth import SynthSettings
 from gallery.runs import share_machine
 from gallery.training.device import DEVICE_ENV, available_cores, pick_device, share_cores
@@ -78,3 +78,21 @@ def test_a_crashed_catalogue_generation_is_never_reused(tmp_path, monkeypatch):
     steps.synthetic_source(str(tmp_path), tiny_synthetic(), log=said.append)
     assert said[1].startswith("reusing")
 
+
+def test_presets_size_their_heavy_steps():
+    smoke, paper = load_settings("smoke").resources, load_settings("paper").resources
+    for step in ("train", "export", "holdout", "task_optimal"):
+        assert getattr(paper, step).gpu == 1 and getattr(paper, step).memory > getattr(smoke, step).memory
+        assert getattr(smoke, step).gpu is None  # CI-sized: no GPU asked for
+    assert paper.train.shared_memory  # its DataLoader workers pass batches through /dev/shm
+    assert paper.preprocess.gpu is None and paper.preprocess.disk and paper.retries >= 1
+
+
+def test_a_partial_resources_section_takes_the_defaults_for_the_rest():
+    settings = settings_from_dict({"resources": {"train": {"gpu": 1}}})
+    assert settings.resources.train == replace(Settings().resources.train, gpu=1)
+    assert settings.resources.holdout == Settings().resources.holdout
+    complete = settings_json('{"name": "mine", "resources": {"retries": 0}}')  # what the flows' decorators read
+    assert complete["resources"]["retries"] == 0 and complete["resources"]["train"]["memory"] == 4096
+    with pytest.raises(ValueError, match=r"settings \.resources\.train: unknown key\(s\) \['memroy'\]"):
+        settings_from_dict({"resources": {"train": {"memroy": 9000}}})
