@@ -12,9 +12,11 @@ from metaflow import Config, FlowSpec, Parameter, current, resources, retry, ste
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_json
 from gallery.data.ingest import ingest
-from gallery.runs import as_input_error, default_store_root, share_machine, trained_run
+from gallery.runs import as_input_error, default_store_root, share_machine, trained_run, use_metaflow_s3_settings
 from gallery.steps import collect_quality, export_embeddings, preprocess_shard, shard_rows
 from gallery.training.checkpoints import load_trained
+
+use_metaflow_s3_settings()
 
 
 class GalleryEmbedFlow(FlowSpec):
@@ -35,7 +37,7 @@ class GalleryEmbedFlow(FlowSpec):
             model_run = trained_run(self.train_run)
         self.model_run_id, self.run_settings = model_run.run_id, model_run.settings
         self.model_tasks, self.model_stats, self.checkpoints = model_run.tasks, model_run.stats, model_run.checkpoints
-        self.store_root = self.store or default_store_root(self)
+        self.store_root = self.store or default_store_root()
         print(f"embedding {self.manifest} with the model of {model_run.run_id}")
         self.next(self.ingest)
 

@@ -21,7 +21,7 @@ from gallery.data.ingest import describe, ingest
 from gallery.evaluation.report import build_report, write_report
 from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
-                          parallel_workers_use_this_python, share_machine)
+                          parallel_workers_use_this_python, share_machine, use_metaflow_s3_settings)
 from gallery.steps import (
     collect_quality,
     export_embeddings,
@@ -36,6 +36,7 @@ from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
 parallel_workers_use_this_python()
+use_metaflow_s3_settings()
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
@@ -62,7 +63,7 @@ class GalleryTrainFlow(FlowSpec):
         """Resolve the settings and the data source (the user's files, or the synthetic catalogue)."""
         if bool(self.manifest) != bool(self.tasks):
             raise InputError("--manifest and --tasks go together: give both, or neither for the synthetic catalogue")
-        self.store_root = self.store or default_store_root(self)
+        self.store_root = self.store or default_store_root()
         self.run_settings = self.cfg  # kept with the run, for the embed flow and `gallery search`
         if self.manifest:
             self.manifest_location, self.tasks_location = self.manifest, self.tasks

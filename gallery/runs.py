@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from metaflow import metaflow_config
 from metaflow.exception import MetaflowException
 
 import gallery.storage as storage
@@ -93,9 +94,21 @@ def checkpoints_to_resume(store_root: str, *parts: str, markers=("last.pt",)) ->
     return None
 
 
-def default_store_root(flow) -> str:
-    """Beside Metaflow's own datastore: `.gallery/` next to a local `.metaflow/`, or `<s3 root>/gallery`."""
-    root = flow._datastore._storage_impl.datastore_root
+def use_metaflow_s3_settings() -> None:
+    """Let gallery.storage reach s3:// as Metaflow's S3 client does: the endpoint and CA bundle of its
+    client parameters (METAFLOW_S3_ENDPOINT_URL, METAFLOW_S3_VERIFY_CERTIFICATE, or
+    METAFLOW_DATATOOLS_CLIENT_PARAMS), from the environment or ~/.metaflowconfig (METAFLOW_PROFILE).
+    Flows call it at import, so every step does; the `gallery` command calls it too."""
+    params = metaflow_config.DATATOOLS_CLIENT_PARAMS
+    storage.configure_s3(endpoint_url=params.get("endpoint_url"), ca_bundle=params.get("verify"))
+
+
+def default_store_root() -> str:
+    """Inside a step: beside the run's Metaflow datastore, as recorded in the task's metadata
+    (`.gallery/` next to a local `.metaflow/`, or `<s3 datastore root>/gallery`)."""
+    from metaflow import current
+
+    root = current.task.metadata_dict["ds-root"]
     if storage.is_uri(root):
         return storage.join(root, "gallery")
     return str(Path(root).parent / ".gallery")
