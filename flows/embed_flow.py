@@ -12,6 +12,7 @@ from metaflow import Config, FlowSpec, Parameter, current, resources, retry, ste
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_json
 from gallery.data.ingest import ingest
+from gallery.retrieval.embeddings import embeddings_code
 from gallery.runs import as_input_error, default_store_root, share_machine, trained_run, use_metaflow_s3_settings
 from gallery.steps import collect_quality, export_embeddings, preprocess_shard, shard_rows
 from gallery.training.checkpoints import load_trained
@@ -37,6 +38,7 @@ class GalleryEmbedFlow(FlowSpec):
             model_run = trained_run(self.train_run)
         self.model_run_id, self.run_settings = model_run.run_id, model_run.settings
         self.model_tasks, self.model_stats, self.checkpoints = model_run.tasks, model_run.stats, model_run.checkpoints
+        self.model_embeddings_location = model_run.embeddings_location  # names the binary code the run fitted
         self.store_root = self.store or default_store_root()
         print(f"embedding {self.manifest} with the model of {model_run.run_id}")
         self.next(self.ingest)
@@ -78,7 +80,7 @@ class GalleryEmbedFlow(FlowSpec):
         self.embedded_galleries = export_embeddings(
             model, self.catalogue.frame, self.shard_list, self.run_settings, self.embeddings_location,
             {"run_id": self.model_run_id, "weighting": self.run_settings.train.reference_weighting,
-             "embed_run_id": current.run_id})
+             "embed_run_id": current.run_id}, code=embeddings_code(self.model_embeddings_location))
         self.next(self.end)
 
     @step

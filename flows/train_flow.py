@@ -19,6 +19,7 @@ import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_from_dict, settings_json
 from gallery.data.ingest import describe, ingest
 from gallery.evaluation.report import build_report, write_report
+from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
                           parallel_workers_use_this_python, share_machine, use_metaflow_s3_settings)
@@ -104,34 +105,38 @@ class GalleryTrainFlow(FlowSpec):
         self.quality_location = self.run_location("data_quality.csv")
         with as_input_error():
             self.quality = collect_quality(self.shard_list, self.quality_location)
-        self.weightings = list(self.cfg.train.weightings)
-        self.next(self.train, num_parallel=len(self.weightings) * self.cfg.train.workers)
+        self.trainings = [(w, seed) for seed in seeds_of(self.cfg) for w in self.cfg.train.weightings]
+        self.next(self.train, num_parallel=len(self.trainings) * self.cfg.train.workers)
 
     @retry(times=settings.resources.retries)
     @resources(**settings.resources.train)
     @parallel
     @step
     def train(self):
-        """MTL training of every loss weighting side by side, each by train.workers data-parallel
-        processes (DDP); a retry or a resume continues from the last checkpoint."""
+        """MTL training of every loss weighting (and seed, evaluation.seeds) side by side, each by
+        train.workers data-parallel processes (DDP); a retry or a resume continues from the last checkpoint."""
         share_machine(current.parallel.num_nodes)
-        self.weighting = self.weightings[current.parallel.node_index // self.cfg.train.workers]
-        self.checkpoints = self.run_location("checkpoints", self.weighting)
+        self.weighting, self.seed = self.trainings[current.parallel.node_index // self.cfg.train.workers]
+        folder = seeded(self.weighting, self.seed, self.cfg)
+        self.checkpoints = self.run_location("checkpoints", folder)
         ranks, device = data_parallel(self.cfg.train.workers)
         self.rank = ranks.rank
         recovering = current.origin_run_id is not None or current.retry_count > 0
         self.train_result = train_weighting(
-            self.catalogue, self.shard_list, self.cfg, self.weighting, self.checkpoints,
-            resume_from=checkpoints_to_resume(self.store_root, "checkpoints", self.weighting),
+            self.catalogue, self.shard_list, with_seed(self.cfg, self.seed), self.weighting, self.checkpoints,
+            resume_from=checkpoints_to_resume(self.store_root, "checkpoints", folder),
             on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device).as_dict()
         self.next(self.join_train)
 
     @step
     def join_train(self, inputs):
-        """Keep every weighting's history; the reference model is the preset's (pseudo-uniform, as in the paper)."""
-        self.merge_artifacts(inputs, exclude=["weighting", "checkpoints", "train_result", "rank"])
-        self.training = {i.weighting: i.train_result for i in inputs if i.rank == 0}
-        self.checkpoint_locations = {i.weighting: i.checkpoints for i in inputs}
+        """Keep every weighting's history, per seed; the reference model is the preset's (pseudo-uniform, as
+        in the paper) trained with the preset's seed: the one exported."""
+        self.merge_artifacts(inputs, exclude=["weighting", "seed", "checkpoints", "train_result", "rank"])
+        seeds = seeds_of(self.cfg)
+        self.training_by_seed = [{i.weighting: i.train_result for i in inputs if i.rank == 0 and i.seed == s} for s in seeds]
+        self.checkpoints_by_seed = [{i.weighting: i.checkpoints for i in inputs if i.seed == s} for s in seeds]
+        self.training, self.checkpoint_locations = self.training_by_seed[0], self.checkpoints_by_seed[0]
         self.reference = self.cfg.train.reference_weighting
         if self.reference not in self.training:
             raise InputError(f"reference weighting {self.reference!r} was not trained; weightings: {list(self.training)}")
@@ -158,7 +163,8 @@ class GalleryTrainFlow(FlowSpec):
         share_machine(1 + len(self.task_groups))
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
         self.holdout_results = holdout_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
-                                                  self.imagenet_location, {"run_id": current.run_id})
+                                                  self.imagenet_location, {"run_id": current.run_id},
+                                                  [c[self.reference] for c in self.checkpoints_by_seed])
         self.next(self.join_evaluation)
 
     @step
@@ -174,14 +180,16 @@ class GalleryTrainFlow(FlowSpec):
         share_machine(1 + len(self.task_groups))
         self.optimal = task_optimal_models(
             self.catalogue, self.shard_list, self.cfg, self.input,
-            checkpoints_of=lambda name: self.run_location("task_optimal", name),
-            recovery_of=lambda name: checkpoints_to_resume(self.store_root, "task_optimal", name, markers=(RESULT,)))
+            checkpoints_of=lambda folder: self.run_location("task_optimal", folder),
+            recovery_of=lambda folder: checkpoints_to_resume(self.store_root, "task_optimal", folder, markers=(RESULT,)))
         self.next(self.join_task_optimal)
 
     @step
     def join_task_optimal(self, inputs):
+        """Every task's task-optimal results, per seed."""
         self.merge_artifacts(inputs, exclude=["optimal"])
-        self.optimal = {name: result for i in inputs for name, result in i.optimal.items()}
+        self.optimal_by_seed = [{name: result for i in inputs for name, result in i.optimal[k].items()}
+                                for k in range(self.cfg.evaluation.seeds)]
         self.next(self.join_evaluation)
 
     @step
@@ -192,8 +200,8 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def report(self):
         """Tables, figures and a reading of the results -> reports/<run id>/ and the run's store."""
-        r = build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training, self.holdout_results,
-                         self.optimal, self.embeddings_location, self.imagenet_location,
+        r = build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
+                         self.holdout_results, self.optimal_by_seed, self.embeddings_location, self.imagenet_location,
                          self.checkpoint_locations[self.reference])
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):

@@ -66,11 +66,14 @@ def cmd_bench(args) -> int:
     else:
         from gallery.bench.search import bench_search
 
-        bench_search(sizes=args.sizes)
+        bench_search(sizes=args.sizes, dim=args.dim, queries=args.queries, code_name=args.code)
     return 0
 
 
 def cmd_search(args) -> int:
+    from dataclasses import replace
+
+    from gallery.config import RetrievalSettings
     from gallery.retrieval.search import model_run_id, search_embeddings
 
     model_run = None
@@ -78,16 +81,28 @@ def cmd_search(args) -> int:
         from gallery.runs import trained_run
 
         model_run = trained_run(args.run or model_run_id(args.embeddings))
+    settings = replace(RetrievalSettings(), rerank=args.rerank, approximate_above=args.approximate_above)
     hits = search_embeddings(args.embeddings, k=args.k, binary=args.binary, images=args.images,
-                             gallery_id=args.gallery_id, model_run=model_run)
-    score = "hamming bits" if args.binary else "cosine"
-    print(f"{'rank':>4}  {'gallery_id':<24} {score}")
+                             gallery_id=args.gallery_id, model_run=model_run, settings=settings,
+                             log=lambda line: print(line, file=sys.stderr))
+    hamming = args.binary and not args.rerank
+    print(f"{'rank':>4}  {'gallery_id':<24} {'hamming bits' if hamming else 'cosine'}")
     for rank, (gallery_id, value) in enumerate(hits, 1):
-        print(f"{rank:>4}  {gallery_id:<24} {value:.0f}" if args.binary else f"{rank:>4}  {gallery_id:<24} {value:.4f}")
+        print(f"{rank:>4}  {gallery_id:<24} {value:.0f}" if hamming else f"{rank:>4}  {gallery_id:<24} {value:.4f}")
     return 0
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 for an option, or argparse's usage error naming it."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gallery.config import RetrievalSettings
+
+    defaults = RetrievalSettings()
     parser = argparse.ArgumentParser(prog="gallery", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -118,18 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", default=None, help="seed images, embedded together as one gallery")
     p.add_argument("--gallery-id", default=None, help="use this gallery's embedding as the query")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--binary", action="store_true", help="Hamming search on the packed sign bits")
+    p.add_argument("--binary", action="store_true",
+                   help="search the file's binary codes: Hamming distance finds candidates, exact cosine orders them")
+    p.add_argument("--rerank", type=_count, default=defaults.rerank,
+                   help=f"with --binary: code candidates re-ranked by cosine (default {defaults.rerank}; 0: Hamming order)")
+    p.add_argument("--approximate-above", type=_count, default=defaults.approximate_above,
+                   help=f"galleries above which an approximate index (HNSW, binary IVF) is built once, saved beside "
+                        f"the embeddings and reused (default {defaults.approximate_above:,})")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     p.add_argument("what", choices=["train", "scale", "search"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
                         "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
-                        "search: float vs binary search")
-    p.add_argument("--steps", type=int, default=4, help="timed training steps per variant")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+                        "search: exact and approximate search over float vectors and binary codes, and two-stage search")
+    p.add_argument("--steps", type=int, default=4, help="train: timed training steps per variant")
+    p.add_argument("--device", default=None, help="train: cpu or cuda (default: cuda when present)")
     p.add_argument("--galleries", type=int, nargs=2, default=[1_500, 15_000], help="scale: the two catalogue sizes")
-    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="search: database sizes")
+    p.add_argument("--sizes", type=_count, nargs="+", default=[1_000_000, 10_000_000],
+                   help="search: catalogue sizes (float variants only where the vectors fit in memory; "
+                        "the default takes about 40 minutes on 2 cores)")
+    p.add_argument("--dim", type=_count, default=1280, help="search: embedding dimension")
+    p.add_argument("--queries", type=_count, default=100, help="search: queries timed one at a time")
+    p.add_argument("--code", default=defaults.code, help=f"search: binary code (default {defaults.code})")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -61,6 +61,22 @@ class EvalSettings:
     task_groups: int = 2               # fan-out branches; a local run groups tasks to save start-up
     projection_points: int = 3000      # UMAP on at most this many galleries
     retrieval_examples: int = 3
+    seeds: int = 1                     # training and evaluation repeated with train.seed, +1, ...: mean and spread
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """Binary codes and search indexes (DESIGN §10); the defaults are what the bench and the
+    default run measured (README, "Using the embeddings")."""
+    code: str = "itq256"               # fitted at export on the train split: itq<bits> (ITQ rotation), median, sign
+    rerank: int = 100                  # code candidates re-ranked by exact cosine; 0: pure Hamming order
+    approximate_above: int = 100_000   # galleries; up to this many, indexes are exact (flat)
+    hnsw_links: int = 16               # float HNSW: links per node (memory, build time and recall grow with it)
+    hnsw_build_breadth: int = 40       # float HNSW efConstruction
+    hnsw_search_breadth: int = 64      # float HNSW efSearch: recall against query time
+    ivf_lists: int = 4096              # binary IVF: lists (fewer when the catalogue is small)
+    ivf_probes: int = 128              # binary IVF: lists visited per query: recall against query time
+    curve_codes: tuple[str, ...] = ("sign", "median", "itq64", "itq128", "itq256")  # the report's recall/size curve
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,7 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
 
 

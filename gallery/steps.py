@@ -24,17 +24,20 @@ from gallery.data.shards import Shard, ShardWriter
 from gallery.data.synth import generate
 from gallery.errors import UserError
 from gallery.evaluation.holdout import evaluate_holdout, vectors_as_galleries
+from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import train_task_optimal
 from gallery.model.backbones import build_backbone
 from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_model
 from gallery.model.losses import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
+from gallery.retrieval.codes import BinaryCode, code_location, fit_code, save_code
 from gallery.retrieval.embeddings import embed_galleries, embeddings_table, read_embeddings, write_embeddings
 from gallery.training.cache import trunk_features
+from gallery.training.checkpoints import load_trained
 from gallery.training.device import pick_device
 from gallery.training.distributed import Ranks
-from gallery.training.loop import TrainData, TrainResult, fit
+from gallery.training.loop import TrainData, TrainResult, fit, valid_scores
 
 CHUNK_GALLERIES = 64  # preprocessing holds this many galleries' pixels at a time
 
@@ -136,22 +139,28 @@ def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Setting
         f"{int(source.lengths.sum())} images, {'from the feature cache' if settings.train.use_cache else 'from pixels'}, "
         f"device {device}" + (f", data-parallel rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""))
     w = build_weighting(weighting, catalogue.tasks, catalogue.stats)
-    return fit(model, w, data, settings.train, checkpoints, resume_from, device=device, log=log,
-               on_epoch_end=on_epoch_end, ranks=ranks)
+    result = fit(model, w, data, settings.train, checkpoints, resume_from, device=device, log=log,
+                 on_epoch_end=on_epoch_end, ranks=ranks)
+    result.valid = valid_scores(model, data, settings.train.batch_galleries, device, settings.train.precision)
+    return result
 
 
 # ---------------------------------------------------------------- export
 
 def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Shard], settings: Settings,
-                      location: str, metadata: dict) -> int:
+                      location: str, metadata: dict, code: BinaryCode | None = None) -> int:
     """Embeddings of every readable gallery -> Parquet per data_contracts/embeddings.schema.json.
 
-    `metadata["run_id"]` names the training run whose model made them (searches check it)."""
+    `metadata["run_id"]` names the training run whose model made them (searches check it). The bits are
+    made by `code` (the embed flow passes its training run's); without one, settings.retrieval.code is
+    fitted on the train split and saved beside the embeddings."""
     source = shard_source(shards, settings)
     embeddings = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
     splits = frame.set_index("gallery_id").loc[source.gallery_ids, "split"]
+    if code is None:
+        code = save_code(fit_code(embeddings[splits.to_numpy() == "train"], settings.retrieval.code), code_location(location))
     meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
-    write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta))
+    write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta, code))
     return len(source)
 
 
@@ -165,24 +174,39 @@ def imagenet_embeddings(source: ShardSource, settings: Settings) -> np.ndarray:
 
 
 def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
-                       imagenet_location: str, metadata: dict, log=print) -> list[dict]:
-    """Table 2 for every holdout task; also writes the ImageNet-transfer embeddings for later comparisons."""
+                       imagenet_location: str, metadata: dict, reference_checkpoints: list[str],
+                       log=print) -> list[list[dict]]:
+    """Table 2 for every holdout task, once per seed (evaluation.seeds): the seed's own reference model
+    gives the MTL arm (the first seed's is the exported one), the seed initialises every arm's head and
+    orders its batches. Also writes the ImageNet-transfer embeddings for later comparisons."""
     table, _ = read_embeddings(embeddings_location)
-    mtl_ids = table["gallery_id"].to_pylist()
-    mtl = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    exported_ids = table["gallery_id"].to_pylist()
+    exported = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
     source = shard_source(shards, settings)
     ids, imagenet = source.gallery_ids, imagenet_embeddings(source, settings)
     splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
     write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
         "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
-    stores = {"mtl": vectors_as_galleries(mtl_ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet),
-              "shards": source}
-    return [evaluate_holdout(catalogue, task, settings, stores, log) for task in catalogue.holdout]
+    stores = {"mtl": vectors_as_galleries(exported_ids, exported), "imagenet": vectors_as_galleries(ids, imagenet),
+              "shards": source, "pixels": ShardSource(source.index, features=False)}
+    per_seed = []
+    for k, seed in enumerate(seeds_of(settings)):
+        if k:
+            model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints[k])
+            mtl = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
+            stores = stores | {"mtl": vectors_as_galleries(ids, mtl)}
+        per_seed.append([evaluate_holdout(catalogue, task, with_seed(settings, seed), stores, log)
+                         for task in catalogue.holdout])
+    return per_seed
 
 
 def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Settings, names: list[str],
-                        checkpoints_of, recovery_of, log=print) -> dict:
-    """Task-optimal models for the named tasks, trained together in this process."""
+                        checkpoints_of, recovery_of, log=print) -> list[dict]:
+    """Task-optimal models for the named tasks, trained together in this process, once per seed
+    (evaluation.seeds). `checkpoints_of(folder)` and `recovery_of(folder)` take the model's folder name."""
     tasks = [t for t in catalogue.tasks if t.name in set(names)]
-    return train_task_optimal(catalogue, tasks, shard_source(shards, settings), settings, checkpoints_of,
-                              recovery_of, log)
+    source = shard_source(shards, settings)
+    return [train_task_optimal(catalogue, tasks, source, with_seed(settings, seed),
+                               lambda name, seed=seed: checkpoints_of(seeded(name, seed, settings)),
+                               lambda name, seed=seed: recovery_of(seeded(name, seed, settings)), log)
+            for seed in seeds_of(settings)]

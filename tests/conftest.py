@@ -18,6 +18,11 @@ METAFLOW_ROOT = tempfile.mkdtemp(prefix="gallery-tests-metaflow-")
 os.makedirs(os.path.join(METAFLOW_ROOT, ".metaflow"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = METAFLOW_ROOT
 
+# metaflow.Runner type-checks its arguments with a vendored typeguard whose vendored typing_extensions
+# patches `typing` for TypeVar defaults; torch modules that define generic classes after that (torch.fx's
+# symbolic shapes, loaded lazily by torch.testing.assert_close) then fail to import. Load them first.
+import torch.distributed.tensor  # noqa: E402,F401
+
 
 def free_port() -> int:
     with socket.socket() as s:

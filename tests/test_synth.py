@@ -79,3 +79,14 @@ def test_cli_synth_then_validate(tmp_path):
     assert "galleries: 200" in done.stdout and "star_rating" in done.stdout
     bad = subprocess.run(run + ["synth", "--out", str(out), "--min-images", "5", "--max-images", "2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "min images <= max images" in bad.stderr
+
+
+def test_every_size_of_every_building_renders():
+    """The smallest hostel (one floor) left no room for its lights and crashed a 1,500-gallery catalogue."""
+    from gallery.data.synth.render import Canvas, Look, building
+
+    for arch in ("tower", "block", "hostel", "villa", "cabin"):
+        for size in range(4):
+            p = {"_archetype": arch, "_size": size, "_luxury": 0.5, "_region": 1, "_country": 2, "_type": 3,
+                 "_has_balcony": True, "_is_chain": True}
+            building(Canvas(32, np.random.default_rng(size)), p, Look(p), horizon=0.6)

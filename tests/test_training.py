@@ -19,7 +19,7 @@ from gallery.data.tasks import Task
 from gallery.evaluation.task_optimal import train_task_optimal
 from gallery.model.gallery_model import build_model
 from gallery.model.heads import HeadLayout
-from gallery.model.losses import Kendall, PseudoUniform, TaskLosses, TaskSums, build_weighting, weighted_loss
+from gallery.model.losses import Kendall, PseudoUniform, TaskLosses, build_weighting, weighted_loss
 from gallery.retrieval.embeddings import embed_galleries, pack_sign_bits
 from gallery.training.cache import trunk_features
 from gallery.training.loop import TrainData, fit

@@ -82,7 +82,8 @@ def encoded_kb_at_224(settings, folder: str) -> dict:
 
 
 def bench_scale(sizes=(1_500, 15_000), image_size: int = 64, min_images: int = 2, max_images: int = 6,
-                log=print) -> list[dict]:
+                code: str | None = None, log=print) -> list[dict]:
+    """`code`: the binary code the export fits (default: the default preset's)."""
     from gallery.data.synth import SynthSettings, generate
 
     base = load_settings("default")
@@ -92,7 +93,8 @@ def bench_scale(sizes=(1_500, 15_000), image_size: int = 64, min_images: int = 2
             synth = SynthSettings(galleries=n, seed=0, image_size=image_size, min_images=min_images, max_images=max_images)
             settings = replace(base, model=replace(base.model, image_size=image_size),
                                train=replace(base.train, max_epochs=1, precision="fp32"),
-                               data=replace(base.data, synth=synth, shards=2))
+                               data=replace(base.data, synth=synth, shards=2),
+                               retrieval=replace(base.retrieval, code=code or base.retrieval.code))
             folder = f"{tmp}/{n}"
             start = time.perf_counter()
             generate(f"{folder}/catalogue", synth)

@@ -1,20 +1,26 @@
-"""How good are the neighbours? Binary against float search, and attribute agreement of top-k lists."""
+"""How good are the neighbours? Binary codes against float search, and attribute agreement of top-k lists.
+
+The yardstick is exact float (cosine) search; every code is searched exactly too (flat Hamming), so
+the numbers measure the code, not an approximate index. Valid galleries are the queries.
+"""
 from __future__ import annotations
 
 import numpy as np
 
+from gallery.config import RetrievalSettings
 from gallery.data.ingest import Catalogue
 from gallery.evaluation.projection import agreement_attributes
-from gallery.retrieval.embeddings import read_embeddings
-from gallery.retrieval.index import BinaryIndex, FloatIndex, neighbours, without_self
+from gallery.retrieval.codes import BinaryCode, CodeError, fit_code
+from gallery.retrieval.embeddings import embedding_matrix, read_embeddings
+from gallery.retrieval.index import CodeIndex, FloatIndex, normalize, without_self
+
+MAX_QUERIES = 2_000  # valid galleries used as queries (a seeded sample beyond): exact search of all is quadratic
 
 
-def recall_at_k(embeddings: np.ndarray, query_rows: np.ndarray, k: int = 10) -> float:
-    """Share of float search's top-k (cosine) that binary search (Hamming) also returns in its top-k."""
-    queries = embeddings[query_rows]
-    exact = without_self(FloatIndex(embeddings).search(queries, k + 1), query_rows, k)
-    binary = without_self(BinaryIndex(embeddings).search(queries, k + 1), query_rows, k)
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, binary)]))
+def recall_at_k(exact: np.ndarray, found: np.ndarray) -> float:
+    """Mean share of each query's exact top-k rows that `found` (same shape) also returns."""
+    k = exact.shape[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, found)]))
 
 
 def attribute_agreement(neighbours: np.ndarray, labels: np.ndarray, query_rows: np.ndarray) -> float:
@@ -29,21 +35,71 @@ def attribute_agreement(neighbours: np.ndarray, labels: np.ndarray, query_rows: 
     return float(np.mean(shares)) if shares else float("nan")
 
 
+def float_neighbours(embeddings: np.ndarray, query_rows: np.ndarray, k: int) -> np.ndarray:
+    """Each query's top k other galleries by exact cosine."""
+    index = FloatIndex(embeddings, RetrievalSettings(approximate_above=len(embeddings)))
+    return without_self(index.search(embeddings[query_rows], k + 1), query_rows, k)
+
+
+def code_neighbours(codes: np.ndarray, unit_vectors: np.ndarray | None, query_rows: np.ndarray, k: int,
+                    rerank: int) -> np.ndarray:
+    """Each query's top k other galleries by exact Hamming distance, or with `unit_vectors` its top `rerank`
+    by Hamming re-ordered by cosine (two-stage search). The query's own row is asked for one more place."""
+    settings = RetrievalSettings(rerank=rerank + 1, approximate_above=len(codes))
+    index = CodeIndex(codes, settings, vectors=unit_vectors)
+    queries = None if unit_vectors is None else unit_vectors[query_rows]
+    return without_self(index.search(codes[query_rows], k + 1, queries), query_rows, k)
+
+
+def code_curve(embeddings: np.ndarray, train_rows: np.ndarray, query_rows: np.ndarray, exact: np.ndarray,
+               labels: dict[str, np.ndarray], names, run_code: BinaryCode, rerank: int) -> list[dict]:
+    """Recall@k against exact float search and attribute agreement, for pure Hamming and two-stage search,
+    per code (fitted on the train rows; the run's own code as exported). A code that cannot be fitted
+    here (more bits than train galleries) is listed with the reason."""
+    k, unit = exact.shape[1], normalize(embeddings)
+    rows = []
+    for name in names:
+        try:
+            code = run_code if name == run_code.name else fit_code(embeddings[train_rows], name)
+        except CodeError as e:
+            rows.append({"code": name, "skipped": str(e)})
+            continue
+        codes = code.encode(embeddings)
+        found = {"hamming": code_neighbours(codes, None, query_rows, k, 0),
+                 "two_stage": code_neighbours(codes, unit, query_rows, k, rerank)}
+        rows.append({"code": name, "bits": code.bits, "bytes_per_gallery": code.bytes_per_gallery,
+                     "run_code": code is run_code,
+                     **{f"recall_{kind}": recall_at_k(exact, f) for kind, f in found.items()},
+                     "attribute_agreement": {attr: {kind: attribute_agreement(f, values, query_rows) for kind, f in found.items()}
+                                             for attr, values in labels.items()}})
+    return rows
+
+
 def binary_vs_float(catalogue: Catalogue, ids: list[str], embeddings: np.ndarray, imagenet_location: str,
-                    k: int = 10) -> dict | None:
-    """Recall@k of Hamming search on sign bits against float search, and attribute agreement of the
-    top-k neighbours (float MTL, binary MTL, float ImageNet transfer), valid galleries as queries."""
+                    run_code: BinaryCode, settings: RetrievalSettings, k: int = 10) -> dict | None:
+    """Recall@k of the run's two-stage code search against float search, attribute agreement of the top-k
+    neighbours (float MTL, code MTL, float ImageNet transfer), and the recall/size curve over
+    `settings.curve_codes`; valid galleries as queries."""
     frame = catalogue.frame.set_index("gallery_id").loc[ids]
-    queries = np.flatnonzero(frame["split"].to_numpy() == "valid")
+    split = frame["split"].to_numpy()
+    queries = np.flatnonzero(split == "valid")
     if len(queries) == 0 or len(ids) <= k:
         return None
+    if len(queries) > MAX_QUERIES:
+        queries = np.sort(np.random.default_rng(0).choice(queries, MAX_QUERIES, replace=False))
     imagenet_table, _ = read_embeddings(imagenet_location)
-    imagenet = np.stack(imagenet_table["embedding"].to_numpy(zero_copy_only=False))
     assert imagenet_table["gallery_id"].to_pylist() == ids, "ImageNet and MTL embeddings list the same galleries"
-    found = {"float": neighbours(embeddings, queries, k, binary=False),
-             "binary": neighbours(embeddings, queries, k, binary=True),
-             "imagenet_float": neighbours(imagenet, queries, k, binary=False)}
-    agreement = {t.name: {kind: attribute_agreement(rows, frame[t.name].to_numpy(), queries) for kind, rows in found.items()}
-                 for t in agreement_attributes(catalogue)}
-    return {"k": k, "queries": len(queries), "recall_binary_vs_float": recall_at_k(embeddings, queries, k),
-            "attribute_agreement": agreement}
+    labels = {t.name: frame[t.name].to_numpy() for t in agreement_attributes(catalogue)}
+    exact = float_neighbours(embeddings, queries, k)
+    curve = code_curve(embeddings, np.flatnonzero(split == "train"), queries, exact, labels,
+                       dict.fromkeys([*settings.curve_codes, run_code.name]), run_code, settings.rerank)
+    ours = next(row for row in curve if row.get("run_code"))
+    found = {"float": exact, "imagenet_float": float_neighbours(embedding_matrix(imagenet_table), queries, k)}
+    agreement = {attr: {"float": attribute_agreement(found["float"], values, queries),
+                        "binary": ours["attribute_agreement"][attr]["two_stage"],
+                        "imagenet_float": attribute_agreement(found["imagenet_float"], values, queries)}
+                 for attr, values in labels.items()}
+    return {"k": k, "queries": len(queries), "code": run_code.name, "code_bits": run_code.bits,
+            "code_bytes": run_code.bytes_per_gallery, "float_bytes": 4 * embeddings.shape[1], "rerank": settings.rerank,
+            "recall_binary_vs_float": ours["recall_two_stage"], "recall_hamming_vs_float": ours["recall_hamming"],
+            "attribute_agreement": agreement, "curve": curve}

@@ -1,10 +1,5 @@
-"""Per-task comparison with task-optimal models (paper §4.2, Figures 5 and 6).
-
-A task-optimal model is the same architecture trained on one task alone. Per task and MTL
-weighting: error (1 - accuracy, or MSE for regression), the relative error increase
-(err_MTL - err_opt) / err_opt (negative: MTL does better), and the majority/mean baseline.
-For binary tasks, the class balance (minority fraction) against that relative error increase,
-with Pearson's r and p.
+"""Task-optimal models (paper §4.2): the same architecture trained on one task alone, the yardstick
+of Figures 5 and 6 (compared with the MTL models in gallery.evaluation.comparisons).
 """
 from __future__ import annotations
 
@@ -12,9 +7,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 import torch
-from scipy import stats as scistats
 
 import gallery.storage as storage
 from gallery.config import Settings
@@ -78,14 +71,19 @@ def train_task_optimal(catalogue: Catalogue, tasks: list[Task], source, settings
         models.append(build_model(settings.model, [todo[k]], catalogue.stats))
         weightings.append(build_weighting("pseudo_uniform", [todo[k]], catalogue.stats))
 
+    valid_ids = [source.gallery_ids[r] for r in data.valid_rows]
+
     def done(m: int, result) -> None:
         k, task = trained[m], todo[trained[m]]
+        scored = ~np.isnan(result.best_scores)
         outcome = {"error": error(task.kind, result.best_metric), "epochs": len(result.valid_losses),
                    "best_epoch": result.best_epoch, "max_epochs": settings.train.max_epochs,
                    "patience": settings.train.patience,
                    "baseline_error": error(task.kind, baseline(task.kind, targets[data.train_rows, k],
                                                                targets[data.valid_rows, k])),
-                   "valid_labelled": int(labelled[data.valid_rows, k].sum())}
+                   "valid_labelled": int(labelled[data.valid_rows, k].sum()),
+                   "valid_ids": [g for g, s in zip(valid_ids, scored) if s],   # each labelled valid gallery's
+                   "valid_scores": result.best_scores[scored].tolist()}      # score (gallery_scores), for pairing
         storage.write_bytes(storage.join(checkpoints_of(task.name), RESULT), json.dumps(outcome).encode())
         log(f"task-optimal {task.name}: error {outcome['error']:.4f} (best of {outcome['epochs']} epochs)")
         outcomes[task.name] = outcome
@@ -93,41 +91,3 @@ def train_task_optimal(catalogue: Catalogue, tasks: list[Task], source, settings
     fit_single_task_models(models, weightings, replace(data, targets=targets[:, trained]), settings.train, log=log,
                            on_model_done=done)  # column m of the targets: model m's task
     return {t.name: outcomes[t.name] for t in tasks}
-
-
-def per_task_table(catalogue: Catalogue, training: dict, optimal: dict) -> pd.DataFrame:
-    """One row per MTL task: errors of each weighting, the task-optimal model and the baseline."""
-    rows = []
-    for task in catalogue.tasks:
-        opt = optimal[task.name]
-        row = {"task": task.name, "kind": task.kind, "minority_fraction": catalogue.stats[task.name].minority_fraction,
-               "valid_labelled": opt["valid_labelled"], "error_task_optimal": opt["error"],
-               "error_baseline": opt["baseline_error"]}
-        for weighting, result in training.items():
-            best = result["history"][result["best_epoch"]]
-            err = error(task.kind, best["valid_metrics"][task.name])
-            row[f"error_{weighting}"] = err
-            row[f"relative_error_increase_{weighting}"] = (err - opt["error"]) / opt["error"] if opt["error"] > 0 else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def class_balance(table: pd.DataFrame, weightings) -> dict:
-    """Pearson r, p and the least-squares line of minority fraction vs relative error increase (binary tasks)."""
-    out = {}
-    binary = table[table["kind"] == "binary"]
-    for weighting in weightings:
-        pairs = binary[["minority_fraction", f"relative_error_increase_{weighting}"]].dropna()
-        if len(pairs) < 3 or pairs.iloc[:, 0].nunique() < 2 or pairs.iloc[:, 1].nunique() < 2:
-            out[weighting] = {"n": len(pairs), "r": np.nan, "p": np.nan, "slope": np.nan, "intercept": np.nan}
-            continue
-        fit = scistats.linregress(pairs.iloc[:, 0], pairs.iloc[:, 1])
-        out[weighting] = {"n": len(pairs), "r": float(fit.rvalue), "p": float(fit.pvalue),
-                          "slope": float(fit.slope), "intercept": float(fit.intercept)}
-    return out
-
-
-def pseudo_uniform_wins(table: pd.DataFrame) -> dict:
-    """Tasks where pseudo-uniform has a lower error than Kendall (the paper: 22 of 31)."""
-    wins = int((table["error_pseudo_uniform"] < table["error_kendall"]).sum())
-    return {"wins": wins, "tasks": len(table), "share": wins / max(len(table), 1)}

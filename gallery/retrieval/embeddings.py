@@ -1,4 +1,4 @@
-"""Gallery embeddings for export: float vectors and their packed sign bits (Pinterest-style binarization)."""
+"""Gallery embeddings for export: float vectors and their binary codes (Pinterest-style binarization, see codes.py)."""
 from __future__ import annotations
 
 import io
@@ -12,6 +12,7 @@ import gallery.storage as storage
 from gallery.data.packed import PackedGalleries
 from gallery.data.readers import batches_of, stream
 from gallery.model.gallery_model import GalleryEncoder
+from gallery.retrieval.codes import BinaryCode, code_of, sign_code
 from gallery.training.device import autocast, fast_layout, pick_device
 
 
@@ -42,22 +43,29 @@ def embed_images(encoder: GalleryEncoder, images: list[np.ndarray], device=None)
 
 
 def pack_sign_bits(embeddings: np.ndarray) -> np.ndarray:
-    """(G, d) floats -> (G, ceil(d/8)) uint8: bit = value > 0, most significant bit first."""
-    return np.packbits(embeddings > 0, axis=1)
+    """(G, d) floats -> (G, ceil(d/8)) uint8: bit = value > 0, most significant bit first (the sign code)."""
+    return sign_code(embeddings.shape[1]).encode(embeddings)
 
 
-def embeddings_table(gallery_ids, splits, embeddings: np.ndarray, metadata: dict):
-    """The export of data_contracts/embeddings.schema.json as an Arrow table with schema metadata."""
+def embeddings_table(gallery_ids, splits, embeddings: np.ndarray, metadata: dict, code: BinaryCode | None = None):
+    """The export of data_contracts/embeddings.schema.json as an Arrow table with schema metadata.
+
+    `embedding_bits` are the embeddings binarized by `code` (a saved code: codes.save_code), sign bits
+    when none is given; the metadata names the code, its bits and where it is saved."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = embeddings.shape
-    bits = pack_sign_bits(embeddings)
+    code = sign_code(dim) if code is None else code
+    if code.name != "sign" and code.location is None:
+        raise ValueError(f"save the fitted {code.name} code (codes.save_code) before writing bits made with it: "
+                         "the embeddings file must name where it is")
+    bits = code.encode(embeddings)
     table = pa.table({
         "gallery_id": pa.array(list(gallery_ids), pa.string()),
         "split": pa.array(list(splits), pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim),
-        "embedding_bits": pa.array([row.tobytes() for row in bits], pa.binary(bits.shape[1])),
+        "embedding_bits": pa.FixedSizeBinaryArray.from_buffers(pa.binary(bits.shape[1]), n, [None, pa.py_buffer(bits)]),
     })
-    meta = {f"gallery.{k}": str(v) for k, v in {**metadata, "dimension": dim}.items()}
+    meta = {f"gallery.{k}": str(v) for k, v in {**metadata, "dimension": dim, **code.metadata()}.items()}
     return table.replace_schema_metadata(meta)
 
 
@@ -73,9 +81,34 @@ def read_embeddings_metadata(location: str) -> dict:
         return _gallery_metadata(pq.read_schema(f))
 
 
+def embeddings_code(location: str) -> BinaryCode:
+    """The code that made a file's `embedding_bits`: binarize more galleries with it (the embed flow, queries)."""
+    return code_of(read_embeddings_metadata(location))
+
+
 def _gallery_metadata(schema) -> dict:
     return {k.decode()[len("gallery."):]: v.decode() for k, v in (schema.metadata or {}).items()
             if k.decode().startswith("gallery.")}
+
+
+def read_columns(location: str, columns: list[str]):
+    """Some columns of an embeddings file, reading only their bytes (ids and codes without the floats)."""
+    with storage.open_input_file(location) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def embedding_matrix(table) -> np.ndarray:
+    """(G, d) float32 of the `embedding` column."""
+    column = table["embedding"].combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+
+
+def code_matrix(table) -> np.ndarray:
+    """(G, bytes) uint8 packed bits of the `embedding_bits` column."""
+    column = table["embedding_bits"].combine_chunks()
+    width = column.type.byte_width
+    data = np.frombuffer(column.buffers()[1], np.uint8)
+    return data[column.offset * width:(column.offset + len(column)) * width].reshape(len(column), width)
 
 
 def read_embeddings(location: str):

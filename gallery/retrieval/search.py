@@ -1,17 +1,34 @@
 """Search an embeddings file: the nearest galleries to one of its galleries or to seed images.
 
+Float search ranks by cosine similarity; code search (`binary`) finds candidates by Hamming distance
+on the file's binary codes and re-ranks the top `RetrievalSettings.rerank` by exact cosine. Up to
+`approximate_above` galleries the indexes are exact and built in memory; above it, HNSW (float) or
+IVF (codes) indexes and the float16 vectors that re-ranking reads are saved beside the file and
+reused until the file changes (gallery.retrieval.saved).
+
 Seed images are embedded together as one gallery by the model of a training run (the caller
-resolves the run: gallery.runs.trained_run); a model whose space differs from the file's is refused.
+resolves the run: gallery.runs.trained_run) and binarized with the code the file names; a model
+whose space differs from the file's is refused.
 """
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 
 import gallery.storage as storage
+from gallery.config import RetrievalSettings
 from gallery.data.images import ImageProblem, load_image
 from gallery.errors import UserError
-from gallery.retrieval.embeddings import embed_images, read_embeddings, read_embeddings_metadata
-from gallery.retrieval.index import BinaryIndex, FloatIndex
+from gallery.retrieval.codes import code_of
+from gallery.retrieval.embeddings import (
+    code_matrix,
+    embed_images,
+    embedding_matrix,
+    read_columns,
+    read_embeddings_metadata,
+)
+from gallery.retrieval.index import BLOCK_ROWS, CodeIndex, FloatIndex, Hits, normalize
+from gallery.retrieval.saved import saved_index, saved_vectors
 
 
 class SearchError(UserError):
@@ -29,41 +46,98 @@ def _require(embeddings_location: str) -> None:
         raise SearchError(f"embeddings file {embeddings_location} does not exist")
 
 
+class FileIndex:
+    """The index of one embeddings file, for float or code search, exact or approximate by its size."""
+
+    def __init__(self, location: str, binary: bool, settings: RetrievalSettings = RetrievalSettings(), log=print):
+        self.location, self.binary = location, binary
+        self.metadata = read_embeddings_metadata(location)
+        with storage.open_input_file(location) as f:
+            rows = pq.read_metadata(f).num_rows
+        approximate = rows > settings.approximate_above
+        if binary:
+            self.code = code_of(self.metadata)
+            self.codes = code_matrix(read_columns(location, ["embedding_bits"]))
+            index, vectors = None, None
+            if approximate:
+                index = saved_index(location, "codes-ivf", {"code": self.code.name, "lists": settings.ivf_lists},
+                                    lambda: CodeIndex(self.codes, settings).index, binary=True, log=log)
+            if settings.rerank:
+                vectors = (saved_vectors(location, "rerank-float16", {}, self._unit_float16, log)
+                           if approximate else normalize(self._floats()))
+            self.index = CodeIndex(self.codes, settings, index=index, vectors=vectors)
+        elif approximate:
+            params = {"links": settings.hnsw_links, "build_breadth": settings.hnsw_build_breadth}
+            self.index = FloatIndex(settings=settings, index=saved_index(
+                location, "float-hnsw", params, lambda: FloatIndex(self._floats(), settings).index, binary=False, log=log))
+        else:
+            self.index = FloatIndex(self._floats(), settings)
+
+    def _floats(self) -> np.ndarray:
+        return embedding_matrix(read_columns(self.location, ["embedding"]))
+
+    def _unit_float16(self) -> np.ndarray:
+        """The vectors two-stage search re-ranks with on a large catalogue: half the bytes of float32."""
+        floats = self._floats()
+        return np.concatenate([normalize(floats[s:s + BLOCK_ROWS]).astype(np.float16) for s in range(0, len(floats), BLOCK_ROWS)])
+
+    def encode_query(self, vector: np.ndarray) -> np.ndarray:
+        """A query embedding's bits, by the code that made the file's bits."""
+        return self.code.encode(vector[None])
+
+    def search_vector(self, vector: np.ndarray, k: int) -> Hits:
+        """Nearest galleries to an embedding (e.g. of seed images)."""
+        if self.binary:
+            return self.index.search(self.encode_query(vector), k, vector[None])
+        return self.index.search(vector[None], k)
+
+    def search_row(self, row: int, k: int) -> Hits:
+        """Nearest galleries to the file's gallery at `row`, queried with its stored vector (and bits)."""
+        if self.binary:
+            query = None if self.index.vectors is None else np.asarray(self.index.vectors[row], np.float32)[None]
+            return self.index.search(self.codes[row], k, query)
+        return self.index.search(self.index.vector(row), k)
+
+
 def search_embeddings(embeddings_location: str, k: int = 10, binary: bool = False, images=None,
-                      gallery_id: str | None = None, model_run=None) -> list[tuple[str, float]]:
+                      gallery_id: str | None = None, model_run=None, settings: RetrievalSettings = RetrievalSettings(),
+                      log=print) -> list[tuple[str, float]]:
     """Top-k galleries of an embeddings file for one of its galleries, or for seed images embedded
     by `model_run`'s model (a gallery.runs.TrainedRun; normally the run that made the file, whose id
-    is in the file's metadata: `read_embeddings_metadata(location)["run_id"]`)."""
+    is in the file's metadata: `read_embeddings_metadata(location)["run_id"]`). Scores are cosine
+    similarities, or Hamming distances in bits for code search with `settings.rerank` 0."""
     _require(embeddings_location)
-    table, meta = read_embeddings(embeddings_location)
-    ids = table["gallery_id"].to_pylist()
-    embeddings = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     if (images is None) == (gallery_id is None):
         raise SearchError("give seed images (--images) or an existing gallery (--gallery-id), not both")
-    if gallery_id is not None:
-        if gallery_id not in ids:
-            raise SearchError(f"gallery {gallery_id!r} is not in {embeddings_location} ({len(ids)} galleries)")
-        query = embeddings[ids.index(gallery_id)]
-    else:
-        if model_run is None:
-            raise ValueError("seed images need the training run whose model embeds them (model_run)")
-        model = model_run.model()
-        if int(meta.get("dimension", embeddings.shape[1])) != model.encoder.dim:
-            raise SearchError(f"{embeddings_location} holds {meta.get('dimension')}-d embeddings "
-                              f"({meta.get('backbone')}), but run {model_run.run_id}'s model makes {model.encoder.dim}-d "
-                              f"ones ({model_run.settings.model.backbone}): search with the run that made the file "
-                              f"(--run {meta.get('run_id')}) or embed the catalogue with flows/embed_flow.py")
-        if meta.get("run_id") not in (None, model_run.run_id):
-            raise SearchError(f"{embeddings_location} was made by run {meta['run_id']}, the seeds would be embedded by "
-                              f"run {model_run.run_id}: two models, two spaces. Pass --run {meta['run_id']}, or embed "
-                              f"the catalogue with run {model_run.run_id} (flows/embed_flow.py --train-run {model_run.run_id})")
-        pictures = []
-        for path in images:
-            try:
-                pictures.append(load_image(path, model_run.settings.model.image_size))
-            except ImageProblem as e:
-                raise SearchError(f"seed image {path}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None
-        query = embed_images(model.encoder, pictures)
-    index = BinaryIndex(embeddings) if binary else FloatIndex(embeddings)
-    hits = index.search(query[None], min(k, len(ids)))
+    ids = read_columns(embeddings_location, ["gallery_id"])["gallery_id"].to_pylist()
+    if gallery_id is not None and gallery_id not in ids:
+        raise SearchError(f"gallery {gallery_id!r} is not in {embeddings_location} ({len(ids)} galleries)")
+    query = None if images is None else _embed_seeds(embeddings_location, images, model_run)
+    index = FileIndex(embeddings_location, binary, settings, log)
+    k = min(k, len(ids))
+    hits = index.search_row(ids.index(gallery_id), k) if query is None else index.search_vector(query, k)
     return [(ids[r], float(s)) for r, s in zip(hits.rows[0], hits.scores[0]) if r >= 0]
+
+
+def _embed_seeds(embeddings_location: str, images, model_run) -> np.ndarray:
+    """Seed images embedded as one gallery by the run's model, after checking it made the file's space."""
+    if model_run is None:
+        raise ValueError("seed images need the training run whose model embeds them (model_run)")
+    meta = read_embeddings_metadata(embeddings_location)
+    model = model_run.model()
+    if int(meta["dimension"]) != model.encoder.dim:
+        raise SearchError(f"{embeddings_location} holds {meta.get('dimension')}-d embeddings "
+                          f"({meta.get('backbone')}), but run {model_run.run_id}'s model makes {model.encoder.dim}-d "
+                          f"ones ({model_run.settings.model.backbone}): search with the run that made the file "
+                          f"(--run {meta.get('run_id')}) or embed the catalogue with flows/embed_flow.py")
+    if meta.get("run_id") not in (None, model_run.run_id):
+        raise SearchError(f"{embeddings_location} was made by run {meta['run_id']}, the seeds would be embedded by "
+                          f"run {model_run.run_id}: two models, two spaces. Pass --run {meta['run_id']}, or embed "
+                          f"the catalogue with run {model_run.run_id} (flows/embed_flow.py --train-run {model_run.run_id})")
+    pictures = []
+    for path in images:
+        try:
+            pictures.append(load_image(path, model_run.settings.model.image_size))
+        except ImageProblem as e:
+            raise SearchError(f"seed image {path}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None
+    return embed_images(model.encoder, pictures)

@@ -76,6 +76,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_at_epoch: int | None = None
     weights_digest: str = ""  # SHA-1 of the final (best) weights: data-parallel ranks must agree
+    valid: dict | None = None  # each valid gallery's score per task with the best weights (valid_scores)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +150,30 @@ def predict(model: GalleryModel, data: TrainData, rows, batch_galleries: int, de
     if not zs:  # no galleries asked for
         return torch.zeros(0, model.encoder.dim), torch.zeros(0, model.heads.layout.columns)
     return torch.cat(zs), torch.cat(outs)
+
+
+def gallery_scores(layout, outputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """(galleries, tasks): 1/0 for a right/wrong class (classification), the squared error (regression),
+    NaN where the gallery has no label: what paired statistics compare between two models."""
+    targets = targets.float()
+    out = np.full(tuple(targets.shape), np.nan, np.float32)
+    for k, task in enumerate(layout.tasks):
+        prediction = layout.task_output(outputs, k).float()
+        if task.kind == "regression":
+            score = (prediction - targets[:, k]) ** 2
+        else:
+            predicted = (prediction > 0).float() if task.kind == "binary" else prediction.argmax(1).float()
+            score = (predicted == targets[:, k]).float()
+        labelled = ~torch.isnan(targets[:, k])
+        out[labelled.numpy(), k] = score[labelled].numpy()
+    return out
+
+
+def valid_scores(model: GalleryModel, data: TrainData, batch_galleries: int, device, precision: str = "fp32") -> dict:
+    """Every valid gallery's score on every task (gallery_scores), with the galleries' ids."""
+    _, outputs = predict(model, data, data.valid_rows, batch_galleries, device, precision)
+    return {"gallery_ids": [data.source.gallery_ids[r] for r in data.valid_rows],
+            "scores": gallery_scores(model.heads.layout, outputs, data.targets[data.valid_rows])}
 
 
 @torch.no_grad()

@@ -22,15 +22,17 @@ from gallery.model.gallery_model import GalleryModel
 from gallery.model.losses import TaskSums, task_metrics, weighted_loss
 from gallery.progress import Progress
 from gallery.training.device import autocast, fast_layout, pick_device
-from gallery.training.loop import Objective, TrainData, make_optimizer, on_device
+from gallery.training.loop import Objective, TrainData, gallery_scores, make_optimizer, on_device
 
 
 @dataclass
 class SingleTaskResult:
-    """One model's validation history (loss, and its task's metric), best epoch, and when it stopped."""
+    """One model's validation history (loss, and its task's metric), best epoch, when it stopped, and
+    each valid gallery's score at the best epoch (gallery.training.loop.gallery_scores)."""
 
     valid_losses: list[float] = field(default_factory=list)
     valid_metrics: list[float] = field(default_factory=list)
+    best_scores: np.ndarray | None = None
     best_epoch: int = -1
     epochs_without_gain: int = 0
     stopped_early: bool = False
@@ -74,12 +76,12 @@ def fit_single_task_models(models: list[GalleryModel], weightings: list, data: T
             optimizer.step()
             progress.update(len(batch.x))
 
-        for m, sums in zip(active, _validation_sums(models, active, data, settings, device)):
+        for m, (sums, scores) in zip(active, _validation(models, active, data, settings, device)):
             r = results[m]
             r.valid_losses.append(float(weighted_loss(weightings[m], sums)))
             r.valid_metrics.append(next(iter(task_metrics(sums, models[m].heads.layout).values())))
             if r.best_epoch < 0 or r.valid_losses[-1] < r.best_valid_loss:
-                r.best_epoch, r.epochs_without_gain = epoch, 0
+                r.best_epoch, r.epochs_without_gain, r.best_scores = epoch, 0, scores
             else:
                 r.epochs_without_gain += 1
             r.stopped_early = r.epochs_without_gain >= settings.patience
@@ -105,9 +107,10 @@ def shared_input(models, data: TrainData, batch, device, precision: str):
 
 
 @torch.no_grad()
-def _validation_sums(models, active, data: TrainData, settings: TrainSettings, device) -> list[TaskSums]:
-    """Whole-valid-split task sums of each active model, every valid batch read once for all of them."""
-    sums = [None] * len(active)
+def _validation(models, active, data: TrainData, settings: TrainSettings, device) -> list[tuple[TaskSums, np.ndarray]]:
+    """Each active model's whole-valid-split task sums and per-gallery scores; every valid batch is
+    read once for all of them."""
+    sums, scores = [None] * len(active), [[] for _ in active]
     for m in active:
         models[m].eval()
     for batch in data.stream(batches_of(data.valid_rows, settings.batch_galleries), device):
@@ -117,4 +120,5 @@ def _validation_sums(models, active, data: TrainData, settings: TrainSettings, d
                 _, outputs = models[m](x, index, batch.n, from_features=True)
             s = models[m].losses(outputs, targets[:, m:m + 1])
             sums[i] = s if sums[i] is None else sums[i] + s
-    return sums
+            scores[i].append(gallery_scores(models[m].heads.layout, outputs.cpu(), targets[:, m:m + 1].cpu())[:, 0])
+    return [(s, np.concatenate(g)) for s, g in zip(sums, scores)]

@@ -160,8 +160,8 @@ def building(c: Canvas, p, look: Look, horizon: float):
                 if arch == "block" and p["_has_balcony"]:
                     c.line(fx - 0.01, fy + 0.05, fx + 0.06, fy + 0.05, (40, 40, 40), 2)
         if arch == "hostel":
-            for _ in range(5):
-                x, y = c.rng.uniform(left, right - 0.1), c.rng.uniform(top, horizon - 0.1)
+            for _ in range(5):  # a low building leaves no room below its top: the lights sit at the top
+                x, y = c.rng.uniform(left, right - 0.1), c.rng.uniform(top, max(top, horizon - 0.1))
                 c.ellipse(x, y, x + 0.1, y + 0.1, _rgb(c.rng.random(), 0.8, 0.9))
         if p["_is_chain"]:
             c.rect(left + 0.02, top - 0.06, left + 0.2, top - 0.01, (0, 70, 160))

@@ -1,0 +1,230 @@
+"""The report's comparisons on constructed inputs: known arms, known per-task errors, known class
+balance; each reading's three cases; the paper's figures only beside rows that mean the same."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from gallery.data.ingest import Catalogue
+from gallery.data.labels import LabelStats
+from gallery.data.tasks import Task
+from gallery.evaluation.comparisons import (class_balance, findings, mtl_vs_baseline, mtl_vs_optimal, paper_row, per_task,
+                                            table2_comparisons, weighting_wins)
+from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
+
+N = 200
+
+
+def arm(scores_per_row):
+    return {"rows": [{"label": f"row {i}", "scores": list(s)} for i, s in enumerate(scores_per_row)]}
+
+
+def test_table2_readings_follow_paired_tests_on_the_same_galleries():
+    rng = np.random.default_rng(0)
+    base = (rng.random(N) < 0.5).astype(float)
+    better = np.where(rng.random(N) < 0.3, 1.0, base)    # right wherever base is, and on 30% more
+    worse = np.where(rng.random(N) < 0.3, 0.0, base)
+    holdout = {"metric": "accuracy", "arms": {"mtl": arm([better, base, worse]), "imagenet": arm([base, base, base]),
+                                              "end_to_end": arm([worse, base, better])}}
+    rows = table2_comparisons(holdout, seed=1)
+    assert [r["mtl_vs_imagenet"]["reading"] for r in rows] == [CONSISTENT, NOISE, OPPOSITE]
+    assert [r["mtl_vs_end_to_end"]["reading"] for r in rows] == [CONSISTENT, NOISE, OPPOSITE]
+    first = rows[0]["mtl_vs_imagenet"]
+    assert first["estimate"] == pytest.approx(better.mean() - base.mean())
+    discordant = int(((better == 1) & (base == 0)).sum()), int(((better == 0) & (base == 1)).sum())
+    assert first["p"] == pytest.approx(stats.binomtest(discordant[0], sum(discordant), 0.5).pvalue)
+    # for an MSE holdout the paper's direction is "lower": a lower MTL error reads as consistent
+    holdout["metric"] = "MSE"
+    assert table2_comparisons(holdout, seed=1)[2]["mtl_vs_imagenet"]["reading"] == CONSISTENT
+
+
+def test_paper_figures_sit_only_beside_rows_that_mean_the_same():
+    assert paper_row({"fraction": 0.2, "epochs": None}) == (0.574, 0.515, 0.543)
+    assert paper_row({"fraction": 1.0, "epochs": None}) == (0.623, 0.534, 0.583)
+    assert paper_row({"fraction": None, "epochs": 4}) == (0.631, 0.542, 0.598)
+    assert paper_row({"fraction": None, "epochs": 2}) is None  # 2 epochs is not the paper's 4
+    assert paper_row({"fraction": 0.5, "epochs": None}) is None
+
+
+TASKS = [Task("B1_chain", "b1", "binary"), Task("B2_pool", "b2", "binary"),
+         Task("C1_city", "c1", "multiclass", classes=("x", "y", "z")), Task("R1_price", "r1", "regression")]
+
+
+@pytest.fixture
+def known():
+    """Valid galleries with labels; MTL twice as wrong as task-optimal on B2, equal on B1, a known
+    squared error on R1; pseudo-uniform better than Kendall on 3 tasks."""
+    rng = np.random.default_rng(4)
+    ids = [f"g{i}" for i in range(N)]
+    frame = pd.DataFrame({"gallery_id": ids, "split": "valid", "B1_chain": rng.integers(0, 2, N).astype(float),
+                          "B2_pool": np.ones(N), "C1_city": rng.integers(0, 3, N),
+                          "R1_price": rng.normal(10, 2, N)})
+    stats_ = {"B1_chain": LabelStats("binary", {"train": 100}, [60, 40], 0.4),
+              "B2_pool": LabelStats("binary", {"train": 100}, [90, 10], 0.1),
+              "C1_city": LabelStats("multiclass", {"train": 100}, [50, 30, 20], 0.2),
+              "R1_price": LabelStats("regression", {"train": 100}, mean=10.0, variance=4.0)}
+    catalogue = Catalogue("m", "t", TASKS, [], frame, stats_)
+    opt_wrong = {"B1_chain": rng.random(N) < 0.2, "B2_pool": rng.random(N) < 0.1,
+                 "C1_city": rng.random(N) < 0.3, "R1_price": None}
+    mtl_wrong = {"B1_chain": opt_wrong["B1_chain"], "B2_pool": opt_wrong["B2_pool"] | (rng.random(N) < 0.12),
+                 "C1_city": opt_wrong["C1_city"] & (rng.random(N) < 0.7), "R1_price": None}
+    optimal, scores = {}, np.zeros((N, len(TASKS)))
+    for k, t in enumerate(TASKS):
+        if t.kind == "regression":
+            opt, mtl = np.full(N, 1.0), np.full(N, 1.5) + rng.normal(0, 0.01, N)
+        else:
+            opt, mtl = 1.0 - opt_wrong[t.name], 1.0 - mtl_wrong[t.name]
+        scores[:, k] = mtl
+        optimal[t.name] = {"valid_labelled": N, "error": float(np.mean(1 - opt) if t.kind != "regression" else 1.0),
+                           "baseline_error": 0.5, "epochs": 3, "valid_ids": ids, "valid_scores": list(opt)}
+    kendall = scores.copy()
+    kendall[:, 0] -= 0.1  # Kendall worse on B1, B2, R1 (a lower score; for R1 a lower squared error is better)
+    kendall[:, 1] -= 0.1
+    kendall[:, 3] += 0.5
+    training = {"pseudo_uniform": {"valid": {"gallery_ids": ids, "scores": scores}},
+                "kendall": {"valid": {"gallery_ids": ids, "scores": kendall}}}
+    return catalogue, training, optimal, opt_wrong, mtl_wrong
+
+
+def test_relative_error_increase_per_task_with_intervals(known):
+    catalogue, training, optimal, opt_wrong, mtl_wrong = known
+    table = per_task(catalogue, training, optimal, seed=2).set_index("task")
+    for name in ("B1_chain", "B2_pool", "C1_city"):
+        expected = (mtl_wrong[name].mean() - opt_wrong[name].mean()) / opt_wrong[name].mean()
+        assert table.loc[name, "relative_error_increase_pseudo_uniform"] == pytest.approx(expected)
+    assert table.loc["B1_chain", "relative_error_increase_pseudo_uniform"] == 0.0  # the same answers
+    assert table.loc["R1_price", "relative_error_increase_pseudo_uniform"] == pytest.approx(0.5, abs=0.01)
+    low, high = (table.loc["B2_pool", f"relative_error_increase_pseudo_uniform_{s}"] for s in ("low", "high"))
+    assert 0 < low < table.loc["B2_pool", "relative_error_increase_pseudo_uniform"] < high
+    summary = mtl_vs_optimal(table.reset_index(), "pseudo_uniform")
+    assert (summary["clearly_worse"], summary["clearly_better"], summary["not_distinguishable"]) == (2, 1, 1)
+    assert summary["paper_named_tasks"]["B1_chain"]["reading"] == NOISE  # the paper: B1 better under MTL
+
+
+def test_weighting_wins_is_a_sign_test(known):
+    catalogue, training, optimal, _, _ = known
+    wins = weighting_wins(per_task(catalogue, training, optimal))
+    assert (wins["wins"], wins["losses"], wins["ties"]) == (3, 0, 1)
+    assert wins["p"] == pytest.approx(stats.binomtest(3, 3, 0.5).pvalue) and wins["reading"] == NOISE
+
+
+def test_mtl_against_the_baseline(known):
+    """The majority class of the train split (B2: negative, 90 of 100) scored on the valid labels (B2: all
+    positive, so the baseline is always wrong), the train mean for R1: MTL beats both on every task."""
+    catalogue, training, optimal, _, mtl_wrong = known
+    table = per_task(catalogue, training, optimal)
+    b2 = table.set_index("task").loc["B2_pool"]
+    assert b2["baseline_minus_pseudo_uniform"] == pytest.approx(1.0 - mtl_wrong["B2_pool"].mean())
+    r1 = table.set_index("task").loc["R1_price"]
+    price = catalogue.frame["R1_price"].to_numpy()
+    mtl_squared = training["pseudo_uniform"]["valid"]["scores"][:, 3]
+    assert r1["baseline_minus_pseudo_uniform"] == pytest.approx(np.mean((price - 10.0) ** 2) - mtl_squared.mean())
+    summary = mtl_vs_baseline(table, "pseudo_uniform")
+    assert (summary["tasks"], summary["clearly_better"], summary["clearly_worse"]) == (4, 4, 0)
+    assert summary["reading"] == CONSISTENT
+    worse = table["task"] == "B2_pool"  # were MTL clearly worse than the baseline on one task:
+    table.loc[worse, ["baseline_minus_pseudo_uniform", "baseline_minus_pseudo_uniform_low",
+                      "baseline_minus_pseudo_uniform_high"]] = (-0.2, -0.3, -0.1)
+    assert mtl_vs_baseline(table, "pseudo_uniform")["reading"] == OPPOSITE
+
+
+@pytest.mark.parametrize("slope,expected", [(1.0, CONSISTENT), (-1.0, OPPOSITE), (0.0, NOISE)])
+def test_class_balance_readings(slope, expected):
+    rng = np.random.default_rng(5)
+    minority = rng.uniform(0.02, 0.5, 17)
+    noise = rng.normal(0, 0.02 if slope else 1.0, 17)
+    if not slope:  # no relation at all: noise with its linear part in minority removed (Pearson r = 0)
+        noise -= np.polyval(np.polyfit(minority, noise, 1), minority)
+    table = pd.DataFrame({"kind": "binary", "minority_fraction": minority,
+                          "relative_error_increase_pseudo_uniform": slope * minority + noise})
+    found = class_balance(table, ["pseudo_uniform"], seed=3)["pseudo_uniform"]
+    r = stats.pearsonr(minority, slope * minority + noise)
+    assert found["pearson"]["estimate"] == pytest.approx(r.statistic) and found["pearson"]["p"] == pytest.approx(r.pvalue)
+    assert found["spearman"]["estimate"] == pytest.approx(stats.spearmanr(minority, slope * minority + noise).statistic)
+    assert found["reading"] == expected and found["n"] == 17
+    if slope:
+        assert found["slope"] == pytest.approx(np.polyfit(minority, slope * minority + noise, 1)[0])
+    assert not math.isnan(found["pearson"]["low"])
+
+
+@pytest.mark.parametrize("preset,seeds", [("smoke", [0]), ("default", [0]), ("study", [0, 1, 2]), ("paper", [0, 1, 2])])
+def test_presets_repeat_training_with_their_seeds(preset, seeds):
+    from gallery.config import load_settings
+    from gallery.evaluation.seeds import seeded, seeds_of, with_seed
+
+    settings = load_settings(preset)
+    assert seeds_of(settings) == seeds
+    assert [with_seed(settings, s).train.seed for s in seeds] == seeds
+    assert [seeded("kendall", s, settings) for s in seeds] == ["kendall"] + [f"kendall-seed{s}" for s in seeds[1:]]
+
+
+def _errors_table(pu, kendall):
+    """A per-task table with only what weighting_wins and mtl_vs_optimal read."""
+    n = len(pu)
+    rows = {"task": [f"B{k + 1}_t" for k in range(n)], "error_pseudo_uniform": pu, "error_kendall": kendall}
+    for w, errors in (("pseudo_uniform", pu), ("kendall", kendall)):
+        rows[f"relative_error_increase_{w}"] = np.asarray(errors) - 0.3   # task-optimal error 0.3 everywhere
+        rows[f"relative_error_increase_{w}_low"] = np.asarray(errors) - 0.35
+        rows[f"relative_error_increase_{w}_high"] = np.asarray(errors) - 0.25
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("pu_wins,expected", [(28, CONSISTENT), (3, OPPOSITE), (16, NOISE)])
+def test_weighting_wins_readings(pu_wins, expected):
+    """31 tasks; pseudo-uniform lower on `pu_wins` of them (the paper: 22 of 31)."""
+    pu = np.full(31, 0.3)
+    kendall = np.where(np.arange(31) < pu_wins, 0.4, 0.2)
+    wins = weighting_wins(_errors_table(pu, kendall))
+    assert (wins["wins"], wins["losses"]) == (pu_wins, 31 - pu_wins)
+    assert wins["p"] == pytest.approx(stats.binomtest(pu_wins, 31, 0.5).pvalue) and wins["reading"] == expected
+
+
+@pytest.mark.parametrize("worse,expected", [(27, CONSISTENT), (4, OPPOSITE), (15, NOISE)])
+def test_share_of_tasks_where_mtl_is_worse(worse, expected):
+    """MTL's error 0.4 (worse than the task-optimal 0.3) on `worse` tasks of 31, 0.2 elsewhere."""
+    errors = np.where(np.arange(31) < worse, 0.4, 0.2)
+    summary = mtl_vs_optimal(_errors_table(errors, errors), "pseudo_uniform")
+    share = summary["share_worse"]
+    assert share["estimate"] == pytest.approx(worse / 31) and share["reading"] == expected
+    assert (summary["clearly_worse"], summary["clearly_better"]) == (worse, 31 - worse)
+    assert summary["paper_named_tasks"]["B1_t"]["reading"] == (OPPOSITE if worse else CONSISTENT)
+
+
+def test_findings_sort_each_paper_claim_by_its_reading(known):
+    catalogue, training, optimal, _, _ = known
+    table = per_task(catalogue, training, optimal)
+    rng = np.random.default_rng(0)
+    base = (rng.random(N) < 0.5).astype(float)
+    holdout = {"task": "star_rating", "metric": "accuracy",
+               "arms": {"mtl": arm([np.maximum(base, rng.random(N) < 0.3)]), "imagenet": arm([base]), "end_to_end": arm([base])}}
+    weightings = ["pseudo_uniform", "kendall"]
+    found = findings([(holdout, table2_comparisons(holdout))], {w: mtl_vs_optimal(table, w) for w in weightings},
+                     weighting_wins(table), {w: mtl_vs_baseline(table, w) for w in weightings},
+                     class_balance(table, weightings))
+    claims = {f["finding"]: f["reading"] for f in found}
+    assert claims["On a new task (`star_rating`), MTL embeddings beat ImageNet transfer"] == CONSISTENT
+    assert claims["Pseudo-uniform weighting beats Kendall's on most tasks"] == NOISE  # 3 of 3: too few
+    assert claims["MTL (pseudo_uniform) beats the majority/mean baseline on every task"] == CONSISTENT
+    assert claims["`B1_chain` does better under MTL (pseudo_uniform) than its task-optimal model"] == NOISE
+    assert len(found) == 2 + 2 * (1 + 1) + 1 + 2 + 2  # Table 2; per weighting share + B1; wins; baseline; balance
+
+
+def test_seeds_average_each_gallerys_scores():
+    """Two seeds' holdout rows: the combined row holds each gallery's mean score, its value their mean."""
+    from gallery.evaluation.seeds import mean_holdout
+
+    def holdout(scores):
+        arms = {a: {"rows": [{"label": "4 epochs", "value": float(np.mean(scores)), "ci_low": 0.1, "ci_high": 0.9,
+                              "scores": scores}], "train_seconds": 1.0, "seconds_per_instance": 0.5,
+                    "seconds_per_instance_from_pixels": None} for a in ("mtl", "imagenet", "end_to_end")}
+        return {"valid_ids": ["a", "b", "c"], "arms": arms}
+
+    combined = mean_holdout([holdout([1.0, 0.0, 1.0]), holdout([1.0, 1.0, 0.0])])
+    row = combined["arms"]["mtl"]["rows"][0]
+    assert row["scores"] == [1.0, 0.5, 0.5] and row["value"] == pytest.approx(2 / 3) and row["ci_low"] is None
+    other = holdout([1.0, 1.0, 0.0])
+    other["valid_ids"] = ["a", "b", "d"]
+    with pytest.raises(ValueError, match="different valid galleries"):
+        mean_holdout([holdout([1.0, 0.0, 1.0]), other])
