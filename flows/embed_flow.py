@@ -7,17 +7,23 @@ Labels are optional. The images go through exactly the training run's preprocess
 frozen trunk, cache precision) and its reference model; the output follows
 data_contracts/embeddings.schema.json, so `gallery search` reads it like the training export.
 """
-from metaflow import FlowSpec, Parameter, current, resources, step
+from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step
 
 import gallery.storage as storage
+from gallery.config import PRESETS_DIR, settings_json
 from gallery.data.ingest import ingest
 from gallery.retrieval.embeddings import embeddings_code
-from gallery.runs import as_input_error, default_store_root, share_machine, trained_run
+from gallery.runs import as_input_error, default_store_root, share_machine, trained_run, use_metaflow_s3_settings
 from gallery.steps import collect_quality, export_embeddings, preprocess_shard, shard_rows
 from gallery.training.checkpoints import load_trained
 
+use_metaflow_s3_settings()
+
 
 class GalleryEmbedFlow(FlowSpec):
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_json,
+                      help="a preset (flows/configs/*.json) whose `resources` size this flow's steps on a cluster; "
+                           "images are read and embedded as the training run did")
     manifest = Parameter("manifest", required=True, help="the catalogue to embed (Parquet, CSV or JSON Lines)")
     train_run = Parameter("train-run", default="latest", help="GalleryTrainFlow run id whose model to use, or latest")
     store = Parameter("store", default="", help="root of the run-scoped store; default: beside Metaflow's datastore")
@@ -33,7 +39,7 @@ class GalleryEmbedFlow(FlowSpec):
         self.model_run_id, self.run_settings = model_run.run_id, model_run.settings
         self.model_tasks, self.model_stats, self.checkpoints = model_run.tasks, model_run.stats, model_run.checkpoints
         self.model_embeddings_location = model_run.embeddings_location  # names the binary code the run fitted
-        self.store_root = self.store or default_store_root(self)
+        self.store_root = self.store or default_store_root()
         print(f"embedding {self.manifest} with the model of {model_run.run_id}")
         self.next(self.ingest)
 
@@ -45,10 +51,12 @@ class GalleryEmbedFlow(FlowSpec):
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.run_settings.data.shards))))
         self.next(self.preprocess, foreach="shards")
 
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.preprocess)
     @step
     def preprocess(self):
         """The training run's decoding, resizing and frozen-trunk cache, for one shard."""
-        share_machine(self, len(self.shards))
+        share_machine(len(self.shards))
         rows = shard_rows(len(self.catalogue.frame), self.run_settings.data.shards)[self.input]
         self.shard = preprocess_shard(self.catalogue, rows, self.run_settings, self.run_location("shards", str(self.input)))
         self.next(self.join_shards)
@@ -62,7 +70,8 @@ class GalleryEmbedFlow(FlowSpec):
             self.quality = collect_quality(self.shard_list, self.quality_location)
         self.next(self.embed)
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.export)
     @step
     def embed(self):
         """Every readable gallery through the training run's reference model -> embeddings Parquet."""

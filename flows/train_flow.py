@@ -12,17 +12,17 @@ reports/<run id>/ (and the run's card).
 """
 from pathlib import Path
 
-from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resources, step
+from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resources, retry, step
 from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
-from gallery.config import settings_from_dict
+from gallery.config import PRESETS_DIR, settings_from_dict, settings_json
 from gallery.data.ingest import describe, ingest
 from gallery.evaluation.report import build_report, write_report
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
-                          parallel_workers_use_this_python, share_machine)
+                          parallel_workers_use_this_python, share_machine, use_metaflow_s3_settings)
 from gallery.steps import (
     collect_quality,
     export_embeddings,
@@ -37,12 +37,12 @@ from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
 parallel_workers_use_this_python()
-PRESETS = Path(__file__).resolve().parent / "configs"
+use_metaflow_s3_settings()
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
 class GalleryTrainFlow(FlowSpec):
-    settings = Config("settings", default=str(PRESETS / "default.json"),
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_json,
                       help="settings JSON: flows/configs/smoke.json, default.json (the default) or paper.json")
     manifest = Parameter("manifest", default="", help="your manifest (Parquet, CSV or JSON Lines); "
                                                       "default: the preset's synthetic catalogue")
@@ -64,7 +64,7 @@ class GalleryTrainFlow(FlowSpec):
         """Resolve the settings and the data source (the user's files, or the synthetic catalogue)."""
         if bool(self.manifest) != bool(self.tasks):
             raise InputError("--manifest and --tasks go together: give both, or neither for the synthetic catalogue")
-        self.store_root = self.store or default_store_root(self)
+        self.store_root = self.store or default_store_root()
         self.run_settings = self.cfg  # kept with the run, for the embed flow and `gallery search`
         if self.manifest:
             self.manifest_location, self.tasks_location = self.manifest, self.tasks
@@ -82,10 +82,12 @@ class GalleryTrainFlow(FlowSpec):
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.cfg.data.shards))))
         self.next(self.preprocess, foreach="shards")
 
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.preprocess)
     @step
     def preprocess(self):
         """Decode and resize one shard's images; write the frozen-trunk feature cache."""
-        share_machine(self, len(self.shards))
+        share_machine(len(self.shards))
         rows = shard_rows(len(self.catalogue.frame), self.cfg.data.shards)[self.input]
         self.shard = preprocess_shard(self.catalogue, rows, self.cfg, self.run_location("shards", str(self.input)))
         self.next(self.join_shards)
@@ -106,13 +108,14 @@ class GalleryTrainFlow(FlowSpec):
         self.trainings = [(w, seed) for seed in seeds_of(self.cfg) for w in self.cfg.train.weightings]
         self.next(self.train, num_parallel=len(self.trainings) * self.cfg.train.workers)
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.train)
     @parallel
     @step
     def train(self):
         """MTL training of every loss weighting (and seed, evaluation.seeds) side by side, each by
-        train.workers data-parallel processes (DDP); a re-run continues from the last checkpoint."""
-        share_machine(self, current.parallel.num_nodes)
+        train.workers data-parallel processes (DDP); a retry or a resume continues from the last checkpoint."""
+        share_machine(current.parallel.num_nodes)
         self.weighting, self.seed = self.trainings[current.parallel.node_index // self.cfg.train.workers]
         folder = seeded(self.weighting, self.seed, self.cfg)
         self.checkpoints = self.run_location("checkpoints", folder)
@@ -139,6 +142,8 @@ class GalleryTrainFlow(FlowSpec):
             raise InputError(f"reference weighting {self.reference!r} was not trained; weightings: {list(self.training)}")
         self.next(self.export)
 
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.export)
     @step
     def export(self):
         """Embeddings of every readable gallery with the reference model -> Parquet (+ packed sign bits)."""
@@ -150,11 +155,12 @@ class GalleryTrainFlow(FlowSpec):
         self.task_groups = group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
         self.next(self.holdout, self.task_optimal_fanout)
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.holdout)
     @step
     def holdout(self):
         """Table 2: MTL embeddings vs ImageNet transfer vs end-to-end on the held-out task(s)."""
-        share_machine(self, 1 + len(self.task_groups))
+        share_machine(1 + len(self.task_groups))
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
         self.holdout_results = holdout_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
                                                   self.imagenet_location, {"run_id": current.run_id},
@@ -166,11 +172,12 @@ class GalleryTrainFlow(FlowSpec):
         """One branch per group of MTL tasks (one task per group on a cluster: task_groups = #tasks)."""
         self.next(self.task_optimal, foreach="task_groups")
 
-    @resources(gpu=1)
+    @retry(times=settings.resources.retries)
+    @resources(**settings.resources.task_optimal)
     @step
     def task_optimal(self):
         """The same architecture trained on each task alone (this branch's tasks together, one pass over the data)."""
-        share_machine(self, 1 + len(self.task_groups))
+        share_machine(1 + len(self.task_groups))
         self.optimal = task_optimal_models(
             self.catalogue, self.shard_list, self.cfg, self.input,
             checkpoints_of=lambda folder: self.run_location("task_optimal", folder),

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from gallery.runs import use_metaflow_s3_settings
+
+    use_metaflow_s3_settings()  # s3:// files are read as the flows read them
     try:
         return args.func(args)
     except ContractError as e:

@@ -1,16 +1,19 @@
 """Run settings: the presets in flows/configs/*.json, read into typed, checked dataclasses.
 
-Unknown or misspelt keys are errors (a typo must not silently fall back to a default).
+Unknown or misspelt keys are errors (a typo must not silently fall back to a default). The presets
+are package data (`gallery/presets` is flows/configs), so an installed package finds them too.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 
 from gallery.data.synth import SynthSettings
+from gallery.errors import UserError
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "flows" / "configs"
+PRESETS_DIR = resources.files("gallery") / "presets"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,30 @@ class RetrievalSettings:
 
 
 @dataclass(frozen=True)
+class StepResources:
+    """What each task of a step asks of a cluster (Metaflow's @resources; a local run ignores it):
+    cores; GPUs (None: none); memory, local disk and /dev/shm in MB (staged shards go through the
+    disk, DataLoader workers pass batches through shared memory; None: Metaflow's default)."""
+    cpu: int = 2
+    memory: int = 4096
+    gpu: int | None = None
+    disk: int | None = None
+    shared_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    """The heavy steps' requests, sized per preset (each preset says which steps get a GPU), and how
+    often Metaflow retries a failed task of them (a retried training continues from its checkpoint)."""
+    retries: int = 2
+    preprocess: StepResources = field(default_factory=StepResources)
+    train: StepResources = field(default_factory=StepResources)
+    export: StepResources = field(default_factory=StepResources)
+    holdout: StepResources = field(default_factory=StepResources)
+    task_optimal: StepResources = field(default_factory=StepResources)
+
+
+@dataclass(frozen=True)
 class Settings:
     name: str = "default"
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -84,6 +111,7 @@ class Settings:
     data: DataSettings = field(default_factory=DataSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
 
 
 def _build(cls, values: dict, where: str):
@@ -109,9 +137,17 @@ def settings_from_dict(values: dict) -> Settings:
     return _build(Settings, dict(values), "")
 
 
+def settings_json(text: str) -> dict:
+    """Metaflow's parser of the flows' `settings` Config: checked like any settings, and returned
+    complete (defaults filled in), so decorators can read any value (`settings.resources.train`)."""
+    return asdict(settings_from_dict(json.loads(text)))
+
+
 def load_settings(path_or_name) -> Settings:
     """A preset by name (smoke, default, paper) or a JSON file path."""
-    path = Path(path_or_name)
-    if not path.suffix:
-        path = PRESETS_DIR / f"{path_or_name}.json"
+    path = Path(path_or_name) if Path(path_or_name).suffix else PRESETS_DIR / f"{path_or_name}.json"
+    if not path.is_file():
+        presets = sorted(p.name.removesuffix(".json") for p in PRESETS_DIR.iterdir() if p.name.endswith(".json"))
+        raise UserError(f"settings {path_or_name!r}: no such file; give a preset name ({', '.join(presets)}) "
+                        "or the path of a settings JSON file")
     return settings_from_dict(json.loads(path.read_text()))

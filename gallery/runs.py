@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from metaflow import metaflow_config
 from metaflow.exception import MetaflowException
 
 import gallery.storage as storage
@@ -92,17 +94,35 @@ def checkpoints_to_resume(store_root: str, *parts: str, markers=("last.pt",)) ->
     return None
 
 
-def default_store_root(flow) -> str:
-    """Beside Metaflow's own datastore: `.gallery/` next to a local `.metaflow/`, or `<s3 root>/gallery`."""
-    root = flow._datastore._storage_impl.datastore_root
+def use_metaflow_s3_settings() -> None:
+    """Let gallery.storage reach s3:// as Metaflow's S3 client does: the endpoint and CA bundle of its
+    client parameters (METAFLOW_S3_ENDPOINT_URL, METAFLOW_S3_VERIFY_CERTIFICATE, or
+    METAFLOW_DATATOOLS_CLIENT_PARAMS), from the environment or ~/.metaflowconfig (METAFLOW_PROFILE).
+    Flows call it at import, so every step does; the `gallery` command calls it too."""
+    params = metaflow_config.DATATOOLS_CLIENT_PARAMS
+    storage.configure_s3(endpoint_url=params.get("endpoint_url"), ca_bundle=params.get("verify"))
+
+
+def default_store_root() -> str:
+    """Inside a step: beside the run's Metaflow datastore, as recorded in the task's metadata
+    (`.gallery/` next to a local `.metaflow/`, or `<s3 datastore root>/gallery`)."""
+    from metaflow import current
+
+    root = current.task.metadata_dict["ds-root"]
     if storage.is_uri(root):
         return storage.join(root, "gallery")
     return str(Path(root).parent / ".gallery")
 
 
-def share_machine(flow, siblings: int) -> None:
-    """A local run executes a fan-out's tasks side by side on this machine: split its cores."""
-    if not storage.is_uri(flow._datastore._storage_impl.datastore_root):
+def runs_locally() -> bool:
+    """Inside a step: whether it executes in Metaflow's local runtime, beside its sibling tasks on this
+    machine (remote compute, @kubernetes or @batch, says where it runs in METAFLOW_RUNTIME_ENVIRONMENT)."""
+    return os.environ.get("METAFLOW_RUNTIME_ENVIRONMENT", "local") == "local"
+
+
+def share_machine(siblings: int) -> None:
+    """A fan-out's tasks run side by side when they run locally: split this machine's cores."""
+    if runs_locally():
         share_cores(siblings)
 
 
@@ -115,15 +135,14 @@ def parallel_workers_use_this_python() -> None:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
-def data_parallel(workers: int) -> tuple[Ranks, "torch.device"]:
+def data_parallel(workers: int) -> tuple[Ranks, torch.device]:
     """Inside a @parallel step: this node's device and its ranks among the `workers` nodes that train
     the same model (torch.distributed joined through the main node Metaflow names)."""
-    import torch
     from metaflow import current
 
     p = current.parallel
-    local = p.main_ip in ("127.0.0.1", "localhost")  # Metaflow's local runtime: every node on this machine
-    device = pick_device(node=p.node_index if local else 0)
+    local = runs_locally()  # every node on this machine
+    device = pick_device(node=p.node_index if local else 0, distributed=workers > 1)
     own_gpu = device.type == "cuda" and (not local or torch.cuda.device_count() >= p.num_nodes)
     port = master_port(current.run_id, current.step_name, current.retry_count)
     return join(p.node_index, p.num_nodes, workers, p.main_ip, port, device, "nccl" if own_gpu else "gloo"), device

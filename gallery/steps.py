@@ -44,13 +44,21 @@ CHUNK_GALLERIES = 64  # preprocessing holds this many galleries' pixels at a tim
 
 # ---------------------------------------------------------------- start: the data source
 
+CATALOGUE_COMPLETE = "COMPLETE"  # written after every other file of a stored synthetic catalogue
+
+
 def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[str, str]:
-    """The preset's synthetic catalogue, generated once per (settings, seed) and reused after."""
+    """The preset's synthetic catalogue, generated once per (settings, seed) and reused after.
+
+    Only a catalogue with its completion marker is reused: a start step that crashed while writing or
+    uploading one (images missing, manifest present) leaves none, and the next run generates it again.
+    """
     synth = settings.data.synth
     key = hashlib.sha1(json.dumps(asdict(synth), sort_keys=True).encode()).hexdigest()[:12]
     location = storage.join(store_root, "catalogues", f"synth-{key}")
     manifest, tasks = storage.join(location, "manifest.parquet"), storage.join(location, "tasks.yaml")
-    if storage.exists(manifest):
+    complete = storage.join(location, CATALOGUE_COMPLETE)
+    if storage.exists(complete):
         log(f"reusing the synthetic catalogue at {location}")
         return manifest, tasks
     log(f"generating the synthetic catalogue ({synth.galleries} galleries, {synth.image_size}px) at {location}")
@@ -60,6 +68,7 @@ def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[st
             storage.upload_dir(tmp, location)
     else:
         generate(location, synth)
+    storage.write_bytes(complete, json.dumps(asdict(synth)).encode())
     return manifest, tasks
 
 

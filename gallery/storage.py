@@ -4,9 +4,13 @@ The run-scoped store (shards, caches, checkpoints, embeddings) and the inputs ar
 written through here, so the same flow runs on a laptop (local folder) and on a cluster
 (object store) without a step relying on another step's local disk. Local writes are atomic
 (temp file + rename); object-store PUTs are atomic by nature.
+
+s3:// is reached with pyarrow's S3 filesystem, set up by `configure_s3` with the settings Metaflow's
+datastore uses (gallery.runs passes them), so the store lives wherever the datastore does.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
@@ -17,6 +21,29 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
+_S3_OPTIONS: dict = {}
+
+
+def configure_s3(endpoint_url: str | None = None, ca_bundle: str | bool | None = None) -> None:
+    """Reach s3:// through `endpoint_url` (an S3-compatible store: MinIO, Ceph, a company gateway)
+    trusting the certificates in `ca_bundle` (a file; boto3's `verify`), as Metaflow's S3 client does.
+    Credentials come from the standard AWS chain, which boto3 (Metaflow) and pyarrow both read:
+    the environment, ~/.aws files (AWS_PROFILE), the machine's or pod's role."""
+    _S3_OPTIONS.clear()
+    if endpoint_url:
+        _S3_OPTIONS["endpoint_override"] = endpoint_url  # with its scheme: http://127.0.0.1:9000
+    if isinstance(ca_bundle, str) and ca_bundle:
+        _S3_OPTIONS["tls_ca_file_path"] = ca_bundle
+    _s3_filesystem.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+    options = dict(_S3_OPTIONS)
+    if "endpoint_override" not in options:
+        options["region"] = pafs.resolve_s3_region(bucket)  # AWS itself answers a bucket only in its region
+    return pafs.S3FileSystem(**options)
+
 
 def is_uri(location: str) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
@@ -26,6 +53,9 @@ def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
     location = str(location)
     if location.startswith("file://"):
         location = location[len("file://"):]
+    if location.startswith("s3://"):
+        path = location[len("s3://"):]
+        return _s3_filesystem(path.split("/", 1)[0]), path
     if is_uri(location):
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), os.path.abspath(location)

@@ -1,6 +1,10 @@
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,22 @@ os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = METAFLOW_ROOT
 import torch.distributed.tensor  # noqa: E402,F401
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3-compatible server of the S3 tests (moto's, on 127.0.0.1, started on first use). Metaflow reads
+# its S3 settings once, at import, so they are fixed here: only the endpoint is Metaflow's, as a user
+# would set it; the credentials are the standard AWS ones that boto3 and pyarrow both read.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+S3_BUCKET = "gallery-tests"
+os.environ.update({"METAFLOW_S3_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+S3_ENV = {"METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{S3_BUCKET}/metaflow"}  # with `--datastore s3`
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The temporary datastore holds every test run's shards, caches and checkpoints: give the disk back."""
     shutil.rmtree(METAFLOW_ROOT, ignore_errors=True)
@@ -27,18 +47,22 @@ def pytest_sessionfinish(session, exitstatus):
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = str(REPO / "flows" / "train_flow.py")
+EMBED_FLOW = str(REPO / "flows" / "embed_flow.py")
 SMOKE = str(REPO / "flows" / "configs" / "smoke.json")
 REPORTS = os.path.join(METAFLOW_ROOT, "reports")
 
 
-def run_flow(env=None, flow=FLOW, config=SMOKE, **params):
-    """Run a flow through metaflow.Runner in the temporary datastore: (status, run, runtime stderr)."""
+def run_flow(env=None, flow=FLOW, config=SMOKE, datastore=None, **params):
+    """Run a flow through metaflow.Runner in the temporary datastore (or `--datastore s3`):
+    (status, run, runtime stderr)."""
     from metaflow import Runner
 
     if flow == FLOW:
         params.setdefault("reports", REPORTS)
-    runner = Runner(flow, show_output=False, env=env or {}, cwd=METAFLOW_ROOT,
-                    **({"config": [("settings", config)]} if config else {}))
+    options = {"config": [("settings", config)]} if config else {}
+    if datastore:
+        options["datastore"] = datastore
+    runner = Runner(flow, show_output=False, env=env or {}, cwd=METAFLOW_ROOT, **options)
     with runner.run(**params) as running:
         return running.status, running.run, running.stderr
 
@@ -49,6 +73,30 @@ def smoke_run():
     status, run, stderr = run_flow()
     assert status == "successful", stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """An S3-compatible server on 127.0.0.1 (moto's standalone server) with one empty bucket: its s3:// URI."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server", reason="the S3 tests need moto's server: pip install -e '.[dev]'")
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = boto3.client("s3", endpoint_url=S3_ENDPOINT)
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"moto's S3 server did not start on {S3_ENDPOINT}")
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        server.terminate()
+        server.wait()
 
 
 @pytest.fixture(scope="session")

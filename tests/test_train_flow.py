@@ -193,6 +193,7 @@ def two_process_run(tmp_path_factory):
     config = tmp_path_factory.mktemp("config") / "smoke_2_workers.json"
     settings = json.loads(Path(SMOKE).read_text())
     settings["train"]["workers"] = 2
+    settings["resources"] = {"retries": 0}  # no automatic retry: the run fails, and `resume` recovers it
     config.write_text(json.dumps(settings))
     status, killed, _ = run_flow(env={"GALLERY_KILL_AFTER_EPOCH": "1"}, config=str(config))
     assert status == "failed"

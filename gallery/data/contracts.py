@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ from gallery.data.labels import label_key
 from gallery.data.tasks import Task
 from gallery.errors import ContractError, Violation, example
 
-CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
+CONTRACTS_DIR = resources.files("gallery") / "contracts"  # package data: data_contracts/, installed with gallery
 KINDS = ("binary", "multiclass", "regression")
 SPLITS = ("train", "valid", "test")
 RESERVED_COLUMNS = ("gallery_id", "images", "split")

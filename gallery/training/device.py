@@ -7,13 +7,20 @@ import os
 
 import torch
 
+DEVICE_ENV = "GALLERY_DEVICE"
 
-def pick_device(prefer: str | torch.device | None = None, node: int = 0) -> torch.device:
-    """`prefer`, else a CUDA device (node k of a local multi-process run takes GPU k mod count), else the CPU."""
-    if prefer is not None:
+
+def pick_device(prefer: str | torch.device | None = None, node: int = 0, distributed: bool = False) -> torch.device:
+    """`prefer` (or $GALLERY_DEVICE: cpu, cuda, mps), else a CUDA device (node k of a local multi-process
+    run takes GPU k mod count), else a Mac's GPU (MPS) unless this process trains with peers (gloo
+    all-reduces CPU and CUDA tensors only), else the CPU."""
+    prefer = prefer or os.environ.get(DEVICE_ENV)
+    if prefer:
         return torch.device(prefer)
     if torch.cuda.is_available():
         return torch.device("cuda", node % torch.cuda.device_count())
+    if torch.backends.mps.is_available() and not distributed:
+        return torch.device("mps")
     return torch.device("cpu")
 
 
@@ -39,13 +46,21 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS keeps one (Linux: a container's
+    or taskset's share), else the machine's (macOS has no os.sched_getaffinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def share_cores(parallel_tasks: int) -> int:
     """Give each of `parallel_tasks` sibling processes on this machine its share of the cores.
 
     PyTorch's OpenMP threads spin while they wait: two processes with a thread per core each
     on the same cores ran training 80x slower than with one thread each (measured on 2 cores).
     """
-    threads = max(1, len(os.sched_getaffinity(0)) // max(1, parallel_tasks))
+    threads = max(1, available_cores() // max(1, parallel_tasks))
     torch.set_num_threads(threads)
     return threads
 

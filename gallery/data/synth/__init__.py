@@ -99,7 +99,7 @@ def generate(out_dir, settings: SynthSettings = SynthSettings(), workers: int | 
     jobs = [(i, records[i], int(sizes[i]), settings, out / "images") for i in range(len(records))]
     workers = workers or min(os.cpu_count() or 1, 8)
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context().Pool(workers) as pool:  # the platform's safe default: macOS spawns
             images = pool.map(_render_gallery, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
     else:
         images = [_render_gallery(job) for job in jobs]

@@ -1,0 +1,126 @@
+"""The flows on an S3 datastore, against an S3-compatible server on 127.0.0.1 (moto): the run-scoped
+store and the reports in the bucket, reached with Metaflow's S3 settings only (METAFLOW_S3_ENDPOINT_URL).
+
+One smoke run serves the tests here, and is made to meet two failures on the way: a synthetic
+catalogue half-uploaded by a start step that died, and a training killed on its first attempt, which
+Metaflow's @retry must continue from that attempt's checkpoint."""
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import EMBED_FLOW, FLOW, METAFLOW_ROOT, S3_ENV, SMOKE, run_flow
+from metaflow import Runner, Task
+
+import gallery.steps as steps
+import gallery.storage as storage
+from gallery.cli import main
+from gallery.config import load_settings
+from gallery.retrieval.embeddings import read_embeddings
+from gallery.runs import use_metaflow_s3_settings
+
+
+def crash_while_uploading_the_catalogue(store_root: str) -> None:
+    """What a start step killed half-way through uploading the smoke catalogue leaves: its manifest
+    and task spec, and none of its images."""
+    def upload_manifest_then_die(local_dir, location):
+        for name in ("manifest.parquet", "tasks.yaml"):
+            storage.write_bytes(storage.join(location, name), Path(local_dir, name).read_bytes())
+        raise KeyboardInterrupt("killed while uploading")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(storage, "upload_dir", upload_manifest_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            steps.synthetic_source(store_root, load_settings(SMOKE), log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_bucket):
+    """The smoke preset with `--datastore s3`; every training process SIGKILLs itself after epoch 1's
+    checkpoint on its first attempt."""
+    use_metaflow_s3_settings()  # this process reads the bucket too
+    crash_while_uploading_the_catalogue(f"{s3_bucket}/metaflow/gallery")  # where the run's store will be
+    started = time.perf_counter()
+    status, run, stderr = run_flow(env={**S3_ENV, "GALLERY_KILL_AFTER_EPOCH": "1"}, datastore="s3",
+                                   reports=f"{s3_bucket}/reports")
+    assert status == "successful", stderr[-3000:]
+    print(f"smoke run on S3, one training retried: {time.perf_counter() - started:.0f}s")
+    return run
+
+
+def test_the_run_keeps_everything_in_the_bucket(s3_run, s3_bucket):
+    end = s3_run["end"].task.data
+    assert end.store_root == f"{s3_bucket}/metaflow/gallery"  # beside the S3 datastore, by default
+    assert end.embeddings_location == f"{s3_bucket}/metaflow/gallery/{s3_run.id}/embeddings.parquet"
+    table, meta = read_embeddings(end.embeddings_location)
+    assert table.num_rows == end.exported_galleries == 200 and meta["run_id"] == s3_run.id
+    for name in ("report.md", "metrics.json", "table2.csv"):
+        assert storage.exists(f"{s3_bucket}/reports/{s3_run.id}/{name}"), name
+    assert storage.exists(f"{s3_bucket}/metaflow/gallery/{s3_run.id}/checkpoints/pseudo_uniform/best.pt")
+    assert storage.exists(f"{s3_bucket}/metaflow/{s3_run.parent.id}/data")  # Metaflow's own artifacts
+    assert not (Path(METAFLOW_ROOT) / ".gallery" / s3_run.id).exists()
+
+
+def test_a_half_uploaded_catalogue_is_generated_again(s3_run):
+    assert "generating the synthetic catalogue" in s3_run["start"].task.stdout
+    quality = s3_run["end"].task.data.quality
+    assert quality.skipped == [] and quality.excluded == []  # every image there: none reused from the crash
+    location = storage.parent(s3_run["start"].task.data.manifest_location)
+    assert storage.exists(storage.join(location, steps.CATALOGUE_COMPLETE))
+
+
+def test_a_killed_training_is_retried_from_its_attempts_checkpoint(s3_run):
+    nodes = list(s3_run["train"].tasks())
+    assert sorted(t.data.weighting for t in nodes) == ["kendall", "pseudo_uniform"]
+    for task in nodes:
+        assert task.current_attempt == 1 and task.origin_pathspec is None  # retried by Metaflow, not resumed
+        result = task.data.train_result
+        assert result["resumed_at_epoch"] == 1  # epoch 0 came from the killed attempt's checkpoint
+        assert [h["epoch"] for h in result["history"]] == [0, 1]
+    first_attempts = "".join(Task(t.pathspec, attempt=0).stdout for t in nodes)  # workers log through node 0
+    assert "GALLERY_KILL_AFTER_EPOCH=1: killing this process after epoch 1" in first_attempts
+
+
+def test_resume_from_a_late_step(s3_run, s3_bucket):
+    with Runner(FLOW, show_output=False, env=S3_ENV, cwd=METAFLOW_ROOT, datastore="s3").resume(
+            origin_run_id=s3_run.id, step_to_rerun="report") as running:
+        assert running.status == "successful", running.stderr[-3000:]
+        resumed = running.run
+    for name in ("start", "preprocess", "train", "export", "holdout"):
+        assert resumed[name].task.origin_pathspec.startswith(f"GalleryTrainFlow/{s3_run.id}/"), name
+    assert resumed["report"].task.origin_pathspec is None
+    assert storage.exists(f"{s3_bucket}/reports/{resumed.id}/report.md")
+    assert resumed["end"].task.data.embeddings_location == s3_run["end"].task.data.embeddings_location
+
+
+def test_embed_flow_and_search_on_s3(s3_run, s3_bucket, capsys):
+    """A few galleries whose images are s3:// URIs, embedded by the S3 run's model on the S3 datastore,
+    then searched with the `gallery` command (by a gallery, and by seed images in the bucket)."""
+    start = s3_run["start"].task.data
+    folder = storage.parent(start.manifest_location)
+    manifest = pd.read_parquet(io.BytesIO(storage.read_bytes(start.manifest_location))).iloc[:12]
+    manifest = manifest[["gallery_id", "images"]].assign(
+        images=lambda d: d["images"].map(lambda imgs: [storage.join(folder, i) for i in imgs]))
+    buffer = io.BytesIO()
+    manifest.to_parquet(buffer)
+    storage.write_bytes(f"{s3_bucket}/inputs/few.parquet", buffer.getvalue())
+
+    status, run, stderr = run_flow(env=S3_ENV, flow=EMBED_FLOW, config=None, datastore="s3",
+                                   manifest=f"{s3_bucket}/inputs/few.parquet", train_run=s3_run.id)
+    assert status == "successful", stderr[-3000:]
+    location = run["end"].task.data.embeddings_location
+    assert location.startswith(f"{s3_bucket}/metaflow/gallery/{run.id}/")
+    ours, _ = read_embeddings(location)
+    theirs, _ = read_embeddings(s3_run["end"].task.data.embeddings_location)
+    theirs = dict(zip(theirs["gallery_id"].to_pylist(), theirs["embedding"].to_pylist()))
+    assert sorted(ours["gallery_id"].to_pylist()) == sorted(manifest["gallery_id"])
+    for gallery_id, embedding in zip(ours["gallery_id"].to_pylist(), ours["embedding"].to_pylist()):
+        assert np.abs(np.array(embedding) - np.array(theirs[gallery_id])).max() < 1e-4, gallery_id
+
+    gallery_id, seeds = manifest["gallery_id"][3], manifest["images"][3]
+    assert main(["search", "--embeddings", location, "--gallery-id", gallery_id, "-k", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1] == gallery_id
+    assert main(["search", "--embeddings", location, "--images", *seeds, "-k", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1] == gallery_id
