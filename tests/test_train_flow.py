@@ -130,7 +130,8 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
     final = metrics["comparisons"]["table2"][holdout["task"]][-1]["mtl_vs_imagenet"]
     assert final["estimate"] == pytest.approx(mtl.mean() - imagenet.mean())
     assert final["low"] <= final["estimate"] <= final["high"]
-    reading = {1: CONSISTENT, -1: OPPOSITE, 0: NOISE}[1 if final["low"] > 0 else -1 if final["high"] < 0 else 0]
+    side = 1 if final["low"] > 0 else -1 if final["high"] < 0 else 0
+    reading = {1: CONSISTENT, -1: OPPOSITE, 0: NOISE}[side if final["p"] < 0.05 else 0]  # McNemar must agree
     assert final["reading"] == reading and "MTL - ImageNet transfer = " in report
     compared = pd.read_csv(folder / "table2_comparisons.csv")
     assert len(compared) == 2 * 6 and set(compared["reading"]) <= {CONSISTENT, NOISE, OPPOSITE}

@@ -17,8 +17,8 @@ from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
 from gallery.evaluation.holdout import ARMS
-from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, paired_difference,
-                                           reading, relative_increase, sign_test)
+from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, effect_text,
+                                           paired_difference, reading, relative_increase, sign_test)
 
 # Table 2 of the paper (star rating accuracy on 250k properties), by row meaning: a fraction of one
 # epoch, or a number of epochs. Columns: MTL embeddings, ImageNet transfer, end-to-end model.
@@ -163,10 +163,6 @@ def _finding(claim: str, paper: str, here: str, verdict: str) -> dict:
     return {"finding": claim, "paper": paper, "here": here, "reading": verdict}
 
 
-def _interval(e: dict, digits: int = 3) -> str:
-    return f"{e['estimate']:+.{digits}f} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}]"
-
-
 def findings(holdouts: list[tuple[dict, list[dict]]], optimal: dict[str, dict], wins: dict | None,
              baseline: dict[str, dict], balance: dict[str, dict]) -> list[dict]:
     """Each of the paper's findings beside this run's effect and the reading of its test: the list the
@@ -183,7 +179,7 @@ def findings(holdouts: list[tuple[dict, list[dict]]], optimal: dict[str, dict], 
                 paper = (f"{row['paper'][0]:.3f} vs {row['paper'][k]:.3f} star-rating accuracy at this row (Table 2)"
                          if row["paper"] else "MTL embeddings best at every row of Table 2")
                 out.append(_finding(f"On a new task (`{holdout['task']}`), MTL embeddings beat {label} "
-                                    f"({row['row']})", paper, f"{holdout['metric']} difference {_interval(e)}",
+                                    f"({row['row']})", paper, f"{holdout['metric']} difference {effect_text(e)}",
                                     e["reading"]))
     for w, o in optimal.items():
         s = o["share_worse"]
@@ -195,7 +191,7 @@ def findings(holdouts: list[tuple[dict, list[dict]]], optimal: dict[str, dict], 
         for task, e in o["paper_named_tasks"].items():
             out.append(_finding(f"`{task}` does better under MTL ({w}) than its task-optimal model",
                                 "\"tasks B1, B3 and B11 perform better than the optimal models\" (§4.2)",
-                                f"relative error increase {_interval(e, 2)}", e["reading"]))
+                                f"relative error increase {effect_text(e, 2)}", e["reading"]))
     if wins:
         out.append(_finding("Pseudo-uniform weighting beats Kendall's on most tasks",
                             f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks (71%) (§4.2)",
@@ -211,7 +207,7 @@ def findings(holdouts: list[tuple[dict, list[dict]]], optimal: dict[str, dict], 
         p = b["pearson"]
         out.append(_finding(f"MTL ({w}) helps most where classes are most imbalanced",
                             f"Pearson's r = {PAPER_BALANCE_R.get(w, math.nan):.2f} (p < .001) (Figure 6)",
-                            f"r = {_interval(p, 2)} over {p['n']} binary tasks", b["reading"]))
+                            f"r = {effect_text(p, 2)} over {p['n']} binary tasks", b["reading"]))
     return out
 
 

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from gallery.data.images import DataQuality  # noqa: E402
 from gallery.evaluation.comparisons import PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE, paper_row  # noqa: E402
 from gallery.evaluation.holdout import ARMS  # noqa: E402
-from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE  # noqa: E402
+from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, effect_text  # noqa: E402
 
 
 def training_curves(histories: dict[str, list]):
@@ -98,15 +98,6 @@ def table2_frame(holdout: dict) -> pd.DataFrame:
                  else "mean", "metric": holdout["metric"], "value": holdout["baseline"], "ci_low": None,
                  "ci_high": None, "galleries_seen": holdout["train_galleries"]})
     return pd.DataFrame(rows)
-
-
-def effect_text(e: dict, digits: int = 3, percent: bool = False) -> str:
-    """An effect as `+0.031 [-0.012, +0.074]`, its p-value where a test gave one."""
-    if e["estimate"] is None or math.isnan(e["estimate"]):
-        return "n/a"
-    f = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.{digits}f}")  # a share, or a signed difference
-    interval = f" [{f(e['low'])}, {f(e['high'])}]" if not math.isnan(e["low"]) else ""
-    return f"{f(e['estimate'])}{interval}" + (f", p = {e['p']:.3g}" if e.get("p") is not None else "")
 
 
 def table2_markdown(holdout: dict) -> str:

@@ -150,3 +150,12 @@ def spread(values) -> dict:
         return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "seeds": 0}
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
             "min": float(v.min()), "max": float(v.max()), "seeds": len(v)}
+
+
+def effect_text(e: dict, digits: int = 3, percent: bool = False) -> str:
+    """An effect as `+0.031 [-0.012, +0.074]`, its p-value where a test gave one."""
+    if e["estimate"] is None or math.isnan(e["estimate"]):
+        return "n/a"
+    f = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.{digits}f}")  # a share, or a signed difference
+    interval = f" [{f(e['low'])}, {f(e['high'])}]" if not math.isnan(e["low"]) else ""
+    return f"{f(e['estimate'])}{interval}" + (f", p = {e['p']:.3g}" if e.get("p") is not None else "")
