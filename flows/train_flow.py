@@ -18,7 +18,8 @@ from metaflow.cards import Image, Markdown
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_from_dict, settings_json
 from gallery.data.ingest import describe, ingest
-from gallery.evaluation.report import build_report, write_report
+from gallery.evaluation.render import lay_out, write_report
+from gallery.evaluation.report import build_report
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
@@ -75,7 +76,7 @@ class GalleryTrainFlow(FlowSpec):
 
     @step
     def ingest(self):
-        """Validate the contract, split 9:1, compute train-split label statistics."""
+        """Validate the contract, split train/valid/test (8:1:1 unless the manifest says), label statistics."""
         with as_input_error():
             self.catalogue = ingest(self.manifest_location, self.tasks_location)
         print(describe(self.catalogue))
@@ -125,7 +126,7 @@ class GalleryTrainFlow(FlowSpec):
         self.train_result = train_weighting(
             self.catalogue, self.shard_list, with_seed(self.cfg, self.seed), self.weighting, self.checkpoints,
             resume_from=checkpoints_to_resume(self.store_root, "checkpoints", folder),
-            on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device).as_dict()
+            on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device)
         self.next(self.join_train)
 
     @step
@@ -200,9 +201,9 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def report(self):
         """Tables, figures and a reading of the results -> reports/<run id>/ and the run's store."""
-        r = build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
-                         self.holdout_results, self.optimal_by_seed, self.embeddings_location, self.imagenet_location,
-                         self.checkpoint_locations[self.reference])
+        r = lay_out(build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
+                                 self.holdout_results, self.optimal_by_seed, self.embeddings_location,
+                                 self.imagenet_location, self.checkpoint_locations[self.reference]))
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)

@@ -23,12 +23,12 @@ from gallery.data.readers import ShardIndex, ShardSource
 from gallery.data.shards import Shard, ShardWriter
 from gallery.data.synth import generate
 from gallery.errors import UserError
-from gallery.evaluation.holdout import evaluate_holdout, vectors_as_galleries
+from gallery.evaluation.holdout import HoldoutResult, evaluate_holdout, vectors_as_galleries
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
-from gallery.evaluation.task_optimal import train_task_optimal
+from gallery.evaluation.task_optimal import TaskOptimalResult, train_task_optimal
 from gallery.model.backbones import build_backbone
 from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_model
-from gallery.model.losses import build_weighting
+from gallery.model.weightings import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
 from gallery.retrieval.codes import BinaryCode, code_location, fit_code, save_code
@@ -37,7 +37,7 @@ from gallery.training.cache import trunk_features
 from gallery.training.checkpoints import load_trained
 from gallery.training.device import pick_device
 from gallery.training.distributed import Ranks
-from gallery.training.loop import TrainData, TrainResult, fit, valid_scores
+from gallery.training.engine import FitConfig, TrainData, TrainResult, fit, score
 
 CHUNK_GALLERIES = 64  # preprocessing holds this many galleries' pixels at a time
 
@@ -128,20 +128,23 @@ def shard_source(shards: list[Shard], settings: Settings) -> ShardSource:
 def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Settings, weighting: str,
                     checkpoints: str, resume_from: str | None = None, log=print, on_epoch_end=None,
                     ranks: Ranks = Ranks(), device=None) -> TrainResult:
-    """MTL training of the model with one loss weighting; best weights end in `checkpoints/best.pt`."""
+    """MTL training of the model with one loss weighting; `valid` selects the best epoch, whose weights
+    end in `checkpoints/best.pt` and are scored on `test`."""
     source = shard_source(shards, settings)
     torch.manual_seed(settings.train.seed)
     model = build_model(settings.model, catalogue.tasks, catalogue.stats)
     data = TrainData.from_catalogue(catalogue.frame, catalogue.tasks, source, settings.train.use_cache,
                                     settings.data.loader_workers)
     device = pick_device(device)
-    log(f"training with {weighting} weighting: {len(data.train_rows)} train / {len(data.valid_rows)} valid galleries, "
-        f"{int(source.lengths.sum())} images, {'from the feature cache' if settings.train.use_cache else 'from pixels'}, "
-        f"device {device}" + (f", data-parallel rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""))
-    w = build_weighting(weighting, catalogue.tasks, catalogue.stats)
-    result = fit(model, w, data, settings.train, checkpoints, resume_from, device=device, log=log,
-                 on_epoch_end=on_epoch_end, ranks=ranks)
-    result.valid = valid_scores(model, data, settings.train.batch_galleries, device, settings.train.precision)
+    log(f"training with {weighting} weighting: {len(data.train_rows)} train / {len(data.valid_rows)} valid galleries "
+        f"({len(data.test_rows)} test galleries kept for the report), {int(source.lengths.sum())} images, "
+        f"{'from the feature cache' if settings.train.use_cache else 'from pixels'}, device {device}"
+        + (f", data-parallel rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""))
+    config = FitConfig.of(settings.train)
+    result = fit(model, build_weighting(weighting, catalogue.tasks, catalogue.stats), data, config,
+                 checkpoints=checkpoints, resume_from=resume_from, device=device, log=log, on_epoch_end=on_epoch_end,
+                 ranks=ranks)
+    result.test = score(model, data, "test", config.batch_galleries, device, config.precision)
     return result
 
 
@@ -175,7 +178,7 @@ def imagenet_embeddings(source: ShardSource, settings: Settings) -> np.ndarray:
 
 def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
                        imagenet_location: str, metadata: dict, reference_checkpoints: list[str],
-                       log=print) -> list[list[dict]]:
+                       log=print) -> list[list[HoldoutResult]]:
     """Table 2 for every holdout task, once per seed (evaluation.seeds): the seed's own reference model
     gives the MTL arm (the first seed's is the exported one), the seed initialises every arm's head and
     orders its batches. Also writes the ImageNet-transfer embeddings for later comparisons."""
@@ -201,7 +204,7 @@ def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Sett
 
 
 def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Settings, names: list[str],
-                        checkpoints_of, recovery_of, log=print) -> list[dict]:
+                        checkpoints_of, recovery_of, log=print) -> list[dict[str, TaskOptimalResult]]:
     """Task-optimal models for the named tasks, trained together in this process, once per seed
     (evaluation.seeds). `checkpoints_of(folder)` and `recovery_of(folder)` take the model's folder name."""
     tasks = [t for t in catalogue.tasks if t.name in set(names)]

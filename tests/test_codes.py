@@ -1,14 +1,11 @@
 """Binary codes: fitted on the train split, saved with the run, and binarizing identically everywhere."""
-from pathlib import Path
 
 import faiss
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import REPO, run_flow
 
 from gallery.retrieval.codes import CodeError, code_bits, fit_code, load_code, save_code, sign_code
-from gallery.retrieval.embeddings import code_matrix, embedding_matrix, embeddings_code, read_embeddings
+from gallery.retrieval.embeddings import code_matrix, embedding_matrix, read_embeddings
 from gallery.retrieval.index import normalize, one_faiss_thread
 from gallery.retrieval.search import FileIndex
 
@@ -73,6 +70,7 @@ def test_bad_codes_say_what_to_use(tmp_path):
         load_code(str(tmp_path / "missing.npz"))
 
 
+@pytest.mark.flow
 def test_the_run_code_reproduces_the_exported_bits(smoke_run):
     """The export fitted the preset's code on its train split, saved it, and named it in the metadata."""
     end = smoke_run["end"].task.data
@@ -87,6 +85,7 @@ def test_the_run_code_reproduces_the_exported_bits(smoke_run):
     np.testing.assert_allclose(refitted.thresholds, code.thresholds)
 
 
+@pytest.mark.flow
 def test_search_binarizes_a_query_as_the_export_did(smoke_run):
     location = smoke_run["end"].task.data.embeddings_location
     table, _ = read_embeddings(location)
@@ -94,20 +93,3 @@ def test_search_binarizes_a_query_as_the_export_did(smoke_run):
     stored = code_matrix(table)
     for row, vector in enumerate(embedding_matrix(table)):
         assert (index.encode_query(vector) == stored[row]).all(), row
-
-
-def test_embed_flow_binarizes_with_the_training_runs_code(smoke_run, tmp_path):
-    start = smoke_run["start"].task.data
-    manifest = pd.read_parquet(start.manifest_location).iloc[:24]
-    subset = tmp_path / "subset.parquet"
-    folder = Path(start.manifest_location).parent
-    manifest[["gallery_id", "images"]].assign(images=lambda d: d["images"].map(lambda imgs: [str(folder / i) for i in imgs])
-                                              ).to_parquet(subset)
-    status, run, stderr = run_flow(flow=str(REPO / "flows" / "embed_flow.py"), config=None, manifest=str(subset),
-                                   train_run=smoke_run.id)
-    assert status == "successful", stderr[-3000:]
-    ours = run["end"].task.data.embeddings_location
-    theirs = smoke_run["end"].task.data.embeddings_location
-    assert embeddings_code(ours).location == embeddings_code(theirs).location  # the run's code, not a new fit
-    table, _ = read_embeddings(ours)
-    assert (embeddings_code(theirs).encode(embedding_matrix(table)) == code_matrix(table)).all()

@@ -24,6 +24,7 @@ SPEC = {
 def rows(n=40):
     return pd.DataFrame({
         "gallery_id": [f"g{i}" for i in range(n)],
+        "split": ["valid" if i % 10 == 4 else "test" if i % 10 == 6 else "train" for i in range(n)],
         "images": [[f"img/{i}_a.jpg", f"img/{i}_b.jpg"] for i in range(n)],
         "has_pool": [bool(i % 2) if i % 5 else None for i in range(n)],
         "world_region": [["africa", "asia", "europe"][i % 3] for i in range(n)],
@@ -161,14 +162,20 @@ def test_unknown_split_value(tmp_path):
 
 def test_split_without_valid_rows(tmp_path):
     msg = violations(tmp_path, rows().assign(split="train"))
-    assert "column 'split': no product falls in the valid split (40 products)" in msg
+    assert "column 'split': no product falls in the valid or test split (40 products: train 40, valid 0, test 0)" in msg
+
+
+def test_split_without_test_rows_is_refused_at_ingest(tmp_path):
+    """Every reported number is measured on test: a catalogue without test galleries stops at ingest."""
+    msg = violations(tmp_path, rows().assign(split=["train"] * 30 + ["valid"] * 10))
+    assert "no product falls in the test split" in msg and "test reports" in msg
 
 
 def test_given_split_wins_and_nulls_are_hashed(tmp_path):
-    df = rows().assign(split=["valid"] * 10 + [None] * 30)
+    df = rows().assign(split=["valid"] * 5 + ["test"] * 5 + [None] * 30)
     cat = ingest(*write(tmp_path, df))
-    assert set(cat.frame["split"][:10]) == {"valid"}
-    assert set(cat.frame["split"][10:]) <= {"train", "valid"}
+    assert list(cat.frame["split"][:10]) == ["valid"] * 5 + ["test"] * 5
+    assert set(cat.frame["split"][10:]) <= {"train", "valid", "test"}
 
 
 def test_regression_nan_inf_missing_and_text_rejected(tmp_path):

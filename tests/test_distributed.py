@@ -1,4 +1,5 @@
-"""Data-parallel training: two gloo processes train a model exactly as one process does."""
+"""Data-parallel training: two gloo processes train a model exactly as one process does, and every
+weighting's state (Kendall's learned s, DWA's weights) is the same on both ranks."""
 import socket
 
 import numpy as np
@@ -11,14 +12,15 @@ from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
 from gallery.evaluation.holdout import VectorInput, vectors_as_galleries
 from gallery.model.gallery_model import GalleryModel
-from gallery.model.losses import build_weighting
+from gallery.model.weightings import build_weighting
 from gallery.training.distributed import join, leave
-from gallery.training.loop import TrainData, fit
+from gallery.training.engine import FitConfig, TrainData, fit
 
 TASKS = [Task("b", "b", "binary"), Task("c", "c", "multiclass", classes=("x", "y", "z")),
          Task("r", "r", "regression"), Task("sparse", "s", "binary")]
 STATS = {"r": LabelStats("regression", {"train": 56}, mean=0.5, variance=2.0)}
-SETTINGS = TrainSettings(lr=1e-2, batch_galleries=8, max_epochs=3, patience=10, precision="fp32")
+SETTINGS = FitConfig.of(TrainSettings(lr=1e-2, batch_galleries=8, max_epochs=3, patience=10, precision="fp32"))
+WEIGHTINGS = ("kendall", "dwa")
 
 
 def problem():
@@ -31,24 +33,26 @@ def problem():
     targets[rng.random((64, 4)) < 0.15] = np.nan
     targets[rng.random(64) < 0.875, 3] = np.nan
     source = vectors_as_galleries([f"g{i}" for i in range(64)], vectors)
-    data = TrainData(source, torch.from_numpy(targets), np.arange(56), np.arange(56, 64))
+    data = TrainData(source, torch.from_numpy(targets), np.arange(56), np.arange(56, 64), np.arange(0))
     torch.manual_seed(0)
     return GalleryModel(VectorInput(16), TASKS, 8, STATS), data
 
 
-def train(folder, ranks=None):
+def train(folder, name, ranks=None):
     model, data = problem()
-    weighting = build_weighting("kendall", TASKS, STATS)
+    weighting = build_weighting(name, TASKS, STATS)
     kwargs = {"ranks": ranks} if ranks is not None else {}
-    result = fit(model, weighting, data, SETTINGS, str(folder), log=lambda _: None, **kwargs)
-    return result, {**model.state_dict(), "log_vars": weighting.log_vars.detach()}
+    result = fit(model, weighting, data, SETTINGS, checkpoints=str(folder), log=lambda _: None, **kwargs)
+    return result, {**model.state_dict(), **{f"weighting.{k}": v for k, v in weighting.state_dict().items()}}
 
 
 def rank_process(rank: int, port: int, folder: str) -> None:
     ranks = join(rank, 2, 2, "127.0.0.1", port, torch.device("cpu"))
-    result, weights = train(folder, ranks)
-    torch.save({"history": [h.valid_loss for h in result.history], "train": [h.train_loss for h in result.history],
-                "weights": weights, "digest": result.weights_digest}, f"{folder}/rank{rank}.pt")
+    for name in WEIGHTINGS:
+        result, weights = train(f"{folder}/{name}", name, ranks)
+        torch.save({"history": [h.valid_criterion[0] for h in result.history],
+                    "train": [h.train_loss for h in result.history],
+                    "weights": weights, "digest": result.weights_digest}, f"{folder}/{name}-rank{rank}.pt")
     leave()
 
 
@@ -62,14 +66,19 @@ def free_port() -> int:
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     mp.spawn(rank_process, args=(free_port(), str(folder)), nprocs=2)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return {name: [torch.load(folder / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1)] for name in WEIGHTINGS}
 
 
-def test_two_ranks_train_exactly_like_one_process(two_ranks, tmp_path):
-    one, weights = train(tmp_path)
-    zero, first = two_ranks
+@pytest.mark.parametrize("name", WEIGHTINGS)
+def test_two_ranks_train_exactly_like_one_process(two_ranks, tmp_path, name):
+    one, weights = train(tmp_path, name)
+    zero, first = two_ranks[name]
     assert zero["digest"] == first["digest"]  # both ranks hold identical weights
-    np.testing.assert_allclose(zero["history"], [h.valid_loss for h in one.history], rtol=1e-5)
+    for key in [k for k in weights if k.startswith("weighting.")]:  # and identical weighting state
+        assert torch.equal(zero["weights"][key], first["weights"][key]), key
+    np.testing.assert_allclose(zero["history"], [h.valid_criterion[0] for h in one.history], rtol=1e-5)
     np.testing.assert_allclose(zero["train"], [h.train_loss for h in one.history], rtol=1e-5)
-    for name, value in weights.items():
-        torch.testing.assert_close(zero["weights"][name], value, rtol=1e-4, atol=1e-5)
+    for key, value in weights.items():
+        torch.testing.assert_close(zero["weights"][key], value, rtol=1e-4, atol=1e-5)
+    if name == "dwa":  # three epochs: the third trained with weights from the first two
+        assert not torch.equal(weights["weighting.weights"], torch.ones(len(TASKS)))

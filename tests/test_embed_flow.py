@@ -1,15 +1,19 @@
-"""Using a trained model: GalleryEmbedFlow reproduces the export; `gallery search` end to end."""
+"""Using a trained model: GalleryEmbedFlow reproduces the export with the training run's code; `gallery
+search` end to end."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import REPO, REPORTS, run_flow
 
 from gallery.cli import main
-from gallery.retrieval.embeddings import embeddings_table, read_embeddings, write_embeddings
+from gallery.retrieval.embeddings import (code_matrix, embedding_matrix, embeddings_code, embeddings_table,
+                                          read_embeddings, write_embeddings)
 
 EMBED_FLOW = str(REPO / "flows" / "embed_flow.py")
+pytestmark = pytest.mark.flow
 
 
 def as_frame(location):
@@ -18,15 +22,22 @@ def as_frame(location):
                          "embedding": list(np.stack(table["embedding"].to_numpy(zero_copy_only=False)))}), meta
 
 
-def test_embed_flow_reproduces_the_training_export(smoke_run, tmp_path):
+@pytest.fixture(scope="module")
+def embed_run(smoke_run, tmp_path_factory):
+    """The embed flow on the smoke run's catalogue, without labels (the contract's own columns only)."""
     start = smoke_run["start"].task.data
     manifest = pd.read_parquet(start.manifest_location)
-    unlabelled = tmp_path / "catalogue.parquet"  # labels are optional: keep only the contract's own columns
+    unlabelled = tmp_path_factory.mktemp("embed") / "catalogue.parquet"
     manifest[["gallery_id", "images"]].assign(
         images=lambda d: d["images"].map(lambda imgs: [str(Path(start.manifest_location).parent / i) for i in imgs])
     ).to_parquet(unlabelled)
     status, run, stderr = run_flow(flow=EMBED_FLOW, config=None, manifest=str(unlabelled), train_run=smoke_run.id)
     assert status == "successful", stderr[-3000:]
+    return run
+
+
+def test_embed_flow_reproduces_the_training_export(smoke_run, embed_run):
+    run = embed_run
     ours, meta = as_frame(run["end"].task.data.embeddings_location)
     theirs, _ = as_frame(smoke_run["end"].task.data.embeddings_location)
     assert meta["run_id"] == smoke_run.id and meta["embed_run_id"] == run.id
@@ -34,6 +45,14 @@ def test_embed_flow_reproduces_the_training_export(smoke_run, tmp_path):
     assert len(merged) == len(theirs) == len(ours) == 200
     diff = np.abs(np.stack(merged["embedding_train"]) - np.stack(merged["embedding_embed"])).max()
     assert diff < 1e-4, diff
+
+
+def test_embed_flow_binarizes_with_the_training_runs_code(smoke_run, embed_run):
+    ours = embed_run["end"].task.data.embeddings_location
+    theirs = smoke_run["end"].task.data.embeddings_location
+    assert embeddings_code(ours).location == embeddings_code(theirs).location  # the run's code, not a new fit
+    table, _ = read_embeddings(ours)
+    assert (embeddings_code(theirs).encode(embedding_matrix(table)) == code_matrix(table)).all()
 
 
 def test_search_cli_by_gallery_and_by_images(smoke_run, capsys):
@@ -78,10 +97,10 @@ def test_search_cli_wrong_inputs(smoke_run, tmp_path, capsys):
 
 def test_report_compares_binary_and_float(smoke_run):
     metrics = json.loads((Path(REPORTS) / smoke_run.id / "metrics.json").read_text())
-    b = metrics["binary_vs_float"]
-    assert b["k"] == 10 and 0.0 <= b["recall_binary_vs_float"] <= 1.0
-    assert set(b["attribute_agreement"]) == {"C2_world_region", "C4_property_type"}
-    for values in b["attribute_agreement"].values():
+    b = metrics["binary_vs_float"]["result"]
+    assert b["k"] == 10 and 0.0 <= b["recall_two_stage"] <= 1.0 and b["split"] == "test"
+    assert set(b["agreement"]) == {"C2_world_region", "C4_property_type"}
+    for values in b["agreement"].values():
         assert set(values) == {"float", "binary", "imagenet_float"}
         assert all(0.0 <= v <= 1.0 for v in values.values())
     assert "## Binarized embeddings" in (Path(REPORTS) / smoke_run.id / "report.md").read_text()

@@ -16,6 +16,8 @@ from metaflow import Runner, Task
 
 import gallery.steps as steps
 import gallery.storage as storage
+
+pytestmark = pytest.mark.flow
 from gallery.cli import main
 from gallery.config import load_settings
 from gallery.retrieval.embeddings import read_embeddings
@@ -77,8 +79,8 @@ def test_a_killed_training_is_retried_from_its_attempts_checkpoint(s3_run):
     for task in nodes:
         assert task.current_attempt == 1 and task.origin_pathspec is None  # retried by Metaflow, not resumed
         result = task.data.train_result
-        assert result["resumed_at_epoch"] == 1  # epoch 0 came from the killed attempt's checkpoint
-        assert [h["epoch"] for h in result["history"]] == [0, 1]
+        assert result.resumed_at_epoch == 1  # epoch 0 came from the killed attempt's checkpoint
+        assert [h.epoch for h in result.history] == [0, 1]
     first_attempts = "".join(Task(t.pathspec, attempt=0).stdout for t in nodes)  # workers log through node 0
     assert "GALLERY_KILL_AFTER_EPOCH=1: killing this process after epoch 1" in first_attempts
 

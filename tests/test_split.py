@@ -1,4 +1,4 @@
-"""The 9:1 split is a stable hash of gallery_id: same everywhere, every time."""
+"""The 8:1:1 split is a stable hash of gallery_id: same everywhere, every time."""
 import subprocess
 import sys
 
@@ -8,7 +8,9 @@ from gallery.data.split import hash_split, hash_unit
 def test_ratio_and_determinism_on_10k_ids():
     ids = [f"property-{i}" for i in range(10_000)]
     split = hash_split(ids)
-    assert abs((split == "valid").mean() - 0.1) <= 0.01
+    assert abs((split == "valid").mean() - 0.1) <= 0.01 and abs((split == "test").mean() - 0.1) <= 0.01
+    units = [hash_unit(i) for i in ids]  # the split follows the hashed unit: valid [0, .1), test [.1, .2)
+    assert all((s == "valid") == (u < 0.1) and (s == "test") == (0.1 <= u < 0.2) for s, u in zip(split, units))
     assert (hash_split(ids) == split).all()
 
 
@@ -18,4 +20,4 @@ def test_stable_across_processes_and_pinned():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert float(other) == hash_unit("acc_000000")
     assert hash_unit("acc_000000") == 0.3052696692760169
-    assert list(hash_split(["x0", "x1", "x2", "x3"])) == ["train", "valid", "train", "valid"]
+    assert list(hash_split(["x0", "x1", "x2", "x3"])) == ["test", "valid", "train", "valid"]  # units .17 .09 .83 .09

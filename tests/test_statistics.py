@@ -64,32 +64,39 @@ def test_relative_increase_of_known_errors():
     assert math.isnan(relative_increase(mtl, np.zeros(200)).estimate)  # no error to compare with
 
 
-def test_sign_test_is_scipys_binomial_test():
+def test_sign_test_by_hand():
+    """22 wins in 31: the two-sided binomial p-value summed by hand, the Clopper-Pearson bounds from the
+    beta quantiles that define them."""
     effect = sign_test(22, 9)
-    test = stats.binomtest(22, 31, 0.5)
-    assert effect.estimate == pytest.approx(22 / 31) and effect.p == pytest.approx(test.pvalue)
-    interval = test.proportion_ci(0.95)
-    assert (effect.low, effect.high) == pytest.approx((interval.low, interval.high))
+    tail = sum(math.comb(31, k) for k in range(22, 32)) / 2**31
+    assert effect.estimate == pytest.approx(22 / 31) and effect.p == pytest.approx(2 * tail)
+    assert effect.low == pytest.approx(stats.beta.ppf(0.025, 22, 10)) and effect.high == pytest.approx(stats.beta.ppf(0.975, 23, 9))
     assert reading(effect, +1, null=0.5) == CONSISTENT  # the paper's 22 of 31 would clear a half
 
 
-def test_correlations_are_scipys():
+def test_correlations_by_hand():
+    """Pearson's r from its definition with Fisher's interval (atanh(r) +- 1.96 / sqrt(n - 3)); Spearman's
+    rho as Pearson's r of the ranks."""
     rng = np.random.default_rng(2)
     x = rng.random(17)
     y = 0.8 * x + rng.normal(0, 0.1, 17)
     found = correlations(x, y, seed=5)
-    pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
-    assert found["pearson"].estimate == pytest.approx(pearson.statistic) and found["pearson"].p == pytest.approx(pearson.pvalue)
-    interval = pearson.confidence_interval(0.95)
-    assert (found["pearson"].low, found["pearson"].high) == pytest.approx((interval.low, interval.high))
-    assert found["spearman"].estimate == pytest.approx(spearman.statistic)
-    assert found["spearman"].low <= spearman.statistic <= found["spearman"].high
+    dx, dy = x - x.mean(), y - y.mean()
+    r = (dx * dy).sum() / math.sqrt((dx ** 2).sum() * (dy ** 2).sum())
+    z, half = math.atanh(r), stats.norm.ppf(0.975) / math.sqrt(17 - 3)
+    assert found["pearson"].estimate == pytest.approx(r)
+    assert (found["pearson"].low, found["pearson"].high) == pytest.approx((math.tanh(z - half), math.tanh(z + half)))
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))  # no ties in continuous draws
+    rho = np.corrcoef(rx, ry)[0, 1]
+    assert found["spearman"].estimate == pytest.approx(rho)
+    assert found["spearman"].low <= rho <= found["spearman"].high
     assert reading(found["pearson"], +1) == CONSISTENT
 
 
 def test_spread_across_seeds():
-    assert spread([0.6, 0.7, 0.8]) == pytest.approx({"mean": 0.7, "sd": 0.1, "min": 0.6, "max": 0.8, "seeds": 3})
-    assert spread([0.5])["sd"] == 0.0 and spread([math.nan])["seeds"] == 0
+    s = spread([0.6, 0.7, 0.8])
+    assert (s.mean, s.sd, s.min, s.max, s.seeds) == pytest.approx((0.7, 0.1, 0.6, 0.8, 3))
+    assert spread([0.5]).sd == 0.0 and spread([math.nan]).seeds == 0
 
 
 def test_a_reading_needs_the_exact_test_too():

@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gallery.config import ModelSettings, TrainSettings
+from gallery.config import ModelSettings
 from gallery.data.contracts import CONTRACTS_DIR, load_task_spec
 from gallery.data.labels import LabelStats
 from gallery.data.packed import PackedGalleries
 from gallery.data.readers import Batch
 from gallery.model.backbones import WeightsUnavailable
 from gallery.model.gallery_model import build_model
-from gallery.model.losses import PseudoUniform
+from gallery.model.weightings import PseudoUniform
 from gallery.training.device import autocast, fast_layout, pick_device
-from gallery.training.loop import Objective, make_optimizer, train_step
+from gallery.training.engine import FitConfig, Objective, make_optimizer, train_step
 
 PRECISION = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere: the same for both steps
 
@@ -127,7 +127,7 @@ def _reference(model, case: Case, device) -> tuple[nn.Module, torch.optim.Optimi
     reference = Reference(images.trunk, images.top, images.mean, images.std, images.dim, case.hidden, 10).to(device)
     reference.trunk.eval()
     reference = fast_layout(reference, device)
-    return reference, make_optimizer([p for p in reference.parameters() if p.requires_grad], TrainSettings(lr=1e-4), device)
+    return reference, make_optimizer([p for p in reference.parameters() if p.requires_grad], FitConfig(lr=1e-4), device)
 
 
 def _padded_vectors(model, features: torch.Tensor, lengths: torch.Tensor, max_images: int):
@@ -168,12 +168,12 @@ def _step(variant: str, state: dict, batch, device, case: Case, counter: list) -
             with autocast(device, PRECISION):
                 z = _padded_vectors(model, packed.x.to(device, non_blocking=True), lengths, case.max_images)
                 sums = model.losses(model.heads(z), packed.targets.to(device, non_blocking=True))
-            loss = objective.weighting(sums.means(), sums.count > 0)
+            loss = objective.weighting.loss(sums.means(), sums.count > 0)
             state["optimizer"].zero_grad(set_to_none=True)
             loss.backward()
             state["optimizer"].step()
         else:
-            train_step(state[variant], state["optimizer"], packed, device)
+            train_step(state[variant], state[variant].weighting, state["optimizer"], packed, device)
 
 
 def _measure(variant: str, state: dict, batches, device, case: Case) -> dict:
@@ -206,7 +206,7 @@ def bench_case(case: Case, steps: int, device, log=print, tasks=None, stats=None
     weighting = PseudoUniform(tasks, stats).to(device)
     state = {"model": model, "recompute": Objective(model, weighting, False, PRECISION),
              "cache": Objective(model, weighting, True, PRECISION),
-             "optimizer": make_optimizer([p for p in model.parameters() if p.requires_grad], TrainSettings(lr=1e-4), device)}
+             "optimizer": make_optimizer([p for p in model.parameters() if p.requires_grad], FitConfig(lr=1e-4), device)}
     state["reference"], state["ref_optimizer"] = _reference(model, case, device)
     pixels = _batches(case, steps, tasks)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 import gallery.storage as storage
-from gallery.data.contracts import TaskSpec, load_manifest, load_task_spec, validate_manifest
+from gallery.data.contracts import SPLITS, TaskSpec, load_manifest, load_task_spec, validate_manifest
 from gallery.data.labels import LabelStats, encode_labels, label_statistics
 from gallery.data.split import assign_splits
 from gallery.data.tasks import Task
@@ -56,12 +56,13 @@ def ingest(manifest_path, tasks_path=None) -> Catalogue:
     ids = raw["gallery_id"].astype("string").fillna("")
     split = assign_splits(raw.assign(gallery_id=ids))
     is_train = split == "train"
-    for needed in ("train", "valid") if spec.tasks else ():
-        if not (split == needed).any():
-            violations.append(Violation(manifest_path, "column 'split'", f"no product falls in the {needed} split "
-                                        f"({len(split)} products)",
-                                        "give a `split` column with both train and valid rows, or more products "
-                                        "(the hashed split sends about 1 in 10 to valid)"))
+    empty = [s for s in SPLITS if not (split == s).any()] if spec.tasks else []
+    if empty:
+        violations.append(Violation(
+            manifest_path, "column 'split'", f"no product falls in the {' or '.join(empty)} split "
+            f"({len(split)} products: {', '.join(f'{s} {int((split == s).sum())}' for s in SPLITS)})",
+            "train fits, valid selects (best epoch) and test reports, so each needs products: give more products "
+            "(the hashed split sends about 1 in 10 to valid and 1 in 10 to test) or a `split` column"))
     base = storage.parent(manifest_path)
     frame = pd.DataFrame({
         "gallery_id": ids.astype(str).to_numpy(dtype=object),
@@ -97,12 +98,12 @@ def describe(cat: Catalogue) -> str:
         f"images:    {int(n_images.sum())}; per gallery min {n_images.min()} / median {np.median(n_images):g} "
         f"/ max {n_images.max()}",
         "",
-        f"{'task':<28} {'kind':<10} {'role':<7} {'labelled (train/valid)':>22}  balance / distribution (train)",
+        f"{'task':<28} {'kind':<10} {'role':<7} {'labelled (train/valid/test)':>27}  balance / distribution (train)",
     ]
     for role, group in (("mtl", cat.tasks), ("holdout", cat.holdout)):
         for task in group:
             st = cat.stats[task.name]
-            labelled = f"{st.labelled.get('train', 0)}/{st.labelled.get('valid', 0)}"
+            labelled = "/".join(str(st.labelled.get(s, 0)) for s in SPLITS)
             if task.kind == "binary":
                 pos = st.class_counts[1] / max(sum(st.class_counts), 1)
                 detail = f"positive {pos:.1%}, minority {st.minority_fraction:.1%}"
@@ -111,7 +112,7 @@ def describe(cat: Catalogue) -> str:
                 detail = f"{len(counts)} classes, largest {counts.max() / max(counts.sum(), 1):.1%}"
             else:
                 detail = f"mean {st.mean:.4g}, variance {st.variance:.4g}" if st.variance is not None else "n/a"
-            lines.append(f"{task.name:<28} {task.kind:<10} {role:<7} {labelled:>22}  {detail}")
+            lines.append(f"{task.name:<28} {task.kind:<10} {role:<7} {labelled:>27}  {detail}")
     lines += [f"note: {n}" for n in cat.notes]
     return "\n".join(lines)
 

@@ -1,4 +1,8 @@
-"""Deterministic train/valid split: the same on every machine, Python version and run."""
+"""Deterministic train/valid/test split: the same on every machine, Python version and run.
+
+`train` fits, `valid` selects (best epoch, early stopping, probe regularisation), `test` reports: no
+reported number is selected on the split it is reported on.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +10,8 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-VALID_FRACTION = 0.1  # the paper's 9:1 train:valid split
+VALID_FRACTION = 0.1  # 8:1:1 train:valid:test
+TEST_FRACTION = 0.1
 
 
 def hash_unit(gallery_id: str) -> float:
@@ -15,13 +20,17 @@ def hash_unit(gallery_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def hash_split(gallery_ids, valid_fraction: float = VALID_FRACTION) -> np.ndarray:
-    return np.array(["valid" if hash_unit(str(g)) < valid_fraction else "train" for g in gallery_ids], dtype=object)
+def hash_split(gallery_ids, valid_fraction: float = VALID_FRACTION, test_fraction: float = TEST_FRACTION) -> np.ndarray:
+    """valid below `valid_fraction`, test in the next `test_fraction`, train above."""
+    def split(u: float) -> str:
+        return "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
+
+    return np.array([split(hash_unit(str(g))) for g in gallery_ids], dtype=object)
 
 
-def assign_splits(manifest: pd.DataFrame, valid_fraction: float = VALID_FRACTION) -> np.ndarray:
-    """The manifest's `split` where given, else the hashed 9:1 split."""
-    split = hash_split(manifest["gallery_id"], valid_fraction)
+def assign_splits(manifest: pd.DataFrame) -> np.ndarray:
+    """The manifest's `split` where given, else the hashed 8:1:1 split."""
+    split = hash_split(manifest["gallery_id"])
     if "split" in manifest.columns:
         given = manifest["split"]
         split = np.where(given.notna().to_numpy(), given.astype(object).to_numpy(), split)

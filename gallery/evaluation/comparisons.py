@@ -1,14 +1,16 @@
 """Every comparison the report makes beside the paper (Table 2, Figures 5 and 6), as an effect with
 its interval, its test and the reading that follows from them (gallery.evaluation.statistics).
 
-All comparisons are paired on the same valid galleries: the holdout arms on the holdout's valid
-galleries, each MTL model and its task-optimal model (and the majority/mean baseline) on the valid
-galleries labelled for the task. The paper's figures and claims are quoted from its text (seed
-000: Table 2, §4.2, Figure 5 and 6 captions) and shown only beside rows that mean the same.
+All comparisons are paired on the same `test` galleries (no model was selected on them): the holdout
+arms on the holdout's labelled test galleries, each MTL model and its task-optimal model (and the
+majority/mean baseline) on the test galleries labelled for the task. The paper's figures and claims
+are quoted from its text (Table 2, §4.2, Figure 5 and 6 captions) and shown only beside rows that
+mean the same.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,9 +18,11 @@ import pandas as pd
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.evaluation.holdout import ARMS
+from gallery.evaluation.holdout import ARMS, HoldoutResult, Row
 from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, effect_text,
-                                           paired_difference, reading, relative_increase, sign_test)
+                                           paired_difference, relative_increase, sign_test)
+from gallery.evaluation.task_optimal import TaskOptimalResult
+from gallery.training.engine import TrainResult
 
 # Table 2 of the paper (star rating accuracy on 250k properties), by row meaning: a fraction of one
 # epoch, or a number of epochs. Columns: MTL embeddings, ImageNet transfer, end-to-end model.
@@ -31,9 +35,9 @@ PAPER_BALANCE_R = {"pseudo_uniform": 0.78, "kendall": 0.80}  # Figure 6: Pearson
 PAPER_MTL_BETTER = {"B1", "B3", "B11"}                      # Figure 5: better than task-optimal, both weightings
 
 
-def paper_row(row: dict):
+def paper_row(row: Row):
     """The paper's Table 2 figures for a row of ours that means the same, else None."""
-    key = ("fraction", round(row["fraction"], 2)) if row.get("fraction") is not None else ("epochs", row.get("epochs"))
+    key = ("fraction", round(row.fraction, 2)) if row.fraction is not None else ("epochs", row.epochs)
     return PAPER_TABLE2.get(key)
 
 
@@ -44,20 +48,27 @@ def errors_of(kind: str, scores: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- Table 2
 
-def table2_comparisons(holdout: dict, seed: int = 0) -> list[dict]:
-    """Per row: MTL - ImageNet and MTL - end-to-end on the same valid galleries, with the reading
+@dataclass
+class Table2Comparison:
+    """One row of Table 2: MTL minus each other arm, with its reading, and the paper's figures where
+    its row means the same."""
+
+    row: str
+    fraction: float | None
+    paper: tuple[float, float, float] | None
+    versus: dict[str, Effect]   # other arm -> MTL - that arm
+
+
+def table2_comparisons(holdout: HoldoutResult, seed: int = 0) -> list[Table2Comparison]:
+    """Per row: MTL - ImageNet and MTL - end-to-end on the same test galleries, with the reading
     against the paper's claim that MTL embeddings transfer best (higher accuracy, lower MSE)."""
-    better = 1 if holdout["metric"] == "accuracy" else -1
-    arms = holdout["arms"]
+    better = 1 if holdout.metric == "accuracy" else -1
     out = []
-    for i, row in enumerate(arms["mtl"]["rows"]):
-        mtl = np.asarray(row["scores"], float)
-        entry = {"row": row["label"], "fraction": row.get("fraction"),
-                 "paper": paper_row(row) if holdout.get("task") == "star_rating" and better == 1 else None}
-        for other in ("imagenet", "end_to_end"):
-            effect = paired_difference(mtl, np.asarray(arms[other]["rows"][i]["scores"], float), seed)
-            entry[f"mtl_vs_{other}"] = effect.as_dict() | {"reading": reading(effect, better)}
-        out.append(entry)
+    for i, row in enumerate(holdout.arms["mtl"].rows):
+        paper = paper_row(row) if holdout.task == "star_rating" and better == 1 else None
+        versus = {other: paired_difference(row.scores, holdout.arms[other].rows[i].scores, seed).read(better)
+                  for other in ARMS if other != "mtl"}
+        out.append(Table2Comparison(row.label, row.fraction, paper, versus))
     return out
 
 
@@ -74,19 +85,20 @@ def baseline_scores(task: Task, stats: LabelStats, labels: np.ndarray) -> np.nda
     return (labels == int(np.argmax(stats.class_counts))).astype(float)
 
 
-def per_task(catalogue: Catalogue, training: dict, optimal: dict, seed: int = 0) -> pd.DataFrame:
-    """One row per MTL task: errors of each weighting, its task-optimal model and the baseline, and
+def per_task(catalogue: Catalogue, training: dict[str, TrainResult], optimal: dict[str, TaskOptimalResult],
+             seed: int = 0) -> pd.DataFrame:
+    """One row per MTL task: test errors of each weighting, its task-optimal model and the baseline, and
     each weighting's relative error increase over the task-optimal model with its paired interval."""
     labels = catalogue.frame.set_index("gallery_id")
     rows = []
-    for k, task in enumerate(catalogue.tasks):
+    for task in catalogue.tasks:
         opt = optimal[task.name]
         row = {"task": task.name, "kind": task.kind, "minority_fraction": catalogue.stats[task.name].minority_fraction,
-               "valid_labelled": opt["valid_labelled"], "error_task_optimal": opt["error"],
-               "error_baseline": opt["baseline_error"], "task_optimal_epochs": opt["epochs"]}
-        optimal_scores = _scores_by_id(opt.get("valid_ids", []), opt.get("valid_scores", []))
+               "test_labelled": opt.test_labelled, "error_task_optimal": opt.error,
+               "error_baseline": opt.baseline_error, "task_optimal_epochs": opt.epochs}
+        optimal_scores = _scores_by_id(opt.test_ids, opt.test_scores)
         for weighting, result in training.items():
-            mtl_scores = _scores_by_id(result["valid"]["gallery_ids"], np.asarray(result["valid"]["scores"])[:, k])
+            mtl_scores = _scores_by_id(*result.test.task(task.name))
             common = [g for g in mtl_scores if g in optimal_scores]
             mtl = np.array([mtl_scores[g] for g in common])
             row[f"error_{weighting}"] = float(errors_of(task.kind, mtl).mean()) if len(mtl) else math.nan
@@ -107,41 +119,80 @@ def _effect(row, column: str) -> Effect:
     return Effect(row[column], row[f"{column}_low"], row[f"{column}_high"])
 
 
-def mtl_vs_optimal(table: pd.DataFrame, weighting: str) -> dict:
+@dataclass
+class VersusOptimal:
+    """How the tasks split between MTL and the task-optimal models, by their intervals."""
+
+    clearly_worse: int
+    clearly_better: int
+    not_distinguishable: int
+    tasks: int
+    share_worse: Effect                  # share of decided tasks where MTL's error is higher (sign test)
+    paper_named_tasks: dict[str, Effect]  # B1, B3, B11: the paper finds them better under MTL
+
+
+def mtl_vs_optimal(table: pd.DataFrame, weighting: str) -> VersusOptimal:
     """How the tasks split: MTL clearly worse (interval above 0), clearly better, or not distinguishable;
     the share of tasks where MTL's error is higher, with a sign test (the paper: worse on most tasks),
     and the paper's named tasks (B1, B3, B11 better under MTL)."""
     effects = [(r["task"], _effect(r, f"relative_error_increase_{weighting}")) for _, r in table.iterrows()]
     decided = [e for _, e in effects if not math.isnan(e.estimate)]
     worse = sign_test(sum(e.estimate > 0 for e in decided), sum(e.estimate < 0 for e in decided))
-    named = {name: e.as_dict() | {"reading": reading(e, -1)} for name, e in effects
-             if name.split("_")[0] in PAPER_MTL_BETTER}
-    return {"clearly_worse": sum(e.side() == 1 for e in decided), "clearly_better": sum(e.side() == -1 for e in decided),
-            "not_distinguishable": sum(e.side() == 0 for e in decided), "tasks": len(decided),
-            "share_worse": worse.as_dict() | {"reading": reading(worse, +1, null=0.5)}, "paper_named_tasks": named}
+    named = {name: e.read(-1) for name, e in effects if name.split("_")[0] in PAPER_MTL_BETTER}
+    return VersusOptimal(sum(e.side() == 1 for e in decided), sum(e.side() == -1 for e in decided),
+                         sum(e.side() == 0 for e in decided), len(decided), worse.read(+1, null=0.5), named)
 
 
-def weighting_wins(table: pd.DataFrame) -> dict:
+@dataclass
+class WeightingWins:
+    """Pseudo-uniform against Kendall: tasks where each has the lower error."""
+
+    wins: int
+    losses: int
+    ties: int
+    tasks: int
+    share: Effect   # share of decided tasks pseudo-uniform wins (sign test)
+
+
+def weighting_wins(table: pd.DataFrame) -> WeightingWins:
     """Pseudo-uniform against Kendall: tasks with the lower error, a sign test over the decided ones."""
     pu, kendall = table["error_pseudo_uniform"], table["error_kendall"]
     wins, losses = int((pu < kendall).sum()), int((pu > kendall).sum())
-    effect = sign_test(wins, losses)
-    return {"wins": wins, "losses": losses, "ties": len(table) - wins - losses, "tasks": len(table),
-            **effect.as_dict(), "reading": reading(effect, +1, null=0.5)}
+    return WeightingWins(wins, losses, len(table) - wins - losses, len(table), sign_test(wins, losses).read(+1, null=0.5))
 
 
-def mtl_vs_baseline(table: pd.DataFrame, weighting: str) -> dict:
+@dataclass
+class VersusBaseline:
+    tasks: int
+    clearly_better: int
+    clearly_worse: int
+    reading: str
+
+
+def mtl_vs_baseline(table: pd.DataFrame, weighting: str) -> VersusBaseline:
     """MTL against the majority/mean baseline per task (the paper: better on every single task)."""
     effects = [_effect(r, f"baseline_minus_{weighting}") for _, r in table.iterrows()]
     decided = [e for e in effects if not math.isnan(e.estimate)]
     better, against = sum(e.side() == 1 for e in decided), sum(e.side() == -1 for e in decided)
     verdict = CONSISTENT if decided and better == len(decided) else OPPOSITE if against else NOISE
-    return {"tasks": len(decided), "clearly_better": better, "clearly_worse": against, "reading": verdict}
+    return VersusBaseline(len(decided), better, against, verdict)
 
 
 # ---------------------------------------------------------------- Figure 6
 
-def class_balance(table: pd.DataFrame, weightings, seed: int = 0) -> dict:
+@dataclass
+class ClassBalance:
+    """Figure 6 for one weighting: minority-class fraction against relative error increase."""
+
+    n: int
+    pearson: Effect     # with the reading against the paper's r > 0
+    spearman: Effect
+    slope: float
+    intercept: float
+    reading: str
+
+
+def class_balance(table: pd.DataFrame, weightings, seed: int = 0) -> dict[str, ClassBalance]:
     """Binary tasks: minority-class fraction against relative error increase: Pearson and Spearman
     with intervals, the least-squares line for the figure, and the reading against the paper's r > 0."""
     out = {}
@@ -151,70 +202,74 @@ def class_balance(table: pd.DataFrame, weightings, seed: int = 0) -> dict:
         x, y = pairs.iloc[:, 0].to_numpy(float), pairs.iloc[:, 1].to_numpy(float)
         found = correlations(x, y, seed)
         slope, intercept = np.polyfit(x, y, 1) if len(x) >= 2 and np.ptp(x) > 0 else (math.nan, math.nan)
-        out[weighting] = {"n": len(pairs), "pearson": found["pearson"].as_dict(), "spearman": found["spearman"].as_dict(),
-                          "slope": float(slope), "intercept": float(intercept),
-                          "reading": reading(found["pearson"], +1)}
+        pearson = found["pearson"].read(+1)
+        out[weighting] = ClassBalance(len(pairs), pearson, found["spearman"], float(slope), float(intercept),
+                                      pearson.reading)
     return out
 
 
 # ---------------------------------------------------------------- what the run reproduces
 
-def _finding(claim: str, paper: str, here: str, verdict: str) -> dict:
-    return {"finding": claim, "paper": paper, "here": here, "reading": verdict}
+@dataclass
+class Finding:
+    """One of the paper's findings beside this run's effect and the reading of its test."""
+
+    finding: str
+    paper: str
+    here: str
+    reading: str
 
 
-def findings(holdouts: list[tuple[dict, list[dict]]], optimal: dict[str, dict], wins: dict | None,
-             baseline: dict[str, dict], balance: dict[str, dict]) -> list[dict]:
+def findings(holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]], optimal: dict[str, VersusOptimal],
+             wins: WeightingWins | None, baseline: dict[str, VersusBaseline],
+             balance: dict[str, ClassBalance]) -> list[Finding]:
     """Each of the paper's findings beside this run's effect and the reading of its test: the list the
-    report sorts into reproduced, not resolved and contradicted. `holdouts`: (holdout, its
-    table2_comparisons); `optimal`, `baseline`, `balance`: per weighting (mtl_vs_optimal,
-    mtl_vs_baseline, class_balance)."""
+    report sorts into reproduced, not resolved and contradicted. `optimal`, `baseline`, `balance`: per
+    weighting."""
     out = []
     for holdout, rows in holdouts:
-        one_epoch = [r for r in rows[:-1] if r["fraction"] == 1.0]
+        one_epoch = [r for r in rows[:-1] if r.fraction == 1.0]
         for row in one_epoch[-1:] + rows[-1:]:   # after one epoch of the labelled data, and after all epochs
             for k, other in ((1, "imagenet"), (2, "end_to_end")):
-                e = row[f"mtl_vs_{other}"]
+                e = row.versus[other]
                 label = "ImageNet transfer" if other == "imagenet" else "an end-to-end model"
-                paper = (f"{row['paper'][0]:.3f} vs {row['paper'][k]:.3f} star-rating accuracy at this row (Table 2)"
-                         if row["paper"] else "MTL embeddings best at every row of Table 2")
-                out.append(_finding(f"On a new task (`{holdout['task']}`), MTL embeddings beat {label} "
-                                    f"({row['row']})", paper, f"{holdout['metric']} difference {effect_text(e)}",
-                                    e["reading"]))
+                paper = (f"{row.paper[0]:.3f} vs {row.paper[k]:.3f} star-rating accuracy at this row (Table 2)"
+                         if row.paper else "MTL embeddings best at every row of Table 2")
+                out.append(Finding(f"On a new task (`{holdout.task}`), MTL embeddings beat {label} ({row.row})",
+                                   paper, f"test {holdout.metric} difference {effect_text(e)}", e.reading))
     for w, o in optimal.items():
-        s = o["share_worse"]
-        out.append(_finding(f"MTL ({w}) is worse than task-optimal models on most tasks",
-                            "\"most tasks understandably show inferior predictive performance\" (§4.2)",
-                            f"worse on {s['estimate']:.0%} [{s['low']:.0%}, {s['high']:.0%}] of {s['n']} tasks; "
-                            f"clearly worse on {o['clearly_worse']}, clearly better on {o['clearly_better']}",
-                            s["reading"]))
-        for task, e in o["paper_named_tasks"].items():
-            out.append(_finding(f"`{task}` does better under MTL ({w}) than its task-optimal model",
-                                "\"tasks B1, B3 and B11 perform better than the optimal models\" (§4.2)",
-                                f"relative error increase {effect_text(e, 2)}", e["reading"]))
+        s = o.share_worse
+        out.append(Finding(f"MTL ({w}) is worse than task-optimal models on most tasks",
+                           "\"most tasks understandably show inferior predictive performance\" (§4.2)",
+                           f"worse on {s.estimate:.0%} [{s.low:.0%}, {s.high:.0%}] of {s.n} tasks; "
+                           f"clearly worse on {o.clearly_worse}, clearly better on {o.clearly_better}", s.reading))
+        for task, e in o.paper_named_tasks.items():
+            out.append(Finding(f"`{task}` does better under MTL ({w}) than its task-optimal model",
+                               "\"tasks B1, B3 and B11 perform better than the optimal models\" (§4.2)",
+                               f"relative error increase {effect_text(e, 2)}", e.reading))
     if wins:
-        out.append(_finding("Pseudo-uniform weighting beats Kendall's on most tasks",
-                            f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks (71%) (§4.2)",
-                            f"{wins['wins']} of {wins['wins'] + wins['losses']} decided tasks "
-                            f"({wins['estimate']:.0%} [{wins['low']:.0%}, {wins['high']:.0%}], sign test p = {wins['p']:.3g})",
-                            wins["reading"]))
+        out.append(Finding("Pseudo-uniform weighting beats Kendall's on most tasks",
+                           f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks (71%) (§4.2)",
+                           f"{wins.wins} of {wins.wins + wins.losses} decided tasks "
+                           f"({wins.share.estimate:.0%} [{wins.share.low:.0%}, {wins.share.high:.0%}], sign test "
+                           f"p = {wins.share.p:.3g})", wins.share.reading))
     for w, b in baseline.items():
-        out.append(_finding(f"MTL ({w}) beats the majority/mean baseline on every task",
-                            "\"significantly outperform basic benchmarks ... across every single task\" (§4.2)",
-                            f"clearly better on {b['clearly_better']} of {b['tasks']} tasks, clearly worse on "
-                            f"{b['clearly_worse']}", b["reading"]))
+        out.append(Finding(f"MTL ({w}) beats the majority/mean baseline on every task",
+                           "\"significantly outperform basic benchmarks ... across every single task\" (§4.2)",
+                           f"clearly better on {b.clearly_better} of {b.tasks} tasks, clearly worse on {b.clearly_worse}",
+                           b.reading))
     for w, b in balance.items():
-        p = b["pearson"]
-        out.append(_finding(f"MTL ({w}) helps most where classes are most imbalanced",
-                            f"Pearson's r = {PAPER_BALANCE_R.get(w, math.nan):.2f} (p < .001) (Figure 6)",
-                            f"r = {effect_text(p, 2)} over {p['n']} binary tasks", b["reading"]))
+        out.append(Finding(f"MTL ({w}) helps most where classes are most imbalanced",
+                           f"Pearson's r = {PAPER_BALANCE_R.get(w, math.nan):.2f} (p < .001) (Figure 6)",
+                           f"r = {effect_text(b.pearson, 2)} over {b.pearson.n} binary tasks", b.reading))
     return out
 
 
-def headline_numbers(catalogue: Catalogue, training: dict, holdouts: list[dict], optimal: dict) -> dict[str, float]:
-    """One seed's headline numbers, for their spread across seeds (gallery.evaluation.seeds.spread)."""
-    numbers = {f"{h['task']}: {ARMS[arm]} {h['metric']} after all epochs": result["rows"][-1]["value"]
-               for h in holdouts for arm, result in h["arms"].items()}
+def headline_numbers(catalogue: Catalogue, training: dict[str, TrainResult], holdouts: list[HoldoutResult],
+                     optimal: dict[str, TaskOptimalResult]) -> dict[str, float]:
+    """One seed's headline numbers, for their spread across seeds (gallery.evaluation.statistics.spread)."""
+    numbers = {f"{h.task}: {ARMS[arm]} test {h.metric} after all epochs": result.rows[-1].value
+               for h in holdouts for arm, result in h.arms.items()}
     table = per_task(catalogue, training, optimal)
     binary = table[table["kind"] == "binary"]
     for w in training:

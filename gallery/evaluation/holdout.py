@@ -2,18 +2,18 @@
 
 Three arms put the same 2-layer head on top and train it on the products carrying the holdout
 label: (a) the exported MTL embeddings, frozen; (b) ImageNet transfer, the mean-pooled vectors of
-the pretrained backbone; (c) end-to-end, the §5 architecture trained on the holdout task alone.
-Rows: the valid-split metric after 20/40/60/80/100% of one epoch of the labelled train set and
-after all epochs; every row keeps each valid gallery's score, so arms are compared pair by pair
-on the same galleries (gallery.evaluation.statistics). Time per instance: training steps only.
-When the end-to-end arm trains from the feature cache, a few of its steps are also timed from
-pixels, through every layer an end-to-end model runs, and both figures are reported.
+the pretrained backbone; (c) end-to-end, the model architecture trained on the holdout task alone.
+Every arm trains through the one engine (gallery.training.engine) for a fixed budget, as the paper's
+rows are defined: after 20/40/60/80/100% of one epoch of the labelled train galleries and after all
+epochs, each row scores every labelled `test` gallery, so arms are compared pair by pair on the same
+galleries (gallery.evaluation.statistics). Nothing is selected on `test`. Time per instance: the
+training steps only. When the end-to-end arm trains from the feature cache, a few of its steps are
+also timed from pixels, through every layer an end-to-end model runs, and both figures are reported.
 """
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,10 +25,10 @@ from gallery.data.ingest import Catalogue
 from gallery.data.packed import PackedGalleries
 from gallery.data.readers import batches_of
 from gallery.data.tasks import Task
+from gallery.evaluation.task_optimal import baseline
 from gallery.model.gallery_model import GalleryModel, build_model
-from gallery.model.losses import PseudoUniform
-from gallery.training.device import fast_layout, pick_device
-from gallery.training.loop import Objective, TrainData, gallery_scores, predict, train_step
+from gallery.model.weightings import PseudoUniform
+from gallery.training.engine import FitConfig, TrainData, fit, score
 
 ARMS = {"mtl": "MTL embeddings", "imagenet": "ImageNet transfer", "end_to_end": "End-to-end model"}
 PIXEL_TIMING_STEPS = 5
@@ -57,14 +57,17 @@ def metric_name(task: Task) -> str:
 
 @dataclass
 class Row:
+    """One row of Table 2 for one arm: the test metric after `fraction` of the first epoch or after
+    `epochs` epochs, with each labelled test gallery's score (1/0, or the squared error)."""
+
     label: str
     fraction: float | None        # of one epoch; None for the row after all epochs
     epochs: int | None            # all epochs; None for the fractions of the first
     galleries_seen: int
     value: float
-    ci_low: float | None = None   # 95% Clopper-Pearson interval of an accuracy
-    ci_high: float | None = None
-    scores: list | None = None    # each valid gallery's 1/0 (or squared error), in the holdout's valid order
+    ci_low: float | None          # 95% Clopper-Pearson interval of an accuracy
+    ci_high: float | None
+    scores: np.ndarray
 
 
 @dataclass
@@ -76,127 +79,102 @@ class ArmResult:
     instances: int
     seconds_per_instance_from_pixels: float | None = None  # end-to-end from the cache: timed from pixels too
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass
+class HoldoutResult:
+    """Table 2 for one held-out task: every arm's rows on the same labelled test galleries."""
+
+    task: str
+    kind: str
+    metric: str
+    train_galleries: int
+    test_galleries: int
+    test_ids: list[str]
+    arms: dict[str, ArmResult]
+    baseline: float               # majority class (accuracy) or train mean (MSE), on the test galleries
+    split: str = "test"
+    selected_on: str = "nothing: every row is a fixed budget"
 
 
-def _row(label: str, seen: int, model: GalleryModel, outputs, targets, fraction=None, epochs=None) -> Row:
-    task = model.tasks[0]
-    scores = gallery_scores(model.heads.layout, outputs, targets[:, None])[:, 0]
+def _row(label: str, seen: int, scores: np.ndarray, kind: str, fraction=None, epochs=None) -> Row:
     value = float(scores.mean()) if len(scores) else math.nan
-    if task.kind == "regression" or math.isnan(value):
-        return Row(label, fraction, epochs, seen, value, scores=scores.tolist())
+    if kind == "regression" or math.isnan(value):
+        return Row(label, fraction, epochs, seen, value, None, None, scores)
     ci = binomtest(int(scores.sum()), len(scores)).proportion_ci(0.95)
-    return Row(label, fraction, epochs, seen, value, ci.low, ci.high, scores.tolist())
+    return Row(label, fraction, epochs, seen, value, ci.low, ci.high, scores)
 
 
-def progressive_training(model: GalleryModel, data: TrainData, task: Task, stats, lr: float, batch_galleries: int,
-                         fractions, epochs: int, seed: int, precision: str, device=None) -> ArmResult:
-    """Train `model` on `task`, measuring the valid metric at fractions of the first epoch and at the end."""
-    device = pick_device(device)
-    fast_layout(model.to(device), device)
-    objective = Objective(model, PseudoUniform([task], stats).to(device), data.from_features, precision)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    valid_targets = data.targets[data.valid_rows, 0]
+def progressive_training(model: GalleryModel, data: TrainData, config: FitConfig, fractions, stats,
+                         log=print) -> ArmResult:
+    """Train `model` on its one task for `config.max_epochs`, scoring the test galleries at fractions of
+    the first epoch and at the end."""
     n = len(data.train_rows)
     marks = [(f, math.ceil(f * n)) for f in fractions]
-    rows, seconds, instances = [], 0.0, 0
+    kind = model.tasks[0].kind
+    rows, timed = [], {"seconds": 0.0, "galleries": 0}
 
     def measure(label, seen, **meaning):
-        _, outputs = predict(model, data, data.valid_rows, batch_galleries, device, precision)
-        rows.append(_row(label, seen, model, outputs, valid_targets, **meaning))
+        scores = score(model, data, "test", config.batch_galleries, precision=config.precision).scores[:, 0]
+        rows.append(_row(label, seen, scores, kind, **meaning))
 
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(data.train_rows)
-        for batch in data.stream(batches_of(order, batch_galleries), device):
-            model.train()
-            seconds += _timed(lambda: train_step(objective, optimizer, batch, device), device)
-            instances += batch.n
-            while epoch == 0 and marks and instances >= marks[0][1]:
-                fraction, _ = marks.pop(0)
-                measure(f"{fraction:.0%} of one epoch", instances, fraction=fraction)
-    measure(f"{epochs} epochs", instances, epochs=epochs)
-    return ArmResult("", rows, seconds, seconds / max(instances, 1), instances)
+    def on_step(info):
+        timed["seconds"] += info.seconds
+        timed["galleries"] += info.galleries
+        while info.epoch == 0 and marks and info.galleries_seen >= marks[0][1]:
+            fraction, _ = marks.pop(0)
+            measure(f"{fraction:.0%} of one epoch", info.galleries_seen, fraction=fraction)
 
-
-def _timed(step, device) -> float:
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    fit(model, PseudoUniform(model.tasks, stats), data, config, log=log, on_step=on_step, time_steps=True, select=False)
+    measure(f"{config.max_epochs} epochs", timed["galleries"], epochs=config.max_epochs)
+    return ArmResult("", rows, timed["seconds"], timed["seconds"] / max(timed["galleries"], 1), timed["galleries"])
 
 
-def seconds_per_instance_from_pixels(model: GalleryModel, data: TrainData, task: Task, stats, lr: float,
-                                     batch_galleries: int, precision: str, device=None) -> float:
+def seconds_per_instance_from_pixels(model: GalleryModel, data: TrainData, config: FitConfig, stats) -> float:
     """A few training steps of the end-to-end model from pixels (frozen trunk, top, head: every layer it
     runs), after one untimed warm-up step: seconds per gallery."""
-    device = pick_device(device)
-    fast_layout(model.to(device), device).train()
-    objective = Objective(model, PseudoUniform([task], stats).to(device), False, precision)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batches = batches_of(data.train_rows, batch_galleries)[:PIXEL_TIMING_STEPS + 1]
-    seconds, instances = 0.0, 0
-    for k, batch in enumerate(data.stream(batches, device)):
-        took = _timed(lambda: train_step(objective, optimizer, batch, device), device)
-        if k:
-            seconds, instances = seconds + took, instances + batch.n
-    return seconds / max(instances, 1)
+    rows = np.concatenate(batches_of(data.train_rows, config.batch_galleries)[:PIXEL_TIMING_STEPS + 1])
+    few = TrainData(data.source, data.targets, rows, rows[:0], rows[:0], False, data.workers)
+    timed = []
+    fit(model, PseudoUniform(model.tasks, stats), few, replace(config, max_epochs=1),
+        log=lambda _: None, time_steps=True, select=False,
+        on_step=lambda info: timed.append((info.seconds, info.galleries)) if info.step else None)
+    return sum(s for s, _ in timed) / max(sum(g for _, g in timed), 1)
 
 
-def labelled_rows(data: TrainData, column: int = 0) -> TrainData:
-    """Only the galleries that carry the label of task `column`, in both splits."""
-    labelled = ~torch.isnan(data.targets[:, column]).numpy()
-    return replace(data, train_rows=data.train_rows[labelled[data.train_rows]],
-                   valid_rows=data.valid_rows[labelled[data.valid_rows]])
-
-
-def baseline(kind: str, train: torch.Tensor, valid: torch.Tensor) -> float:
-    """Majority class (classification) or train mean (regression), scored on the valid labels."""
-    train, valid = train[~torch.isnan(train)], valid[~torch.isnan(valid)]
-    if len(valid) == 0 or len(train) == 0:
-        return math.nan
-    if kind == "regression":
-        return float(torch.mean((valid - train.mean()) ** 2))
-    majority = torch.mode(train.long()).values
-    return float((valid.long() == majority).float().mean())
-
-
-def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, stores: dict, log=print) -> dict:
+def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, stores: dict, log=print) -> HoldoutResult:
     """All three arms on one holdout task. `stores`: 'mtl' and 'imagenet' vectors (PackedGalleries),
     'shards' the preprocessed galleries as the preset trains (features or pixels) and 'pixels' as pixels
     (gallery.data.readers.ShardSource)."""
     ev, stats, seed = settings.evaluation, catalogue.stats, settings.train.seed
-    results, valid_ids = {}, None
+    config = FitConfig.of(settings.train, batch_galleries=ev.batch_galleries, max_epochs=ev.holdout_epochs,
+                          patience=None)
+    arms, test_ids, data = {}, None, None
     for arm in ARMS:
         torch.manual_seed(seed)
         if arm == "end_to_end":
             store, from_features, workers = stores["shards"], settings.train.use_cache, settings.data.loader_workers
-            model = build_model(settings.model, [task], stats)
-            lr = settings.train.lr
+            model, lr = build_model(settings.model, [task], stats), settings.train.lr
         else:
             store, from_features, workers = stores[arm], True, 0
-            model = GalleryModel(VectorInput(store.data.shape[1]), [task], settings.model.hidden, stats)
-            lr = ev.head_lr
-        data = labelled_rows(TrainData.from_catalogue(catalogue.frame, [task], store, from_features, workers))
-        ids = [store.gallery_ids[r] for r in data.valid_rows]
-        if valid_ids is not None and ids != valid_ids:
-            raise ValueError(f"holdout arms disagree on the valid galleries ({arm}); they must be paired")
-        valid_ids = ids
-        result = progressive_training(model, data, task, stats, lr, ev.batch_galleries, ev.holdout_fractions,
-                                      ev.holdout_epochs, seed, settings.train.precision)
+            model, lr = GalleryModel(VectorInput(store.data.shape[1]), [task], settings.model.hidden, stats), ev.head_lr
+        data = TrainData.from_catalogue(catalogue.frame, [task], store, from_features, workers).labelled()
+        ids = [store.gallery_ids[r] for r in data.test_rows]
+        if test_ids is not None and ids != test_ids:
+            raise ValueError(f"holdout arms disagree on the test galleries ({arm}); they must be paired")
+        test_ids = ids
+        arm_config = replace(config, lr=lr)
+        result = progressive_training(model, data, arm_config, ev.holdout_fractions, stats, log=lambda _: None)
         result.arm = arm
         if arm == "end_to_end":
             result.seconds_per_instance_from_pixels = result.seconds_per_instance
             if from_features:
                 torch.manual_seed(seed)
-                pixels = replace(data, source=stores["pixels"], from_features=False)
+                pixels = TrainData(stores["pixels"], data.targets, data.train_rows, data.valid_rows, data.test_rows,
+                                   False, workers)
                 result.seconds_per_instance_from_pixels = seconds_per_instance_from_pixels(
-                    build_model(settings.model, [task], stats), pixels, task, stats, lr, ev.batch_galleries,
-                    settings.train.precision)
-        results[arm] = result.as_dict()
-        log(f"holdout {task.name} / {ARMS[arm]}: {metric_name(task)} {result.rows[-1].value:.4f} after "
+                    build_model(settings.model, [task], stats), pixels, arm_config, stats)
+        arms[arm] = result
+        log(f"holdout {task.name} / {ARMS[arm]}: test {metric_name(task)} {result.rows[-1].value:.4f} after "
             f"{ev.holdout_epochs} epochs, {result.seconds_per_instance * 1000:.2f} ms per instance")
-    return {"task": task.name, "kind": task.kind, "metric": metric_name(task), "train_galleries": len(data.train_rows),
-            "valid_galleries": len(data.valid_rows), "valid_ids": valid_ids, "arms": results,
-            "baseline": baseline(task.kind, data.targets[data.train_rows, 0], data.targets[data.valid_rows, 0])}
+    return HoldoutResult(task.name, task.kind, metric_name(task), len(data.train_rows), len(data.test_rows), test_ids,
+                         arms, baseline(task.kind, data.targets[data.train_rows, 0], data.targets[data.test_rows, 0]))

@@ -1,9 +1,12 @@
 """How good are the neighbours? Binary codes against float search, and attribute agreement of top-k lists.
 
 The yardstick is exact float (cosine) search; every code is searched exactly too (flat Hamming), so
-the numbers measure the code, not an approximate index. Valid galleries are the queries.
+the numbers measure the code, not an approximate index. Test galleries are the queries (codes are
+fitted on train).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,7 +17,7 @@ from gallery.retrieval.codes import BinaryCode, CodeError, fit_code
 from gallery.retrieval.embeddings import embedding_matrix, read_embeddings
 from gallery.retrieval.index import CodeIndex, FloatIndex, normalize, without_self
 
-MAX_QUERIES = 2_000  # valid galleries used as queries (a seeded sample beyond): exact search of all is quadratic
+MAX_QUERIES = 2_000  # test galleries used as queries (a seeded sample beyond): exact search of all is quadratic
 
 
 def recall_at_k(exact: np.ndarray, found: np.ndarray) -> float:
@@ -51,8 +54,25 @@ def code_neighbours(codes: np.ndarray, unit_vectors: np.ndarray | None, query_ro
     return without_self(index.search(codes[query_rows], k + 1, queries), query_rows, k)
 
 
+SEARCHES = ("hamming", "two_stage")
+
+
+@dataclass
+class CodeCurveRow:
+    """One code: its size, recall@k against exact float search and the neighbours' attribute agreement,
+    for pure Hamming and two-stage search; or why it could not be fitted here."""
+
+    code: str
+    bits: int = 0
+    bytes_per_gallery: int = 0
+    run_code: bool = False
+    recall: dict[str, float] = field(default_factory=dict)                 # search -> recall@k
+    agreement: dict[str, dict[str, float]] = field(default_factory=dict)   # attribute -> search -> share
+    skipped: str = ""
+
+
 def code_curve(embeddings: np.ndarray, train_rows: np.ndarray, query_rows: np.ndarray, exact: np.ndarray,
-               labels: dict[str, np.ndarray], names, run_code: BinaryCode, rerank: int) -> list[dict]:
+               labels: dict[str, np.ndarray], names, run_code: BinaryCode, rerank: int) -> list[CodeCurveRow]:
     """Recall@k against exact float search and attribute agreement, for pure Hamming and two-stage search,
     per code (fitted on the train rows; the run's own code as exported). A code that cannot be fitted
     here (more bits than train galleries) is listed with the reason."""
@@ -62,44 +82,61 @@ def code_curve(embeddings: np.ndarray, train_rows: np.ndarray, query_rows: np.nd
         try:
             code = run_code if name == run_code.name else fit_code(embeddings[train_rows], name)
         except CodeError as e:
-            rows.append({"code": name, "skipped": str(e)})
+            rows.append(CodeCurveRow(name, skipped=str(e)))
             continue
         codes = code.encode(embeddings)
         found = {"hamming": code_neighbours(codes, None, query_rows, k, 0),
                  "two_stage": code_neighbours(codes, unit, query_rows, k, rerank)}
-        rows.append({"code": name, "bits": code.bits, "bytes_per_gallery": code.bytes_per_gallery,
-                     "run_code": code is run_code,
-                     **{f"recall_{kind}": recall_at_k(exact, f) for kind, f in found.items()},
-                     "attribute_agreement": {attr: {kind: attribute_agreement(f, values, query_rows) for kind, f in found.items()}
-                                             for attr, values in labels.items()}})
+        rows.append(CodeCurveRow(name, code.bits, code.bytes_per_gallery, code is run_code,
+                                 {kind: recall_at_k(exact, f) for kind, f in found.items()},
+                                 {attr: {kind: attribute_agreement(f, values, query_rows) for kind, f in found.items()}
+                                  for attr, values in labels.items()}))
     return rows
 
 
+@dataclass
+class BinaryVsFloat:
+    """The run's binary code against float search on the test galleries, and the curve over codes."""
+
+    k: int
+    queries: int
+    code: str
+    code_bits: int
+    code_bytes: int
+    float_bytes: int
+    rerank: int
+    recall_two_stage: float
+    recall_hamming: float
+    agreement: dict[str, dict[str, float]]   # attribute -> float / binary / imagenet_float -> share
+    curve: list[CodeCurveRow]
+    split: str = "test"
+
+
 def binary_vs_float(catalogue: Catalogue, ids: list[str], embeddings: np.ndarray, imagenet_location: str,
-                    run_code: BinaryCode, settings: RetrievalSettings, k: int = 10) -> dict | None:
+                    run_code: BinaryCode, settings: RetrievalSettings, k: int = 10) -> BinaryVsFloat | None:
     """Recall@k of the run's two-stage code search against float search, attribute agreement of the top-k
     neighbours (float MTL, code MTL, float ImageNet transfer), and the recall/size curve over
-    `settings.curve_codes`; valid galleries as queries."""
+    `settings.curve_codes`; test galleries as queries."""
     frame = catalogue.frame.set_index("gallery_id").loc[ids]
     split = frame["split"].to_numpy()
-    queries = np.flatnonzero(split == "valid")
+    queries = np.flatnonzero(split == "test")
     if len(queries) == 0 or len(ids) <= k:
         return None
     if len(queries) > MAX_QUERIES:
         queries = np.sort(np.random.default_rng(0).choice(queries, MAX_QUERIES, replace=False))
     imagenet_table, _ = read_embeddings(imagenet_location)
-    assert imagenet_table["gallery_id"].to_pylist() == ids, "ImageNet and MTL embeddings list the same galleries"
+    if imagenet_table["gallery_id"].to_pylist() != ids:
+        raise ValueError("the ImageNet and MTL embeddings must list the same galleries in the same order")
     labels = {t.name: frame[t.name].to_numpy() for t in agreement_attributes(catalogue)}
     exact = float_neighbours(embeddings, queries, k)
     curve = code_curve(embeddings, np.flatnonzero(split == "train"), queries, exact, labels,
                        dict.fromkeys([*settings.curve_codes, run_code.name]), run_code, settings.rerank)
-    ours = next(row for row in curve if row.get("run_code"))
-    found = {"float": exact, "imagenet_float": float_neighbours(embedding_matrix(imagenet_table), queries, k)}
-    agreement = {attr: {"float": attribute_agreement(found["float"], values, queries),
-                        "binary": ours["attribute_agreement"][attr]["two_stage"],
-                        "imagenet_float": attribute_agreement(found["imagenet_float"], values, queries)}
+    ours = next(row for row in curve if row.run_code)
+    imagenet = float_neighbours(embedding_matrix(imagenet_table), queries, k)
+    agreement = {attr: {"float": attribute_agreement(exact, values, queries),
+                        "binary": ours.agreement[attr]["two_stage"],
+                        "imagenet_float": attribute_agreement(imagenet, values, queries)}
                  for attr, values in labels.items()}
-    return {"k": k, "queries": len(queries), "code": run_code.name, "code_bits": run_code.bits,
-            "code_bytes": run_code.bytes_per_gallery, "float_bytes": 4 * embeddings.shape[1], "rerank": settings.rerank,
-            "recall_binary_vs_float": ours["recall_two_stage"], "recall_hamming_vs_float": ours["recall_hamming"],
-            "attribute_agreement": agreement, "curve": curve}
+    return BinaryVsFloat(k, len(queries), run_code.name, run_code.bits, run_code.bytes_per_gallery,
+                         4 * embeddings.shape[1], settings.rerank, ours.recall["two_stage"], ours.recall["hamming"],
+                         agreement, curve)

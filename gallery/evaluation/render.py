@@ -1,6 +1,9 @@
-"""Human-readable pieces of a run: markdown tables, figures, and the Report that holds them for the card and report.md."""
+"""The run report laid out (see docs/design.md, "Evaluation protocol"): markdown tables, figures, CSVs and
+metrics.json from a computed gallery.evaluation.report.ReportData, in reading order, held by a Report
+for report.md and the run's card."""
 from __future__ import annotations
 
+import json
 import math
 
 import matplotlib
@@ -10,20 +13,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import gallery.storage as storage  # noqa: E402
 from gallery.data.images import DataQuality  # noqa: E402
-from gallery.evaluation.comparisons import PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE, paper_row  # noqa: E402
-from gallery.evaluation.holdout import ARMS  # noqa: E402
-from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, effect_text  # noqa: E402
+from gallery.evaluation.comparisons import (PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE,  # noqa: E402
+                                            ClassBalance, Finding, Table2Comparison, VersusBaseline, VersusOptimal,
+                                            WeightingWins, paper_row)
+from gallery.evaluation.holdout import ARMS, HoldoutResult  # noqa: E402
+from gallery.evaluation.neighbours import SEARCHES, BinaryVsFloat  # noqa: E402
+from gallery.evaluation.projection import projection_figure  # noqa: E402
+from gallery.evaluation.report import ReportData, metrics  # noqa: E402
+from gallery.evaluation.retrieval_examples import retrieval_figure  # noqa: E402
+from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect, Spread, effect_text  # noqa: E402
+from gallery.training.engine import TrainResult  # noqa: E402
 
 
-def training_curves(histories: dict[str, list]):
-    """Train and validation total loss per epoch, one panel per weighting."""
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
-    for ax, (weighting, history) in zip(axes[0], histories.items()):
-        epochs = [h["epoch"] + 1 for h in history]
-        ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-        ax.plot(epochs, [h["valid_loss"] for h in history], marker="o", label="valid")
-        ax.set(title=weighting, xlabel="epoch", ylabel="total loss")
+def training_curves(training: dict[str, TrainResult]):
+    """Per weighting, train and validation loss per epoch, each task's loss relative to its first epoch
+    and averaged over tasks: unweighted, so the weightings' curves compare (valid: what early stopping watches)."""
+    fig, axes = plt.subplots(1, len(training), figsize=(5 * len(training), 3.5), squeeze=False)
+    for ax, (weighting, result) in zip(axes[0], training.items()):
+        epochs = [h.epoch + 1 for h in result.history]
+        first = np.array(list(result.history[0].train_task_losses.values()), float)
+        train = [np.nanmean(np.array(list(h.train_task_losses.values()), float) / first) for h in result.history]
+        ax.plot(epochs, train, marker="o", label="train")
+        ax.plot(epochs, [h.valid_criterion[0] for h in result.history], marker="o", label="valid")
+        ax.axvline(result.best_epoch + 1, color="grey", linestyle=":", label="selected (valid)")
+        ax.set(title=weighting, xlabel="epoch", ylabel="mean task loss / first epoch's")
         ax.legend()
     fig.tight_layout()
     return fig
@@ -42,13 +57,12 @@ def quality_markdown(quality: DataQuality, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def training_markdown(results: dict) -> str:
-    lines = ["| weighting | epochs | best epoch | best valid total loss | stopped early | galleries/s (last epoch) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for weighting, r in results.items():
-        last = r["history"][-1]
-        lines.append(f"| {weighting} | {len(r['history'])} | {r['best_epoch'] + 1} | {r['best_valid_loss']:.4f} | "
-                     f"{'yes' if r['stopped_early'] else 'no'} | {last['galleries_per_s']:,.1f} |")
+def training_markdown(training: dict[str, TrainResult]) -> str:
+    lines = ["| weighting | epochs | selected epoch (valid) | valid relative loss there | stopped early | "
+             "galleries/s (last epoch) |", "| --- | --- | --- | --- | --- | --- |"]
+    for weighting, r in training.items():
+        lines.append(f"| {weighting} | {len(r.history)} | {r.best_epoch + 1} | {r.best_criterion:.4f} | "
+                     f"{'yes' if r.stopped_early[0] else 'no'} | {r.history[-1].galleries_per_s:,.1f} |")
     return "\n".join(lines)
 
 
@@ -86,46 +100,43 @@ def fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
-def table2_frame(holdout: dict) -> pd.DataFrame:
+def table2_frame(holdout: HoldoutResult) -> pd.DataFrame:
     """Long format: one row per (row label, arm), plus the baseline."""
-    rows = []
-    for arm, result in holdout["arms"].items():
-        for r in result["rows"]:
-            rows.append({"holdout_task": holdout["task"], "row": r["label"], "arm": arm, "metric": holdout["metric"],
-                         "value": r["value"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                         "galleries_seen": r["galleries_seen"]})
-    rows.append({"holdout_task": holdout["task"], "row": "baseline", "arm": "majority" if holdout["metric"] == "accuracy"
-                 else "mean", "metric": holdout["metric"], "value": holdout["baseline"], "ci_low": None,
-                 "ci_high": None, "galleries_seen": holdout["train_galleries"]})
+    rows = [{"holdout_task": holdout.task, "row": r.label, "arm": arm, "metric": holdout.metric, "split": "test",
+             "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high, "galleries_seen": r.galleries_seen}
+            for arm, result in holdout.arms.items() for r in result.rows]
+    rows.append({"holdout_task": holdout.task, "row": "baseline", "arm": "majority" if holdout.metric == "accuracy"
+                 else "mean", "metric": holdout.metric, "split": "test", "value": holdout.baseline, "ci_low": None,
+                 "ci_high": None, "galleries_seen": holdout.train_galleries})
     return pd.DataFrame(rows)
 
 
-def table2_markdown(holdout: dict) -> str:
+def table2_markdown(holdout: HoldoutResult) -> str:
     """The arms' metric per row with 95% intervals; the paper's column only beside rows that mean what
     its rows mean (a fraction of the first epoch, or 4 epochs) and only for the star-rating accuracy."""
-    arms = list(holdout["arms"])
-    paper = holdout["task"] == "star_rating" and holdout["metric"] == "accuracy"
+    arms = list(holdout.arms)
+    paper = holdout.task == "star_rating" and holdout.metric == "accuracy"
     head = "| data seen | " + " | ".join(ARMS[a] for a in arms) + (" | paper (MTL / ImageNet / end-to-end) |" if paper else " |")
     lines = [head, "|" + " --- |" * (len(arms) + 1 + paper)]
-    for i, first in enumerate(holdout["arms"][arms[0]]["rows"]):
-        cells = [f"{first['label']} ({first['galleries_seen']} galleries)"]
+    for i, first in enumerate(holdout.arms[arms[0]].rows):
+        cells = [f"{first.label} ({first.galleries_seen} galleries)"]
         for arm in arms:
-            r = holdout["arms"][arm]["rows"][i]
-            ci = f" [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]" if r["ci_low"] is not None else ""
-            cells.append(f"{fmt(r['value'])}{ci}")
+            r = holdout.arms[arm].rows[i]
+            ci = f" [{fmt(r.ci_low, 2)}, {fmt(r.ci_high, 2)}]" if r.ci_low is not None else ""
+            cells.append(f"{fmt(r.value)}{ci}")
         if paper:
             figures = paper_row(first)
             cells.append(" / ".join(f"{v:.3f}" for v in figures) if figures else "(no row of the paper means this)")
         lines.append("| " + " | ".join(cells) + " |")
     end = " | |" if paper else " |"
-    base = "majority class" if holdout["metric"] == "accuracy" else "train mean"
-    lines.append(f"| {base} baseline | " + " | ".join(fmt(holdout["baseline"]) for _ in arms) + end)
+    base = "majority class" if holdout.metric == "accuracy" else "train mean"
+    lines.append(f"| {base} baseline | " + " | ".join(fmt(holdout.baseline) for _ in arms) + end)
     lines.append("| training time per instance, training steps as the arm runs them | " + " | ".join(
-        _ms(holdout["arms"][a]["seconds_per_instance"]) for a in arms)
+        _ms(holdout.arms[a].seconds_per_instance) for a in arms)
         + (f" | {PAPER_TIME_PER_INSTANCE['mtl']} / - / {PAPER_TIME_PER_INSTANCE['end_to_end']} |" if paper else " |"))
     lines.append("| training time per instance from pixels, every layer of the model | - | - | "
-                 + _ms(holdout["arms"]["end_to_end"].get("seconds_per_instance_from_pixels")) + end)
-    lines.append("| total training time | " + " | ".join(f"{holdout['arms'][a]['train_seconds']:.1f} s" for a in arms)
+                 + _ms(holdout.arms["end_to_end"].seconds_per_instance_from_pixels) + end)
+    lines.append("| total training time | " + " | ".join(f"{holdout.arms[a].train_seconds:.1f} s" for a in arms)
                  + (" | 4 h (CPU) / - / 40 h (GPU) |" if paper else " |"))
     return "\n".join(lines)
 
@@ -134,164 +145,166 @@ def _ms(seconds) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.2f} ms"
 
 
-def paired_markdown(holdout: dict, rows: list[dict]) -> str:
-    """MTL minus each other arm, row by row, on the same valid galleries: the difference, its paired
+def paired_markdown(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str:
+    """MTL minus each other arm, row by row, on the same test galleries: the difference, its paired
     bootstrap interval, McNemar's p (right/wrong answers) and the reading against the paper."""
     lines = ["| data seen | MTL - ImageNet transfer | reading | MTL - end-to-end | reading |", "|" + " --- |" * 5]
     for r in rows:
-        a, b = r["mtl_vs_imagenet"], r["mtl_vs_end_to_end"]
-        lines.append(f"| {r['row']} | {effect_text(a)} | {a['reading']} | {effect_text(b)} | {b['reading']} |")
-    better = "higher" if holdout["metric"] == "accuracy" else "lower"
-    method = rows[-1]["mtl_vs_imagenet"]["method"] if rows else ""
-    return "\n".join(lines) + (f"\n\nDifferences in {holdout['metric']} with 95% intervals ({method}); "
+        a, b = r.versus["imagenet"], r.versus["end_to_end"]
+        lines.append(f"| {r.row} | {effect_text(a)} | {a.reading} | {effect_text(b)} | {b.reading} |")
+    better = "higher" if holdout.metric == "accuracy" else "lower"
+    method = rows[-1].versus["imagenet"].method if rows else ""
+    return "\n".join(lines) + (f"\n\nDifferences in test {holdout.metric} with 95% intervals ({method}); "
                                f"the paper's direction: MTL {better}.")
 
 
-def table2_reading(holdout: dict, rows: list[dict]) -> str:
-    final = rows[-1]
-    text = (f"After all epochs, MTL - ImageNet transfer = {effect_text(final['mtl_vs_imagenet'])}: "
-            f"{final['mtl_vs_imagenet']['reading']}; MTL - end-to-end = {effect_text(final['mtl_vs_end_to_end'])}: "
-            f"{final['mtl_vs_end_to_end']['reading']}.")
-    if holdout["task"] == "star_rating" and holdout["metric"] == "accuracy":
+def table2_reading(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str:
+    final = rows[-1].versus
+    text = (f"After all epochs, MTL - ImageNet transfer = {effect_text(final['imagenet'])}: "
+            f"{final['imagenet'].reading}; MTL - end-to-end = {effect_text(final['end_to_end'])}: "
+            f"{final['end_to_end'].reading}.")
+    if holdout.task == "star_rating" and holdout.metric == "accuracy":
         text += (" The paper (star rating, 250k properties, 4 epochs): MTL 0.631, ImageNet 0.542, end-to-end 0.598; "
-                 f"here {holdout['valid_galleries']} labelled valid galleries decide it.")
+                 f"here {holdout.test_galleries} labelled test galleries decide it.")
     return text
 
 
+def _interval(row, column: str) -> Effect:
+    return Effect(row[column], row[f"{column}_low"], row[f"{column}_high"])
+
+
 def per_task_markdown(table: pd.DataFrame, weightings) -> str:
-    cols = ["task", "kind", "valid labelled", "baseline error", "task-optimal error (epochs)"]
+    cols = ["task", "kind", "test labelled", "baseline error", "task-optimal error (epochs)"]
     cols += [f"{w} error" for w in weightings] + [f"{w} relative error increase [95% CI]" for w in weightings]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for _, r in table.iterrows():
-        cells = [r["task"], r["kind"], str(r["valid_labelled"]), fmt(r["error_baseline"]),
+        cells = [r["task"], r["kind"], str(r["test_labelled"]), fmt(r["error_baseline"]),
                  f"{fmt(r['error_task_optimal'])} ({fmt(r['task_optimal_epochs'], 0)})"]
         cells += [fmt(r[f"error_{w}"]) for w in weightings]
-        cells += [effect_text({"estimate": r[f"relative_error_increase_{w}"], "low": r[f"relative_error_increase_{w}_low"],
-                               "high": r[f"relative_error_increase_{w}_high"]}, 2) for w in weightings]
+        cells += [effect_text(_interval(r, f"relative_error_increase_{w}"), 2) for w in weightings]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def figure5_markdown(vs_optimal: dict, wins: dict | None, vs_baseline: dict) -> str:
+def figure5_markdown(vs_optimal: dict[str, VersusOptimal], wins: WeightingWins | None,
+                     vs_baseline: dict[str, VersusBaseline]) -> str:
     lines = []
     for w, o in vs_optimal.items():
-        s = o["share_worse"]
-        lines.append(f"MTL ({w}) has the higher error on {effect_text(s, percent=True)} of the {s['n']} tasks where the "
-                     f"errors differ (sign test; "
-                     f"the paper: worse on most tasks): {s['reading']}. Intervals: clearly worse on {o['clearly_worse']}, "
-                     f"clearly better on {o['clearly_better']}, not distinguishable on {o['not_distinguishable']}.")
-        lines += [f"`{t}` under {w}: relative error increase {effect_text(e, 2)} (the paper: better under MTL): {e['reading']}."
-                  for t, e in o["paper_named_tasks"].items()]
+        s = o.share_worse
+        lines.append(f"MTL ({w}) has the higher error on {effect_text(s, percent=True)} of the {s.n} tasks where the "
+                     f"errors differ (sign test; the paper: worse on most tasks): {s.reading}. Intervals: clearly worse "
+                     f"on {o.clearly_worse}, clearly better on {o.clearly_better}, not distinguishable on "
+                     f"{o.not_distinguishable}.")
+        lines += [f"`{t}` under {w}: relative error increase {effect_text(e, 2)} (the paper: better under MTL): {e.reading}."
+                  for t, e in o.paper_named_tasks.items()]
     if wins:
-        lines.append(f"Pseudo-uniform has the lower error on {wins['wins']} tasks, Kendall on {wins['losses']} ({wins['ties']} "
-                     f"ties); share {effect_text(wins, percent=True)} (sign test; the paper: {PAPER_PU_WINS[0]} of {PAPER_PU_WINS[1]}, "
-                     f"71%): {wins['reading']}.")
+        lines.append(f"Pseudo-uniform has the lower error on {wins.wins} tasks, Kendall on {wins.losses} ({wins.ties} "
+                     f"ties); share {effect_text(wins.share, percent=True)} (sign test; the paper: {PAPER_PU_WINS[0]} of "
+                     f"{PAPER_PU_WINS[1]}, 71%): {wins.share.reading}.")
     for w, b in vs_baseline.items():
-        lines.append(f"MTL ({w}) against the majority/mean baseline: clearly better on {b['clearly_better']} of "
-                     f"{b['tasks']} tasks, clearly worse on {b['clearly_worse']} (the paper: better on every task): "
-                     f"{b['reading']}.")
+        lines.append(f"MTL ({w}) against the majority/mean baseline: clearly better on {b.clearly_better} of "
+                     f"{b.tasks} tasks, clearly worse on {b.clearly_worse} (the paper: better on every task): {b.reading}.")
     return "\n".join(f"- {line}" for line in lines)
 
 
-def figure6_markdown(balance: dict) -> str:
+def figure6_markdown(balance: dict[str, ClassBalance]) -> str:
     return "\n".join(
-        f"- {w}: Pearson r = {effect_text(b['pearson'], 2)}; Spearman rho = {effect_text(b['spearman'], 2)}; over "
-        f"{b['pearson']['n']} binary tasks (the paper: r = {PAPER_BALANCE_R.get(w, math.nan):.2f}, p < .001): {b['reading']}."
+        f"- {w}: Pearson r = {effect_text(b.pearson, 2)}; Spearman rho = {effect_text(b.spearman, 2)}; over "
+        f"{b.n} binary tasks (the paper: r = {PAPER_BALANCE_R.get(w, math.nan):.2f}, p < .001): {b.reading}."
         for w, b in balance.items())
 
 
-def findings_markdown(found: list[dict]) -> str:
+def findings_markdown(found: list[Finding]) -> str:
     """The paper's findings sorted by what this run's tests say about them."""
     out = []
     for verdict, title in ((CONSISTENT, "Reproduced here"), (NOISE, "Not resolved by this run (the interval includes no effect)"),
                            (OPPOSITE, "Opposite here")):
-        rows = [f for f in found if f["reading"] == verdict]
+        rows = [f for f in found if f.reading == verdict]
         out.append(f"**{title}** ({len(rows)})" + ("" if rows else ": none"))
-        out += [f"- {f['finding']}: here {f['here']}; paper {f['paper']}" for f in rows]
+        out += [f"- {f.finding}: here {f.here}; paper {f.paper}" for f in rows]
         out.append("")
     return "\n".join(out).strip()
 
 
-def seeds_markdown(numbers: dict[str, dict]) -> str:
+def seeds_markdown(numbers: dict[str, Spread]) -> str:
     """Mean and spread across seeds of each headline number."""
     lines = ["| number | mean | sd | min | max |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {fmt(s['mean'])} | {fmt(s['sd'])} | {fmt(s['min'])} | {fmt(s['max'])} |"
-              for name, s in numbers.items()]
+    lines += [f"| {name} | {fmt(s.mean)} | {fmt(s.sd)} | {fmt(s.min)} | {fmt(s.max)} |" for name, s in numbers.items()]
     return "\n".join(lines)
 
 
-SEARCHES = {"hamming": "Hamming only", "two_stage": "two-stage"}
+SEARCH_LABELS = {"hamming": "Hamming only", "two_stage": "two-stage"}
 
 
-def binary_markdown(b: dict) -> str:
+def binary_markdown(b: BinaryVsFloat) -> str:
     """The run's code against float search, the recall/size curve over codes, and attribute agreement."""
-    k, ratio = b["k"], b["float_bytes"] // b["code_bytes"]
-    attributes = list(b["attribute_agreement"])
-    lines = [f"Queries: the {b['queries']} valid galleries; neighbours: their top {k} among all galleries, by exact "
-             f"search. Codes are fitted on the train split; the run's code, `{b['code']}`, binarized the export "
-             f"(`embedding_bits`). Two-stage search takes the top {b['rerank']} galleries by Hamming distance and "
+    k, ratio = b.k, b.float_bytes // b.code_bytes
+    attributes = list(b.agreement)
+    lines = [f"Queries: the {b.queries} test galleries; neighbours: their top {k} among all galleries, by exact "
+             f"search. Codes are fitted on the train split; the run's code, `{b.code}`, binarized the export "
+             f"(`embedding_bits`). Two-stage search takes the top {b.rerank} galleries by Hamming distance and "
              "orders them by exact cosine on the float vectors.", "",
-             f"- recall@{k} of the run's code against float search: **{b['recall_binary_vs_float']:.3f}** two-stage, "
-             f"{b['recall_hamming_vs_float']:.3f} by Hamming distance alone (candidate index: {b['code_bytes']} bytes "
-             f"per gallery instead of {b['float_bytes']}, {ratio}x smaller)", "",
+             f"- recall@{k} of the run's code against float search: **{b.recall_two_stage:.3f}** two-stage, "
+             f"{b.recall_hamming:.3f} by Hamming distance alone (candidate index: {b.code_bytes} bytes "
+             f"per gallery instead of {b.float_bytes}, {ratio}x smaller)", "",
              f"| code | bytes per gallery | smaller than float32 | recall@{k} Hamming | recall@{k} two-stage | "
              + " | ".join(f"{a} agreement (Hamming / two-stage)" for a in attributes) + " |",
              "|" + " --- |" * (5 + len(attributes))]
-    for row in b["curve"]:
-        if "skipped" in row:
-            lines.append(f"| {row['code']} | not fitted here: {row['skipped']} |" + " |" * (3 + len(attributes)))
+    for row in b.curve:
+        if row.skipped:
+            lines.append(f"| {row.code} | not fitted here: {row.skipped} |" + " |" * (3 + len(attributes)))
             continue
-        agreement = [" / ".join(fmt(row["attribute_agreement"][a][kind]) for kind in SEARCHES) for a in attributes]
-        lines.append(f"| {row['code']} ({row['bits']} bits) | {row['bytes_per_gallery']} | "
-                     f"{b['float_bytes'] / row['bytes_per_gallery']:.0f}x | {fmt(row['recall_hamming'])} | "
-                     f"{fmt(row['recall_two_stage'])} | " + " | ".join(agreement) + " |")
-    lines.append(f"| float32 (reference) | {b['float_bytes']} | 1x | 1.000 | 1.000 | "
-                 + " | ".join(fmt(b["attribute_agreement"][a]["float"]) for a in attributes) + " |")
-    kinds = {"float": "MTL, float (cosine)", "binary": f"MTL, `{b['code']}` two-stage", "imagenet_float": "ImageNet transfer, float"}
+        agreement = [" / ".join(fmt(row.agreement[a][kind]) for kind in SEARCHES) for a in attributes]
+        lines.append(f"| {row.code} ({row.bits} bits) | {row.bytes_per_gallery} | "
+                     f"{b.float_bytes / row.bytes_per_gallery:.0f}x | {fmt(row.recall['hamming'])} | "
+                     f"{fmt(row.recall['two_stage'])} | " + " | ".join(agreement) + " |")
+    lines.append(f"| float32 (reference) | {b.float_bytes} | 1x | 1.000 | 1.000 | "
+                 + " | ".join(fmt(b.agreement[a]["float"]) for a in attributes) + " |")
+    kinds = {"float": "MTL, float (cosine)", "binary": f"MTL, `{b.code}` two-stage", "imagenet_float": "ImageNet transfer, float"}
     lines += ["", f"Share of the top {k} neighbours with the query's attribute:", "",
               "| attribute | " + " | ".join(kinds.values()) + " |", "|" + " --- |" * (len(kinds) + 1)]
-    for name, values in b["attribute_agreement"].items():
+    for name, values in b.agreement.items():
         lines.append(f"| {name} | " + " | ".join(fmt(values[kind]) for kind in kinds) + " |")
-    change = np.nanmean([v["binary"] - v["float"] for v in b["attribute_agreement"].values()] or [np.nan])
+    change = np.nanmean([v["binary"] - v["float"] for v in b.agreement.values()] or [np.nan])
     lines += ["", f"Pinterest reports binarized embeddings without loss of precision and recall. Here two-stage search "
-              f"with {b['code_bytes']}-byte codes returns {b['recall_binary_vs_float']:.1%} of the float top {k} "
-              f"(Hamming distance alone: {b['recall_hamming_vs_float']:.1%}), and the neighbours' attribute agreement "
+              f"with {b.code_bytes}-byte codes returns {b.recall_two_stage:.1%} of the float top {k} "
+              f"(Hamming distance alone: {b.recall_hamming:.1%}), and the neighbours' attribute agreement "
               f"changes by {change:+.3f} on average: their quality {'holds' if abs(change) < 0.03 else 'changes'}."]
     return "\n".join(lines)
 
 
-def code_curve_figure(b: dict):
+def code_curve_figure(b: BinaryVsFloat):
     """Recall@k against float search and mean attribute agreement, against bytes per gallery, for pure
     Hamming and two-stage search; ITQ codes joined by lines, the per-dimension codes as single points."""
-    rows = [r for r in b["curve"] if "skipped" not in r]
+    rows = [r for r in b.curve if not r.skipped]
     fig, (recall, agreement) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for (kind, label), colour in zip(SEARCHES.items(), ("tab:blue", "tab:orange")):
-        for ax, value in ((recall, lambda r: r[f"recall_{kind}"]),
-                          (agreement, lambda r: np.nanmean([v[kind] for v in r["attribute_agreement"].values()]))):
-            itq = sorted((r for r in rows if r["code"].startswith("itq")), key=lambda r: r["bytes_per_gallery"])
-            ax.plot([r["bytes_per_gallery"] for r in itq], [value(r) for r in itq], "-o", color=colour, label=label)
+    for (kind, label), colour in zip(SEARCH_LABELS.items(), ("tab:blue", "tab:orange")):
+        for ax, value in ((recall, lambda r: r.recall[kind]),
+                          (agreement, lambda r: np.nanmean([v[kind] for v in r.agreement.values()]))):
+            itq = sorted((r for r in rows if r.code.startswith("itq")), key=lambda r: r.bytes_per_gallery)
+            ax.plot([r.bytes_per_gallery for r in itq], [value(r) for r in itq], "-o", color=colour, label=label)
             for r in rows:
-                ax.plot(r["bytes_per_gallery"], value(r), "o" if r["code"].startswith("itq") else "s", color=colour)
-                ax.annotate(r["code"], (r["bytes_per_gallery"], value(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    float_agreement = np.nanmean([v["float"] for v in b["attribute_agreement"].values()])
+                ax.plot(r.bytes_per_gallery, value(r), "o" if r.code.startswith("itq") else "s", color=colour)
+                ax.annotate(r.code, (r.bytes_per_gallery, value(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    float_agreement = np.nanmean([v["float"] for v in b.agreement.values()])
     recall.axhline(1.0, color="grey", linestyle=":", label="float32 (reference)")
     agreement.axhline(float_agreement, color="grey", linestyle=":", label="float32")
-    recall.set(ylabel=f"recall@{b['k']} against float search", title="Neighbours kept")
-    agreement.set(ylabel=f"top-{b['k']} attribute agreement (mean)", title="Neighbour quality")
+    recall.set(ylabel=f"recall@{b.k} against float search", title="Neighbours kept")
+    agreement.set(ylabel=f"top-{b.k} attribute agreement (mean)", title="Neighbour quality")
     for ax in (recall, agreement):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"bytes per gallery (float32: {b['float_bytes']})")
+        ax.set_xlabel(f"bytes per gallery (float32: {b.float_bytes})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def code_curve_frame(b: dict) -> pd.DataFrame:
+def code_curve_frame(b: BinaryVsFloat) -> pd.DataFrame:
     """The curve as a table: one row per code and search."""
-    return pd.DataFrame([{"code": r["code"], "bits": r["bits"], "bytes_per_gallery": r["bytes_per_gallery"],
-                          "search": kind, "recall_at_k": r[f"recall_{kind}"],
-                          **{f"agreement_{a}": v[kind] for a, v in r["attribute_agreement"].items()}}
-                         for r in b["curve"] if "skipped" not in r for kind in SEARCHES])
+    return pd.DataFrame([{"code": r.code, "bits": r.bits, "bytes_per_gallery": r.bytes_per_gallery,
+                          "search": kind, "recall_at_k": r.recall[kind],
+                          **{f"agreement_{a}": v[kind] for a, v in r.agreement.items()}}
+                         for r in b.curve if not r.skipped for kind in SEARCHES])
 
 
 def relative_error_figure(table: pd.DataFrame, weightings):
@@ -314,19 +327,105 @@ def relative_error_figure(table: pd.DataFrame, weightings):
     return fig
 
 
-def class_balance_figure(table: pd.DataFrame, balance: dict):
+def class_balance_figure(table: pd.DataFrame, balance: dict[str, ClassBalance]):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     binary = table[table["kind"] == "binary"]
     for w, fit in balance.items():
-        r = fit["pearson"]
+        r = fit.pearson
         points = ax.scatter(binary["minority_fraction"], binary[f"relative_error_increase_{w}"], s=18,
-                            label=f"{w} (r={fmt(r['estimate'], 2)} [{fmt(r['low'], 2)}, {fmt(r['high'], 2)}])")
-        if not np.isnan(fit["slope"]):
+                            label=f"{w} (r={fmt(r.estimate, 2)} [{fmt(r.low, 2)}, {fmt(r.high, 2)}])")
+        if not np.isnan(fit.slope):
             xs = np.linspace(binary["minority_fraction"].min(), binary["minority_fraction"].max(), 10)
-            ax.plot(xs, fit["intercept"] + fit["slope"] * xs, color=points.get_facecolor()[0])
+            ax.plot(xs, fit.intercept + fit.slope * xs, color=points.get_facecolor()[0])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(xlabel="class balance (minority-class fraction)", ylabel="relative error increase",
+    ax.set(xlabel="class balance (minority-class fraction)", ylabel="relative error increase (test)",
            title="Class balance vs MTL benefit (binary tasks)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- the whole report
+
+def lay_out(data: ReportData) -> Report:
+    """The report in reading order: what the run reproduces, data, training, Table 2, Figures 5 and 6, the
+    seeds' spread, binary codes, the projection and retrieval examples; metrics.json holds every number."""
+    s, seeds = data.settings, len(data.seeds)
+    r = Report()
+    r.text(f"# Gallery embedding report — run {data.run_id}\n\nPreset `{s.name}`: {s.model.backbone} at "
+           f"{s.model.image_size} px, {s.model.pooling} pooling, weightings {', '.join(data.weightings)}, "
+           f"{seeds} seed{'s' if seeds > 1 else ''} ({', '.join(map(str, data.seeds))}). Every number below was "
+           "measured in this run; the paper's figures are shown beside ours, never in our columns. "
+           f"**`train` fits ({data.splits['train']} galleries), `valid` selects each model's best epoch "
+           f"({data.splits['valid']}), `test` reports ({data.splits['test']})**: every comparison is paired on the same "
+           "test galleries, which no model was selected on, and read from its 95% interval: \"consistent with the "
+           "paper\" only when the interval excludes no effect on the paper's side."
+           + (" Scores are averaged over the seeds, gallery by gallery, before the comparisons." if seeds > 1 else ""))
+    r.text("## What this run reproduces\n" + findings_markdown(data.findings))
+    r.text("## Data\n```\n" + data.catalogue_text + "\n```\n\n" + quality_markdown(data.quality))
+    r.text("## Training\nEarly stopping and the selected epoch come from the validation loss of each task "
+           "relative to its first epoch, averaged over tasks (unweighted: learned loss weights do not move it).\n\n"
+           + training_markdown(data.training))
+    r.figure("training_curves.png", training_curves(data.training),
+             "Train and validation loss per epoch, each task's relative to its first epoch, averaged over tasks.")
+
+    for h, rows in zip(data.holdouts, data.table2):
+        r.text(f"## Held-out task `{h.task}` (Table 2)\n{h.metric} on the test split, {h.test_galleries} labelled "
+               f"test galleries ({h.train_galleries} train); every row is a fixed training budget, so nothing is "
+               "selected" + ("; 95% Clopper-Pearson intervals in brackets" if seeds == 1 and h.metric == "accuracy" else "")
+               + ".\n\n" + table2_markdown(h) + "\n\n" + paired_markdown(h, rows) + "\n\n" + table2_reading(h, rows))
+    r.table("table2.csv", pd.concat([table2_frame(h) for h in data.holdouts]) if data.holdouts else pd.DataFrame())
+    r.table("table2_comparisons.csv", pd.DataFrame([
+        {"holdout_task": h.task, "row": row.row, "comparison": f"mtl_vs_{other}", "split": "test",
+         **{k: v for k, v in vars(effect).items()}}
+        for h, rows in zip(data.holdouts, data.table2) for row in rows for other, effect in row.versus.items()]))
+
+    epochs = [o.epochs for o in data.optimal.values() if o.epochs]
+    ran = ", ".join(f"{w} {len(t.history)}" for w, t in data.training.items())
+    r.text("## MTL vs task-optimal models (Figure 5)\nError is 1 - accuracy (classification) or MSE (regression) on "
+           "the test split, each model at the epoch its validation loss selected; relative error increase = "
+           "(err_MTL - err_opt) / err_opt, below 0 when MTL does better, with a paired bootstrap interval over the "
+           f"task's labelled test galleries. Budgets: the MTL models at most {s.train.max_epochs} epochs with patience "
+           f"{s.train.patience} (they ran {ran}); each task-optimal model the same budget, on the MTL model's "
+           f"batches, with its own early stopping (they ran {np.mean(epochs) if epochs else math.nan:.1f} epochs on "
+           f"average, {min(epochs, default=0):.0f} to {max(epochs, default=0):.0f}).\n\n"
+           + per_task_markdown(data.per_task, data.weightings))
+    r.table("per_task.csv", data.per_task)
+    r.figure("relative_error.png", relative_error_figure(data.per_task, data.weightings),
+             "Relative error increase per task on test, with 95% intervals.")
+    r.text(figure5_markdown(data.vs_optimal, data.wins, data.vs_baseline))
+
+    r.text("## Class balance vs MTL benefit (Figure 6)\nBinary tasks: minority-class fraction against relative error "
+           "increase. The paper finds a positive r: MTL helps most where classes are most imbalanced.\n\n"
+           + figure6_markdown(data.balance))
+    r.table("class_balance.csv", pd.DataFrame([
+        {"weighting": w, "n": b.n, "slope": b.slope, "intercept": b.intercept, "reading": b.reading,
+         **{f"{kind}_{k}": getattr(getattr(b, kind), k) for kind in ("pearson", "spearman")
+            for k in ("estimate", "low", "high", "p")}} for w, b in data.balance.items()]))
+    r.figure("class_balance.png", class_balance_figure(data.per_task, data.balance),
+             "Minority-class fraction against relative error increase, with least-squares lines.")
+    if data.spread:
+        r.text(f"## Across the {seeds} seeds\nEach seed trained and evaluated on its own; the spread of its headline "
+               "numbers:\n\n" + seeds_markdown(data.spread))
+    if data.binary:
+        r.text("## Binarized embeddings (Pinterest)\n" + binary_markdown(data.binary))
+        r.figure("binary_codes.png", code_curve_figure(data.binary),
+                 "Recall@10 against float search and top-10 attribute agreement, by bytes per gallery.")
+        r.table("binary_codes.csv", code_curve_frame(data.binary))
+    if data.projection:
+        r.text("## 2-D projection (Figure 4)")
+        r.figure("projection.png", projection_figure(data.projection.coords, data.projection.colourings),
+                 "UMAP of the exported embeddings, coloured by attributes (grey: label missing).")
+    if data.retrieval:
+        r.text("## Retrieval by seed images (Figure 1)")
+        r.figure("retrieval.png", retrieval_figure(data.retrieval), "Seeds from a test gallery; its nearest other galleries.")
+    r.metrics = metrics(data)
+    return r
+
+
+def write_report(r: Report, location: str) -> None:
+    """report.md, metrics.json, the CSV tables and PNG figures into a folder or store location."""
+    for name, data in r.files.items():
+        storage.write_bytes(storage.join(location, name), data)
+    storage.write_bytes(storage.join(location, "metrics.json"), json.dumps(r.metrics, indent=2).encode())
+    storage.write_bytes(storage.join(location, "report.md"), r.markdown().encode())

@@ -2,6 +2,8 @@
 galleries nearest to it by cosine similarity."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from gallery.data.images import ImageProblem, load_image
@@ -10,27 +12,41 @@ from gallery.retrieval.embeddings import embed_images
 from gallery.retrieval.search import FloatIndex
 
 
+@dataclass
+class RetrievalHit:
+    gallery_id: str
+    score: float          # cosine similarity to the seeds' embedding
+    images: list[str]     # its first photos, for the figure
+
+
+@dataclass
+class RetrievalExample:
+    source: str           # the test gallery the seed photos come from
+    seeds: list[str]
+    results: list[RetrievalHit]
+
+
 def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], embeddings: np.ndarray,
-                       image_size: int, n_examples: int, seed: int, k: int = 4, seeds_per_example: int = 3) -> list[dict]:
-    """Seed sets taken from random valid galleries, each with its k nearest *other* galleries."""
+                       image_size: int, n_examples: int, seed: int, k: int = 4,
+                       seeds_per_example: int = 3) -> list[RetrievalExample]:
+    """Seed sets taken from random test galleries, each with its k nearest *other* galleries."""
     rng = np.random.default_rng(seed)
     position = {g: i for i, g in enumerate(gallery_ids)}
     images = frame.set_index("gallery_id")["images"]
-    valid = [g for g in frame.loc[frame["split"] == "valid", "gallery_id"] if g in position]
+    test = [g for g in frame.loc[frame["split"] == "test", "gallery_id"] if g in position]
     index = FloatIndex(embeddings)
     examples = []
-    for source in rng.choice(valid, size=min(n_examples, len(valid)), replace=False):
+    for source in rng.choice(test, size=min(n_examples, len(test)), replace=False):
         seeds = list(images[source][:seeds_per_example])
         query = embed_images(encoder, [load_image(s, image_size) for s in seeds])
         hits = index.search(query, k + 1)
         found = [(int(i), float(s)) for i, s in zip(hits.rows[0], hits.scores[0]) if i != position[source]][:k]
-        examples.append({"source": str(source), "seeds": seeds,
-                         "results": [{"gallery_id": gallery_ids[i], "score": s, "images": list(images[gallery_ids[i]][:3])}
-                                     for i, s in found]})
+        examples.append(RetrievalExample(str(source), seeds, [
+            RetrievalHit(gallery_ids[i], s, list(images[gallery_ids[i]][:3])) for i, s in found]))
     return examples
 
 
-def retrieval_figure(examples: list[dict], thumb: int = 64):
+def retrieval_figure(examples: list[RetrievalExample], thumb: int = 64):
     """One row per seed set: the seeds, then each result's first photos, with its score."""
     import matplotlib.pyplot as plt
 
@@ -40,12 +56,12 @@ def retrieval_figure(examples: list[dict], thumb: int = 64):
         except ImageProblem:
             return np.full((thumb, thumb, 3), 230, np.uint8)
 
-    n_cols = max(len(e["seeds"]) for e in examples) + sum(len(r["images"]) for r in examples[0]["results"])
+    n_cols = max(len(e.seeds) for e in examples) + sum(len(r.images) for r in examples[0].results)
     fig, axes = plt.subplots(len(examples), n_cols, figsize=(1.1 * n_cols, 1.35 * len(examples)), squeeze=False)
     for row, example in zip(axes, examples):
-        cells = [(p, "seed" if j == 0 else "") for j, p in enumerate(example["seeds"])]
-        for r in example["results"]:
-            cells += [(p, f"{r['gallery_id']}\n{r['score']:.2f}" if j == 0 else "") for j, p in enumerate(r["images"])]
+        cells = [(p, "seed" if j == 0 else "") for j, p in enumerate(example.seeds)]
+        for r in example.results:
+            cells += [(p, f"{r.gallery_id}\n{r.score:.2f}" if j == 0 else "") for j, p in enumerate(r.images)]
         for ax in row:
             ax.axis("off")
         for ax, (path, title) in zip(row, cells):

@@ -1,17 +1,21 @@
 """Training and evaluation repeated with several seeds (`evaluation.seeds`), combined.
 
-Seed k changes the model initialisation and the batch order (train.seed + k). Each valid
+Seed k changes the model initialisation and the batch order (train.seed + k). Each test
 gallery's score is averaged over the seeds — a right/wrong answer becomes the share of seeds that
 got it right — so the paired statistics of a multi-seed run compare models with their training
 noise averaged out; the report adds the spread of each headline number across the seeds.
 """
 from __future__ import annotations
 
-import copy
 import math
+import warnings
 from dataclasses import replace
 
 import numpy as np
+
+from gallery.evaluation.holdout import HoldoutResult
+from gallery.evaluation.task_optimal import TaskOptimalResult
+from gallery.training.engine import TrainResult
 
 
 def seeds_of(settings) -> list[int]:
@@ -31,47 +35,50 @@ def seeded(name: str, seed: int, settings) -> str:
     return name if seed == settings.train.seed else f"{name}-seed{seed}"
 
 
-def mean_holdout(per_seed: list[dict]) -> dict:
-    """One holdout result whose rows hold, per valid gallery, the mean score over the seeds."""
+def mean_holdout(per_seed: list[HoldoutResult]) -> HoldoutResult:
+    """One holdout result whose rows hold, per test gallery, the mean score over the seeds."""
     if len(per_seed) == 1:
         return per_seed[0]
-    out = copy.deepcopy(per_seed[0])
-    for other in per_seed[1:]:
-        if other["valid_ids"] != out["valid_ids"]:
-            raise ValueError("seeds evaluated different valid galleries; their scores cannot be paired")
-    for arm, result in out["arms"].items():
-        for i, row in enumerate(result["rows"]):
-            rows = [seed["arms"][arm]["rows"][i] for seed in per_seed]
-            row["scores"] = np.mean([r["scores"] for r in rows], axis=0).tolist()
-            row["value"] = float(np.mean(row["scores"])) if row["scores"] else math.nan
-            row["ci_low"] = row["ci_high"] = None  # an interval of one seed's accuracy no longer applies
-        for key in ("train_seconds", "seconds_per_instance", "seconds_per_instance_from_pixels"):
-            values = [seed["arms"][arm][key] for seed in per_seed if seed["arms"][arm][key] is not None]
-            result[key] = float(np.mean(values)) if values else None
+    if any(h.test_ids != per_seed[0].test_ids for h in per_seed):
+        raise ValueError("seeds evaluated different test galleries; their scores cannot be paired")
+    arms = {}
+    for name, first in per_seed[0].arms.items():
+        runs = [h.arms[name] for h in per_seed]
+        rows = []
+        for i, row in enumerate(first.rows):
+            scores = np.mean([r.rows[i].scores for r in runs], axis=0)
+            # an interval of one seed's accuracy no longer applies
+            rows.append(replace(row, scores=scores, value=float(np.mean(scores)) if len(scores) else math.nan,
+                                ci_low=None, ci_high=None))
+        pixels = [r.seconds_per_instance_from_pixels for r in runs if r.seconds_per_instance_from_pixels is not None]
+        arms[name] = replace(first, rows=rows, train_seconds=float(np.mean([r.train_seconds for r in runs])),
+                             seconds_per_instance=float(np.mean([r.seconds_per_instance for r in runs])),
+                             seconds_per_instance_from_pixels=float(np.mean(pixels)) if pixels else None)
+    return replace(per_seed[0], arms=arms)
+
+
+def mean_training(per_seed: list[dict[str, TrainResult]]) -> dict[str, TrainResult]:
+    """Per weighting, the first seed's history with each test gallery's task scores averaged over seeds."""
+    out = {}
+    for weighting, first in per_seed[0].items():
+        tests = [seed[weighting].test for seed in per_seed]
+        if any(t.gallery_ids != first.test.gallery_ids for t in tests):
+            raise ValueError("seeds evaluated different test galleries; their scores cannot be paired")
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a gallery without a task's label: NaN stays NaN
+            scores = np.nanmean([t.scores for t in tests], 0)
+        out[weighting] = replace(first, test=replace(first.test, scores=scores))
     return out
 
 
-def mean_training(per_seed: list[dict]) -> dict:
-    """Per weighting, the first seed's history with each valid gallery's task scores averaged over seeds."""
-    out = copy.deepcopy(per_seed[0])
-    for weighting, result in out.items():
-        ids = result["valid"]["gallery_ids"]
-        if any(seed[weighting]["valid"]["gallery_ids"] != ids for seed in per_seed):
-            raise ValueError("seeds evaluated different valid galleries; their scores cannot be paired")
-        with np.errstate(invalid="ignore"):
-            result["valid"]["scores"] = np.nanmean([np.asarray(s[weighting]["valid"]["scores"]) for s in per_seed], 0)
-    return out
-
-
-def mean_optimal(per_seed: list[dict]) -> dict:
-    """Per task, the task-optimal models' per-gallery scores averaged over seeds, and their mean error."""
-    out = copy.deepcopy(per_seed[0])
-    for name, outcome in out.items():
+def mean_optimal(per_seed: list[dict[str, TaskOptimalResult]]) -> dict[str, TaskOptimalResult]:
+    """Per task, the task-optimal models' per-gallery test scores averaged over seeds, and their mean error."""
+    out = {}
+    for name, first in per_seed[0].items():
         runs = [seed[name] for seed in per_seed]
-        if any(r.get("valid_ids", []) != outcome.get("valid_ids", []) for r in runs):
-            raise ValueError(f"seeds evaluated task {name} on different valid galleries")
-        if outcome.get("valid_scores"):
-            outcome["valid_scores"] = np.mean([r["valid_scores"] for r in runs], axis=0).tolist()
-        outcome["error"] = float(np.mean([r["error"] for r in runs]))
-        outcome["epochs"] = float(np.mean([r["epochs"] for r in runs]))
+        if any(r.test_ids != first.test_ids for r in runs):
+            raise ValueError(f"seeds evaluated task {name} on different test galleries")
+        scores = np.mean([r.test_scores for r in runs], axis=0).tolist() if first.test_scores else []
+        out[name] = replace(first, test_scores=scores, error=float(np.mean([r.error for r in runs])),
+                            epochs=float(np.mean([r.epochs for r in runs])))
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -35,9 +35,11 @@ class Effect:
     p: float | None = None
     n: int = 0
     method: str = ""
+    reading: str = ""   # against the paper, where a comparison has one (`read`)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def read(self, paper_direction: int, null: float = 0.0) -> "Effect":
+        """This effect with its reading against the paper (see `reading`)."""
+        return replace(self, reading=reading(self, paper_direction, null))
 
     def side(self, null: float = 0.0) -> int:
         """+1 or -1 when the interval excludes `null` above or below it, 0 when it does not."""
@@ -143,19 +145,29 @@ def correlations(x, y, seed: int = 0) -> dict[str, Effect]:
                                "Spearman, bootstrap interval")}
 
 
-def spread(values) -> dict:
+@dataclass
+class Spread:
+    """One number across seeds."""
+
+    mean: float
+    sd: float
+    min: float
+    max: float
+    seeds: int
+
+
+def spread(values) -> Spread:
     """Mean and spread of one number across seeds."""
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], float)
     if not len(v):
-        return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "seeds": 0}
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max()), "seeds": len(v)}
+        return Spread(math.nan, math.nan, math.nan, math.nan, 0)
+    return Spread(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, float(v.min()), float(v.max()), len(v))
 
 
-def effect_text(e: dict, digits: int = 3, percent: bool = False) -> str:
+def effect_text(e: Effect, digits: int = 3, percent: bool = False) -> str:
     """An effect as `+0.031 [-0.012, +0.074]`, its p-value where a test gave one."""
-    if e["estimate"] is None or math.isnan(e["estimate"]):
+    if e.estimate is None or math.isnan(e.estimate):
         return "n/a"
     f = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.{digits}f}")  # a share, or a signed difference
-    interval = f" [{f(e['low'])}, {f(e['high'])}]" if not math.isnan(e["low"]) else ""
-    return f"{f(e['estimate'])}{interval}" + (f", p = {e['p']:.3g}" if e.get("p") is not None else "")
+    interval = f" [{f(e.low)}, {f(e.high)}]" if not math.isnan(e.low) else ""
+    return f"{f(e.estimate)}{interval}" + (f", p = {e.p:.3g}" if e.p is not None else "")

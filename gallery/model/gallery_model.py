@@ -39,6 +39,17 @@ class GalleryModel(nn.Module):
         self.heads = TaskHeads(encoder.dim, hidden, tasks, stats)
         self.losses = TaskLosses(self.heads.layout)
 
+    @property
+    def layout(self):
+        return self.heads.layout
+
+    def members(self) -> list[tuple[str, list[int]]]:
+        """What early stopping selects as one (gallery.training.engine): the whole model, all its tasks."""
+        return [("", list(range(len(self.tasks))))]
+
+    def set_active(self, members: list[int]) -> None:
+        """A single model always runs whole."""
+
     def forward(self, x, index, n, from_features: bool = False):
         z = self.encoder(x, index, n, from_features)
         return z, self.heads(z)

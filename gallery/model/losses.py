@@ -1,4 +1,4 @@
-"""Masked per-task losses and the two ways of adding them up (paper §3.3, DESIGN §5).
+"""Masked per-task losses (paper §3.3); how they are added up is a weighting (gallery.model.weightings).
 
 A task's loss is averaged over only the galleries that carry its label. Missing labels are NaN in
 the (galleries, tasks) target matrix; they are masked by weights, never by boolean indexing, so a
@@ -7,15 +7,12 @@ zero (with a gradient path), never NaN.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gallery.data.labels import LabelStats
-from gallery.data.tasks import Task
 from gallery.model.heads import HeadLayout
 
 
@@ -105,57 +102,3 @@ def task_metrics(sums: TaskSums, layout: HeadLayout) -> dict[str, float]:
         value = loss[k].item() if task.kind == "regression" else correct[k].item()
         out[task.name] = value / n if n > 0 else float("nan")
     return out
-
-
-class PseudoUniform(nn.Module):
-    """Σ_bin L + Σ_cat L + Σ_reg L / σ²_k, σ²_k the train-split variance of regression label k."""
-
-    def __init__(self, tasks: list[Task], stats: dict[str, LabelStats]):
-        super().__init__()
-        self.register_buffer("scale", torch.tensor(
-            [1.0 / _variance(stats, t) if t.kind == "regression" else 1.0 for t in tasks]))
-
-    def forward(self, losses: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        return (self.scale * losses).sum()
-
-
-class Kendall(nn.Module):
-    """Kendall et al.: learned s_k = log σ²_k; regression ½·e^(−s)·L + ½·s, classification e^(−s)·L + ½·s.
-
-    The ½·s term counts only for tasks that contribute a loss (`present`: labelled in the batch).
-    Otherwise, on the batches where a sparsely labelled task has no label, ½·s alone would push its
-    s down and its weight e^(−s) up, a drift that grows with the share of label-free batches.
-    s_k starts at log σ²_k of the train split for regression (0 for classification), i.e. where
-    the pseudo-uniform weighting starts; it is a parameter, optimised and checkpointed with the model.
-    """
-
-    def __init__(self, tasks: list[Task], stats: dict[str, LabelStats]):
-        super().__init__()
-        self.names = [t.name for t in tasks]
-        self.log_vars = nn.Parameter(torch.tensor(
-            [math.log(_variance(stats, t)) if t.kind == "regression" else 0.0 for t in tasks]))
-        self.register_buffer("factor", torch.tensor([0.5 if t.kind == "regression" else 1.0 for t in tasks]))
-
-    def forward(self, losses: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.log_vars
-        regulariser = 0.5 * s if present is None else 0.5 * s * present.to(s.dtype)
-        return (self.factor * torch.exp(-s) * losses + regulariser).sum()
-
-
-def _variance(stats: dict[str, LabelStats], task: Task) -> float:
-    v = stats[task.name].variance if task.name in stats else None
-    return v if v is not None and v > 0 else 1.0
-
-
-WEIGHTINGS = {"pseudo_uniform": PseudoUniform, "kendall": Kendall}
-
-
-def build_weighting(name: str, tasks: list[Task], stats: dict[str, LabelStats]) -> nn.Module:
-    if name not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {name!r}; known: {sorted(WEIGHTINGS)}")
-    return WEIGHTINGS[name](tasks, stats)
-
-
-def weighted_loss(weighting: nn.Module, sums: TaskSums) -> torch.Tensor:
-    """The weighting applied to each task's mean loss; only labelled tasks are `present`."""
-    return weighting(sums.means(), sums.count > 0)

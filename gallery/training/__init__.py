@@ -1,6 +1,7 @@
-"""Training: how a model is fitted and where it runs (DESIGN §6).
+"""Training: how a model is fitted and where it runs (see docs/design.md, "Training engine").
 
-Owns the training loop (early stopping, per-epoch checkpoints, exact resume), loading a trained
+Owns the one training loop (the engine: early stopping on valid, per-epoch checkpoints, exact resume,
+used by every model the pipeline trains), the group of single-task models trained as one, loading a trained
 model from its checkpoints, the frozen-trunk feature cache, device choice and mixed precision,
 and the fault injection that proves recovery. May import gallery.model, gallery.data, gallery.config
 and the base modules; never evaluation, retrieval or Metaflow.

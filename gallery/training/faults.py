@@ -12,7 +12,7 @@ ENV = "GALLERY_KILL_AFTER_EPOCH"
 
 
 def kill_after_epoch(recovering: bool):
-    """An `on_epoch_end` hook for gallery.training.loop.fit, or None when no fault is asked for."""
+    """An `on_epoch_end` hook for gallery.training.engine.fit, or None when no fault is asked for."""
     n = os.environ.get(ENV)
     if not n or recovering:
         return None

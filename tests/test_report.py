@@ -1,0 +1,152 @@
+"""The report without a flow: `compare` on constructed training, holdout and task-optimal results, and
+`lay_out` of what it computed (markdown in reading order, figures, CSVs, metrics.json with its splits)."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gallery.config import Settings
+from gallery.data.images import DataQuality, SkippedImage
+from gallery.data.ingest import Catalogue
+from gallery.data.labels import LabelStats
+from gallery.data.tasks import Task
+from gallery.evaluation.holdout import ArmResult, HoldoutResult, Row
+from gallery.evaluation.neighbours import BinaryVsFloat, CodeCurveRow
+from gallery.evaluation.render import lay_out
+from gallery.evaluation.report import compare
+from gallery.evaluation.statistics import CONSISTENT, NOISE
+from gallery.evaluation.task_optimal import TaskOptimalResult
+from gallery.training.engine import EpochRecord, GalleryScores, TrainResult
+
+N = 150
+TASKS = [Task("B1_chain", "b1", "binary"), Task("B2_pool", "b2", "binary"), Task("B3_bar", "b3", "binary"),
+         Task("C1_type", "c1", "multiclass", classes=("hotel", "villa")), Task("R1_price", "r1", "regression")]
+IDS = [f"g{i}" for i in range(N)]
+
+
+def catalogue(rng) -> Catalogue:
+    frame = pd.DataFrame({"gallery_id": IDS, "images": [[f"{g}.jpg"] for g in IDS], "split": "test",
+                          **{t.name: rng.integers(0, 2, N).astype(float) for t in TASKS[:4]},
+                          "R1_price": rng.normal(10, 2, N), "star_rating": rng.integers(0, 3, N)})
+    stats = {t.name: LabelStats("binary", {"train": 400, "valid": 50, "test": N}, [300, 100], f)
+             for t, f in zip(TASKS[:3], (0.25, 0.1, 0.4))}
+    stats["C1_type"] = LabelStats("multiclass", {"train": 400, "valid": 50, "test": N}, [250, 150], 0.375)
+    stats["R1_price"] = LabelStats("regression", {"train": 400, "valid": 50, "test": N}, mean=10.0, variance=4.0)
+    holdout = Task("star_rating", "star_rating", "multiclass", classes=("1", "2", "3"))
+    stats["star_rating"] = LabelStats("multiclass", {"train": 400, "valid": 50, "test": N}, [100, 200, 100], 0.25)
+    return Catalogue("manifest.parquet", "tasks.yaml", TASKS, [holdout], frame, stats)
+
+
+def history(epochs: int) -> list[EpochRecord]:
+    losses = {t.name: 1.0 for t in TASKS}
+    return [EpochRecord(e, 2.0 - 0.2 * e, losses, losses, {t.name: 0.7 for t in TASKS}, [1.0 - 0.1 * e],
+                        1.0, 100.0, 20.0) for e in range(epochs)]
+
+
+def training(rng, shift: float) -> dict[str, TrainResult]:
+    """Two weightings; each test gallery's score per task (right/wrong; a squared error for R1)."""
+    out = {}
+    for w, extra in (("pseudo_uniform", 0.0), ("kendall", 0.1)):
+        scores = (rng.random((N, len(TASKS))) < 0.75 - extra + shift).astype(float)
+        scores[:, 4] = rng.normal(1.5 + extra, 0.1, N) ** 2
+        out[w] = TrainResult(history(3), [1], [False], test=GalleryScores("test", IDS, [t.name for t in TASKS], scores))
+    return out
+
+
+def optimal(rng) -> dict[str, TaskOptimalResult]:
+    out = {}
+    for t in TASKS:
+        scores = rng.normal(1.5, 0.1, N) ** 2 if t.kind == "regression" else (rng.random(N) < 0.8).astype(float)
+        error = float(scores.mean() if t.kind == "regression" else 1 - scores.mean())
+        out[t.name] = TaskOptimalResult(t.name, error, error, 3, 1, 12, 2, 0.5, IDS, scores.tolist())
+    return out
+
+
+def holdout(rng, mtl_gain: float) -> HoldoutResult:
+    base = (rng.random(N) < 0.5).astype(float)
+    better = np.maximum(base, rng.random(N) < mtl_gain).astype(float)
+    labels = [("20% of one epoch", 0.2, None), ("100% of one epoch", 1.0, None), ("4 epochs", None, 4)]
+
+    def arm(name, scores):
+        rows = [Row(label, f, e, 10, float(scores.mean()), None, None, scores) for label, f, e in labels]
+        return ArmResult(name, rows, 2.0, 0.01, 200, 0.05 if name == "end_to_end" else None)
+
+    arms = {"mtl": arm("mtl", better), "imagenet": arm("imagenet", base), "end_to_end": arm("end_to_end", base)}
+    return HoldoutResult("star_rating", "multiclass", "accuracy", 400, N, IDS, arms, 0.4)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(7)
+    cat = catalogue(rng)
+    quality = DataQuality([SkippedImage("g3", "g3.jpg", "missing file")], [])
+    return compare("run-1", Settings(), cat, quality, [training(rng, 0.0)], [[holdout(rng, 0.3)]], [optimal(rng)])
+
+
+def test_compare_reads_table2_from_the_paired_test_scores(data):
+    (rows,) = data.table2
+    assert [r.row for r in rows] == ["20% of one epoch", "100% of one epoch", "4 epochs"]
+    h = data.holdouts[0]
+    for r in rows:
+        diff = h.arms["mtl"].rows[0].scores.mean() - h.arms["imagenet"].rows[0].scores.mean()
+        assert r.versus["imagenet"].estimate == pytest.approx(diff) and r.versus["imagenet"].reading == CONSISTENT
+    assert rows[0].paper == (0.574, 0.515, 0.543) and rows[2].paper == (0.631, 0.542, 0.598)
+    assert data.splits == {"train": 0, "valid": 0, "test": N}
+
+
+def test_compare_gathers_figure5_and_6_and_sorts_the_findings(data):
+    table = data.per_task.set_index("task")
+    for t in TASKS:  # each MTL error is 1 - mean score (classification) or the mean squared error
+        scores = data.training["pseudo_uniform"].test.scores[:, TASKS.index(t)]
+        expected = scores.mean() if t.kind == "regression" else 1 - scores.mean()
+        assert table.loc[t.name, "error_pseudo_uniform"] == pytest.approx(expected)
+    assert data.vs_optimal["pseudo_uniform"].tasks == 5 and data.wins.tasks == 5
+    assert set(data.balance) == {"pseudo_uniform", "kendall"} and data.balance["kendall"].n == 3
+    # Table 2 after one epoch and after all, two arms each; share worse + B1 + B3 per weighting; wins;
+    # baseline and balance per weighting
+    assert len(data.findings) == 4 + 2 * 3 + 1 + 2 + 2
+    assert {f.reading for f in data.findings} <= {CONSISTENT, NOISE, "opposite to the paper"}
+
+
+def test_seeds_are_averaged_gallery_by_gallery_and_their_spread_kept():
+    rng = np.random.default_rng(3)
+    cat = catalogue(rng)
+    seeds = [(training(rng, s), [holdout(rng, g)], optimal(rng)) for s, g in ((0.0, 0.3), (0.05, 0.1))]
+    data = compare("run-2", Settings(), cat, DataQuality([], []), *map(list, zip(*seeds)))
+    finals = [h[0].arms["mtl"].rows[-1].value for _, h, _ in seeds]
+    spread = data.spread["star_rating: MTL embeddings test accuracy after all epochs"]
+    assert spread.mean == pytest.approx(np.mean(finals)) and spread.sd == pytest.approx(np.std(finals, ddof=1))
+    mean_scores = (seeds[0][1][0].arms["mtl"].rows[-1].scores + seeds[1][1][0].arms["mtl"].rows[-1].scores) / 2
+    np.testing.assert_allclose(data.holdouts[0].arms["mtl"].rows[-1].scores, mean_scores)
+
+
+def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
+    data.binary = BinaryVsFloat(10, N, "itq64", 64, 8, 512, 100, 0.98, 0.6, {"C1_type": {
+        "float": 0.8, "binary": 0.79, "imagenet_float": 0.6}}, [
+        CodeCurveRow("sign", skipped="needs more"),
+        CodeCurveRow("itq64", 64, 8, True, {"hamming": 0.6, "two_stage": 0.98},
+                     {"C1_type": {"hamming": 0.7, "two_stage": 0.79}})])
+    report = lay_out(data)
+    md = report.markdown()
+    order = ["## What this run reproduces", "## Data", "## Training", "## Held-out task `star_rating` (Table 2)",
+             "## MTL vs task-optimal models (Figure 5)", "## Class balance vs MTL benefit (Figure 6)",
+             "## Binarized embeddings (Pinterest)"]
+    assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
+    assert "`valid` selects each model's best epoch (0)" in md and f"`test` reports ({N})" in md
+    assert "| 4 epochs (10 galleries) |" in md and "0.631 / 0.542 / 0.598" in md and "| g3 | g3.jpg | missing file |" in md
+    assert "**0.980** two-stage" in md and "| sign | not fitted here: needs more |" in md
+    for name in ("training_curves.png", "relative_error.png", "class_balance.png", "binary_codes.png"):
+        assert report.files[name][:8] == b"\x89PNG\r\n\x1a\n", name
+    assert len(pd.read_csv(pd.io.common.BytesIO(report.files["table2.csv"]))) == 3 * 3 + 1
+    metrics = json.loads(json.dumps(report.metrics))  # plain JSON: NaN and arrays converted
+    assert metrics["protocol"]["test"].startswith("reports") and metrics["galleries_per_split"]["test"] == N
+    assert metrics["per_task"]["measured_on"] == "test" and metrics["per_task"]["selected_on"] == "valid"
+    assert metrics["comparisons"]["table2"]["star_rating"]["measured_on"] == "test"
+    assert metrics["training"]["kendall"] == {"epochs": 3, "best_epoch": 1, "stopped_early": False,
+                                              "best_valid_relative_loss": pytest.approx(0.9), "selected_on": "valid"}
+    row = metrics["holdout"][0]["arms"]["mtl"]["rows"][-1]
+    assert row["scores"] == data.holdouts[0].arms["mtl"].rows[-1].scores.tolist()
+    assert all(v is None or not (isinstance(v, float) and math.isnan(v))
+               for v in metrics["comparisons"]["class_balance"]["kendall"]["pearson"].values())
