@@ -27,7 +27,7 @@ from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, dat
 from gallery.steps import (
     collect_quality,
     export_embeddings,
-    holdout_evaluation,
+    transfer_evaluation,
     preprocess_shard,
     shard_rows,
     synthetic_source,
@@ -160,12 +160,13 @@ class GalleryTrainFlow(FlowSpec):
     @resources(**settings.resources.holdout)
     @step
     def holdout(self):
-        """Table 2: MTL embeddings vs ImageNet transfer vs end-to-end on the held-out task(s)."""
+        """The transfer suite: every held-out task x probe (2-layer head, linear, k-NN) x embedding arm
+        (MTL per weighting, ImageNet transfer, other pretrained backbones, end-to-end); Table 2 among them."""
         share_machine(1 + len(self.task_groups))
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
-        self.holdout_results = holdout_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
-                                                  self.imagenet_location, {"run_id": current.run_id},
-                                                  [c[self.reference] for c in self.checkpoints_by_seed])
+        self.transfer_by_seed = transfer_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
+                                                    self.imagenet_location, {"run_id": current.run_id},
+                                                    self.checkpoints_by_seed, self.reference)
         self.next(self.join_evaluation)
 
     @step
@@ -202,7 +203,7 @@ class GalleryTrainFlow(FlowSpec):
     def report(self):
         """Tables, figures and a reading of the results -> reports/<run id>/ and the run's store."""
         r = lay_out(build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
-                                 self.holdout_results, self.optimal_by_seed, self.embeddings_location,
+                                 self.transfer_by_seed, self.optimal_by_seed, self.embeddings_location,
                                  self.imagenet_location, self.checkpoint_locations[self.reference]))
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):

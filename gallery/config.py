@@ -62,6 +62,7 @@ class EvalSettings:
     projection_points: int = 3000      # UMAP on at most this many galleries
     retrieval_examples: int = 3
     seeds: int = 1                     # training and evaluation repeated with train.seed, +1, ...: mean and spread
+    baselines: tuple[str, ...] = ()    # other pretrained backbones whose mean-pooled features are transfer arms
 
 
 @dataclass(frozen=True)

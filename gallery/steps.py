@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -21,18 +22,21 @@ from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue
 from gallery.data.readers import ShardIndex, ShardSource
 from gallery.data.shards import Shard, ShardWriter
+from gallery.data.synth import VERSION as SYNTH_VERSION
 from gallery.data.synth import generate
 from gallery.errors import UserError
-from gallery.evaluation.holdout import HoldoutResult, evaluate_holdout, vectors_as_galleries
+from gallery.evaluation.holdout import vectors_as_galleries
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import TaskOptimalResult, train_task_optimal
-from gallery.model.backbones import build_backbone
+from gallery.evaluation.transfer import TransferResult, transfer_suite
+from gallery.model.backbones import WeightsUnavailable, build_backbone
 from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_model
 from gallery.model.weightings import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
 from gallery.retrieval.codes import BinaryCode, code_location, fit_code, save_code
-from gallery.retrieval.embeddings import embed_galleries, embeddings_table, read_embeddings, write_embeddings
+from gallery.retrieval.embeddings import (embed_galleries, embedding_matrix, embeddings_table, read_embeddings,
+                                          write_embeddings)
 from gallery.training.cache import trunk_features
 from gallery.training.checkpoints import load_trained
 from gallery.training.device import pick_device
@@ -54,7 +58,7 @@ def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[st
     uploading one (images missing, manifest present) leaves none, and the next run generates it again.
     """
     synth = settings.data.synth
-    key = hashlib.sha1(json.dumps(asdict(synth), sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps({"version": SYNTH_VERSION, **asdict(synth)}, sort_keys=True).encode()).hexdigest()[:12]
     location = storage.join(store_root, "catalogues", f"synth-{key}")
     manifest, tasks = storage.join(location, "manifest.parquet"), storage.join(location, "tasks.yaml")
     complete = storage.join(location, CATALOGUE_COMPLETE)
@@ -169,37 +173,55 @@ def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Sha
 
 # ---------------------------------------------------------------- evaluate
 
-def imagenet_embeddings(source: ShardSource, settings: Settings) -> np.ndarray:
-    """The ImageNet-transfer arm: the pretrained backbone (no MTL training), mean-pooled per gallery."""
+def pretrained_embeddings(source: ShardSource, settings: Settings, backbone: str, weights: str = "imagenet") -> np.ndarray:
+    """A pretrained backbone's mean-pooled vectors of every gallery (no MTL training): the ImageNet-transfer
+    arm (the preset's backbone, from the feature cache when it has one) or another baseline (from pixels)."""
     m = settings.model
-    encoder = GalleryEncoder(build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size), MeanPool())
-    return embed_galleries(encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
+    same = backbone == m.backbone
+    images = build_backbone(backbone, m.weights if same else weights, m.trainable_blocks if same else 0, m.image_size)
+    from_features = same and settings.train.use_cache
+    source = source if from_features or not source.features else ShardSource(source.index, features=False)
+    return embed_galleries(GalleryEncoder(images, MeanPool()), source, from_features,
+                           workers=settings.data.loader_workers)
 
 
-def holdout_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
-                       imagenet_location: str, metadata: dict, reference_checkpoints: list[str],
-                       log=print) -> list[list[HoldoutResult]]:
-    """Table 2 for every holdout task, once per seed (evaluation.seeds): the seed's own reference model
-    gives the MTL arm (the first seed's is the exported one), the seed initialises every arm's head and
-    orders its batches. Also writes the ImageNet-transfer embeddings for later comparisons."""
-    table, _ = read_embeddings(embeddings_location)
-    exported_ids = table["gallery_id"].to_pylist()
-    exported = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
+                        imagenet_location: str, metadata: dict, checkpoints_by_seed: list[dict[str, str]],
+                        reference: str, log=print) -> list[TransferResult]:
+    """The transfer suite (gallery.evaluation.transfer) once per seed (evaluation.seeds): the seed's own
+    models give the MTL arms (the first seed's reference model is the exported one), the seed initialises
+    every head and orders its batches. Also writes the ImageNet-transfer embeddings for later comparisons."""
+    start = time.perf_counter()
     source = shard_source(shards, settings)
-    ids, imagenet = source.gallery_ids, imagenet_embeddings(source, settings)
+    ids, pixels = source.gallery_ids, ShardSource(source.index, features=False)
+    table, _ = read_embeddings(embeddings_location)
+    if table["gallery_id"].to_pylist() != ids:
+        raise ValueError(f"{embeddings_location} does not list the preprocessed galleries in their order")
+    imagenet = pretrained_embeddings(source, settings, settings.model.backbone)
     splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
     write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
         "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
-    stores = {"mtl": vectors_as_galleries(exported_ids, exported), "imagenet": vectors_as_galleries(ids, imagenet),
-              "shards": source, "pixels": ShardSource(source.index, features=False)}
-    per_seed = []
+    fixed, notes = {"imagenet": vectors_as_galleries(ids, imagenet)}, []
+    for name in settings.evaluation.baselines:
+        try:
+            fixed[f"baseline:{name}"] = vectors_as_galleries(ids, pretrained_embeddings(source, settings, name))
+        except WeightsUnavailable as e:
+            notes.append(f"The baseline `{name}` was not run: its pretrained weights are not on this machine ({e})")
+            log(notes[-1])
+    per_seed, embedding_seconds = [], time.perf_counter() - start
     for k, seed in enumerate(seeds_of(settings)):
-        if k:
-            model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints[k])
-            mtl = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
-            stores = stores | {"mtl": vectors_as_galleries(ids, mtl)}
-        per_seed.append([evaluate_holdout(catalogue, task, with_seed(settings, seed), stores, log)
-                         for task in catalogue.holdout])
+        start, arms = time.perf_counter(), {}
+        for weighting, checkpoints in sorted(checkpoints_by_seed[k].items(), key=lambda wc: wc[0] != reference):
+            if k == 0 and weighting == reference:
+                vectors = embedding_matrix(table)
+            else:
+                model = load_trained(catalogue.tasks, catalogue.stats, settings, checkpoints)
+                vectors = embed_galleries(model.encoder, source, settings.train.use_cache,
+                                          workers=settings.data.loader_workers)
+            arms["mtl" if weighting == reference else f"mtl:{weighting}"] = vectors_as_galleries(ids, vectors)
+        result = transfer_suite(catalogue, with_seed(settings, seed), arms | fixed, source, pixels, notes, log)
+        result.seconds["embeddings of every arm"] = embedding_seconds + time.perf_counter() - start
+        per_seed.append(result)
     return per_seed
 
 

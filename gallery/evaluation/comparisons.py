@@ -1,9 +1,10 @@
 """Every comparison the report makes beside the paper (Table 2, Figures 5 and 6), as an effect with
 its interval, its test and the reading that follows from them (gallery.evaluation.statistics).
 
-All comparisons are paired on the same `test` galleries (no model was selected on them): the holdout
-arms on the holdout's labelled test galleries, each MTL model and its task-optimal model (and the
-majority/mean baseline) on the test galleries labelled for the task. The paper's figures and claims
+All comparisons are paired on the same galleries: each MTL model and its task-optimal model (and the
+majority/mean baseline) on the `test` galleries labelled for the task (no model was selected on
+them); Table 2's arms on the held-out task's scored galleries (valid and test: no model trained on
+them, nothing selected on them; gallery.evaluation.transfer). The paper's figures and claims
 are quoted from its text (Table 2, §4.2, Figure 5 and 6 captions) and shown only beside rows that
 mean the same.
 """
@@ -18,10 +19,13 @@ import pandas as pd
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.evaluation.holdout import ARMS, HoldoutResult, Row
+from gallery.evaluation.holdout import ARMS, HoldoutResult, Row, arm_label
+from gallery.evaluation.probes import PROBES
+from gallery.evaluation.scorecard import Scorecard, scorecard
 from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, effect_text,
                                            paired_difference, relative_increase, sign_test)
 from gallery.evaluation.task_optimal import TaskOptimalResult
+from gallery.evaluation.transfer import TransferResult
 from gallery.training.engine import TrainResult
 
 # Table 2 of the paper (star rating accuracy on 250k properties), by row meaning: a fraction of one
@@ -220,13 +224,19 @@ class Finding:
     reading: str
 
 
-def findings(holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]], optimal: dict[str, VersusOptimal],
-             wins: WeightingWins | None, baseline: dict[str, VersusBaseline],
+def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]],
+             optimal: dict[str, VersusOptimal], wins: WeightingWins | None, baseline: dict[str, VersusBaseline],
              balance: dict[str, ClassBalance]) -> list[Finding]:
     """Each of the paper's findings beside this run's effect and the reading of its test: the list the
-    report sorts into reproduced, not resolved and contradicted. `optimal`, `baseline`, `balance`: per
-    weighting."""
+    report sorts into reproduced, not resolved and contradicted. `card`: the transfer scorecard (its
+    aggregates over every held-out task and probe); `optimal`, `baseline`, `balance`: per weighting."""
     out = []
+    for a in (card.aggregates if card else []):
+        if a.arm == "mtl" and a.probe == "all":
+            out.append(Finding(f"Across the held-out tasks, MTL embeddings transfer better than {arm_label(a.baseline)}",
+                               "MTL embeddings beat ImageNet features and an end-to-end model (Table 2, one task)",
+                               f"mean relative error reduction {effect_text(a.effect)} over {a.entries} task x probe "
+                               f"pairs", a.effect.reading))
     for holdout, rows in holdouts:
         one_epoch = [r for r in rows[:-1] if r.fraction == 1.0]
         for row in one_epoch[-1:] + rows[-1:]:   # after one epoch of the labelled data, and after all epochs
@@ -265,11 +275,15 @@ def findings(holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]], optim
     return out
 
 
-def headline_numbers(catalogue: Catalogue, training: dict[str, TrainResult], holdouts: list[HoldoutResult],
-                     optimal: dict[str, TaskOptimalResult]) -> dict[str, float]:
+def headline_numbers(catalogue: Catalogue, training: dict[str, TrainResult], transfer: TransferResult,
+                     optimal: dict[str, TaskOptimalResult], seed: int = 0) -> dict[str, float]:
     """One seed's headline numbers, for their spread across seeds (gallery.evaluation.statistics.spread)."""
-    numbers = {f"{h.task}: {ARMS[arm]} test {h.metric} after all epochs": result.rows[-1].value
-               for h in holdouts for arm, result in h.arms.items()}
+    numbers = {f"{s.task}: {PROBES[s.probe]}, {arm_label(s.arm)}, {metric_name_of(transfer, s.task)}": s.value
+               for s in transfer.scores if s.arm in ARMS}
+    test_ids = set(catalogue.frame.loc[catalogue.frame["split"] == "test", "gallery_id"])
+    for a in scorecard(transfer, test_ids, seed).aggregates:
+        if a.arm == "mtl" and a.probe == "all":
+            numbers[f"mean relative error reduction, MTL vs {arm_label(a.baseline)}"] = a.effect.estimate
     table = per_task(catalogue, training, optimal)
     binary = table[table["kind"] == "binary"]
     for w in training:
@@ -280,3 +294,7 @@ def headline_numbers(catalogue: Catalogue, training: dict[str, TrainResult], hol
     if {"pseudo_uniform", "kendall"} <= set(training):
         numbers["tasks where pseudo-uniform beats Kendall"] = float((table["error_pseudo_uniform"] < table["error_kendall"]).sum())
     return numbers
+
+
+def metric_name_of(transfer: TransferResult, task: str) -> str:
+    return next(t.metric for t in transfer.tasks if t.name == task)

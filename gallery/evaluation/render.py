@@ -18,11 +18,14 @@ from gallery.data.images import DataQuality  # noqa: E402
 from gallery.evaluation.comparisons import (PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE,  # noqa: E402
                                             ClassBalance, Finding, Table2Comparison, VersusBaseline, VersusOptimal,
                                             WeightingWins, paper_row)
-from gallery.evaluation.holdout import ARMS, HoldoutResult  # noqa: E402
+from gallery.evaluation.holdout import ARMS, HoldoutResult, arm_label  # noqa: E402
 from gallery.evaluation.neighbours import SEARCHES, BinaryVsFloat  # noqa: E402
+from gallery.evaluation.probes import PROBES  # noqa: E402
 from gallery.evaluation.projection import projection_figure  # noqa: E402
 from gallery.evaluation.report import ReportData, metrics  # noqa: E402
 from gallery.evaluation.retrieval_examples import retrieval_figure  # noqa: E402
+from gallery.evaluation.scorecard import Scorecard  # noqa: E402
+from gallery.evaluation.transfer import TransferResult  # noqa: E402
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect, Spread, effect_text  # noqa: E402
 from gallery.training.engine import TrainResult  # noqa: E402
 
@@ -102,11 +105,11 @@ def fmt(x, digits=3) -> str:
 
 def table2_frame(holdout: HoldoutResult) -> pd.DataFrame:
     """Long format: one row per (row label, arm), plus the baseline."""
-    rows = [{"holdout_task": holdout.task, "row": r.label, "arm": arm, "metric": holdout.metric, "split": "test",
+    rows = [{"holdout_task": holdout.task, "row": r.label, "arm": arm, "metric": holdout.metric, "split": holdout.split,
              "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high, "galleries_seen": r.galleries_seen}
             for arm, result in holdout.arms.items() for r in result.rows]
     rows.append({"holdout_task": holdout.task, "row": "baseline", "arm": "majority" if holdout.metric == "accuracy"
-                 else "mean", "metric": holdout.metric, "split": "test", "value": holdout.baseline, "ci_low": None,
+                 else "mean", "metric": holdout.metric, "split": holdout.split, "value": holdout.baseline, "ci_low": None,
                  "ci_high": None, "galleries_seen": holdout.train_galleries})
     return pd.DataFrame(rows)
 
@@ -114,7 +117,7 @@ def table2_frame(holdout: HoldoutResult) -> pd.DataFrame:
 def table2_markdown(holdout: HoldoutResult) -> str:
     """The arms' metric per row with 95% intervals; the paper's column only beside rows that mean what
     its rows mean (a fraction of the first epoch, or 4 epochs) and only for the star-rating accuracy."""
-    arms = list(holdout.arms)
+    arms = [a for a in ARMS if a in holdout.arms]  # the paper's three
     paper = holdout.task == "star_rating" and holdout.metric == "accuracy"
     head = "| data seen | " + " | ".join(ARMS[a] for a in arms) + (" | paper (MTL / ImageNet / end-to-end) |" if paper else " |")
     lines = [head, "|" + " --- |" * (len(arms) + 1 + paper)]
@@ -154,7 +157,7 @@ def paired_markdown(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str
         lines.append(f"| {r.row} | {effect_text(a)} | {a.reading} | {effect_text(b)} | {b.reading} |")
     better = "higher" if holdout.metric == "accuracy" else "lower"
     method = rows[-1].versus["imagenet"].method if rows else ""
-    return "\n".join(lines) + (f"\n\nDifferences in test {holdout.metric} with 95% intervals ({method}); "
+    return "\n".join(lines) + (f"\n\nDifferences in {holdout.metric} with 95% intervals ({method}); "
                                f"the paper's direction: MTL {better}.")
 
 
@@ -165,7 +168,7 @@ def table2_reading(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str:
             f"{final['end_to_end'].reading}.")
     if holdout.task == "star_rating" and holdout.metric == "accuracy":
         text += (" The paper (star rating, 250k properties, 4 epochs): MTL 0.631, ImageNet 0.542, end-to-end 0.598; "
-                 f"here {holdout.test_galleries} labelled test galleries decide it.")
+                 f"here {holdout.scored_galleries} labelled galleries no model trained on decide it.")
     return text
 
 
@@ -345,6 +348,89 @@ def class_balance_figure(table: pd.DataFrame, balance: dict[str, ClassBalance]):
     return fig
 
 
+# ---------------------------------------------------------------- the transfer scorecard
+
+def scorecard_markdown(card: Scorecard, transfer: TransferResult) -> str:
+    """Per held-out task and probe: each arm's metric, then MTL minus ImageNet (and the other baselines)
+    with interval and reading; the aggregates over tasks; what each part cost."""
+    baselines = [a for a in transfer.arms if a != "mtl" and not a.startswith("mtl:")]
+    head = ("| held-out task | probe | n | " + " | ".join(arm_label(a) for a in transfer.arms)
+            + " | " + " | ".join(f"MTL - {arm_label(b)}: difference [95% CI], reading" for b in baselines) + " |")
+    lines = [head, "|" + " --- |" * (3 + len(transfer.arms) + len(baselines))]
+    for task in transfer.tasks:
+        for probe in PROBES:
+            here = {a: transfer.get(task.name, probe, a) for a in transfer.arms}
+            if here.get("mtl") is None:
+                continue
+            cells = [f"`{task.name}` ({task.metric})", PROBES[probe], str(len(here["mtl"].scores))]
+            cells += [fmt(s.value) if s is not None else "-" for s in here.values()]
+            for b in baselines:
+                e = next((e for e in card.entries if (e.task, e.probe, e.arm, e.baseline) == (task.name, probe, "mtl", b)), None)
+                cells.append(f"{effect_text(e.difference)}: {e.difference.reading}" if e else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| MTL arm | against | probes | task x probe pairs | mean relative error reduction [95% CI] | reading |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {arm_label(a.arm)} | {arm_label(a.baseline)} | {'all' if a.probe == 'all' else PROBES[a.probe]} | "
+              f"{a.entries} | {effect_text(a.effect)} | {a.effect.reading} |" for a in card.aggregates]
+    text = "\n".join(lines)
+    if card.primary:
+        p = card.primary
+        half = (p.difference.high - p.difference.low) / 2
+        text += (f"\n\n**Primary comparison** (`{p.task}`, {PROBES[p.probe]}): MTL - ImageNet = "
+                 f"{effect_text(p.difference)} {p.metric}, a 95% interval of half-width {half:.3f} over {p.n} galleries: "
+                 f"{p.difference.reading}. On the test galleries alone: {effect_text(p.difference_on_test)}.")
+    cost = ", ".join(f"{part} {seconds:.1f} s" for part, seconds in transfer.seconds.items())
+    text += f"\n\nCost of the suite: {cost}."
+    return text + "".join(f"\n\n{note}" for note in transfer.notes)
+
+
+def scorecard_figure(card: Scorecard):
+    """Relative error reduction of the MTL embeddings over each baseline, per held-out task and probe,
+    with 95% intervals, and the aggregates (diamonds)."""
+    entries = [e for e in card.entries if e.arm == "mtl"]
+    baselines = list(dict.fromkeys(e.baseline for e in entries))
+    rows = list(dict.fromkeys((e.task, e.probe) for e in entries))
+    fig, ax = plt.subplots(figsize=(7.5, 0.3 * (len(rows) + len(baselines)) + 1.5))
+    for k, baseline in enumerate(baselines):
+        offset = (k - (len(baselines) - 1) / 2) * 0.8 / max(len(baselines), 1)
+        mine = {(e.task, e.probe): e.relative for e in entries if e.baseline == baseline}
+        ys = [i + offset for i, key in enumerate(rows) if key in mine]
+        effects = [mine[key] for key in rows if key in mine]
+        estimate = np.array([e.estimate for e in effects])
+        low = np.clip(estimate - np.array([e.low for e in effects]), 0, None)
+        high = np.clip(np.array([e.high for e in effects]) - estimate, 0, None)
+        ax.errorbar(estimate, ys, xerr=[low, high], fmt="o", markersize=3, capsize=2, label=arm_label(baseline))
+        overall = next((a for a in card.aggregates if a.arm == "mtl" and a.baseline == baseline and a.probe == "all"), None)
+        if overall is not None:
+            y = len(rows) + 0.5 + offset
+            ax.errorbar([overall.effect.estimate], [y], xerr=[[max(overall.effect.estimate - overall.effect.low, 0)],
+                                                            [max(overall.effect.high - overall.effect.estimate, 0)]],
+                        fmt="D", markersize=6, capsize=3, color=ax.lines[-1].get_color())
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(list(range(len(rows))) + [len(rows) + 0.5],
+                  [f"{t} / {PROBES[p].split(' (')[0]}" for t, p in rows] + ["aggregate (mean)"], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="relative error reduction of MTL embeddings (> 0: MTL better)",
+           title="Transfer scorecard: MTL against each baseline (95% intervals)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def transfer_frame(card: Scorecard) -> pd.DataFrame:
+    """transfer.csv: one row per scorecard entry and per aggregate."""
+    rows = [{"row": "entry", "task": e.task, "kind": e.kind, "metric": e.metric, "probe": e.probe, "arm": e.arm,
+             "baseline": e.baseline, "n": e.n, "value": e.value, "baseline_value": e.baseline_value,
+             **{f"{name}_{k}": getattr(effect, k) for name, effect in (("difference", e.difference),
+                                                                     ("relative_error_reduction", e.relative),
+                                                                     ("difference_on_test", e.difference_on_test))
+                for k in ("estimate", "low", "high", "p", "reading")}} for e in card.entries]
+    rows += [{"row": "aggregate", "probe": a.probe, "arm": a.arm, "baseline": a.baseline, "n": a.effect.n,
+              **{f"relative_error_reduction_{k}": getattr(a.effect, k) for k in ("estimate", "low", "high", "reading")}}
+             for a in card.aggregates]
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- the whole report
 
 def lay_out(data: ReportData) -> Report:
@@ -361,6 +447,15 @@ def lay_out(data: ReportData) -> Report:
            "test galleries, which no model was selected on, and read from its 95% interval: \"consistent with the "
            "paper\" only when the interval excludes no effect on the paper's side."
            + (" Scores are averaged over the seeds, gallery by gallery, before the comparisons." if seeds > 1 else ""))
+    r.text("## Transfer scorecard\nDoes the embedding carry what the photos show to tasks it was never taught? Every "
+           f"held-out task ({', '.join(f'`{t.name}`' for t in data.transfer.tasks)}) x probe (the paper's 2-layer "
+           "head, a linear probe, a k-NN probe) x embedding arm, scored on the labelled galleries no model trained on "
+           "(valid and test); every probe is fitted on the train split, the linear and k-NN probes choose their "
+           "hyperparameter on the other folds of the scored galleries, so no probe saw the label it is scored on. "
+           "Accuracy (higher is better) or MSE (lower is better).\n\n" + scorecard_markdown(data.scorecard, data.transfer))
+    r.figure("transfer_scorecard.png", scorecard_figure(data.scorecard),
+             "Relative error reduction of the MTL embeddings over each baseline, per held-out task and probe.")
+    r.table("transfer.csv", transfer_frame(data.scorecard))
     r.text("## What this run reproduces\n" + findings_markdown(data.findings))
     r.text("## Data\n```\n" + data.catalogue_text + "\n```\n\n" + quality_markdown(data.quality))
     r.text("## Training\nEarly stopping and the selected epoch come from the validation loss of each task "
@@ -369,16 +464,17 @@ def lay_out(data: ReportData) -> Report:
     r.figure("training_curves.png", training_curves(data.training),
              "Train and validation loss per epoch, each task's relative to its first epoch, averaged over tasks.")
 
-    for h, rows in zip(data.holdouts, data.table2):
-        r.text(f"## Held-out task `{h.task}` (Table 2)\n{h.metric} on the test split, {h.test_galleries} labelled "
-               f"test galleries ({h.train_galleries} train); every row is a fixed training budget, so nothing is "
-               "selected" + ("; 95% Clopper-Pearson intervals in brackets" if seeds == 1 and h.metric == "accuracy" else "")
+    for h, rows in data.table2:
+        r.text(f"## Held-out task `{h.task}`: the paper's view (Table 2)\nThe 2-layer head of the scorecard on its "
+               f"three arms, row by row: {h.metric} on the {h.scored_galleries} labelled galleries no model trained on "
+               f"({h.train_galleries} train); every row is a fixed training budget, so nothing is selected"
+               + ("; 95% Clopper-Pearson intervals in brackets" if seeds == 1 and h.metric == "accuracy" else "")
                + ".\n\n" + table2_markdown(h) + "\n\n" + paired_markdown(h, rows) + "\n\n" + table2_reading(h, rows))
     r.table("table2.csv", pd.concat([table2_frame(h) for h in data.holdouts]) if data.holdouts else pd.DataFrame())
     r.table("table2_comparisons.csv", pd.DataFrame([
-        {"holdout_task": h.task, "row": row.row, "comparison": f"mtl_vs_{other}", "split": "test",
+        {"holdout_task": h.task, "row": row.row, "comparison": f"mtl_vs_{other}", "split": h.split,
          **{k: v for k, v in vars(effect).items()}}
-        for h, rows in zip(data.holdouts, data.table2) for row in rows for other, effect in row.versus.items()]))
+        for h, rows in data.table2 for row in rows for other, effect in row.versus.items()]))
 
     epochs = [o.epochs for o in data.optimal.values() if o.epochs]
     ran = ", ".join(f"{w} {len(t.history)}" for w, t in data.training.items())

@@ -25,15 +25,20 @@ from gallery.evaluation.holdout import HoldoutResult
 from gallery.evaluation.neighbours import BinaryVsFloat, binary_vs_float
 from gallery.evaluation.projection import projection_attributes, umap_2d
 from gallery.evaluation.retrieval_examples import RetrievalExample, retrieval_examples
-from gallery.evaluation.seeds import mean_holdout, mean_optimal, mean_training, seeds_of
+from gallery.evaluation.scorecard import Scorecard, scorecard
+from gallery.evaluation.seeds import mean_optimal, mean_training, mean_transfer, seeds_of
 from gallery.evaluation.statistics import Spread, spread
 from gallery.evaluation.task_optimal import TaskOptimalResult
+from gallery.evaluation.transfer import TransferResult
 from gallery.retrieval.embeddings import embeddings_code, read_embeddings
 from gallery.training.checkpoints import load_trained
 from gallery.training.engine import TrainResult
 
-PROTOCOL = {"train": "fits every model", "valid": "selects (best epoch, early stopping)",
-            "test": "reports: every comparison, table and reading"}
+PROTOCOL = {"train": "fits every model and every probe",
+            "valid": "selects each model's best epoch (early stopping) through the MTL labels",
+            "test": "reports every comparison with the task-optimal models, the binary codes and retrieval",
+            "valid+test": "the transfer suite scores the held-out tasks on both: no model trained on them, no "
+                          "probe saw their held-out labels (hyperparameters chosen out of fold)"}
 
 
 @dataclass
@@ -55,8 +60,9 @@ class ReportData:
     catalogue_text: str
     quality: DataQuality
     training: dict[str, TrainResult]       # per weighting (test scores averaged over seeds)
-    holdouts: list[HoldoutResult]
-    table2: list[list[Table2Comparison]]   # per holdout, per row
+    transfer: TransferResult               # every held-out task x probe x arm (scores averaged over seeds)
+    scorecard: Scorecard
+    table2: list[tuple[HoldoutResult, list[Table2Comparison]]]   # the paper's view: its arms, per row
     per_task: pd.DataFrame
     optimal: dict[str, TaskOptimalResult]
     vs_optimal: dict[str, VersusOptimal]
@@ -74,41 +80,53 @@ class ReportData:
     def weightings(self) -> list[str]:
         return list(self.training)
 
+    @property
+    def holdouts(self) -> list[HoldoutResult]:
+        return self.transfer.holdouts
+
+
+def paper_view(holdouts: list[HoldoutResult]) -> list[HoldoutResult]:
+    """The held-out tasks Table 2 shows: the paper's star rating, else the first held-out task."""
+    return [h for h in holdouts if h.task == "star_rating"] or holdouts[:1]
+
 
 def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
-            training_by_seed: list[dict[str, TrainResult]], holdout_by_seed: list[list[HoldoutResult]],
+            training_by_seed: list[dict[str, TrainResult]], transfer_by_seed: list[TransferResult],
             optimal_by_seed: list[dict[str, TaskOptimalResult]]) -> ReportData:
     """Every comparison with the paper as an effect, its interval and the reading its test allows
-    (gallery.evaluation.comparisons). With several seeds each test gallery's score is averaged over
-    them before the paired statistics, and each headline number's spread is kept."""
+    (gallery.evaluation.comparisons), and the transfer scorecard (gallery.evaluation.scorecard). With
+    several seeds each scored gallery's score is averaged over them before the paired statistics, and
+    each headline number's spread is kept."""
     seed = settings.train.seed
-    training, optimal = mean_training(training_by_seed), mean_optimal(optimal_by_seed)
-    holdouts = [mean_holdout([per_seed[i] for per_seed in holdout_by_seed]) for i in range(len(holdout_by_seed[0]))]
+    training, optimal, transfer = (mean_training(training_by_seed), mean_optimal(optimal_by_seed),
+                                   mean_transfer(transfer_by_seed))
+    test_ids = set(catalogue.frame.loc[catalogue.frame["split"] == "test", "gallery_id"])
+    card = scorecard(transfer, test_ids, seed)
     weightings = list(training)
     table = per_task(catalogue, training, optimal, seed)
-    table2 = [table2_comparisons(h, seed) for h in holdouts]
+    table2 = [(h, table2_comparisons(h, seed)) for h in paper_view(transfer.holdouts)]
     vs_optimal = {w: mtl_vs_optimal(table, w) for w in weightings}
     vs_baseline = {w: mtl_vs_baseline(table, w) for w in weightings}
     wins = weighting_wins(table) if {"pseudo_uniform", "kendall"} <= set(weightings) else None
     balance = class_balance(table, weightings, seed)
-    found = findings(list(zip(holdouts, table2)), vs_optimal, wins, vs_baseline, balance)
+    found = findings(card, table2, vs_optimal, wins, vs_baseline, balance)
     spreads = {}
     if len(training_by_seed) > 1:
-        per_seed = [headline_numbers(catalogue, t, h, o)
-                    for t, h, o in zip(training_by_seed, holdout_by_seed, optimal_by_seed)]
+        per_seed = [headline_numbers(catalogue, t, h, o, seed)
+                    for t, h, o in zip(training_by_seed, transfer_by_seed, optimal_by_seed)]
         spreads = {name: spread([n[name] for n in per_seed]) for name in per_seed[0]}
     splits = {s: int((catalogue.frame["split"] == s).sum()) for s in ("train", "valid", "test")}
-    return ReportData(run_id, settings, seeds_of(settings), splits, describe(catalogue), quality, training, holdouts,
-                      table2, table, optimal, vs_optimal, wins, vs_baseline, balance, found, spreads)
+    return ReportData(run_id, settings, seeds_of(settings), splits, describe(catalogue), quality, training, transfer,
+                      card, table2, table, optimal, vs_optimal, wins, vs_baseline, balance, found, spreads)
 
 
 def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
-                 training_by_seed: list[dict[str, TrainResult]], holdout_by_seed: list[list[HoldoutResult]],
+                 training_by_seed: list[dict[str, TrainResult]], transfer_by_seed: list[TransferResult],
                  optimal_by_seed: list[dict[str, TaskOptimalResult]], embeddings_location: str,
                  imagenet_location: str, reference_checkpoints: str, log=print) -> ReportData:
     """The comparisons (`compare`), then what the exported embeddings give: binary codes against float
     search, the UMAP projection and retrieval examples from test galleries' photos."""
-    data = compare(run_id, settings, catalogue, quality, training_by_seed, holdout_by_seed, optimal_by_seed)
+    data = compare(run_id, settings, catalogue, quality, training_by_seed, transfer_by_seed, optimal_by_seed)
     table, _ = read_embeddings(embeddings_location)
     ids = table["gallery_id"].to_pylist()
     embeddings = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
@@ -123,7 +141,8 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
     model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints)
     data.retrieval = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
                                         settings.evaluation.retrieval_examples, settings.train.seed)
-    log(f"report data: {len(data.findings)} findings, {len(data.holdouts)} holdout task(s)")
+    log(f"report data: {len(data.findings)} findings, {len(data.transfer.tasks)} held-out task(s), "
+        f"{len(data.scorecard.entries)} scorecard entries")
     return data
 
 
@@ -159,14 +178,17 @@ def metrics(data: ReportData) -> dict:
         "training": {w: {"epochs": len(t.history), "best_epoch": t.best_epoch, "stopped_early": t.stopped_early[0],
                          "best_valid_relative_loss": t.best_criterion, "selected_on": "valid"}
                      for w, t in data.training.items()},
-        "holdout": [{"measured_on": "test", "selected_on": h.selected_on, **{k: v for k, v in asdict(h).items()
-                                                                            if k not in ("split", "selected_on")}}
-                    for h in data.holdouts],
+        "transfer": {"measured_on": "valid+test (galleries no model trained on)",
+                     "selected_on": "train (probes fitted), other folds (linear and k-NN hyperparameters)",
+                     "tasks": data.transfer.tasks, "arms": data.transfer.arms, "notes": data.transfer.notes,
+                     "seconds": data.transfer.seconds, "scores": data.transfer.scores},
+        "scorecard": data.scorecard,
+        "holdout": data.holdouts,
         "per_task": {**test, "rows": data.per_task},
         "task_optimal": {**test, "models": data.optimal},
         "comparisons": {
-            "table2": {h.task: {"measured_on": "test", "selected_on": h.selected_on, "rows": rows}
-                       for h, rows in zip(data.holdouts, data.table2)},
+            "table2": {h.task: {"measured_on": h.split, "selected_on": h.selected_on, "rows": rows}
+                       for h, rows in data.table2},
             "mtl_vs_task_optimal": {**test, **data.vs_optimal}, "mtl_vs_baseline": {**test, **data.vs_baseline},
             "pseudo_uniform_wins": {**test, "wins": data.wins}, "class_balance": {**test, **data.balance},
             "findings": {**test, "findings": data.findings}, "seeds": data.spread},

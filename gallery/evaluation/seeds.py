@@ -15,6 +15,7 @@ import numpy as np
 
 from gallery.evaluation.holdout import HoldoutResult
 from gallery.evaluation.task_optimal import TaskOptimalResult
+from gallery.evaluation.transfer import TransferResult
 from gallery.training.engine import TrainResult
 
 
@@ -39,8 +40,8 @@ def mean_holdout(per_seed: list[HoldoutResult]) -> HoldoutResult:
     """One holdout result whose rows hold, per test gallery, the mean score over the seeds."""
     if len(per_seed) == 1:
         return per_seed[0]
-    if any(h.test_ids != per_seed[0].test_ids for h in per_seed):
-        raise ValueError("seeds evaluated different test galleries; their scores cannot be paired")
+    if any(h.scored_ids != per_seed[0].scored_ids for h in per_seed):
+        raise ValueError("seeds evaluated different galleries; their scores cannot be paired")
     arms = {}
     for name, first in per_seed[0].arms.items():
         runs = [h.arms[name] for h in per_seed]
@@ -82,3 +83,20 @@ def mean_optimal(per_seed: list[dict[str, TaskOptimalResult]]) -> dict[str, Task
         out[name] = replace(first, test_scores=scores, error=float(np.mean([r.error for r in runs])),
                             epochs=float(np.mean([r.epochs for r in runs])))
     return out
+
+
+def mean_transfer(per_seed: list[TransferResult]) -> TransferResult:
+    """The transfer suite with each scored gallery's score averaged over the seeds, per task, probe and arm."""
+    first = per_seed[0]
+    if len(per_seed) == 1:
+        return first
+    scores = []
+    for entry in first.scores:
+        runs = [seed.get(entry.task, entry.probe, entry.arm) for seed in per_seed]
+        if any(r is None or r.gallery_ids != entry.gallery_ids for r in runs):
+            raise ValueError(f"seeds scored {entry.task}/{entry.probe}/{entry.arm} on different galleries")
+        scores.append(replace(entry, scores=np.mean([r.scores for r in runs], axis=0),
+                              chosen=[c for r in runs for c in r.chosen]))
+    holdouts = [mean_holdout([seed.holdouts[i] for seed in per_seed]) for i in range(len(first.holdouts))]
+    seconds = {k: float(np.mean([seed.seconds.get(k, 0.0) for seed in per_seed])) for k in first.seconds}
+    return replace(first, scores=scores, holdouts=holdouts, seconds=seconds)

@@ -18,6 +18,7 @@ import yaml
 
 from gallery.data.contracts import CONTRACTS_DIR
 from gallery.data.synth.attributes import (
+    DECOR_STYLES,
     REGIONS,
     RENTAL_TYPES,
     SEGMENTS,
@@ -29,6 +30,16 @@ from gallery.data.synth.attributes import (
 from gallery.data.synth.render import Look, gallery_scenes, render
 
 PAPER_TASKS = CONTRACTS_DIR / "examples" / "paper_tasks.yaml"
+VERSION = 2  # of what the generator draws: part of a stored catalogue's cache key (gallery.steps.synthetic_source)
+# Held-out tasks beside the paper's star rating: attributes of latents no MTL task reads (attributes.py)
+HELD_OUT = [
+    {"name": "has_spa", "column": "has_spa", "kind": "binary",
+     "description": "A spa (rare, ~8%): its own scene in the gallery; no MTL task reads it"},
+    {"name": "decor_style", "column": "decor_style", "kind": "multiclass", "classes": DECOR_STYLES,
+     "description": "Decor of rooms and lounges, four styles drawn on the walls; no MTL task reads it"},
+    {"name": "building_age_years", "column": "building_age_years", "kind": "regression",
+     "description": "The building's age: a darker, cracked facade; no MTL task reads it"},
+]
 
 
 @dataclass(frozen=True)
@@ -60,13 +71,15 @@ def class_lists(n: int) -> dict[str, list]:
 
 
 def task_spec(n: int) -> dict:
-    """The paper's Table 1 spec with this catalogue's (scaled) classes declared."""
+    """The paper's Table 1 spec with this catalogue's (scaled) classes declared, and held-out tasks beside
+    the paper's star rating."""
     spec = yaml.safe_load(PAPER_TASKS.read_text())
     classes = class_lists(n)
     for task in spec["tasks"]:
         if task["kind"] == "multiclass":
             task.pop("num_classes", None)
             task["classes"] = classes[task["column"]]
+    spec["holdout"] = spec["holdout"] + [dict(t) for t in HELD_OUT]
     return spec
 
 

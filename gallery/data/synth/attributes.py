@@ -2,9 +2,12 @@
 
 A property has a place (region -> country -> city), a type, a setting (beach, city, mountain,
 countryside), a size and a luxury level; amenities follow from those. Labels are noisy readings
-of the latents with realistic missingness. The holdout star rating depends on luxury and type,
-which several MTL tasks share (segment, review score, daily rate, pool, fitness...), so learning
-the MTL tasks should help predict it.
+of the latents with realistic missingness (docs/synthetic-catalogue.md lists which latents each
+label reads). The held-out tasks test transfer two ways: the star rating depends on luxury and
+type, which several MTL tasks share (segment, review score, daily rate, pool, fitness...), so
+learning the MTL tasks should help predict it; a spa (rare), the decor style and the building's
+age are latents of their own, drawn in the photos but read by no MTL task, so only an embedding
+that keeps what the photos show, beyond what it was taught, can predict them.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ TYPES = [
 SEGMENTS = ["budget", "economy", "midscale", "upscale", "upper_upscale", "luxury"]
 RENTAL_TYPES = ["apartment", "house", "villa", "cabin", "cottage", "studio"]
 SIZE_BUCKETS = ["1", "2-4", "5-9", "10-19", "20-49", "50-99", "100-199", "200-499", "500+"]
+DECOR_STYLES = ["minimalist", "rustic", "classic", "tropical"]
 
 
 def cardinalities(n: int) -> dict[str, int]:
@@ -155,13 +159,22 @@ def sample_properties(n: int, seed: int) -> pd.DataFrame:
     # hotels almost always carry stars, B&Bs and guesthouses sometimes, rentals rarely: about half in all
     labels["star_rating"] = np.where(rng.random(n) < np.where(hotel_like, 0.92, np.where(rental, 0.1, 0.6)), stars, np.nan)
 
+    # held-out latents no MTL task reads, from a stream of their own (the labels above stay as they were)
+    own = np.random.default_rng([seed, 3])
+    spa = own.random(n) < 0.03 + 0.07 * luxury
+    decor = own.integers(0, len(DECOR_STYLES), n)
+    age = own.uniform(0.0, 100.0, n)
+    labels["has_spa"] = np.where(own.random(n) < 0.05, None, spa).astype(object)
+    labels["decor_style"] = np.where(own.random(n) < 0.1, None, np.array(DECOR_STYLES, dtype=object)[decor])
+    labels["building_age_years"] = np.where(own.random(n) < 0.1, np.nan, np.round(np.clip(age + own.normal(0, 5.0, n), 0, None), 1))
+
     frame = pd.DataFrame(labels)
     for col in ("star_rating",):
         frame[col] = frame[col].astype("Int64")
     latents = pd.DataFrame({
         "_region": region, "_country": country, "_city": city, "_setting": setting, "_type": ptype,
         "_archetype": [TYPES[t][1] for t in ptype], "_luxury": luxury, "_size": size, "_hotel": hotel_like,
-        "_stars": stars,
+        "_stars": stars, "_spa": spa, "_decor": decor, "_age": age,
     })
     for name, values in truth.items():
         latents[f"_{name}"] = values

@@ -3,7 +3,9 @@
 Each scene draws visible evidence of the property's latents: the building archetype and size
 (type, size bucket), wall and roof colours (region), a flag (country), a skyline landmark
 (city), the setting in views, amenities in their own scenes, and luxury in palette, clutter and
-wear. Photos are jittered (framing, light, sensor noise) so no two are identical.
+wear. The held-out latents no MTL task reads are drawn too: a spa scene, the decor style on the
+walls of rooms and lounges, and the building's age as a darker, cracked facade. Photos are
+jittered (framing, light, sensor noise) so no two are identical.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SCENES = ("exterior", "room", "view", "pool", "beach", "bar", "garden", "gym", "lounge",
-          "kitchen", "hiking", "landmark")
+          "kitchen", "hiking", "landmark", "spa")
 
 
 def _rgb(h, s, v):
@@ -62,7 +64,9 @@ class Look:
     def __init__(self, p):
         lux = float(p["_luxury"])
         self.lux = lux
-        self.wall = _rgb(_hash_unit(1, int(p["_region"])), 0.25 + 0.3 * _hash_unit(2, int(p["_region"])), 0.55 + 0.4 * lux)
+        self.age = float(p["_age"]) / 100.0
+        self.wall = _rgb(_hash_unit(1, int(p["_region"])), 0.25 + 0.3 * _hash_unit(2, int(p["_region"])),
+                         (0.55 + 0.4 * lux) * (1.0 - 0.25 * self.age))  # facades darken with age
         self.roof = _rgb(_hash_unit(3, int(p["_region"])), 0.6, 0.45)
         self.flag = [_rgb(_hash_unit(4, int(p["_country"]), k), 0.9, 0.9) for k in range(3)]
         self.flag_vertical = _hash_unit(5, int(p["_country"])) < 0.5
@@ -70,6 +74,7 @@ class Look:
         self.accent = (212, 175, 55) if lux > 0.65 else _rgb(_hash_unit(7, int(p["_type"])), 0.5, 0.55)
         self.floor = (92, 60, 38) if lux > 0.5 else (150, 150, 140)
         self.wear = 0.25 * (1 - lux)  # stains and noise on cheap places
+        self.decor = int(p["_decor"])
 
 
 def sky(c: Canvas, look: Look, horizon: float, setting: int):
@@ -207,6 +212,15 @@ def building(c: Canvas, p, look: Look, horizon: float):
         flag(c, look, 0.7, horizon - 0.3)
 
 
+def cracks(c: Canvas, look: Look, horizon: float):
+    """An old facade: one crack per ~15 years, dark zigzags across the building."""
+    for _ in range(int(round(look.age * 100 / 15))):
+        x, y = c.rng.uniform(0.2, 0.75), c.rng.uniform(horizon - 0.3, horizon - 0.08)
+        dx, dy = c.rng.uniform(-0.04, 0.04), c.rng.uniform(0.04, 0.08)
+        c.line(x, y, x + dx, y + dy, (45, 40, 35), 1)
+        c.line(x + dx, y + dy, x + dx * 0.2, y + 2 * dy, (45, 40, 35), 1)
+
+
 def exterior(c: Canvas, p, look: Look):
     horizon = c.rng.uniform(0.6, 0.72)
     setting = int(p["_setting"])
@@ -217,6 +231,7 @@ def exterior(c: Canvas, p, look: Look):
     if setting == 0 or p["_archetype"] == "boat":
         sea(c, horizon, horizon + 0.12)
     building(c, p, look, horizon)
+    cracks(c, look, horizon)
     if p["_has_garden"]:
         for x in c.rng.uniform(0, 1, 4):
             c.ellipse(x - 0.05, horizon + 0.02, x + 0.05, horizon + 0.12, (40, 130, 50))
@@ -242,8 +257,26 @@ def window_view(c: Canvas, p, x0, y0, x1, y1):
     c.line((x0 + x1) / 2, y0, (x0 + x1) / 2, y1, (240, 240, 240), 2)
 
 
+def decor(c: Canvas, look: Look, wall_bottom: float):
+    """The decor style on a wall: a plain panel (minimalist), wooden beams (rustic), striped wallpaper
+    (classic) or big leaves (tropical)."""
+    if look.decor == 0:
+        c.rect(0.05, 0.05, 0.5, 0.32, (245, 245, 242))
+    elif look.decor == 1:
+        for y in (0.04, wall_bottom * 0.45, wall_bottom - 0.04):
+            c.rect(0, y, 1, y + 0.035, (105, 70, 40))
+    elif look.decor == 2:
+        for x in np.arange(0.0, 1.0, 0.07):
+            c.rect(x, 0, x + 0.025, wall_bottom, (150, 40, 60))
+    else:
+        for x, y in ((0.02, 0.02), (0.8, 0.04), (0.4, wall_bottom - 0.2)):
+            c.ellipse(x, y, x + 0.18, y + 0.14, (30, 140, 60))
+            c.line(x + 0.02, y + 0.07, x + 0.16, y + 0.07, (20, 90, 40), 2)
+
+
 def room(c: Canvas, p, look: Look):
     c.rect(0, 0, 1, 0.62, look.interior)
+    decor(c, look, 0.62)
     c.rect(0, 0.62, 1, 1, look.floor)
     window_view(c, p, 0.6, 0.12, 0.92, 0.42)
     beds = 3 if p["_archetype"] == "hostel" else 1
@@ -369,6 +402,7 @@ def gym(c: Canvas, p, look: Look):
 
 def lounge(c: Canvas, p, look: Look):
     c.rect(0, 0, 1, 0.6, look.interior)
+    decor(c, look, 0.6)
     c.rect(0, 0.6, 1, 1, look.floor)
     c.rect(0.2, 0.72, 0.8, 0.9, _rgb(0.6 + 0.3 * look.lux, 0.4, 0.6))  # rug
     for x in (0.03, 0.6):
@@ -394,9 +428,23 @@ def landmark_scene(c: Canvas, p, look: Look):
     landmark(c, int(p["_city"]), c.rng.uniform(0.4, 0.6), 0.8, 0.75)
 
 
+def spa(c: Canvas, p, look: Look):
+    """A hot tub on stone tiles, steam rising, towels folded beside it."""
+    c.rect(0, 0, 1, 1, (205, 200, 190))
+    for y in np.arange(0.1, 1.0, 0.12):
+        c.line(0, y, 1, y, (170, 165, 155))
+    c.ellipse(0.15, 0.45, 0.85, 0.9, (90, 90, 95))
+    c.ellipse(0.2, 0.5, 0.8, 0.85, (70, 200, 210))
+    for x in (0.35, 0.5, 0.65):
+        c.line(x, 0.4, x - 0.03, 0.25, (250, 250, 250), 2)
+        c.line(x - 0.03, 0.25, x + 0.01, 0.1, (250, 250, 250), 2)
+    c.rect(0.82, 0.2, 0.97, 0.3, (250, 250, 250))
+    c.rect(0.82, 0.3, 0.97, 0.38, look.accent)
+
+
 RENDERERS = {"exterior": exterior, "room": room, "view": view, "pool": pool, "beach": beach, "bar": bar,
              "garden": garden, "gym": gym, "lounge": lounge, "kitchen": kitchen, "hiking": hiking,
-             "landmark": landmark_scene}
+             "landmark": landmark_scene, "spa": spa}
 
 
 def gallery_scenes(p, n_images: int, rng: np.random.Generator) -> list[str]:
@@ -406,6 +454,7 @@ def gallery_scenes(p, n_images: int, rng: np.random.Generator) -> list[str]:
         ("gym", p["_fitness_center"]), ("lounge", p["_communal_lounge"]), ("kitchen", p["_has_kitchen"]),
         ("beach", p["_beach_access"]), ("hiking", p["_hiking"]),
         ("view", p["_sea_view"] or p["_mountain_view"] or p["_city_view"]), ("landmark", int(p["_city"]) >= 0),
+        ("spa", p["_spa"]),
     ) if present and rng.random() < 0.85]
     rng.shuffle(amenities)
     scenes = ["exterior", "room"] + amenities

@@ -1,0 +1,104 @@
+"""Standard probes of a frozen embedding on a held-out task (see docs/design.md, "Evaluation protocol"):
+a linear probe (scikit-learn: logistic regression, or ridge for a regression task) and a k-NN probe
+(faiss, cosine similarity), beside the paper's 2-layer head (gallery.evaluation.holdout).
+
+Every probe is fitted on the train split only. Its one hyperparameter (the regularisation, or k) is
+chosen out of fold: the scored galleries (those no embedding model trained on) are cut into `FOLDS`
+folds by a stable hash of their id, and each fold's galleries get the predictions of the value that
+did best on the *other* folds. So a probe never sees a scored gallery's label, directly or through
+its hyperparameter, and every scored gallery is used.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from gallery.data.split import hash_unit
+from gallery.retrieval.index import normalize, one_faiss_thread
+
+FOLDS = 5
+LOGISTIC_C = (0.01, 0.1, 1.0, 10.0)           # inverse L2 strength, on standardised features
+RIDGE_ALPHA = (0.1, 1.0, 10.0, 100.0, 1000.0)  # L2 strength, on standardised features
+NEIGHBOURS = (5, 10, 20, 40)
+PROBES = {"head": "2-layer head (the paper's)", "linear": "linear probe", "knn": "k-NN probe (cosine)"}
+
+
+def folds_of(gallery_ids, folds: int = FOLDS) -> np.ndarray:
+    """Each gallery's fold: the same for a gallery in every run, task and arm."""
+    return np.array([int(hash_unit(f"fold:{g}") * folds) for g in gallery_ids])
+
+
+def scores_of(kind: str, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per gallery: 1/0 for a right/wrong class, or the squared error."""
+    return (predictions - labels) ** 2 if kind == "regression" else (predictions == labels).astype(float)
+
+
+@dataclass
+class Candidates:
+    """A probe's predictions on the scored galleries, one row per hyperparameter value."""
+
+    values: tuple
+    predictions: np.ndarray   # (values, scored galleries)
+
+
+def _standardised(train: np.ndarray, scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    return (train - mean) / std, (scored - mean) / std
+
+
+def linear_candidates(kind: str, train: np.ndarray, labels: np.ndarray, scored: np.ndarray) -> Candidates:
+    """Logistic regression (classification) or ridge regression, one fit per regularisation value."""
+    x, xs = _standardised(train, scored)
+    if kind == "regression":
+        return Candidates(RIDGE_ALPHA, np.stack([Ridge(alpha=a).fit(x, labels).predict(xs) for a in RIDGE_ALPHA]))
+    if len(np.unique(labels)) < 2:  # one class in train: every value predicts it
+        return Candidates(LOGISTIC_C, np.full((len(LOGISTIC_C), len(scored)), labels[0], float))
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a bounded fit: the selection judges what it gives
+        for c in LOGISTIC_C:
+            out.append(LogisticRegression(C=c, max_iter=300).fit(x, labels).predict(xs))
+    return Candidates(LOGISTIC_C, np.stack(out).astype(float))
+
+
+def knn_candidates(kind: str, train: np.ndarray, labels: np.ndarray, scored: np.ndarray) -> Candidates:
+    """Each scored gallery's k most similar train galleries by cosine: their majority class (ties to the
+    most similar) or mean label, for every k."""
+    k_max = min(max(NEIGHBOURS), len(train))
+    with one_faiss_thread():
+        index = faiss.IndexFlatIP(train.shape[1])
+        index.add(normalize(train))
+        _, rows = index.search(normalize(scored), k_max)
+    neighbour_labels = labels[rows]  # (scored, k_max), most similar first
+    out = []
+    for k in NEIGHBOURS:
+        near = neighbour_labels[:, :min(k, k_max)]
+        if kind == "regression":
+            out.append(near.mean(1))
+        else:
+            classes = np.unique(labels)
+            votes = (near[:, :, None] == classes).sum(1) + 1e-3 * (near[:, :1, None] == classes)[:, 0]
+            out.append(classes[votes.argmax(1)].astype(float))
+    return Candidates(NEIGHBOURS[:len(out)], np.stack(out))
+
+
+def out_of_fold(kind: str, candidates: Candidates, labels: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, list]:
+    """Each scored gallery's score with the value chosen on the other folds, and the value chosen per fold."""
+    scores = np.stack([scores_of(kind, p, labels) for p in candidates.predictions])  # (values, galleries)
+    sign = -1.0 if kind == "regression" else 1.0   # higher accuracy, lower squared error
+    out, chosen = np.empty(len(labels)), []
+    for f in range(int(folds.max()) + 1 if len(folds) else 0):
+        here = folds == f
+        if not here.any():
+            chosen.append(None)
+            continue
+        others = ~here if (~here).any() else here
+        best = int(np.argmax(sign * scores[:, others].mean(1)))
+        out[here] = scores[best, here]
+        chosen.append(candidates.values[best])
+    return out, chosen

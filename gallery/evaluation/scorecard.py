@@ -1,0 +1,137 @@
+"""The transfer scorecard: every held-out task x probe, MTL minus each baseline arm, paired on the same
+scored galleries, and an aggregate over tasks that can decide (see docs/design.md, "Evaluation protocol").
+
+Per task and probe, two effects: the metric difference (accuracy, or MSE: the paper's direction is
+higher accuracy, lower MSE) and the relative error reduction (err_baseline - err_MTL) / err_baseline,
+which puts tasks of every kind on one scale (error: 1 - accuracy, or MSE). The aggregate is the mean
+relative error reduction over the tasks and probes it covers, with a paired bootstrap that resamples
+the scored galleries, each gallery with all its tasks, so the correlation between tasks of one
+gallery stays in the interval. Readings are against the claim that MTL embeddings transfer better.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gallery.evaluation.statistics import CONFIDENCE, RESAMPLES, Effect, paired_difference, relative_increase
+from gallery.evaluation.transfer import ProbeScores, TransferResult
+
+PRIMARY = ("star_rating", "linear", "imagenet")  # the Table 2 question, asked of the lowest-variance probe
+
+
+def errors_of(kind: str, scores: np.ndarray) -> np.ndarray:
+    return scores if kind == "regression" else 1.0 - scores
+
+
+@dataclass
+class ScoreEntry:
+    """One task x probe: an MTL arm against a baseline arm on the same galleries."""
+
+    task: str
+    kind: str
+    metric: str
+    probe: str
+    arm: str
+    baseline: str
+    n: int
+    value: float           # the MTL arm's accuracy or MSE
+    baseline_value: float
+    difference: Effect     # MTL - baseline in the metric, read against the paper's direction
+    relative: Effect       # relative error reduction, read against "MTL better" (> 0)
+    difference_on_test: Effect  # the same difference on the test galleries alone
+
+
+@dataclass
+class Aggregate:
+    """The mean relative error reduction of an MTL arm over a baseline, over tasks (and probes)."""
+
+    arm: str
+    baseline: str
+    probe: str             # one probe, or "all"
+    entries: int
+    effect: Effect
+
+
+@dataclass
+class Scorecard:
+    entries: list[ScoreEntry]
+    aggregates: list[Aggregate]
+    primary: ScoreEntry | None    # PRIMARY, for the reference MTL arm
+    split: str = "valid+test"
+
+
+def _on_test(a: ProbeScores, b: ProbeScores, test_ids: set, seed: int) -> Effect:
+    keep = np.array([g in test_ids for g in a.gallery_ids], bool)
+    return paired_difference(a.scores[keep], b.scores[keep], seed)
+
+
+def compare_arms(result: TransferResult, arm: str, baseline: str, test_ids: set, seed: int = 0) -> list[ScoreEntry]:
+    """Every task x probe the two arms share, as a ScoreEntry."""
+    out = []
+    for task in result.tasks:
+        better = -1 if task.kind == "regression" else 1
+        for probe in ("head", "linear", "knn"):
+            a, b = result.get(task.name, probe, arm), result.get(task.name, probe, baseline)
+            if a is None or b is None:
+                continue
+            if a.gallery_ids != b.gallery_ids:
+                raise ValueError(f"{task.name}/{probe}: {arm} and {baseline} were scored on different galleries")
+            relative = relative_increase(errors_of(task.kind, a.scores), errors_of(task.kind, b.scores), seed)
+            reduction = Effect(-relative.estimate, -relative.high, -relative.low, None, relative.n, relative.method)
+            out.append(ScoreEntry(task.name, task.kind, task.metric, probe, arm, baseline, len(a.scores), a.value,
+                                  b.value, paired_difference(a.scores, b.scores, seed).read(better), reduction.read(+1),
+                                  _on_test(a, b, test_ids, seed).read(better)))
+    return out
+
+
+def aggregate(entries: list[ScoreEntry], result: TransferResult, probe: str = "all", seed: int = 0) -> Aggregate:
+    """Mean relative error reduction over `entries`, with a paired bootstrap over the scored galleries."""
+    pairs = [(e, result.get(e.task, e.probe, e.arm), result.get(e.task, e.probe, e.baseline)) for e in entries]
+    pool = sorted({g for _, a, _ in pairs for g in a.gallery_ids})
+    position = {g: i for i, g in enumerate(pool)}
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(pool), np.full(len(pool), 1 / len(pool)), size=RESAMPLES).astype(float) if pool else None
+    estimates, resampled = [], []
+    for e, a, b in pairs:
+        rows = np.array([position[g] for g in a.gallery_ids])
+        err_a, err_b = errors_of(e.kind, a.scores), errors_of(e.kind, b.scores)
+        if err_b.mean() == 0:
+            continue
+        estimates.append((err_b.mean() - err_a.mean()) / err_b.mean())
+        w = weights[:, rows]
+        total = w.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_a, mean_b = (w @ err_a) / total, (w @ err_b) / total
+            resampled.append(np.where(mean_b > 0, (mean_b - mean_a) / mean_b, np.nan))
+    if not estimates:
+        return Aggregate(entries[0].arm if entries else "", entries[0].baseline if entries else "", probe, 0,
+                         Effect(math.nan, math.nan, math.nan, None, 0, "no entries"))
+    means = np.nanmean(np.stack(resampled), 0)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = (float(np.nanpercentile(means, q)) for q in (tail, 100 - tail))
+    effect = Effect(float(np.mean(estimates)), low, high, None, len(pool),
+                    f"mean over {len(estimates)} task x probe pairs; paired bootstrap over {len(pool)} galleries")
+    return Aggregate(entries[0].arm, entries[0].baseline, probe, len(estimates), effect.read(+1))
+
+
+def scorecard(result: TransferResult, test_ids: set, seed: int = 0) -> Scorecard:
+    """Every MTL arm against every baseline arm (ImageNet, other backbones, and end-to-end for the
+    2-layer head), per task and probe, with aggregates over tasks per probe and over all."""
+    mtl = [a for a in result.arms if a == "mtl" or a.startswith("mtl:")]
+    baselines = [a for a in result.arms if a not in mtl]
+    entries, aggregates = [], []
+    for arm in mtl:
+        for baseline in baselines:
+            found = compare_arms(result, arm, baseline, test_ids, seed)
+            entries += found
+            if not found:
+                continue
+            aggregates.append(aggregate(found, result, "all", seed))
+            for probe in ("head", "linear", "knn"):
+                chosen = [e for e in found if e.probe == probe]
+                if chosen:
+                    aggregates.append(aggregate(chosen, result, probe, seed))
+    primary = next((e for e in entries if (e.task, e.probe, e.baseline) == PRIMARY and e.arm == "mtl"), None)
+    return Scorecard(entries, aggregates, primary)

@@ -1,0 +1,116 @@
+"""The transfer suite (see docs/design.md, "Evaluation protocol"): does the embedding carry what the
+photos show to tasks it was never taught? Several held-out tasks, three probes on every embedding arm.
+
+Arms: the exported MTL embeddings (`mtl`, the reference weighting), the other weightings' embeddings
+(`mtl:<weighting>`), ImageNet transfer (`imagenet`: the backbone's pretrained features, mean-pooled),
+any other pretrained backbone named in `evaluation.baselines` (`baseline:<name>`), and for the 2-layer
+head the end-to-end model (`end_to_end`). Probes: the paper's 2-layer head (gallery.evaluation.holdout,
+with its rows at fractions of the first epoch), a linear probe and a k-NN probe
+(gallery.evaluation.probes).
+
+The rule: every scored gallery's embedding comes from a model that never trained on it, and the probe
+that scores it never saw its label. The MTL models train on the train split only, so the scored
+galleries are the valid and test ones that carry the task's label; every probe fits on the train split
+only; the linear and k-NN probes choose their one hyperparameter on the other folds of the scored
+galleries (out of fold). Valid galleries helped choose the MTL model's epoch through their MTL labels,
+never their held-out labels; the scorecard also shows the effects on the test galleries alone
+(gallery.evaluation.scorecard), so a reader can see that they do not depend on it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gallery.config import Settings
+from gallery.data.ingest import Catalogue
+from gallery.data.packed import PackedGalleries
+from gallery.data.tasks import Task
+from gallery.evaluation.holdout import HoldoutResult, arm_label, evaluate_holdout, metric_name, scored_rows
+from gallery.evaluation.probes import folds_of, knn_candidates, linear_candidates, out_of_fold
+from gallery.training.engine import TrainData
+
+
+@dataclass
+class ProbeScores:
+    """One probe on one arm for one task: each scored gallery's score (1/0, or the squared error)."""
+
+    task: str
+    probe: str                 # head | linear | knn (gallery.evaluation.probes.PROBES)
+    arm: str
+    gallery_ids: list[str]
+    scores: np.ndarray
+    chosen: list = field(default_factory=list)   # the hyperparameter each fold was scored with
+
+    @property
+    def value(self) -> float:
+        """Accuracy, or MSE."""
+        return float(self.scores.mean()) if len(self.scores) else float("nan")
+
+
+@dataclass
+class HeldOutTask:
+    name: str
+    kind: str
+    metric: str
+    train_labelled: int
+    scored: int
+
+
+@dataclass
+class TransferResult:
+    """Every held-out task x probe x arm, paired on each task's scored galleries; what each part cost."""
+
+    tasks: list[HeldOutTask]
+    arms: dict[str, str]                  # name -> label, in the report's order
+    scores: list[ProbeScores]
+    holdouts: list[HoldoutResult]         # the 2-layer head's rows per task (Table 2 is the star rating's)
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    split: str = "valid+test"
+
+    def get(self, task: str, probe: str, arm: str) -> ProbeScores | None:
+        return next((s for s in self.scores if (s.task, s.probe, s.arm) == (task, probe, arm)), None)
+
+
+def probe_scores(task: Task, catalogue: Catalogue, arm: str, store: PackedGalleries, seconds: dict) -> list[ProbeScores]:
+    """The linear and k-NN probes of one arm: fitted on the train galleries, scored out of fold."""
+    data = scored_rows(TrainData.from_catalogue(catalogue.frame, [task], store, True).labelled())
+    x, y = store.data.numpy().astype(np.float32), data.targets[:, 0].numpy().astype(float)
+    ids = [store.gallery_ids[r] for r in data.test_rows]
+    folds = folds_of(ids)
+    out = []
+    for probe, candidates in (("linear", linear_candidates), ("knn", knn_candidates)):
+        start = time.perf_counter()
+        found = candidates(task.kind, x[data.train_rows], y[data.train_rows], x[data.test_rows])
+        scores, chosen = out_of_fold(task.kind, found, y[data.test_rows], folds)
+        out.append(ProbeScores(task.name, probe, arm, ids, scores, chosen))
+        seconds[probe] = seconds.get(probe, 0.0) + time.perf_counter() - start
+    return out
+
+
+def transfer_suite(catalogue: Catalogue, settings: Settings, arms: dict[str, PackedGalleries], shards, pixels,
+                   notes: list[str] = (), log=print) -> TransferResult:
+    """All held-out tasks x probes x arms. `arms`: vector arms (one vector per gallery, the same galleries
+    in the same order); `shards`/`pixels`: the preprocessed galleries for the end-to-end arm."""
+    tasks, scores, holdouts, seconds = [], [], [], {}
+    for task in catalogue.holdout:
+        start = time.perf_counter()
+        holdout = evaluate_holdout(catalogue, task, settings, arms, shards, pixels, log)
+        seconds["head"] = seconds.get("head", 0.0) + sum(a.train_seconds for n, a in holdout.arms.items()
+                                                         if n != "end_to_end")
+        seconds["end_to_end"] = seconds.get("end_to_end", 0.0) + holdout.arms["end_to_end"].train_seconds
+        seconds["head and end-to-end, with scoring"] = (seconds.get("head and end-to-end, with scoring", 0.0)
+                                                        + time.perf_counter() - start)
+        holdouts.append(holdout)
+        scores += [ProbeScores(task.name, "head", arm, holdout.scored_ids, result.rows[-1].scores)
+                   for arm, result in holdout.arms.items()]
+        for arm, store in arms.items():
+            scores += probe_scores(task, catalogue, arm, store, seconds)
+        tasks.append(HeldOutTask(task.name, task.kind, metric_name(task), holdout.train_galleries,
+                                 holdout.scored_galleries))
+        log(f"transfer {task.name}: " + "; ".join(
+            f"{s.probe}/{s.arm} {s.value:.3f}" for s in scores if s.task == task.name and s.arm in ("mtl", "imagenet")))
+    names = {arm: arm_label(arm) for arm in [*arms, "end_to_end"]}
+    return TransferResult(tasks, names, scores, holdouts, seconds, list(notes))

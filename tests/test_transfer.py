@@ -1,0 +1,160 @@
+"""The transfer suite: probes chosen out of fold, a scorecard that reads known answers, and the rule that no
+probe is scored on a gallery its embedding model trained on or whose label it saw."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import gallery.evaluation.probes as probes
+import gallery.evaluation.transfer as transfer
+import gallery.training.engine as engine
+from gallery.config import EvalSettings, ModelSettings, Settings, TrainSettings
+from gallery.data.images import load_galleries
+from gallery.data.ingest import Catalogue, ingest
+from gallery.data.labels import LabelStats
+from gallery.data.packed import PackedGalleries
+from gallery.data.tasks import Task
+from gallery.evaluation.holdout import vectors_as_galleries
+from gallery.evaluation.probes import Candidates, folds_of, knn_candidates, linear_candidates, out_of_fold
+from gallery.evaluation.scorecard import scorecard
+from gallery.evaluation.statistics import CONSISTENT, OPPOSITE
+from gallery.evaluation.transfer import HeldOutTask, TransferResult, probe_scores, transfer_suite
+from gallery.training.cache import trunk_features
+
+
+def test_out_of_fold_choice_never_reads_the_scored_folds_labels():
+    """Two candidate values, each right on a different half of the galleries: each fold is scored with the
+    value that did best on the OTHER folds, and flipping a fold's own labels does not change its choice."""
+    rng = np.random.default_rng(0)
+    ids = [f"g{i}" for i in range(200)]
+    folds = folds_of(ids, 5)
+    labels = rng.integers(0, 2, 200).astype(float)
+    good_on_early = np.where(folds < 2, labels, 1 - labels)   # right on folds 0-1, wrong elsewhere
+    always_half = np.where(np.arange(200) % 2 == 0, labels, 1 - labels)
+    candidates = Candidates((0.1, 1.0), np.stack([good_on_early, always_half]))
+    scores, chosen = out_of_fold("binary", candidates, labels, folds)
+    for f in range(5):  # each fold's expected choice, from the other folds' accuracies computed here
+        others = folds != f
+        mean = [np.mean(p[others] == labels[others]) for p in candidates.predictions]
+        assert chosen[f] == candidates.values[int(np.argmax(mean))]
+        assert np.array_equal(scores[folds == f], (candidates.predictions[int(np.argmax(mean))] == labels)[folds == f])
+    flipped = labels.copy()
+    flipped[folds == 3] = 1 - flipped[folds == 3]
+    assert out_of_fold("binary", candidates, flipped, folds)[1][3] == chosen[3]
+    assert folds_of(ids, 5).tolist() == folds.tolist() and set(folds) == set(range(5))
+
+
+def test_probes_by_hand():
+    """A linearly separable class and a label that is its nearest train neighbour's: the linear probe and
+    the 1-nearest-neighbour vote get them right; ridge recovers a linear regression."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(float)
+    linear = linear_candidates("binary", x[:200], y[:200], x[200:])
+    assert linear.values == probes.LOGISTIC_C and (linear.predictions[-1] == y[200:]).mean() > 0.95
+    knn = knn_candidates("binary", x[:200], y[:200], x[200:])
+    cos = (x[200:] / np.linalg.norm(x[200:], axis=1, keepdims=True)) @ (x[:200] / np.linalg.norm(x[:200], axis=1, keepdims=True)).T
+    nearest = np.argsort(-cos, axis=1)[:, :5]
+    majority = (y[:200][nearest].mean(1) > 0.5).astype(float)
+    assert np.array_equal(knn.predictions[0], majority)  # k = 5: the majority of the 5 most similar
+    target = 2 * x[:, 2] - x[:, 3] + 0.01 * rng.normal(size=300)
+    ridge = linear_candidates("regression", x[:200], target[:200], x[200:])
+    assert np.mean((ridge.predictions[0] - target[200:]) ** 2) < 0.01
+
+
+def known_catalogue(n=900, seed=0):
+    """A catalogue whose two held-out labels are known functions: `from_tasks` of what the MTL tasks teach
+    (z_task), `from_pixels` of something in the photos no task reads (z_pixel). The MTL arm's vectors carry
+    z_task well and z_pixel barely; the ImageNet arm's the other way round."""
+    rng = np.random.default_rng(seed)
+    z_task, z_pixel = rng.normal(size=n), rng.normal(size=n)
+    split = np.where(np.arange(n) % 10 < 6, "train", np.where(np.arange(n) % 10 < 8, "valid", "test"))
+    ids = [f"g{i}" for i in range(n)]
+    frame = pd.DataFrame({"gallery_id": ids, "images": [[] for _ in ids], "split": split,
+                          "from_tasks": (z_task > 0).astype(np.float32), "from_pixels": (z_pixel > 0).astype(np.float32)})
+    tasks = [Task("from_tasks", "from_tasks", "binary"), Task("from_pixels", "from_pixels", "binary")]
+    stats = {t.name: LabelStats("binary", {"train": int((split == "train").sum())}, [1, 1], 0.5) for t in tasks}
+    def weak(z):  # a faint trace, under noise of its own (a linear probe rescales every dimension)
+        return 0.3 * z + rng.normal(size=n)
+
+    mtl = np.column_stack([z_task, weak(z_pixel), rng.normal(size=(n, 6))])
+    imagenet = np.column_stack([weak(z_task), z_pixel, rng.normal(size=(n, 6))])
+    arms = {"mtl": vectors_as_galleries(ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet)}
+    return Catalogue("m", "t", [], tasks, frame, stats), arms
+
+
+def test_the_scorecard_reads_known_answers():
+    """MTL embeddings transfer better on the label the MTL tasks teach (consistent with the claim) and worse
+    on the one only the pixels carry (opposite), for both probes; the aggregate over the two is undecided."""
+    catalogue, arms = known_catalogue()
+    scores = [s for task in catalogue.holdout for arm, store in arms.items()
+              for s in probe_scores(task, catalogue, arm, store, {})]
+    result = TransferResult([HeldOutTask(t.name, t.kind, "accuracy", 540, 360) for t in catalogue.holdout],
+                            {"mtl": "MTL", "imagenet": "ImageNet"}, scores, [])
+    card = scorecard(result, set(catalogue.frame.query("split == 'test'")["gallery_id"]))
+    readings = {(e.task, e.probe): e.difference.reading for e in card.entries}
+    assert readings == {("from_tasks", "linear"): CONSISTENT, ("from_tasks", "knn"): CONSISTENT,
+                        ("from_pixels", "linear"): OPPOSITE, ("from_pixels", "knn"): OPPOSITE}
+    for e in card.entries:  # the paired difference is the mean of the per-gallery differences
+        mtl, imagenet = result.get(e.task, e.probe, "mtl").scores, result.get(e.task, e.probe, "imagenet").scores
+        assert e.difference.estimate == pytest.approx(mtl.mean() - imagenet.mean())
+        assert e.relative.estimate == pytest.approx(((1 - imagenet.mean()) - (1 - mtl.mean())) / (1 - imagenet.mean()))
+        assert e.n == 360  # every valid and test gallery, none of the train ones
+    linear_only = next(a for a in card.aggregates if a.probe == "linear")
+    per_task = [e.relative.estimate for e in card.entries if e.probe == "linear"]
+    assert linear_only.effect.estimate == pytest.approx(np.mean(per_task))
+    assert linear_only.effect.low < linear_only.effect.estimate < linear_only.effect.high
+
+
+@pytest.fixture(scope="module")
+def small(small_catalogue):
+    cat = ingest(small_catalogue / "manifest.parquet", small_catalogue / "tasks.yaml")
+    ids, arrays, _ = load_galleries(cat.frame["gallery_id"], cat.frame["images"], 32)
+    pixels = PackedGalleries.from_arrays(ids, arrays)
+    settings = Settings(model=ModelSettings(image_size=32, hidden=8, trainable_blocks=0),
+                        train=TrainSettings(batch_galleries=16, precision="fp32"),
+                        evaluation=EvalSettings(holdout_epochs=1, batch_galleries=16))
+    from gallery.model.gallery_model import build_model
+    torch.manual_seed(0)
+    features = pixels.map_data(lambda d: trunk_features(build_model(settings.model, cat.tasks).encoder.images, d))
+    return cat, settings, pixels, features
+
+
+def test_no_probe_is_scored_on_a_gallery_its_model_trained_on_or_whose_label_it_saw(small, monkeypatch):
+    """The whole suite on a small catalogue, every fit watched: the 2-layer heads, the end-to-end models
+    and the linear and k-NN probes fit on train galleries only (the MTL model's own training galleries);
+    every scored gallery is a valid or test one; the suite covers its four held-out tasks of three kinds."""
+    cat, settings, pixels, features = small
+    split = dict(zip(cat.frame["gallery_id"], cat.frame["split"]))
+    fitted, scored = [], []
+    real_fit = engine.fit
+
+    def watched_fit(model, weighting, data, config, **kwargs):
+        fitted.append([data.source.gallery_ids[r] for r in data.train_rows])
+        scored.append([data.source.gallery_ids[r] for r in data.test_rows])
+        return real_fit(model, weighting, data, config, **kwargs)
+
+    monkeypatch.setattr("gallery.evaluation.holdout.fit", watched_fit)
+    for name in ("linear_candidates", "knn_candidates"):
+        real = getattr(transfer, name)
+
+        def spy(kind, train, labels, scored_x, real=real):
+            fitted.append(len(train))
+            return real(kind, train, labels, scored_x)
+        monkeypatch.setattr(transfer, name, spy)
+    rng = np.random.default_rng(0)
+    arms = {"mtl": vectors_as_galleries(pixels.gallery_ids, rng.normal(size=(len(pixels), 8))),
+            "imagenet": vectors_as_galleries(pixels.gallery_ids, rng.normal(size=(len(pixels), 8)))}
+    result = transfer_suite(cat, settings, arms, features, pixels, log=lambda _: None)
+
+    assert {t.kind for t in result.tasks} == {"binary", "multiclass", "regression"} and len(result.tasks) >= 4
+    trained = [ids for ids in fitted if isinstance(ids, list)]
+    assert trained and all(split[g] == "train" for ids in trained for g in ids)
+    assert all(split[g] in ("valid", "test") for ids in scored for g in ids)
+    for s in result.scores:
+        assert s.gallery_ids and all(split[g] in ("valid", "test") for g in s.gallery_ids), (s.task, s.probe, s.arm)
+    train_sizes = [n for n in fitted if isinstance(n, int)]
+    labelled_train = {t.name: t.train_labelled for t in result.tasks}
+    assert sorted(set(train_sizes)) == sorted(set(labelled_train.values()))  # the probes saw train labels only
+    assert {(s.probe, s.arm) for s in result.scores} == {(p, a) for p in ("head", "linear", "knn")
+                                                         for a in ("mtl", "imagenet")} | {("head", "end_to_end")}
