@@ -23,7 +23,7 @@ from gallery.evaluation.comparisons import (class_balance, findings, headline_nu
 from gallery.evaluation.retrieval_examples import retrieval_examples, retrieval_figure
 from gallery.evaluation.seeds import mean_holdout, mean_optimal, mean_training, seeds_of
 from gallery.evaluation.statistics import spread as seed_spread
-from gallery.retrieval.embeddings import embeddings_code, read_embeddings
+from gallery.retrieval.embeddings import embeddings_code, photo_weights_of, read_embeddings
 from gallery.training.checkpoints import load_trained
 
 
@@ -119,11 +119,13 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
         r.figure("projection.png", projection_figure(coords, [(t, frame[t.name].to_numpy()) for t in attributes]),
                  "UMAP of the exported embeddings, coloured by attributes (grey: label missing).")
     model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints)
+    weights = photo_weights_of(emb_table)
     examples = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
-                                  settings.evaluation.retrieval_examples, settings.train.seed)
+                                  settings.evaluation.retrieval_examples, settings.train.seed, photo_weights=weights)
     if examples:
         r.text("## Retrieval by seed images (Figure 1)")
-        r.figure("retrieval.png", retrieval_figure(examples), "Seeds from a valid gallery; its nearest other galleries.")
+        r.figure("retrieval.png", retrieval_figure(examples), "Seeds from a valid gallery; its nearest other galleries"
+                 + (", each shown by its photos with the largest attention weights, heaviest first." if weights else "."))
 
     r.metrics = {"run_id": run_id, "preset": settings.name, "galleries": len(catalogue.frame),
                  "exported_galleries": len(ids),

@@ -11,8 +11,13 @@ from gallery.retrieval.search import FloatIndex
 
 
 def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], embeddings: np.ndarray,
-                       image_size: int, n_examples: int, seed: int, k: int = 4, seeds_per_example: int = 3) -> list[dict]:
-    """Seed sets taken from random valid galleries, each with its k nearest *other* galleries."""
+                       image_size: int, n_examples: int, seed: int, k: int = 4, seeds_per_example: int = 3,
+                       photo_weights: dict[str, tuple[list[str], np.ndarray]] | None = None) -> list[dict]:
+    """Seed sets taken from random valid galleries, each with its k nearest *other* galleries.
+
+    With `photo_weights` (gallery -> its embedded photos and their attention weights, from an
+    attention pooling's export), each result shows its photos heaviest first, the top-weighted one
+    with its weight; otherwise its first photos."""
     rng = np.random.default_rng(seed)
     position = {g: i for i, g in enumerate(gallery_ids)}
     images = frame.set_index("gallery_id")["images"]
@@ -25,9 +30,19 @@ def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], e
         hits = index.search(query, k + 1)
         found = [(int(i), float(s)) for i, s in zip(hits.rows[0], hits.scores[0]) if i != position[source]][:k]
         examples.append({"source": str(source), "seeds": seeds,
-                         "results": [{"gallery_id": gallery_ids[i], "score": s, "images": list(images[gallery_ids[i]][:3])}
+                         "results": [{"gallery_id": gallery_ids[i], "score": s,
+                                      **_shown_photos(gallery_ids[i], images[gallery_ids[i]], photo_weights)}
                                      for i, s in found]})
     return examples
+
+
+def _shown_photos(gallery_id: str, images: list[str], photo_weights, shown: int = 3) -> dict:
+    """A result's photos: by weight, heaviest first, with the top one's weight; else the first ones."""
+    if not photo_weights or gallery_id not in photo_weights:
+        return {"images": list(images[:shown])}
+    photos, weights = photo_weights[gallery_id]
+    order = np.argsort(-np.asarray(weights), kind="stable")[:shown]
+    return {"images": [photos[j] for j in order], "top_photo_weight": float(weights[order[0]])}
 
 
 def retrieval_figure(examples: list[dict], thumb: int = 64):
@@ -45,12 +60,16 @@ def retrieval_figure(examples: list[dict], thumb: int = 64):
     for row, example in zip(axes, examples):
         cells = [(p, "seed" if j == 0 else "") for j, p in enumerate(example["seeds"])]
         for r in example["results"]:
-            cells += [(p, f"{r['gallery_id']}\n{r['score']:.2f}" if j == 0 else "") for j, p in enumerate(r["images"])]
+            top = f" · w {r['top_photo_weight']:.2f}" if "top_photo_weight" in r else ""
+            cells += [(p, f"{r['gallery_id']}\n{r['score']:.2f}{top}" if j == 0 else "") for j, p in enumerate(r["images"])]
         for ax in row:
             ax.axis("off")
         for ax, (path, title) in zip(row, cells):
             ax.imshow(picture(path))
             ax.set_title(title, fontsize=6)
-    fig.suptitle("Seed images (left) and the nearest galleries by embedding", fontsize=9)
+    weighted = any("top_photo_weight" in r for e in examples for r in e["results"])
+    fig.suptitle("Seed images (left) and the nearest galleries by embedding"
+                 + (", each shown by its top-weighted photos (w: the top photo's attention weight)" if weighted else ""),
+                 fontsize=9)
     fig.tight_layout()
     return fig
