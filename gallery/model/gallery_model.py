@@ -66,11 +66,15 @@ def build_model(model_settings, tasks: list[Task], stats: dict[str, LabelStats] 
 
 
 def parameter_counts(model: GalleryModel) -> dict[str, int]:
-    """Trainable and frozen parameters of encoder and heads (what `gallery model-summary` prints)."""
-    def count(module, trainable):
-        return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
+    """Trainable and frozen parameters of encoder and heads, and the encoder's parts: the image trunk
+    (frozen), the image top with its pool, the gallery pooling (what `gallery model-summary` prints)."""
+    def count(module, trainable=None):
+        return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
+    images = model.encoder.images
     return {
         "encoder_trainable": count(model.encoder, True), "encoder_frozen": count(model.encoder, False),
         "heads_trainable": count(model.heads, True), "heads_frozen": count(model.heads, False),
+        "trunk": count(images.trunk), "top": count(images.top) + count(images.pool),
+        "pooling": count(model.encoder.pooling),
     }

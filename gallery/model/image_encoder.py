@@ -52,6 +52,7 @@ class ImageEncoder(nn.Module):
                  pool: nn.Module | None = None):
         super().__init__()
         self.name, self.dim = name, dim
+        self.split = "as built"  # which blocks the top holds, in the family's terms (set by `split`)
         self.trunk, self.top = trunk, top
         self.pool = pool if pool is not None else SpatialMean()
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1) * 255, persistent=False)
@@ -103,6 +104,7 @@ def split(name: str, layout: BlockLayout, trainable_blocks: int, image_size: int
     trunk = nn.Sequential(layout.stem, *layout.blocks[: n - trainable_blocks])
     top = nn.Sequential(*layout.blocks[n - trainable_blocks:], layout.neck)
     encoder = ImageEncoder(name, trunk, top, layout.dim or 0, layout.norm, layout.pool)
+    encoder.split = f"last {trainable_blocks} of {n} {layout.unit}"
     if layout.dim is None:
         with torch.no_grad():
             encoder.dim = encoder.eval()(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)).shape[1]
