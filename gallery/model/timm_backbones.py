@@ -110,8 +110,7 @@ def _chain(name: str, model: nn.Module, image_size: int):
         chained = neck(nn.Sequential(*blocks)(stem(x)))
     if chained.shape != reference.shape or not torch.allclose(chained, reference, rtol=1e-4, atol=1e-5):
         raise ValueError(f"{refuse}: its forward_features does more than call {order} in turn")
-    unit = f"{container} entries" if container and container != "stages" else "stages"
-    return stem, blocks, neck, unit, set(order)
+    return stem, blocks, neck, container or "stages", set(order)
 
 
 def _check_every_parameter_placed(name: str, model: nn.Module, parts: list[nn.Module]) -> None:
