@@ -16,6 +16,7 @@ tests; nothing is downloaded at run time, and missing weights fail with how to p
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from torch import nn
@@ -71,7 +72,8 @@ def vgg16(weights: str = "imagenet", trainable_blocks: int = 1, image_size: int 
 
     `image_size` is accepted for a uniform registry signature; VGG's convolutions take any size.
     """
-    return split("vgg16", torchvision_backbones.layout("vgg16", weights, image_size), trainable_blocks, image_size)
+    layout = replace(torchvision_backbones.layout("vgg16", weights, image_size), dim=512)
+    return split("vgg16", layout, trainable_blocks, image_size)
 
 
 # ---------------------------------------------------------------- the registry

@@ -155,9 +155,9 @@ def layout(name: str, weights: str, image_size: int) -> BlockLayout:
     if kind not in FAMILIES:
         raise ValueError(f"torchvision:{name} cannot be cut into a frozen trunk and a trainable top "
                          f"({UNSUPPORTED.get(kind, 'an unrecognised layout')}); use the timm version or another model")
+    state = state_dict(name, weights)  # first: missing weights fail before a large model is built
     kwargs = {"image_size": image_size} if kind == "vision_transformer" else {}
     net = models.get_model(name, weights=None, **kwargs)
-    state = state_dict(name, weights)
     if state is not None:
         if kind == "vision_transformer" and state["encoder.pos_embedding"].shape != net.encoder.pos_embedding.shape:
             from torchvision.models.vision_transformer import interpolate_embeddings
