@@ -42,11 +42,15 @@ def cmd_model_summary(args) -> int:
 
     settings = load_settings(args.config)
     spec = load_task_spec(args.tasks)
-    model = build_model(replace(settings.model, weights="random"), spec.tasks)  # counting needs no weights
+    m = replace(settings.model, weights="random",  # counting needs no weights
+                **{k: v for k, v in (("backbone", args.backbone), ("pooling", args.pooling),
+                                     ("trainable_blocks", args.trainable_blocks)) if v is not None})
+    model = build_model(m, spec.tasks)
     c = parameter_counts(model)
-    m = settings.model
-    print(f"model: {m.backbone} ({m.trainable_blocks} top block(s) trainable), {m.pooling} pooling, "
+    print(f"model: {m.backbone} at {m.image_size} px (top: {model.encoder.images.split}), {m.pooling} pooling, "
           f"{model.encoder.dim}-d embedding, {len(spec.tasks)} task heads of hidden width {m.hidden}")
+    print(f"image trunk (frozen) {c['trunk']:>13,}   image top (trainable) {c['top']:>11,}   "
+          f"pooling {c['pooling']:>10,}")
     rows = [("encoder", c["encoder_trainable"], c["encoder_frozen"]), ("heads", c["heads_trainable"], c["heads_frozen"]),
             ("total", c["encoder_trainable"] + c["heads_trainable"], c["encoder_frozen"] + c["heads_frozen"])]
     for label, trainable, frozen in rows:
@@ -124,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model-summary", help="trainable and frozen parameter counts of encoder and heads")
     p.add_argument("--config", required=True, help="a preset name (smoke, default, paper) or settings JSON")
     p.add_argument("--tasks", required=True, help="task spec (multiclass tasks need classes or num_classes)")
+    p.add_argument("--backbone", default=None, help="instead of the settings' model.backbone: a built-in name, "
+                                                     "torchvision:<model> or timm:<model> (docs/models.md)")
+    p.add_argument("--pooling", default=None, help="instead of the settings' model.pooling")
+    p.add_argument("--trainable-blocks", type=_count, default=None,
+                   help="instead of the settings' model.trainable_blocks (blocks of the backbone, from the top, that train)")
     p.set_defaults(func=cmd_model_summary)
 
     p = sub.add_parser("search", help="nearest galleries to seed images or to a gallery")

@@ -35,8 +35,8 @@ from gallery.model.weightings import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
 from gallery.retrieval.codes import BinaryCode, code_location, fit_code, save_code
-from gallery.retrieval.embeddings import (embed_galleries, embedding_matrix, embeddings_table, read_embeddings,
-                                          write_embeddings)
+from gallery.retrieval.embeddings import (embed_galleries, embed_with_photo_weights, embedding_matrix, embeddings_table,
+                                          read_embeddings, write_embeddings)
 from gallery.training.cache import trunk_features
 from gallery.training.checkpoints import load_trained
 from gallery.training.device import pick_device
@@ -162,13 +162,25 @@ def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Sha
     made by `code` (the embed flow passes its training run's); without one, settings.retrieval.code is
     fitted on the train split and saved beside the embeddings."""
     source = shard_source(shards, settings)
-    embeddings = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
+    embedded = embed_with_photo_weights(model.encoder, source, settings.train.use_cache,
+                                        workers=settings.data.loader_workers)
+    embeddings = embedded.vectors
     splits = frame.set_index("gallery_id").loc[source.gallery_ids, "split"]
     if code is None:
         code = save_code(fit_code(embeddings[splits.to_numpy() == "train"], settings.retrieval.code), code_location(location))
     meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
-    write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta, code))
+    photos = None if embedded.photo_weights is None else embedded_photos(frame, source.gallery_ids, shards, settings)
+    write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta, code, photos,
+                                                embedded.photo_weights))
     return len(source)
+
+
+def embedded_photos(frame: pd.DataFrame, gallery_ids: list[str], shards: list[Shard], settings: Settings) -> list[list[str]]:
+    """Each gallery's photos in the order its shard stores them: the manifest's first data.max_images,
+    less those preprocessing skipped as unreadable (the data-quality report lists them)."""
+    skipped = {(s.gallery_id, s.image) for shard in shards for s in shard.quality.skipped}
+    images = frame.set_index("gallery_id")["images"]
+    return [[p for p in images[g][: settings.data.max_images] if (g, p) not in skipped] for g in gallery_ids]
 
 
 # ---------------------------------------------------------------- evaluate

@@ -18,6 +18,7 @@ from gallery.evaluation.render import lay_out
 from gallery.evaluation.report import compare
 from gallery.evaluation.statistics import CONSISTENT, NOISE
 from gallery.evaluation.task_optimal import TaskOptimalResult
+from gallery.evaluation.transfer import HeldOutTask, ProbeScores, TransferResult
 from gallery.training.engine import EpochRecord, GalleryScores, TrainResult
 
 N = 150
@@ -77,18 +78,27 @@ def holdout(rng, mtl_gain: float) -> HoldoutResult:
     return HoldoutResult("star_rating", "multiclass", "accuracy", 400, N, IDS, arms, 0.4)
 
 
+def transfer(rng, mtl_gain: float) -> TransferResult:
+    """The star rating's 2-layer head (Table 2) and a linear probe, for MTL and ImageNet (and end-to-end)."""
+    h = holdout(rng, mtl_gain)
+    scores = [ProbeScores("star_rating", "head", a, IDS, r.rows[-1].scores) for a, r in h.arms.items()]
+    scores += [ProbeScores("star_rating", "linear", a, IDS, h.arms[a].rows[-1].scores) for a in ("mtl", "imagenet")]
+    return TransferResult([HeldOutTask("star_rating", "multiclass", "accuracy", 400, N)],
+                          {"mtl": "MTL embeddings", "imagenet": "ImageNet transfer", "end_to_end": "End-to-end model"},
+                          scores, [h], {"head": 1.0, "linear": 0.5})
+
+
 @pytest.fixture
 def data():
     rng = np.random.default_rng(7)
     cat = catalogue(rng)
     quality = DataQuality([SkippedImage("g3", "g3.jpg", "missing file")], [])
-    return compare("run-1", Settings(), cat, quality, [training(rng, 0.0)], [[holdout(rng, 0.3)]], [optimal(rng)])
+    return compare("run-1", Settings(), cat, quality, [training(rng, 0.0)], [transfer(rng, 0.3)], [optimal(rng)])
 
 
 def test_compare_reads_table2_from_the_paired_test_scores(data):
-    (rows,) = data.table2
+    ((h, rows),) = data.table2
     assert [r.row for r in rows] == ["20% of one epoch", "100% of one epoch", "4 epochs"]
-    h = data.holdouts[0]
     for r in rows:
         diff = h.arms["mtl"].rows[0].scores.mean() - h.arms["imagenet"].rows[0].scores.mean()
         assert r.versus["imagenet"].estimate == pytest.approx(diff) and r.versus["imagenet"].reading == CONSISTENT
@@ -104,22 +114,23 @@ def test_compare_gathers_figure5_and_6_and_sorts_the_findings(data):
         assert table.loc[t.name, "error_pseudo_uniform"] == pytest.approx(expected)
     assert data.vs_optimal["pseudo_uniform"].tasks == 5 and data.wins.tasks == 5
     assert set(data.balance) == {"pseudo_uniform", "kendall"} and data.balance["kendall"].n == 3
-    # Table 2 after one epoch and after all, two arms each; share worse + B1 + B3 per weighting; wins;
-    # baseline and balance per weighting
-    assert len(data.findings) == 4 + 2 * 3 + 1 + 2 + 2
+    # the scorecard's aggregates (MTL against ImageNet, and end-to-end); Table 2 after one epoch and after
+    # all, two arms each; share worse + B1 + B3 per weighting; wins; baseline and balance per weighting
+    assert len(data.findings) == 2 + 4 + 2 * 3 + 1 + 2 + 2
     assert {f.reading for f in data.findings} <= {CONSISTENT, NOISE, "opposite to the paper"}
 
 
 def test_seeds_are_averaged_gallery_by_gallery_and_their_spread_kept():
     rng = np.random.default_rng(3)
     cat = catalogue(rng)
-    seeds = [(training(rng, s), [holdout(rng, g)], optimal(rng)) for s, g in ((0.0, 0.3), (0.05, 0.1))]
+    seeds = [(training(rng, s), transfer(rng, g), optimal(rng)) for s, g in ((0.0, 0.3), (0.05, 0.1))]
     data = compare("run-2", Settings(), cat, DataQuality([], []), *map(list, zip(*seeds)))
-    finals = [h[0].arms["mtl"].rows[-1].value for _, h, _ in seeds]
-    spread = data.spread["star_rating: MTL embeddings test accuracy after all epochs"]
+    finals = [t.holdouts[0].arms["mtl"].rows[-1].value for _, t, _ in seeds]
+    spread = data.spread["star_rating: 2-layer head (the paper's), MTL embeddings, accuracy"]
     assert spread.mean == pytest.approx(np.mean(finals)) and spread.sd == pytest.approx(np.std(finals, ddof=1))
-    mean_scores = (seeds[0][1][0].arms["mtl"].rows[-1].scores + seeds[1][1][0].arms["mtl"].rows[-1].scores) / 2
+    mean_scores = (seeds[0][1].holdouts[0].arms["mtl"].rows[-1].scores + seeds[1][1].holdouts[0].arms["mtl"].rows[-1].scores) / 2
     np.testing.assert_allclose(data.holdouts[0].arms["mtl"].rows[-1].scores, mean_scores)
+    np.testing.assert_allclose(data.transfer.get("star_rating", "linear", "mtl").scores, mean_scores)
 
 
 def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
@@ -130,20 +141,27 @@ def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
                      {"C1_type": {"hamming": 0.7, "two_stage": 0.79}})])
     report = lay_out(data)
     md = report.markdown()
-    order = ["## What this run reproduces", "## Data", "## Training", "## Held-out task `star_rating` (Table 2)",
+    order = ["## Transfer scorecard", "## What this run reproduces", "## Data", "## Training",
+             "## Held-out task `star_rating`: the paper's view (Table 2)",
              "## MTL vs task-optimal models (Figure 5)", "## Class balance vs MTL benefit (Figure 6)",
              "## Binarized embeddings (Pinterest)"]
     assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
     assert "`valid` selects each model's best epoch (0)" in md and f"`test` reports ({N})" in md
     assert "| 4 epochs (10 galleries) |" in md and "0.631 / 0.542 / 0.598" in md and "| g3 | g3.jpg | missing file |" in md
     assert "**0.980** two-stage" in md and "| sign | not fitted here: needs more |" in md
-    for name in ("training_curves.png", "relative_error.png", "class_balance.png", "binary_codes.png"):
+    assert "**Primary comparison** (`star_rating`, linear probe): MTL - ImageNet = " in md
+    for name in ("transfer_scorecard.png", "training_curves.png", "relative_error.png", "class_balance.png",
+                 "binary_codes.png"):
         assert report.files[name][:8] == b"\x89PNG\r\n\x1a\n", name
     assert len(pd.read_csv(pd.io.common.BytesIO(report.files["table2.csv"]))) == 3 * 3 + 1
     metrics = json.loads(json.dumps(report.metrics))  # plain JSON: NaN and arrays converted
     assert metrics["protocol"]["test"].startswith("reports") and metrics["galleries_per_split"]["test"] == N
     assert metrics["per_task"]["measured_on"] == "test" and metrics["per_task"]["selected_on"] == "valid"
-    assert metrics["comparisons"]["table2"]["star_rating"]["measured_on"] == "test"
+    assert metrics["comparisons"]["table2"]["star_rating"]["measured_on"] == "valid+test"
+    assert metrics["transfer"]["measured_on"].startswith("valid+test") and metrics["scorecard"]["primary"]["probe"] == "linear"
+    transfer_csv = pd.read_csv(pd.io.common.BytesIO(report.files["transfer.csv"]))
+    assert set(transfer_csv["row"]) == {"entry", "aggregate"} and len(transfer_csv) == len(data.scorecard.entries) + len(
+        data.scorecard.aggregates)
     assert metrics["training"]["kendall"] == {"epochs": 3, "best_epoch": 1, "stopped_early": False,
                                               "best_valid_relative_loss": pytest.approx(0.9), "selected_on": "valid"}
     row = metrics["holdout"][0]["arms"]["mtl"]["rows"][-1]

@@ -87,15 +87,24 @@ def test_smoke_run_report(smoke_run):
         assert png.stat().st_size > 5000 and Image.open(png).size[0] > 300
     metrics = json.loads((folder / "metrics.json").read_text())
     report = (folder / "report.md").read_text()
-    test_ids = set(smoke_run["end"].task.data.catalogue.frame.query("split == 'test'")["gallery_id"])
+    frame = smoke_run["end"].task.data.catalogue.frame
+    test_ids = set(frame.query("split == 'test'")["gallery_id"])
+    unseen = set(frame.query("split != 'train'")["gallery_id"])  # no model trained on them
 
-    table2 = pd.read_csv(folder / "table2.csv")
+    table2 = pd.read_csv(folder / "table2.csv").query("holdout_task == 'star_rating'")
     arms = table2[table2["row"] != "baseline"]
-    assert sorted(arms["arm"].unique()) == ["end_to_end", "imagenet", "mtl"] and set(table2["split"]) == {"test"}
+    assert sorted(arms["arm"].unique()) == ["end_to_end", "imagenet", "mtl", "mtl:kendall"]
+    assert set(table2["split"]) == {"valid+test"}
     assert (arms.groupby("arm").size() == 6).all() and (table2["row"] == "baseline").sum() == 1
     assert list(arms[arms["arm"] == "mtl"]["row"]) == [f"{p}% of one epoch" for p in (20, 40, 60, 80, 100)] + ["2 epochs"]
-    holdout = metrics["holdout"][0]
-    assert holdout["measured_on"] == "test" and set(holdout["test_ids"]) <= test_ids
+    holdout = next(h for h in metrics["holdout"] if h["task"] == "star_rating")
+    assert holdout["split"] == "valid+test" and set(holdout["scored_ids"]) <= unseen
+    transfer = pd.read_csv(folder / "transfer.csv")
+    entries = transfer[transfer["row"] == "entry"]
+    assert set(entries["task"]) == {"star_rating", "has_spa", "decor_style", "building_age_years"}
+    assert set(entries["probe"]) == {"head", "linear", "knn"} and "## Transfer scorecard" in report
+    for s in metrics["transfer"]["scores"]:
+        assert set(s["gallery_ids"]) <= unseen, (s["task"], s["probe"], s["arm"])
     assert [r["value"] for r in holdout["arms"]["mtl"]["rows"]] == pytest.approx(list(arms[arms["arm"] == "mtl"]["value"]))
     assert "| majority class baseline |" in report and "paper (MTL / ImageNet / end-to-end)" in report
 
@@ -120,14 +129,14 @@ def test_smoke_run_report(smoke_run):
 
 
 def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
-    """Table 2's differences are paired on the same test galleries (recomputed here from the arms'
-    per-gallery scores), each has its interval and a reading, and every paper finding is sorted by its reading."""
+    """Table 2's differences are paired on the same galleries (recomputed here from the arms' per-gallery
+    scores), each has its interval and a reading, and every paper finding is sorted by its reading."""
     folder = Path(REPORTS) / smoke_run.id
     metrics = json.loads((folder / "metrics.json").read_text())
     report = (folder / "report.md").read_text()
-    holdout = metrics["holdout"][0]
+    holdout = next(h for h in metrics["holdout"] if h["task"] == "star_rating")
     mtl, imagenet = (np.array(holdout["arms"][arm]["rows"][-1]["scores"]) for arm in ("mtl", "imagenet"))
-    assert len(mtl) == len(imagenet) == holdout["test_galleries"]
+    assert len(mtl) == len(imagenet) == holdout["scored_galleries"]
     final = metrics["comparisons"]["table2"][holdout["task"]]["rows"][-1]["versus"]["imagenet"]
     assert final["estimate"] == pytest.approx(mtl.mean() - imagenet.mean())
     assert final["low"] <= final["estimate"] <= final["high"]

@@ -514,7 +514,9 @@ def lay_out(data: ReportData) -> Report:
                  "UMAP of the exported embeddings, coloured by attributes (grey: label missing).")
     if data.retrieval:
         r.text("## Retrieval by seed images (Figure 1)")
-        r.figure("retrieval.png", retrieval_figure(data.retrieval), "Seeds from a test gallery; its nearest other galleries.")
+        weighted = any(hit.top_photo_weight is not None for e in data.retrieval for hit in e.results)
+        r.figure("retrieval.png", retrieval_figure(data.retrieval), "Seeds from a test gallery; its nearest other galleries"
+                 + (", each shown by its photos with the largest attention weights, heaviest first." if weighted else "."))
     r.metrics = metrics(data)
     return r
 

@@ -30,7 +30,7 @@ from gallery.evaluation.seeds import mean_optimal, mean_training, mean_transfer,
 from gallery.evaluation.statistics import Spread, spread
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import TransferResult
-from gallery.retrieval.embeddings import embeddings_code, read_embeddings
+from gallery.retrieval.embeddings import embeddings_code, photo_weights_of, read_embeddings
 from gallery.training.checkpoints import load_trained
 from gallery.training.engine import TrainResult
 
@@ -140,7 +140,8 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
         data.projection = Projection(rows, coords, [(t, frame[t.name].to_numpy()) for t in attributes])
     model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints)
     data.retrieval = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
-                                        settings.evaluation.retrieval_examples, settings.train.seed)
+                                        settings.evaluation.retrieval_examples, settings.train.seed,
+                                        photo_weights=photo_weights_of(table))
     log(f"report data: {len(data.findings)} findings, {len(data.transfer.tasks)} held-out task(s), "
         f"{len(data.scorecard.entries)} scorecard entries")
     return data

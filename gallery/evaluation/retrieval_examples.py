@@ -15,8 +15,9 @@ from gallery.retrieval.search import FloatIndex
 @dataclass
 class RetrievalHit:
     gallery_id: str
-    score: float          # cosine similarity to the seeds' embedding
-    images: list[str]     # its first photos, for the figure
+    score: float                             # cosine similarity to the seeds' embedding
+    images: list[str]                        # the photos shown: heaviest first with attention weights, else the first
+    top_photo_weight: float | None = None    # the top photo's attention weight (attention poolings)
 
 
 @dataclass
@@ -27,9 +28,13 @@ class RetrievalExample:
 
 
 def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], embeddings: np.ndarray,
-                       image_size: int, n_examples: int, seed: int, k: int = 4,
-                       seeds_per_example: int = 3) -> list[RetrievalExample]:
-    """Seed sets taken from random test galleries, each with its k nearest *other* galleries."""
+                       image_size: int, n_examples: int, seed: int, k: int = 4, seeds_per_example: int = 3,
+                       photo_weights: dict[str, tuple[list[str], np.ndarray]] | None = None) -> list[RetrievalExample]:
+    """Seed sets taken from random test galleries, each with its k nearest *other* galleries.
+
+    With `photo_weights` (gallery -> its embedded photos and their attention weights, from an
+    attention pooling's export), each result shows its photos heaviest first, the top-weighted one
+    with its weight; otherwise its first photos."""
     rng = np.random.default_rng(seed)
     position = {g: i for i, g in enumerate(gallery_ids)}
     images = frame.set_index("gallery_id")["images"]
@@ -42,12 +47,22 @@ def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], e
         hits = index.search(query, k + 1)
         found = [(int(i), float(s)) for i, s in zip(hits.rows[0], hits.scores[0]) if i != position[source]][:k]
         examples.append(RetrievalExample(str(source), seeds, [
-            RetrievalHit(gallery_ids[i], s, list(images[gallery_ids[i]][:3])) for i, s in found]))
+            RetrievalHit(gallery_ids[i], s, *_shown_photos(gallery_ids[i], images[gallery_ids[i]], photo_weights))
+            for i, s in found]))
     return examples
 
 
+def _shown_photos(gallery_id: str, images: list[str], photo_weights, shown: int = 3) -> tuple[list[str], float | None]:
+    """A result's photos: by weight, heaviest first, with the top one's weight; else the first ones."""
+    if not photo_weights or gallery_id not in photo_weights:
+        return list(images[:shown]), None
+    photos, weights = photo_weights[gallery_id]
+    order = np.argsort(-np.asarray(weights), kind="stable")[:shown]
+    return [photos[j] for j in order], float(weights[order[0]])
+
+
 def retrieval_figure(examples: list[RetrievalExample], thumb: int = 64):
-    """One row per seed set: the seeds, then each result's first photos, with its score."""
+    """One row per seed set: the seeds, then each result's photos, with its score."""
     import matplotlib.pyplot as plt
 
     def picture(path):
@@ -61,12 +76,16 @@ def retrieval_figure(examples: list[RetrievalExample], thumb: int = 64):
     for row, example in zip(axes, examples):
         cells = [(p, "seed" if j == 0 else "") for j, p in enumerate(example.seeds)]
         for r in example.results:
-            cells += [(p, f"{r.gallery_id}\n{r.score:.2f}" if j == 0 else "") for j, p in enumerate(r.images)]
+            top = f" · w {r.top_photo_weight:.2f}" if r.top_photo_weight is not None else ""
+            cells += [(p, f"{r.gallery_id}\n{r.score:.2f}{top}" if j == 0 else "") for j, p in enumerate(r.images)]
         for ax in row:
             ax.axis("off")
         for ax, (path, title) in zip(row, cells):
             ax.imshow(picture(path))
             ax.set_title(title, fontsize=6)
-    fig.suptitle("Seed images (left) and the nearest galleries by embedding", fontsize=9)
+    weighted = any(r.top_photo_weight is not None for e in examples for r in e.results)
+    fig.suptitle("Seed images (left) and the nearest galleries by embedding"
+                 + (", each shown by its top-weighted photos (w: the top photo's attention weight)" if weighted else ""),
+                 fontsize=9)
     fig.tight_layout()
     return fig

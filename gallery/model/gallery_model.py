@@ -9,7 +9,7 @@ from gallery.data.tasks import Task
 from gallery.model.backbones import ImageEncoder, build_backbone
 from gallery.model.heads import TaskHeads
 from gallery.model.losses import TaskLosses
-from gallery.model.pooling import build_pooling
+from gallery.model.pooling import AttentionPooling, build_pooling
 
 
 class GalleryEncoder(nn.Module):
@@ -23,9 +23,24 @@ class GalleryEncoder(nn.Module):
     def dim(self) -> int:
         return self.images.dim
 
+    @property
+    def has_photo_weights(self) -> bool:
+        """Whether the pooling weighs each photo (an attention pooling), so the export can show them."""
+        return isinstance(self.pooling, AttentionPooling)
+
+    def image_vectors(self, x: torch.Tensor, from_features: bool = False) -> torch.Tensor:
+        return self.images.top_vectors(x) if from_features else self.images(x)
+
     def forward(self, x: torch.Tensor, index: torch.Tensor, n: int, from_features: bool = False) -> torch.Tensor:
-        vectors = self.images.top_vectors(x) if from_features else self.images(x)
-        return self.pooling(vectors, index, n)
+        return self.pooling(self.image_vectors(x, from_features), index, n)
+
+    def forward_with_weights(self, x: torch.Tensor, index: torch.Tensor, n: int,
+                             from_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embeddings (n, d), each photo's weight in its gallery (N,), or None without an attention pooling)."""
+        vectors = self.image_vectors(x, from_features)
+        if self.has_photo_weights:
+            return self.pooling.pool_with_weights(vectors, index, n)
+        return self.pooling(vectors, index, n), None
 
 
 class GalleryModel(nn.Module):
@@ -58,15 +73,19 @@ class GalleryModel(nn.Module):
 def build_model(model_settings, tasks: list[Task], stats: dict[str, LabelStats] | None = None) -> GalleryModel:
     images = build_backbone(model_settings.backbone, model_settings.weights, model_settings.trainable_blocks,
                             model_settings.image_size)
-    return GalleryModel(GalleryEncoder(images, build_pooling(model_settings.pooling)), tasks, model_settings.hidden, stats)
+    return GalleryModel(GalleryEncoder(images, build_pooling(model_settings.pooling, images.dim)), tasks, model_settings.hidden, stats)
 
 
 def parameter_counts(model: GalleryModel) -> dict[str, int]:
-    """Trainable and frozen parameters of encoder and heads (what `gallery model-summary` prints)."""
-    def count(module, trainable):
-        return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
+    """Trainable and frozen parameters of encoder and heads, and the encoder's parts: the image trunk
+    (frozen), the image top with its pool, the gallery pooling (what `gallery model-summary` prints)."""
+    def count(module, trainable=None):
+        return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
+    images = model.encoder.images
     return {
         "encoder_trainable": count(model.encoder, True), "encoder_frozen": count(model.encoder, False),
         "heads_trainable": count(model.heads, True), "heads_frozen": count(model.heads, False),
+        "trunk": count(images.trunk), "top": count(images.top) + count(images.pool),
+        "pooling": count(model.encoder.pooling),
     }

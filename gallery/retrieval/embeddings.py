@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -16,20 +17,39 @@ from gallery.retrieval.codes import BinaryCode, code_of, sign_code
 from gallery.training.device import autocast, fast_layout, pick_device
 
 
+@dataclass
+class GalleryEmbeddings:
+    """Every gallery's embedding and, with an attention pooling, each of its photos' weight."""
+
+    vectors: np.ndarray                     # (G, d) float32
+    photo_weights: list[np.ndarray] | None  # per gallery, its photos' weights in stored order (sum 1); None: no attention
+
+
 @torch.no_grad()
-def embed_galleries(encoder: GalleryEncoder, source, from_features: bool, batch_galleries: int = 64, device=None,
-                    precision: str = "fp32", workers: int = 0) -> np.ndarray:
-    """(G, d) float32 embeddings of every gallery of `source` (shards or PackedGalleries), in its
-    order, streamed batch by batch (eval mode; full precision unless asked, so an export does not
-    depend on the machine's bf16 support)."""
+def embed_with_photo_weights(encoder: GalleryEncoder, source, from_features: bool, batch_galleries: int = 64,
+                             device=None, precision: str = "fp32", workers: int = 0) -> GalleryEmbeddings:
+    """Embeddings of every gallery of `source` (shards or PackedGalleries), in its order, streamed
+    batch by batch (eval mode; full precision unless asked, so an export does not depend on the
+    machine's bf16 support), with the photo weights of an attention pooling."""
     device = pick_device(device)
     encoder = fast_layout(encoder.to(device), device).eval()
-    out = []
+    vectors, weights = [], []
     for batch in stream(source, batches_of(np.arange(len(source)), batch_galleries), workers=workers,
                         pin_memory=device.type == "cuda"):
         with autocast(device, precision):
-            out.append(encoder(batch.x.to(device), batch.index.to(device), batch.n, from_features).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)
+            z, w = encoder.forward_with_weights(batch.x.to(device), batch.index.to(device), batch.n, from_features)
+        vectors.append(z.float().cpu())
+        if w is not None:  # a batch's rows are its galleries' photos, gallery after gallery
+            counts = torch.bincount(batch.index, minlength=batch.n).tolist()
+            weights += [part.numpy() for part in w.float().cpu().split(counts)]
+    return GalleryEmbeddings(torch.cat(vectors).numpy() if vectors else np.zeros((0, encoder.dim), np.float32),
+                             weights if encoder.has_photo_weights else None)
+
+
+def embed_galleries(encoder: GalleryEncoder, source, from_features: bool, batch_galleries: int = 64, device=None,
+                    precision: str = "fp32", workers: int = 0) -> np.ndarray:
+    """(G, d) float32 embeddings of every gallery of `source`, in its order (see embed_with_photo_weights)."""
+    return embed_with_photo_weights(encoder, source, from_features, batch_galleries, device, precision, workers).vectors
 
 
 @torch.no_grad()
@@ -47,11 +67,14 @@ def pack_sign_bits(embeddings: np.ndarray) -> np.ndarray:
     return sign_code(embeddings.shape[1]).encode(embeddings)
 
 
-def embeddings_table(gallery_ids, splits, embeddings: np.ndarray, metadata: dict, code: BinaryCode | None = None):
+def embeddings_table(gallery_ids, splits, embeddings: np.ndarray, metadata: dict, code: BinaryCode | None = None,
+                     photos: list[list[str]] | None = None, photo_weights: list[np.ndarray] | None = None):
     """The export of data_contracts/embeddings.schema.json as an Arrow table with schema metadata.
 
     `embedding_bits` are the embeddings binarized by `code` (a saved code: codes.save_code), sign bits
-    when none is given; the metadata names the code, its bits and where it is saved."""
+    when none is given; the metadata names the code, its bits and where it is saved. With an
+    attention pooling, `photos` (each gallery's embedded photos) and their `photo_weights` become the
+    `images` and `photo_weights` columns."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = embeddings.shape
     code = sign_code(dim) if code is None else code
@@ -65,6 +88,13 @@ def embeddings_table(gallery_ids, splits, embeddings: np.ndarray, metadata: dict
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim),
         "embedding_bits": pa.FixedSizeBinaryArray.from_buffers(pa.binary(bits.shape[1]), n, [None, pa.py_buffer(bits)]),
     })
+    if photo_weights is not None:
+        for gallery_id, images, weights in zip(gallery_ids, photos, photo_weights):
+            if len(images) != len(weights):
+                raise ValueError(f"gallery {gallery_id}: {len(weights)} photo weights for {len(images)} photos")
+        table = table.append_column("images", pa.array([list(p) for p in photos], pa.list_(pa.string())))
+        table = table.append_column("photo_weights", pa.array([np.asarray(w, np.float32) for w in photo_weights],
+                                                              pa.list_(pa.float32())))
     meta = {f"gallery.{k}": str(v) for k, v in {**metadata, "dimension": dim, **code.metadata()}.items()}
     return table.replace_schema_metadata(meta)
 
@@ -109,6 +139,15 @@ def code_matrix(table) -> np.ndarray:
     width = column.type.byte_width
     data = np.frombuffer(column.buffers()[1], np.uint8)
     return data[column.offset * width:(column.offset + len(column)) * width].reshape(len(column), width)
+
+
+def photo_weights_of(table) -> dict[str, tuple[list[str], np.ndarray]] | None:
+    """gallery_id -> (its embedded photos, their attention weights) of an embeddings table, or None
+    when the file has no photo weights (a pooling without attention)."""
+    if "photo_weights" not in table.column_names:
+        return None
+    return {g: (images, np.asarray(weights, np.float32)) for g, images, weights in
+            zip(table["gallery_id"].to_pylist(), table["images"].to_pylist(), table["photo_weights"].to_pylist())}
 
 
 def read_embeddings(location: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gallery.model.backbones import ImageEncoder
+from gallery.model.image_encoder import ImageEncoder
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -1,0 +1,127 @@
+"""The image encoder every backbone becomes: frozen trunk -> trainable top -> one vector per image.
+
+A backbone of any family is first described as a `BlockLayout`: the stem (what runs before its
+blocks), its blocks in order (stages of a CNN, transformer blocks of a ViT), the neck (what runs
+after the last block, e.g. a final norm or head convolution) and the pool that turns the neck's
+output into the network's pre-logits vector (spatial mean of an (N, C, h, w) map, a ViT's class
+token, timm's own head). `split` cuts it: the trunk is the stem and all but the last
+`trainable_blocks` blocks, frozen and in eval mode, so its output (maps or tokens, any shape) can
+be cached once (gallery.training.cache); the top is the rest, trained.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are not on this machine; the message says how to provide them."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+TF_LITE = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite was trained on [-1, 1] inputs
+
+
+class SpatialMean(nn.Module):
+    """(N, C, h, w) -> (N, C): global average pooling, the pre-logits vector of most CNNs."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class ClassToken(nn.Module):
+    """(N, tokens, D) -> (N, D): a ViT's class token (the first), what its classifier reads."""
+
+    def forward(self, x):
+        return x[:, 0]
+
+
+class ImageEncoder(nn.Module):
+    """uint8 images (N, H, W, 3) -> (N, dim) vectors: normalize, frozen trunk, trainable top, pool."""
+
+    def __init__(self, name: str, trunk: nn.Module, top: nn.Module, dim: int, norm: Normalization,
+                 pool: nn.Module | None = None):
+        super().__init__()
+        self.name, self.dim = name, dim
+        self.split = "as built"  # which blocks the top holds, in the family's terms (set by `split`)
+        self.trunk, self.top = trunk, top
+        self.pool = pool if pool is not None else SpatialMean()
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1) * 255, persistent=False)
+        for p in self.trunk.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.trunk.eval()  # frozen means frozen: BatchNorm statistics too, or the cache would go stale
+        return self
+
+    @torch.no_grad()
+    def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        return self.trunk((x - self.mean) / self.std)
+
+    def top_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """Trunk output (maps or tokens, from pixels or the cache) -> (N, dim)."""
+        x = features.float()
+        if x.is_cuda and x.dim() == 4:  # cached maps arrive as NCHW; NHWC kernels are the fast ones on a GPU
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.pool(self.top(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.top_vectors(self.trunk_features(images))
+
+
+@dataclass
+class BlockLayout:
+    """A network in forward order: stem -> blocks -> neck -> pool (see the module's docstring).
+    `unit` names what a block is in this family ("stages", "transformer blocks"), for messages."""
+
+    stem: nn.Module
+    blocks: list[nn.Module]
+    neck: nn.Module
+    pool: nn.Module
+    norm: Normalization
+    unit: str = "blocks"
+    dim: int | None = None  # the pooled width, when the family states it; else measured
+
+
+def split(name: str, layout: BlockLayout, trainable_blocks: int, image_size: int) -> ImageEncoder:
+    """The trunk: stem and the first blocks; the top: the last `trainable_blocks` blocks and the neck.
+    Where the layout does not state the embedding width, it is measured on one blank image."""
+    n = len(layout.blocks)
+    if not 0 <= trainable_blocks <= n:
+        raise ValueError(f"{name} has {n} {layout.unit}; trainable_blocks={trainable_blocks} must be 0..{n}")
+    trunk = nn.Sequential(layout.stem, *layout.blocks[: n - trainable_blocks])
+    top = nn.Sequential(*layout.blocks[n - trainable_blocks:], layout.neck)
+    encoder = ImageEncoder(name, trunk, top, layout.dim or 0, layout.norm, layout.pool)
+    encoder.split = f"last {trainable_blocks} of {n} {layout.unit}"
+    if layout.dim is None:
+        with torch.no_grad():
+            encoder.dim = encoder.eval()(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)).shape[1]
+    return encoder.train()
+
+
+def load_file(path: str, name: str) -> dict:
+    """A state dict from a local .pth/.pt (torch) or .safetensors file."""
+    if not os.path.isfile(path):
+        raise WeightsUnavailable(f"{name} weights file {path!r} does not exist; fix model.weights in the settings")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file as load_safetensors
+
+        return load_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torch_hub_file(url: str) -> str:
+    """Where torch.hub (torchvision's weights API) caches the file of `url`: $TORCH_HOME/hub/checkpoints/."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
