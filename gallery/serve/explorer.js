@@ -163,9 +163,10 @@
         el("h2", {id: "gallery-id"}, shown.gallery_id),
         el("p", {class: "hint"}, `${shown.split} split · ${shown.photos} photo(s)`),
         el("div", {class: "photos"}, ...shown.photoUrls.map((url) => el("img", {src: url, alt: ""}))),
-        el("table", {class: "attributes"}, el("tbody", {}, ...attributes)),
         el("h3", {}, `${found.results[0].hits.length} nearest galleries`),
-        ...rankingLists(found.results));
+        ...rankingLists(found.results),
+        el("h3", {}, "attributes"),
+        el("table", {class: "attributes"}, el("tbody", {}, ...attributes)));
     } catch (error) {
       panel.replaceChildren(el("p", {class: "error"}, error.message));
     }
@@ -218,8 +219,7 @@
   const colourBy = $("colour-by");
   colourBy.append(el("option", {value: ""}, "nothing"),
                   ...DATA.attributes.map((a) => el("option", {value: a.name}, `${a.name} (${a.role})`)));
-  const first = DATA.attributes.find((a) => a.role !== "column");
-  state.colourBy = first ? first.name : "";
+  state.colourBy = DATA.colour_by || "";
   colourBy.value = state.colourBy;
   colourBy.addEventListener("change", () => { state.colourBy = colourBy.value; drawMap(); });
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); const id = $("search-id").value.trim(); if (id) select(id); });

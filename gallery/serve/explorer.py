@@ -50,6 +50,14 @@ def colourable(service: Service) -> list[dict]:
             for a in service.catalogue.attributes if a.numeric or a.values]
 
 
+def default_colouring(attributes: list[dict]) -> str:
+    """What the map is coloured by at first: a held-out attribute with a few values, else the task with the
+    fewest (2 or more) values, as the report's map picks; '' when there is none."""
+    few = [a for a in attributes if not a["numeric"] and 2 <= len(a["values"]) <= 12 and a["role"] != "column"]
+    few.sort(key=lambda a: (a["role"] != "holdout", len(a["values"])))
+    return few[0]["name"] if few else ""
+
+
 def explorer_data(service: Service, k: int = 10) -> dict:
     """What the page draws: the map's points, their colourings and the run's description."""
     atlas = service.map()
@@ -59,7 +67,7 @@ def explorer_data(service: Service, k: int = 10) -> dict:
             "searches": list(service.indexes), "seed_photos": service.embedder is not None, "code": service.code.name,
             "map": {"ids": [service.ids[r] for r in rows], "x": atlas.xy[:, 0].round(4).tolist(),
                     "y": atlas.xy[:, 1].round(4).tolist()},
-            "attributes": attributes,
+            "attributes": attributes, "colour_by": default_colouring(attributes),
             "colours": {a["name"]: service.catalogue.colour(a["name"], rows) for a in attributes}}
 
 
