@@ -163,10 +163,10 @@
         el("h2", {id: "gallery-id"}, shown.gallery_id),
         el("p", {class: "hint"}, `${shown.split} split · ${shown.photos} photo(s)`),
         el("div", {class: "photos"}, ...shown.photoUrls.map((url) => el("img", {src: url, alt: ""}))),
+        el("details", {id: "attributes"}, el("summary", {}, `${attributes.length} attributes`),
+           el("table", {class: "attributes"}, el("tbody", {}, ...attributes))),
         el("h3", {}, `${found.results[0].hits.length} nearest galleries`),
-        ...rankingLists(found.results),
-        el("h3", {}, "attributes"),
-        el("table", {class: "attributes"}, el("tbody", {}, ...attributes)));
+        ...rankingLists(found.results));
     } catch (error) {
       panel.replaceChildren(el("p", {class: "error"}, error.message));
     }

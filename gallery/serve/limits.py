@@ -93,8 +93,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._refuse(send, f"request body of {declared.decode(errors='replace')} bytes")
+        if declared is not None and not declared.isdigit():
+            return await self._refuse(send, f"a request whose Content-Length is {declared.decode(errors='replace')!r}")
+        if declared is not None and int(declared) > self.max_bytes:
+            return await self._refuse(send, f"request body of {int(declared):,} bytes")
         received, started, refused = 0, False, False
 
         async def counted_receive():
