@@ -155,8 +155,8 @@ def test_the_map_has_one_point_per_gallery_and_is_reused(service, served_run):
         body = client.get("/api/map").json()
     assert sorted(body["map"]["ids"]) == sorted(service.ids) and body["galleries"] == 40
     assert np.isfinite(body["map"]["x"]).all() and np.isfinite(body["map"]["y"]).all()
-    rows = [service.ids.index(g) for g in body["map"]["ids"]]
-    assert body["colours"]["property_type"] == [service.catalogue.values["property_type"][r] for r in rows]
+    assert body["colours"]["property_type"] == [service.gallery(g)["attributes"]["property_type"] for g in body["map"]["ids"]]
+    assert body["colours"]["review_score"] == [service.gallery(g)["attributes"]["review_score"] for g in body["map"]["ids"]]
     assert body["colour_by"] == "star_rating"  # the held-out attribute, as the report's map
     lines = []
     again = Service(served_run.embeddings_location, catalogue_files=(served_run.manifest_location, None), log=lines.append)

@@ -236,6 +236,7 @@ def test_openapi_describes_every_endpoint(client):
     ({"id": EVIL_ID, "where": "nonexistent=1"}, 400, ["'nonexistent'", "property_type"]),
     ({"id": EVIL_ID, "where": "property_type"}, 400, ["attribute=value"]),
     ({"id": EVIL_ID, "where": "property_type=castle_in_the_air"}, 404, ["castle_in_the_air"]),
+    ({"id": EVIL_ID, "where": "property_type="}, 400, ["no value"]),
     ({"id": EVIL_ID, "k": 0}, 422, ["k"]),
     ({"id": EVIL_ID, "k": 100000}, 422, ["k"]),
     ({"id": EVIL_ID, "search": "fuzzy"}, 422, ["search"]),

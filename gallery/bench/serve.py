@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,7 +135,8 @@ def _rss(pid: int) -> int:
 def bench_size(n: int, folder: str, embedder: Embedder, photos: list[bytes], queries: int,
                settings: RetrievalSettings = RetrievalSettings(), log=print) -> tuple[str, list[Latency]]:
     """Latency of search by id and of embed-and-search over a synthetic catalogue of n galleries: (its file, rows)."""
-    location = os.path.join(folder, f"embeddings-{n}.parquet")
+    location = os.path.join(folder, str(n), "embeddings.parquet")  # its code beside it, as a run's
+    os.makedirs(os.path.dirname(location))
     start = time.perf_counter()
     write_catalogue(location, n, embedder.encoder.dim)
     log(f"{n:,} galleries written in {time.perf_counter() - start:.0f} s")
@@ -278,9 +280,7 @@ def bench_serve(sizes=(10_000, 1_000_000), clients: int = 8, seconds: float = 30
             latencies += rows
             smallest = smallest or location
             if location != smallest:  # only the smallest is served under load: give the disk back
-                for name in os.listdir(folder):
-                    if name.startswith(os.path.basename(location)):
-                        os.remove(os.path.join(folder, name))
+                shutil.rmtree(os.path.dirname(location))
         load = load_test(smallest, min(sizes), photos, clients, seconds, log) if clients and seconds else None
     result = ServeBench(latencies, load)
     log(format_table(result, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))

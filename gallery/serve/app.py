@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from gallery.data.images import ImageProblem, decode, read_image_bytes
 from gallery.errors import UserError
-from gallery.serve.explorer import PLOTLY_ROUTE, SERVED_POLICY, plotly_js, served_page
+from gallery.serve.explorer import PLOTLY_ROUTE, SERVED_POLICY, explorer_data, plotly_js, served_page
 from gallery.serve.limits import BodySizeLimit, Limits, readable_location
 from gallery.serve.problems import Busy, NotAnImage, RequestProblem, TooLarge
 from gallery.serve.service import SEARCHES, Ranking, Service
@@ -167,8 +167,6 @@ def create_app(service: Service, limits: Limits = Limits()) -> FastAPI:
 
     @app.get("/api/map", summary="the galleries' 2-D map (UMAP of the embeddings) with their attribute values")
     async def gallery_map() -> dict:
-        from gallery.serve.explorer import explorer_data
-
         return await pool.run(explorer_data, service)
 
     @app.get("/api/gallery", summary="a gallery's split, number of photos and attributes")

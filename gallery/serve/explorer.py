@@ -17,8 +17,8 @@ from importlib import resources
 
 import gallery.storage as storage
 from gallery.data.images import ImageProblem, load_image
-from gallery.errors import UserError
-from gallery.serve.service import Service, jpeg, service_from_run
+from gallery.config import Settings
+from gallery.serve.service import Service, jpeg
 
 ASSETS = resources.files("gallery") / "serve"
 PLOTLY_ROUTE = "assets/plotly.min.js"
@@ -105,7 +105,7 @@ def export_explorer(service: Service, out_path: str, k: int = 10, photos_per_gal
     details = {}
     for gallery_id in data["map"]["ids"]:
         shown = service.gallery(gallery_id)
-        locations = service.catalogue.photos[service.row(gallery_id)][:photos_per_gallery] if service.catalogue else []
+        locations = service.catalogue.photos(service.row(gallery_id))[:photos_per_gallery] if service.catalogue else []
         shown["photo_data"] = [_photo_uri(loc, thumbnail_px) for loc in locations]
         shown["neighbours"] = {r.search: {"score": r.score, "hits": [[h.gallery_id, round(h.score, 4)] for h in r.hits]}
                                for r in service.neighbours(gallery_id, k, list(service.indexes))}
@@ -117,10 +117,10 @@ def export_explorer(service: Service, out_path: str, k: int = 10, photos_per_gal
     return out_path
 
 
-def export_run_explorer(run, out_path: str, k: int = 10, log=print) -> str:
-    """The explorer of a finished training run (a gallery.runs.TrainedRun), exported to out_path; no model is
-    loaded (neighbours come from the exported embeddings)."""
-    if not run.manifest_location:
-        raise UserError(f"run {run.run_id} does not say which manifest it was trained on: the explorer needs "
-                        "its photos and attributes")
-    return export_explorer(service_from_run(run, with_model=False, log=log), out_path, k, log=log)
+def export_catalogue_explorer(embeddings_location: str, manifest_location: str, tasks_location: str | None, out_path: str,
+                              settings: Settings = Settings(), k: int = 10, log=print) -> str:
+    """The explorer of an embeddings file and its catalogue, exported to out_path without loading a model
+    (what a flow's report step calls: `settings` gives the code's re-ranking depth and the map's size)."""
+    service = Service(embeddings_location, None, (manifest_location, tasks_location), settings.retrieval,
+                      map_points=settings.evaluation.projection_points, log=log)
+    return export_explorer(service, out_path, k, log=log)

@@ -173,7 +173,7 @@ class Service:
         row = self.row(gallery_id)
         shown = {"gallery_id": gallery_id, "split": self.splits[row], "photos": 0, "attributes": {}}
         if self.catalogue is not None:
-            shown |= {"photos": len(self.catalogue.photos[row]), "attributes": self.catalogue.of(row)}
+            shown |= {"photos": len(self.catalogue.photos(row)), "attributes": self.catalogue.of(row)}
         return shown
 
     def photo(self, gallery_id: str, index: int, size: int) -> bytes:
@@ -181,7 +181,7 @@ class Service:
         row = self.row(gallery_id)
         if self.catalogue is None:
             raise Unavailable("this server was started without the catalogue's manifest: it has no photos to show")
-        photos = self.catalogue.photos[row]
+        photos = self.catalogue.photos(row)
         if not 0 <= index < len(photos):
             raise NotFound(f"gallery {gallery_id!r} has {len(photos)} photo(s): index {index} is out of range")
         try:
