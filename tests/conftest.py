@@ -147,7 +147,12 @@ def served_run(tmp_path_factory):
     model = build_model(settings.model, catalogue.tasks, catalogue.stats).eval()
     storage.save_torch(str(out / "checkpoints" / "best.pt"), {"model": model.state_dict()})
     ids, galleries, _ = load_galleries(catalogue.frame["gallery_id"], catalogue.frame["images"], 32)
-    vectors = np.stack([embed_images(model.encoder, list(g)) for g in galleries])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small inputs: on shared cores, two spinning threads made this 10x slower
+    try:
+        vectors = np.stack([embed_images(model.encoder, list(g)) for g in galleries])  # as the service embeds uploads
+    finally:
+        torch.set_num_threads(threads)
     splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
     location = str(out / "run" / "embeddings.parquet")
     code = save_code(fit_code(vectors[(splits == "train").to_numpy()], "itq16"), code_location(location))

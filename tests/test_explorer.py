@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import EVIL_ID, REPO, free_port
 
 from gallery.serve.app import create_app
 from gallery.serve.explorer import export_explorer
 from gallery.serve.limits import Limits
 from gallery.serve.service import Service, service_from_run
-
-from conftest import EVIL_ID, REPO, free_port
 
 pytestmark = pytest.mark.flow
 CHROMIUM = "/usr/bin/chromium"

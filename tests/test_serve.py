@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import EVIL_ID
 from PIL import Image
 
 from gallery.retrieval.search import search_embeddings
@@ -21,8 +22,6 @@ from gallery.serve.app import WorkerPool, create_app
 from gallery.serve.limits import Limits, resolved_roots
 from gallery.serve.problems import Busy
 from gallery.serve.service import Service, service_from_run
-
-from conftest import EVIL_ID
 
 TestClient = pytest.importorskip("fastapi.testclient").TestClient
 KB = 1024

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from gallery.bench.search import CHUNK, CODE_TRAIN, CODE_TRAIN_ROWS, FAMILY_SIZE, CATALOGUE, structured_vectors
+from gallery.bench.search import CATALOGUE, CHUNK, CODE_TRAIN, CODE_TRAIN_ROWS, FAMILY_SIZE, structured_vectors
 from gallery.config import RetrievalSettings
 from gallery.data.images import decode
 from gallery.retrieval.codes import code_location, fit_code, save_code

@@ -16,8 +16,8 @@ import json
 from importlib import resources
 
 import gallery.storage as storage
-from gallery.data.images import ImageProblem, load_image
 from gallery.config import Settings
+from gallery.data.images import ImageProblem, load_image
 from gallery.serve.service import Service, jpeg
 
 ASSETS = resources.files("gallery") / "serve"
