@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass
 
 import gallery.storage as storage
+from gallery.errors import UserError
 from gallery.serve.problems import Forbidden, NotFound, RequestProblem, TooLarge
 
 MB = 1 << 20
@@ -26,6 +27,11 @@ class Limits:
     allowed_roots: tuple[str, ...] = ()  # folders (or s3:// prefixes) whose photos a request may name
     workers: int = 4                   # requests computed at once (searches, embeddings, thumbnails)
     queue: int = 64                    # requests waiting for a worker before the server answers 503
+
+    def __post_init__(self):
+        small = [name for name in ("max_body_bytes", "max_photos", "max_photo_bytes", "workers") if getattr(self, name) < 1]
+        if small or self.queue < 0:
+            raise UserError(f"server limits {', '.join(small) or 'queue'} must be at least {0 if not small else 1}")
 
     def describe(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_photos": self.max_photos,
