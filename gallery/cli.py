@@ -67,10 +67,14 @@ def cmd_bench(args) -> int:
         from gallery.bench.scale import bench_scale
 
         bench_scale(sizes=tuple(args.galleries))
+    elif args.what == "serve":
+        from gallery.bench.serve import bench_serve
+
+        bench_serve(sizes=args.sizes or [10_000, 1_000_000], clients=args.clients, seconds=args.seconds, queries=args.queries)
     else:
         from gallery.bench.search import bench_search
 
-        bench_search(sizes=args.sizes, dim=args.dim, queries=args.queries, code_name=args.code)
+        bench_search(sizes=args.sizes or [1_000_000, 10_000_000], dim=args.dim, queries=args.queries, code_name=args.code)
     return 0
 
 
@@ -93,6 +97,32 @@ def cmd_search(args) -> int:
     print(f"{'rank':>4}  {'gallery_id':<24} {'hamming bits' if hamming else 'cosine'}")
     for rank, (gallery_id, value) in enumerate(hits, 1):
         print(f"{rank:>4}  {gallery_id:<24} {value:.0f}" if hamming else f"{rank:>4}  {gallery_id:<24} {value:.4f}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from gallery.serve.app import run_server
+    from gallery.serve.limits import MB, Limits, resolved_roots
+    from gallery.serve.service import SEARCHES, open_service
+
+    limits = Limits(max_body_bytes=args.max_body_mb * MB, max_photos=args.max_photos, max_photo_bytes=args.max_photo_mb * MB,
+                    allowed_roots=resolved_roots(args.allow_root), workers=args.workers)
+    searches = SEARCHES if args.search == "both" else (args.search,)
+    service = open_service(args.run, args.embeddings, args.manifest, args.tasks, searches,
+                           log=lambda line: print(line, file=sys.stderr))
+    print(f"serving run {service.run_id} ({len(service.ids):,} galleries) at http://{args.host}:{args.port}/ "
+          f"(API: /openapi.json)", file=sys.stderr)
+    run_server(service, limits, args.host, args.port)
+    return 0
+
+
+def cmd_explorer(args) -> int:
+    from gallery.serve.explorer import export_explorer
+    from gallery.serve.service import open_service
+
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    service = open_service(args.run, args.embeddings, args.manifest, args.tasks, with_model=False, log=log)
+    export_explorer(service, args.out, k=args.k, log=log)
     return 0
 
 
@@ -151,19 +181,50 @@ def build_parser() -> argparse.ArgumentParser:
                         f"the embeddings and reused (default {defaults.approximate_above:,})")
     p.set_defaults(func=cmd_search)
 
+    for name, helper in (("serve", "the search service and explorer page of a training run (an HTTP server)"),
+                         ("explorer", "write the explorer page as one self-contained HTML file")):
+        p = sub.add_parser(name, help=helper)
+        source = p.add_mutually_exclusive_group()
+        source.add_argument("--run", default=None, help="GalleryTrainFlow run id or latest (default: latest, or the run "
+                                                        "named by --embeddings)")
+        source.add_argument("--embeddings", default=None, help="an embeddings Parquet file (train or embed flow) instead "
+                                                               "of a run's own")
+        p.add_argument("--manifest", default=None, help="catalogue manifest for photos and attributes (default: the run's)")
+        p.add_argument("--tasks", default=None, help="task spec naming the tasks and held-out attributes (with --manifest)")
+    p = sub.choices["serve"]
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=_count, default=8000)
+    p.add_argument("--allow-root", action="append", default=[],
+                   help="a folder (or s3:// prefix) whose photos requests may name as seed paths; repeatable "
+                        "(default: none, only uploads)")
+    p.add_argument("--search", choices=["both", "float", "code"], default="both",
+                   help="indexes to hold: code alone keeps a large catalogue's memory small (default both)")
+    p.add_argument("--workers", type=_count, default=4, help="requests computed at once (default 4)")
+    p.add_argument("--max-body-mb", type=_count, default=64, help="largest request body (default 64 MiB)")
+    p.add_argument("--max-photos", type=_count, default=44, help="most photos per request (default 44)")
+    p.add_argument("--max-photo-mb", type=_count, default=16, help="largest photo (default 16 MiB)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.choices["explorer"]
+    p.add_argument("--out", required=True, help="the HTML file to write (e.g. reports/<run id>/explorer.html)")
+    p.add_argument("-k", type=_count, default=10, help="neighbours kept per gallery (default 10)")
+    p.set_defaults(func=cmd_explorer)
+
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train", "scale", "search"],
+    p.add_argument("what", choices=["train", "scale", "search", "serve"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
                         "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
-                        "search: exact and approximate search over float vectors and binary codes, and two-stage search")
+                        "search: exact and approximate search over float vectors and binary codes, and two-stage search; "
+                        "serve: the service's latency by gallery id and by 10 seed photos, and a load test on 127.0.0.1")
     p.add_argument("--steps", type=int, default=4, help="train: timed training steps per variant")
     p.add_argument("--device", default=None, help="train: cpu or cuda (default: cuda when present)")
     p.add_argument("--galleries", type=int, nargs=2, default=[1_500, 15_000], help="scale: the two catalogue sizes")
-    p.add_argument("--sizes", type=_count, nargs="+", default=[1_000_000, 10_000_000],
-                   help="search: catalogue sizes (float variants only where the vectors fit in memory; "
-                        "the default takes about 40 minutes on 2 cores)")
+    p.add_argument("--sizes", type=_count, nargs="+", default=None,
+                   help="search: catalogue sizes (float variants only where the vectors fit in memory; the default "
+                        "1000000 10000000 takes about 40 minutes on 2 cores); serve: default 10000 1000000")
     p.add_argument("--dim", type=_count, default=1280, help="search: embedding dimension")
-    p.add_argument("--queries", type=_count, default=100, help="search: queries timed one at a time")
+    p.add_argument("--queries", type=_count, default=100, help="search, serve: queries timed one at a time")
+    p.add_argument("--clients", type=_count, default=8, help="serve: concurrent clients of the load test")
+    p.add_argument("--seconds", type=_count, default=30, help="serve: length of the load test")
     p.add_argument("--code", default=defaults.code, help=f"search: binary code (default {defaults.code})")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -55,6 +55,8 @@ class TrainedRun:
     stats: dict
     checkpoints: str
     embeddings_location: str
+    manifest_location: str = ""  # the catalogue it was trained on: attributes and photos for `gallery serve`
+    tasks_location: str = ""
 
     def model(self) -> GalleryModel:
         return load_trained(self.tasks, self.stats, self.settings, self.checkpoints)
@@ -78,7 +80,8 @@ def trained_run(run: str = "latest") -> TrainedRun:
                           "or pass another run")
     data = found["end"].task.data
     return TrainedRun(found.id, data.run_settings, data.catalogue.tasks, data.catalogue.stats,
-                      data.checkpoint_locations[data.reference], data.embeddings_location)
+                      data.checkpoint_locations[data.reference], data.embeddings_location,
+                      data.manifest_location, data.tasks_location)
 
 
 def checkpoints_to_resume(store_root: str, *parts: str, markers=("last.pt",)) -> str | None:

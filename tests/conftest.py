@@ -107,3 +107,55 @@ def small_catalogue(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("catalogue")
     generate(out, SynthSettings(galleries=120, seed=3, image_size=32, min_images=3, max_images=6), workers=1)
     return out
+
+
+EVIL_ID = '<img src=x onerror="window.__xss=1">"</script><script>window.__xss=2</script>'
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory):
+    """A training run in miniature, without a flow: 40 synthetic galleries at 32 px (one with HTML in its
+    id), a lite0 model with random weights saved as a checkpoint, its embeddings and itq16 code, as a
+    gallery.runs.TrainedRun. What the `gallery serve` tests serve."""
+    from dataclasses import replace
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    import gallery.storage as storage
+    from gallery.config import ModelSettings, RetrievalSettings, Settings
+    from gallery.data.images import load_galleries
+    from gallery.data.ingest import ingest
+    from gallery.data.synth import SynthSettings, generate
+    from gallery.model.gallery_model import build_model
+    from gallery.retrieval.codes import code_location, fit_code, save_code
+    from gallery.retrieval.embeddings import embed_images, embeddings_table, write_embeddings
+    from gallery.runs import TrainedRun
+
+    out = tmp_path_factory.mktemp("served-run")
+    manifest = generate(out / "catalogue", SynthSettings(galleries=40, seed=7, image_size=32, min_images=2, max_images=4),
+                        workers=1)
+    frame = pd.read_parquet(manifest)
+    frame.loc[0, "gallery_id"] = EVIL_ID
+    frame["split"] = ["valid" if i % 8 == 3 else "train" for i in range(len(frame))]
+    frame.to_parquet(manifest)
+    catalogue = ingest(manifest, out / "catalogue" / "tasks.yaml")
+    settings = replace(Settings(), model=ModelSettings(weights="random", image_size=32, hidden=16),
+                       retrieval=RetrievalSettings(code="itq16", rerank=20))
+    torch.manual_seed(0)
+    model = build_model(settings.model, catalogue.tasks, catalogue.stats).eval()
+    storage.save_torch(str(out / "checkpoints" / "best.pt"), {"model": model.state_dict()})
+    ids, galleries, _ = load_galleries(catalogue.frame["gallery_id"], catalogue.frame["images"], 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small inputs: on shared cores, two spinning threads made this 10x slower
+    try:
+        vectors = np.stack([embed_images(model.encoder, list(g)) for g in galleries])  # as the service embeds uploads
+    finally:
+        torch.set_num_threads(threads)
+    splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
+    location = str(out / "run" / "embeddings.parquet")
+    code = save_code(fit_code(vectors[(splits == "train").to_numpy()], "itq16"), code_location(location))
+    write_embeddings(location, embeddings_table(ids, splits, vectors, {"run_id": "fixture"}, code))
+    return TrainedRun("fixture", settings, catalogue.tasks, catalogue.stats, str(out / "checkpoints"), location,
+                      str(manifest), str(out / "catalogue" / "tasks.yaml"))

@@ -17,9 +17,10 @@ STAGES = {
     "retrieval": 5,
     "evaluation": 6,
     "steps": 7, "runs": 7,
-    "bench": 8,
-    "cli": 9,
-    "__main__": 10,
+    "serve": 8,
+    "bench": 9,
+    "cli": 10,
+    "__main__": 11,
 }
 
 

@@ -123,6 +123,19 @@ def _embed_seeds(embeddings_location: str, images, model_run) -> np.ndarray:
     """Seed images embedded as one gallery by the run's model, after checking it made the file's space."""
     if model_run is None:
         raise ValueError("seed images need the training run whose model embeds them (model_run)")
+    model = seed_model(embeddings_location, model_run)
+    pictures = []
+    for path in images:
+        try:
+            pictures.append(load_image(path, model_run.settings.model.image_size))
+        except ImageProblem as e:
+            raise SearchError(f"seed image {path}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None
+    return embed_images(model.encoder, pictures)
+
+
+def seed_model(embeddings_location: str, model_run):
+    """The run's model (a gallery.runs.TrainedRun's), refused unless it made the file's space: seeds it
+    embeds are then comparable with the file's galleries (also what `gallery serve` embeds photos with)."""
     meta = read_embeddings_metadata(embeddings_location)
     model = model_run.model()
     if int(meta["dimension"]) != model.encoder.dim:
@@ -134,10 +147,4 @@ def _embed_seeds(embeddings_location: str, images, model_run) -> np.ndarray:
         raise SearchError(f"{embeddings_location} was made by run {meta['run_id']}, the seeds would be embedded by "
                           f"run {model_run.run_id}: two models, two spaces. Pass --run {meta['run_id']}, or embed "
                           f"the catalogue with run {model_run.run_id} (flows/embed_flow.py --train-run {model_run.run_id})")
-    pictures = []
-    for path in images:
-        try:
-            pictures.append(load_image(path, model_run.settings.model.image_size))
-        except ImageProblem as e:
-            raise SearchError(f"seed image {path}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None
-    return embed_images(model.encoder, pictures)
+    return model

@@ -1,0 +1,38 @@
+"""What a request did wrong, with the HTTP status that says so: the app answers each with its message."""
+from __future__ import annotations
+
+from gallery.errors import UserError
+
+
+class RequestProblem(UserError):
+    """A request that cannot be answered as asked (400); the message names the input and the fix."""
+
+    status = 400
+
+
+class NotFound(RequestProblem):
+    status = 404
+
+
+class Forbidden(RequestProblem):
+    status = 403
+
+
+class TooLarge(RequestProblem):
+    status = 413
+
+
+class NotAnImage(RequestProblem):
+    status = 415
+
+
+class Unavailable(RequestProblem):
+    """What this server was started without (a model, a catalogue, a kind of search)."""
+
+    status = 409
+
+
+class Busy(RequestProblem):
+    """Every worker is busy and the queue is full: come back shortly."""
+
+    status = 503
