@@ -57,7 +57,7 @@ def flow_settings(text: str) -> dict:
         raise BadSettings(str(e)) from None
 
 
-def name_the_user(log=print) -> str | None:
+def name_the_user(log=lambda line: print(line, file=sys.stderr)) -> str | None:
     """Give Metaflow a user name where the environment has none it accepts.
 
     Metaflow records who started each run and refuses to run without a name from METAFLOW_USER,
@@ -75,8 +75,8 @@ def name_the_user(log=print) -> str | None:
         account = f"uid{os.getuid()}"
     name = "local-root" if account == "root" else account
     os.environ["USERNAME"] = name
-    log(f"gallery: Metaflow found no user name in the environment (USER, USERNAME unset, or root); "
-        f"runs are recorded as user {name!r}, from the OS account. Set USERNAME to choose another.")
+    log(f"gallery: no user name for Metaflow in the environment (USERNAME and USER unset, or root): runs are "
+        f"recorded as user {name!r}, from the OS account; set USERNAME to choose another")
     return name
 
 

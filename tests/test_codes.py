@@ -73,6 +73,7 @@ def test_bad_codes_say_what_to_use(tmp_path):
         load_code(str(tmp_path / "missing.npz"))
 
 
+@pytest.mark.flow
 def test_the_run_code_reproduces_the_exported_bits(smoke_run):
     """The export fitted the preset's code on its train split, saved it, and named it in the metadata."""
     end = smoke_run["end"].task.data
@@ -87,6 +88,7 @@ def test_the_run_code_reproduces_the_exported_bits(smoke_run):
     np.testing.assert_allclose(refitted.thresholds, code.thresholds)
 
 
+@pytest.mark.flow
 def test_search_binarizes_a_query_as_the_export_did(smoke_run):
     location = smoke_run["end"].task.data.embeddings_location
     table, _ = read_embeddings(location)

@@ -4,10 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import REPO, REPORTS, run_flow
 
 from gallery.cli import main
 from gallery.retrieval.embeddings import embeddings_table, read_embeddings, write_embeddings
+
+pytestmark = pytest.mark.flow  # they read the smoke run (a whole flow)
 
 EMBED_FLOW = str(REPO / "flows" / "embed_flow.py")
 

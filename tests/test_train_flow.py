@@ -18,6 +18,8 @@ from gallery.data.synth import SynthSettings, generate
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
 from gallery.retrieval.embeddings import code_matrix, embeddings_code, read_embeddings
 
+pytestmark = pytest.mark.flow  # whole-flow runs (metaflow.Runner)
+
 
 def card_text(task) -> str:
     """The text of a task's card (Metaflow embeds it as base64 JSON in the HTML)."""

@@ -1,4 +1,4 @@
-"""The run report (DESIGN §7): every table, figure and reading, assembled in reading order.
+"""The run report (docs/design.md §7): every table, figure and reading, assembled in reading order.
 
 `build_report` gathers what the evaluation steps measured into a render.Report (markdown blocks
 and PNG figures, written to report.md, the run's card and metrics.json); the pieces are drawn in

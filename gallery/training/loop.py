@@ -1,4 +1,4 @@
-"""Multi-task training (paper §3.4, DESIGN §6): Adam, early stopping on validation total loss,
+"""Multi-task training (paper §3.4, docs/design.md §6): Adam, early stopping on validation total loss,
 an atomic checkpoint every epoch, and resume that continues exactly where it stopped.
 
 Determinism: the batch order of epoch e is a permutation seeded by (seed, e), so a resumed run

@@ -1,4 +1,4 @@
-"""Many single-task models trained in one pass over the data (DESIGN §6: the task-optimal models).
+"""Many single-task models trained in one pass over the data (docs/design.md §6: the task-optimal models).
 
 Model m predicts task m alone. Every batch is read and gathered once (from pixels, it also goes
 through the frozen trunk once); each model still training runs its top on it with its loss masked

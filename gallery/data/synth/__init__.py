@@ -1,6 +1,6 @@
-"""The embedded default data: a deterministic synthetic accommodation catalogue (DESIGN §9).
+"""The embedded default data: a deterministic synthetic accommodation catalogue (docs/design.md §9).
 
-It writes exactly the input contract of DESIGN §3 (manifest.parquet, tasks.yaml, images/), so
+It writes exactly the input contract of docs/design.md §3 (manifest.parquet, tasks.yaml, images/), so
 a run on it exercises the same path as real data.
 """
 from __future__ import annotations
