@@ -1,5 +1,6 @@
 """What the README and docs/ claim is checked: their length, their references and links, the settings they
 name, and every `gallery` command of the README that runs offline in seconds."""
+import ast
 import re
 import shlex
 import typing
@@ -39,6 +40,40 @@ def test_every_design_reference_names_a_section_that_exists():
     cited = {(str(p.relative_to(REPO)), n) for p in sources() + list(REPO.glob("tests/*.py"))
              for n in re.findall(r"design\.md\)? §(\d+)", p.read_text())}
     assert cited and {n for _, n in cited} <= sections, sorted(c for c in cited if c[1] not in sections)
+
+
+def flow_steps(path: Path) -> set[str]:
+    """The @step methods of a flow file, read with `ast`."""
+    tree = ast.parse(path.read_text())
+    return {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+            and any(isinstance(d, ast.Name) and d.id == "step" for d in f.decorator_list)}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
+def test_the_flow_diagram_shows_every_step(doc):
+    diagram = next(b for b in code_blocks((REPO / doc).read_text()) if b.startswith("start -> ingest"))
+    shown = set(re.findall(r"[a-z_]+", diagram))
+    steps = flow_steps(REPO / "flows" / "train_flow.py")
+    assert {"task_optimal_fanout", "join_task_optimal"} <= steps and sorted(steps - shown) == []
+
+
+def test_the_outputs_table_names_everything_the_run_writes():
+    written = set(re.findall(r'run_location\("([^"]+)"', (REPO / "flows" / "train_flow.py").read_text()))
+    assert {"embeddings.parquet", "imagenet_embeddings.parquet", "shards"} <= written
+    table = README.read_text().split("| file | what |")[1].split("\n\n")[0]
+    assert sorted(w for w in written if f"`{w}" not in table) == []
+
+
+def test_the_tools_list_has_every_command():
+    from gallery.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices  # name -> its parser
+    benches = next(a for a in commands["bench"]._actions if a.dest == "what").choices
+    expected = {c for c in commands if c != "bench"} | {f"bench {b}" for b in benches}
+    tools = next(b for b in code_blocks(README.read_text()) if b.startswith("gallery --help"))
+    listed = {" ".join(line.split()[1:3]) for line in tools.splitlines() if line.startswith("gallery ")}
+    listed |= {name.split()[0] for name in listed}
+    assert "bench scale" in expected and sorted(expected - listed) == []
 
 
 def test_every_link_resolves():
