@@ -21,8 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable, Iterable
 
-from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo
-from pydantic import field_validator
+from pydantic import (AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator)
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
