@@ -1,4 +1,4 @@
-"""GalleryTrainFlow: one universal gallery embedding by multi-task learning (DESIGN §4).
+"""GalleryTrainFlow: one universal gallery embedding by multi-task learning (docs/design.md §4).
 
     python flows/train_flow.py run                                        # default preset, synthetic catalogue
     python flows/train_flow.py --config settings flows/configs/smoke.json run
@@ -16,14 +16,15 @@ from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resou
 from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
-from gallery.config import PRESETS_DIR, settings_from_dict, settings_json
+from gallery.config import PRESETS_DIR, settings_from_dict
 from gallery.data.ingest import describe, ingest
 from gallery.evaluation.render import lay_out, write_report
 from gallery.evaluation.report import build_report
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
-                          parallel_workers_use_this_python, share_machine, use_metaflow_s3_settings)
+                          flow_settings, name_the_user, parallel_workers_use_this_python, share_machine,
+                          use_metaflow_s3_settings)
 from gallery.steps import (
     collect_quality,
     export_embeddings,
@@ -37,13 +38,14 @@ from gallery.steps import (
 from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
+name_the_user()
 parallel_workers_use_this_python()
 use_metaflow_s3_settings()
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
 class GalleryTrainFlow(FlowSpec):
-    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_json,
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=flow_settings,
                       help="settings JSON: flows/configs/smoke.json, default.json (the default) or paper.json")
     manifest = Parameter("manifest", default="", help="your manifest (Parquet, CSV or JSON Lines); "
                                                       "default: the preset's synthetic catalogue")
@@ -138,9 +140,7 @@ class GalleryTrainFlow(FlowSpec):
         self.training_by_seed = [{i.weighting: i.train_result for i in inputs if i.rank == 0 and i.seed == s} for s in seeds]
         self.checkpoints_by_seed = [{i.weighting: i.checkpoints for i in inputs if i.seed == s} for s in seeds]
         self.training, self.checkpoint_locations = self.training_by_seed[0], self.checkpoints_by_seed[0]
-        self.reference = self.cfg.train.reference_weighting
-        if self.reference not in self.training:
-            raise InputError(f"reference weighting {self.reference!r} was not trained; weightings: {list(self.training)}")
+        self.reference = self.cfg.train.reference_weighting  # one of the trained weightings (checked in the settings)
         self.next(self.export)
 
     @retry(times=settings.resources.retries)

@@ -8,7 +8,7 @@ The names a user of a finished run needs, importable from the top (loaded on fir
     table, meta = read_embeddings(run.embeddings_location)
     hits = search_embeddings(run.embeddings_location, images=["a.jpg"], model_run=run)
 
-Layout (DESIGN §2), imports flowing one way: data <- model <- training <- retrieval <- evaluation
+Layout (docs/design.md §2), imports flowing one way: data <- model <- config <- training <- retrieval <- evaluation
 <- steps / runs <- flows, cli, bench.
 """
 from importlib import import_module

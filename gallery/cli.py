@@ -11,13 +11,16 @@ EXIT_USER = 2
 
 
 def cmd_synth(args) -> int:
+    from pydantic import ValidationError
+
+    from gallery.config import problems_text
     from gallery.data.synth import SynthSettings, generate
 
     try:
         settings = SynthSettings(galleries=args.galleries, seed=args.seed, image_size=args.image_size,
                                  min_images=args.min_images, max_images=args.max_images)
-    except ValueError as e:
-        print(f"gallery synth: {e}", file=sys.stderr)
+    except ValidationError as e:
+        print(problems_text(e, SynthSettings, "gallery synth"), file=sys.stderr)
         return EXIT_USER
     start = time.perf_counter()
     manifest = generate(args.out, settings, workers=args.workers)
@@ -27,9 +30,20 @@ def cmd_synth(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from gallery.data.ingest import describe, ingest
+    if not args.config and not args.manifest:
+        raise UserError("give --config (settings) or --manifest and --tasks (data), or all three")
+    if bool(args.manifest) != bool(args.tasks):
+        raise UserError("--manifest and --tasks go together")
+    if args.config:
+        from gallery.config import load_settings
 
-    print(describe(ingest(args.manifest, args.tasks)))
+        s = load_settings(args.config)
+        print(f"settings {args.config}: ok ({s.model.backbone} at {s.model.image_size} px, {s.model.pooling} pooling, "
+              f"weightings {', '.join(s.train.weightings)}, up to {s.train.max_epochs} epochs)")
+    if args.manifest:
+        from gallery.data.ingest import describe, ingest
+
+        print(describe(ingest(args.manifest, args.tasks)))
     return 0
 
 
@@ -150,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("validate", help="check a manifest and task spec against the data contract")
-    p.add_argument("--manifest", required=True, help="Parquet, CSV or JSON Lines manifest")
-    p.add_argument("--tasks", required=True, help="YAML or JSON task spec")
+    p = sub.add_parser("validate", help="check settings, or a manifest and task spec against the data contract, "
+                                         "without running anything")
+    p.add_argument("--config", default=None, help="settings: a preset name (smoke, default, study, paper) or a JSON file")
+    p.add_argument("--manifest", default=None, help="Parquet, CSV or JSON Lines manifest")
+    p.add_argument("--tasks", default=None, help="YAML or JSON task spec")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("model-summary", help="trainable and frozen parameter counts of encoder and heads")

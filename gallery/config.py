@@ -1,102 +1,208 @@
-"""Run settings: the presets in flows/configs/*.json, read into typed, checked dataclasses.
+"""Run settings: the presets in flows/configs/*.json, read into typed settings checked before anything runs.
 
-Unknown or misspelt keys are errors (a typo must not silently fall back to a default). The presets
-are package data (`gallery/presets` is flows/configs), so an installed package finds them too.
+Every mistake is caught when the settings are read (for a flow: when Metaflow parses its `settings`
+Config, before the first step): an unknown or misspelt key, a value of the wrong type, out of range,
+or not a known name. Each is reported with its dotted path, the value, what is allowed and the
+closest known name. The names of backbones, poolings and weightings are the model registries' own
+(gallery.model), looked up when a name is checked, so a new method needs no edit here.
+
+The settings are frozen pydantic dataclasses: attribute access, `dataclasses.replace` and `asdict`
+work as on plain dataclasses, and `replace` checks the new values too. The presets are package data
+(`gallery/presets` is flows/configs), so an installed package finds them too.
 """
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+import re
+import typing
+from dataclasses import asdict, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Callable, Iterable
 
+from pydantic import (AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+
+from gallery.data.shards import FORMATS
 from gallery.data.synth import SynthSettings
 from gallery.errors import UserError
 
 PRESETS_DIR = resources.files("gallery") / "presets"
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and on CPUs with native bf16
+CACHE_DTYPES = ("float16", "bfloat16", "float32")  # torch dtypes the frozen-trunk feature cache may be stored in
+CODE_FORMS = ("itq<bits>", "median", "sign")  # binary codes (gallery.retrieval.codes)
+CODE_PATTERN = re.compile(r"itq[1-9][0-9]*|median|sign")
+CHECKED = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
 
 
-@dataclass(frozen=True)
+class SettingsError(UserError, ValueError):
+    """Settings that cannot run: the message lists every problem with its dotted path and the fix."""
+
+
+# ---------------------------------------------------------------- value types
+
+Int = Annotated[int, Strict()]        # 2.0, "2" and true are not whole numbers here
+Number = Annotated[float, Strict()]   # a whole number is a number too; "0.1" is not
+Flag = Annotated[bool, Strict()]
+Count = Annotated[Int, Field(ge=1)]
+NonNegative = Annotated[Int, Field(ge=0)]
+Positive = Annotated[Number, Field(gt=0)]
+
+
+def one_of(kind: str, names: Callable[[], Iterable[str]]) -> AfterValidator:
+    """A check that a value is one of `names()` (looked up when checked: registries may grow)."""
+
+    def check(value: str) -> str:
+        allowed = sorted(names())
+        if value not in allowed:
+            raise PydanticCustomError("unknown_name", "not a known {kind}", {"kind": kind, "allowed": allowed})
+        return value
+
+    return AfterValidator(check)
+
+
+def _backbone(value: str) -> str:
+    """A built-in backbone, or `<library>:<model>` of a model the library has (gallery.model.backbones)."""
+    from gallery.model.backbones import BACKBONES, LIBRARIES, known_backbone  # imported late: it loads torch
+
+    if not known_backbone(value):
+        raise PydanticCustomError("unknown_name", "not a known {kind}", {
+            "kind": "backbone", "allowed": sorted(BACKBONES) + [f"{library}:<model>" for library in sorted(LIBRARIES)]})
+    return value
+
+
+def _poolings():
+    from gallery.model.pooling import POOLINGS
+
+    return POOLINGS
+
+
+def _weightings():
+    from gallery.model.weightings import WEIGHTINGS
+
+    return WEIGHTINGS
+
+
+def _code(value: str) -> str:
+    if not CODE_PATTERN.fullmatch(value):
+        raise PydanticCustomError("unknown_name", "not a known {kind}", {"kind": "binary code", "allowed": CODE_FORMS})
+    return value
+
+
+Backbone = Annotated[str, AfterValidator(_backbone)]
+Pooling = Annotated[str, one_of("pooling", _poolings)]
+Weighting = Annotated[str, one_of("weighting", _weightings)]
+Precision = Annotated[str, one_of("precision", lambda: PRECISIONS)]
+CacheDtype = Annotated[str, one_of("cache dtype", lambda: CACHE_DTYPES)]
+ImageFormat = Annotated[str, one_of("image format", lambda: FORMATS)]
+Code = Annotated[str, AfterValidator(_code)]
+
+
+# ---------------------------------------------------------------- the settings
+
+@dataclass(frozen=True, config=CHECKED)
 class ModelSettings:
-    backbone: str = "efficientnet_lite0"
+    backbone: Backbone = "efficientnet_lite0"
     weights: str = "imagenet"          # "imagenet", "random" (tests), or a path to a state-dict file
-    trainable_blocks: int = 1          # backbone blocks (from the top) that train; the rest is the frozen trunk
-    image_size: int = 96
-    pooling: str = "mean"              # mean | max | gem
-    hidden: int = 256                  # width of each task head's hidden layer
+    trainable_blocks: NonNegative = 1  # backbone blocks (from the top) that train; the rest is the frozen trunk
+    image_size: Annotated[Int, Field(ge=8)] = 96
+    pooling: Pooling = "mean"
+    hidden: Count = 256                # width of each task head's hidden layer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class TrainSettings:
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    batch_galleries: int = 32
-    max_epochs: int = 12
-    patience: int = 2                  # epochs without a lower validation total loss before stopping
-    weightings: tuple[str, ...] = ("pseudo_uniform", "kendall")
-    reference_weighting: str = "pseudo_uniform"
-    seed: int = 0
-    cache_dtype: str = "float16"       # frozen-trunk feature cache precision
-    precision: str = "auto"            # auto: bf16 autocast on CUDA and on CPUs with native bf16; fp32; bf16
-    use_cache: bool = True             # train the top from the frozen-trunk feature cache (else from pixels)
-    workers: int = 1                   # data-parallel processes per weighting (DDP: gloo on CPU, NCCL on GPUs)
+    lr: Positive = 1e-3
+    betas: tuple[Annotated[Number, Field(ge=0, lt=1)], Annotated[Number, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    batch_galleries: Count = 32
+    max_epochs: Count = 12
+    patience: Count = 2                # epochs without a lower validation total loss before stopping
+    weightings: Annotated[tuple[Weighting, ...], Field(min_length=1)] = ("pseudo_uniform", "kendall")
+    reference_weighting: Annotated[Weighting, Field(validate_default=True)] = "pseudo_uniform"  # exported; trained
+    seed: NonNegative = 0
+    cache_dtype: CacheDtype = "float16"  # frozen-trunk feature cache precision
+    precision: Precision = "auto"
+    use_cache: Flag = True             # train the top from the frozen-trunk feature cache (else from pixels)
+    workers: Count = 1                 # data-parallel processes per weighting (DDP: gloo on CPU, NCCL on GPUs)
+
+    @field_validator("weightings")
+    @classmethod
+    def _each_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("repeated", "a weighting is listed twice; list each once")
+        return value
+
+    @field_validator("reference_weighting")
+    @classmethod
+    def _is_trained(cls, value: str, info: ValidationInfo) -> str:
+        trained = info.data.get("weightings")  # absent when the weightings themselves were wrong
+        if trained is not None and value not in trained:
+            raise PydanticCustomError("not_trained", "not one of train.weightings, so never trained",
+                                      {"allowed": sorted(trained)})
+        return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class DataSettings:
     synth: SynthSettings = field(default_factory=SynthSettings)
-    shards: int = 4                    # preprocessing fan-out
-    max_images: int = 44               # per gallery, the first ones kept (the paper's maximum)
-    image_format: str = "jpeg"         # how shards store the resized images: jpeg | webp | png (lossless)
-    image_quality: int = 90            # jpeg/webp quality
-    loader_workers: int = 0            # DataLoader processes decoding shards for each training process (0: itself)
+    shards: Count = 4                  # preprocessing fan-out
+    max_images: Count = 44             # per gallery, the first ones kept (the paper's maximum)
+    image_format: ImageFormat = "jpeg"  # how shards store the resized images; png is lossless
+    image_quality: Annotated[Int, Field(ge=1, le=100)] = 90  # jpeg/webp quality
+    loader_workers: NonNegative = 0    # DataLoader processes decoding shards for each training process (0: itself)
 
 
-@dataclass(frozen=True)
+Fraction = Annotated[Number, Field(gt=0, le=1)]
+
+
+@dataclass(frozen=True, config=CHECKED)
 class EvalSettings:
-    holdout_fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)  # of one epoch (Table 2's rows)
-    holdout_epochs: int = 4
-    head_lr: float = 1e-3              # the 2-layer head on frozen embeddings (arms a and b)
-    batch_galleries: int = 32
-    task_groups: int = 2               # fan-out branches; a local run groups tasks to save start-up
-    projection_points: int = 3000      # UMAP on at most this many galleries
-    retrieval_examples: int = 3
-    seeds: int = 1                     # training and evaluation repeated with train.seed, +1, ...: mean and spread
-    baselines: tuple[str, ...] = ()    # other pretrained backbones whose mean-pooled features are transfer arms
+    holdout_fractions: Annotated[tuple[Fraction, ...], Field(min_length=1)] = (0.2, 0.4, 0.6, 0.8, 1.0)  # of one epoch
+    holdout_epochs: Count = 4
+    head_lr: Positive = 1e-3           # the 2-layer head on frozen embeddings (arms a and b)
+    batch_galleries: Count = 32
+    task_groups: Count = 2             # fan-out branches; a local run groups tasks to save start-up
+    projection_points: Annotated[Int, Field(ge=2)] = 3000  # UMAP on at most this many galleries
+    retrieval_examples: NonNegative = 3
+    seeds: Count = 1                   # training and evaluation repeated with train.seed, +1, ...: mean and spread
+    baselines: tuple[Backbone, ...] = ()  # other pretrained backbones whose mean-pooled features are transfer arms
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class RetrievalSettings:
-    """Binary codes and search indexes (DESIGN §10); the defaults are what the bench and the
-    default run measured (README, "Using the embeddings")."""
-    code: str = "itq256"               # fitted at export on the train split: itq<bits> (ITQ rotation), median, sign
-    rerank: int = 100                  # code candidates re-ranked by exact cosine; 0: pure Hamming order
-    approximate_above: int = 100_000   # galleries; up to this many, indexes are exact (flat)
-    hnsw_links: int = 16               # float HNSW: links per node (memory, build time and recall grow with it)
-    hnsw_build_breadth: int = 40       # float HNSW efConstruction
-    hnsw_search_breadth: int = 64      # float HNSW efSearch: recall against query time
-    ivf_lists: int = 4096              # binary IVF: lists (fewer when the catalogue is small)
-    ivf_probes: int = 128              # binary IVF: lists visited per query: recall against query time
-    curve_codes: tuple[str, ...] = ("sign", "median", "itq64", "itq128", "itq256")  # the report's recall/size curve
+    """Binary codes and search indexes (docs/design.md §10); the defaults are what the bench and the
+    default run measured (docs/benchmarks.md)."""
+    code: Code = "itq256"              # fitted at export on the train split: itq<bits> (ITQ rotation), median, sign
+    rerank: NonNegative = 100          # code candidates re-ranked by exact cosine; 0: pure Hamming order
+    approximate_above: NonNegative = 100_000  # galleries; up to this many, indexes are exact (flat)
+    hnsw_links: Annotated[Int, Field(ge=2)] = 16  # float HNSW: links per node (memory, build time and recall grow)
+    hnsw_build_breadth: Count = 40     # float HNSW efConstruction
+    hnsw_search_breadth: Count = 64    # float HNSW efSearch: recall against query time
+    ivf_lists: Count = 4096            # binary IVF: lists (fewer when the catalogue is small)
+    ivf_probes: Count = 128            # binary IVF: lists visited per query: recall against query time
+    curve_codes: tuple[Code, ...] = ("sign", "median", "itq64", "itq128", "itq256")  # the report's recall/size curve
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class StepResources:
     """What each task of a step asks of a cluster (Metaflow's @resources; a local run ignores it):
     cores; GPUs (None: none); memory, local disk and /dev/shm in MB (staged shards go through the
     disk, DataLoader workers pass batches through shared memory; None: Metaflow's default)."""
-    cpu: int = 2
-    memory: int = 4096
-    gpu: int | None = None
-    disk: int | None = None
-    shared_memory: int | None = None
+    cpu: Count = 2
+    memory: Count = 4096
+    gpu: NonNegative | None = None
+    disk: Count | None = None
+    shared_memory: Count | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class ResourceSettings:
     """The heavy steps' requests, sized per preset (each preset says which steps get a GPU), and how
     often Metaflow retries a failed task of them (a retried training continues from its checkpoint)."""
-    retries: int = 2
+    retries: NonNegative = 2
     preprocess: StepResources = field(default_factory=StepResources)
     train: StepResources = field(default_factory=StepResources)
     export: StepResources = field(default_factory=StepResources)
@@ -104,7 +210,7 @@ class ResourceSettings:
     task_optimal: StepResources = field(default_factory=StepResources)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class Settings:
     name: str = "default"
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -115,40 +221,108 @@ class Settings:
     resources: ResourceSettings = field(default_factory=ResourceSettings)
 
 
-def _build(cls, values: dict, where: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"settings {where}: expected an object, got {values!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"settings {where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = getattr(cls(), name)
-        if is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+_SETTINGS = TypeAdapter(Settings)
 
 
-def settings_from_dict(values: dict) -> Settings:
-    return _build(Settings, dict(values), "")
+# ---------------------------------------------------------------- reading them
+
+def settings_from_dict(values: dict, source: str = "settings") -> Settings:
+    """Checked settings; keys left out take their defaults. Raises SettingsError listing every problem
+    of `source` (what the values came from, for the message)."""
+    try:
+        return _SETTINGS.validate_python(values)
+    except ValidationError as e:
+        raise SettingsError(problems_text(e, Settings, source)) from None
 
 
 def settings_json(text: str) -> dict:
     """Metaflow's parser of the flows' `settings` Config: checked like any settings, and returned
     complete (defaults filled in), so decorators can read any value (`settings.resources.train`)."""
-    return asdict(settings_from_dict(json.loads(text)))
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"settings: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    return asdict(settings_from_dict(values))
 
 
 def load_settings(path_or_name) -> Settings:
-    """A preset by name (smoke, default, paper) or a JSON file path."""
+    """A preset by name (smoke, default, study, paper) or a JSON file path."""
     path = Path(path_or_name) if Path(path_or_name).suffix else PRESETS_DIR / f"{path_or_name}.json"
     if not path.is_file():
         presets = sorted(p.name.removesuffix(".json") for p in PRESETS_DIR.iterdir() if p.name.endswith(".json"))
-        raise UserError(f"settings {path_or_name!r}: no such file; give a preset name ({', '.join(presets)}) "
-                        "or the path of a settings JSON file")
-    return settings_from_dict(json.loads(path.read_text()))
+        raise SettingsError(f"settings {path_or_name!r}: no such file; give a preset name ({', '.join(presets)}) "
+                            "or the path of a settings JSON file")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"settings {path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    return settings_from_dict(values, f"settings {path}")
+
+
+# ---------------------------------------------------------------- what a mistake says
+
+def problems_text(error: ValidationError, root: type, name: str) -> str:
+    """Every problem of a failed check, one per line: the dotted path, the value, what is allowed and
+    the closest allowed name."""
+    problems = [_problem(e, root) for e in error.errors(include_url=False)]
+    head = f"{name}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"
+    return "\n".join([head] + [f"- {p}" for p in problems])
+
+
+def _problem(e: dict, root: type) -> str:
+    loc, kind, ctx, value = e["loc"], e["type"], e.get("ctx") or {}, e["input"]
+    path = _dotted(loc) or "(top level)"
+    if kind == "unexpected_keyword_argument":
+        allowed = _keys(root, loc[:-1])
+        return _sentence(f"{path}: unknown key", allowed, str(loc[-1]))
+    if kind in ("dataclass_type", "dataclass_args_type"):
+        return f"{path} = {_shown(value)}: expected an object with keys {', '.join(_keys(root, loc))}"
+    if kind in ("unknown_name", "not_trained"):
+        what = f"not a known {ctx['kind']}" if kind == "unknown_name" else e["msg"]
+        return _sentence(f"{path} = {_shown(value)}: {what}", ctx["allowed"], value)
+    allowed = _ALLOWED.get(kind)
+    if allowed:
+        return f"{path} = {_shown(value)}: {allowed.format(**ctx)}"
+    return f"{path} = {_shown(value)}: {e['msg'].removeprefix('Value error, ')}"
+
+
+_ALLOWED = {  # pydantic's error types -> what is allowed, in the settings' words
+    "int_type": "expected a whole number",
+    "float_type": "expected a number", "bool_type": "expected true or false", "string_type": "expected a string",
+    "tuple_type": "expected a list", "list_type": "expected a list",
+    "greater_than": "out of range; allowed: a value > {gt}", "greater_than_equal": "out of range; allowed: a value >= {ge}",
+    "less_than": "out of range; allowed: a value < {lt}", "less_than_equal": "out of range; allowed: a value <= {le}",
+    "too_short": "expected at least {min_length} item(s)", "too_long": "expected at most {max_length} item(s)",
+    "missing": "too few items",
+}
+
+
+def _sentence(start: str, allowed, given) -> str:
+    allowed = [str(a) for a in allowed]
+    text = f"{start}; allowed: {', '.join(allowed)}"
+    close = difflib.get_close_matches(str(given), allowed, n=1, cutoff=0.5)
+    return text + (f" (did you mean `{close[0]}`?)" if close else "")
+
+
+def _dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _shown(value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _keys(root: type, loc) -> list[str]:
+    """The keys allowed at `loc` (a path of section names) in the dataclass `root`."""
+    cls = root
+    for part in loc:
+        if isinstance(part, int) or not is_dataclass(cls):
+            return []
+        cls = typing.get_type_hints(cls).get(part)
+    return [f.name for f in fields(cls)] if is_dataclass(cls) else []

@@ -28,7 +28,7 @@ class ContractError(UserError):
 
     def __str__(self) -> str:
         n = len(self.violations)
-        lines = [f"{n} data-contract violation{'s' if n != 1 else ''} (see data_contracts/ and DESIGN §3):"]
+        lines = [f"{n} data-contract violation{'s' if n != 1 else ''} (see data_contracts/ and docs/design.md §3):"]
         lines += [f"- {v}" for v in self.violations]
         return "\n".join(lines)
 

@@ -4,6 +4,7 @@ Everything else in gallery/ is plain Python, testable without Metaflow.
 """
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import sys
@@ -16,7 +17,7 @@ from metaflow import metaflow_config
 from metaflow.exception import MetaflowException
 
 import gallery.storage as storage
-from gallery.config import Settings
+from gallery.config import Settings, SettingsError, settings_json
 from gallery.errors import UserError
 from gallery.model.gallery_model import GalleryModel
 from gallery.training.checkpoints import load_trained
@@ -39,6 +40,44 @@ def as_input_error():
         yield
     except UserError as e:
         raise InputError(str(e)) from None
+
+
+class BadSettings(InputError):
+    """Settings that cannot run: stops `run` before any step, shown as a headline and every problem."""
+
+    headline = "Settings error"
+
+
+def flow_settings(text: str) -> dict:
+    """The flows' parser of their `settings` Config (a preset file or --config-value JSON): checked when
+    Metaflow reads it, before any step starts, and returned complete (see gallery.config.settings_json)."""
+    try:
+        return settings_json(text)
+    except SettingsError as e:
+        raise BadSettings(str(e)) from None
+
+
+def name_the_user(log=lambda line: print(line, file=sys.stderr)) -> str | None:
+    """Give Metaflow a user name where the environment has none it accepts.
+
+    Metaflow records who started each run and refuses to run without a name from METAFLOW_USER,
+    SUDO_USER, USERNAME or USER, other than root: a container (`docker run` as root) sets none. Then
+    the name comes from the OS account (root is called local-root), is put in USERNAME, which
+    Metaflow reads and the steps' processes inherit, and is said once. Returns the name it chose.
+    """
+    from metaflow.util import get_username
+
+    if get_username():
+        return None
+    try:
+        account = getpass.getuser()  # LOGNAME, USER, ... then the password database
+    except (KeyError, OSError):      # a uid with no account (docker run --user 1234)
+        account = f"uid{os.getuid()}"
+    name = "local-root" if account == "root" else account
+    os.environ["USERNAME"] = name
+    log(f"gallery: no user name for Metaflow in the environment (USERNAME and USER unset, or root): runs are "
+        f"recorded as user {name!r}, from the OS account; set USERNAME to choose another")
+    return name
 
 
 class RunNotFound(UserError):

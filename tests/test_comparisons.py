@@ -196,6 +196,14 @@ def test_weighting_wins_readings(pu_wins, expected):
     assert wins.share.p == pytest.approx(stats.binomtest(pu_wins, 31, 0.5).pvalue) and wins.share.reading == expected
 
 
+def test_weighting_wins_with_no_decided_task_reads_as_noise():
+    """Both weightings equally good on every task (a small, easy catalogue): no sign test, no crash."""
+    errors = np.full(3, 0.2)
+    wins = weighting_wins(_errors_table(errors, errors))
+    (found,) = findings([], {}, wins, {}, {})
+    assert found["reading"] == NOISE and "0 of 0 decided tasks (n/a; sign test)" in found["here"]
+
+
 @pytest.mark.parametrize("worse,expected", [(27, CONSISTENT), (4, OPPOSITE), (15, NOISE)])
 def test_share_of_tasks_where_mtl_is_worse(worse, expected):
     """MTL's error 0.4 (worse than the task-optimal 0.3) on `worse` tasks of 31, 0.2 elsewhere."""

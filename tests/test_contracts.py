@@ -1,4 +1,4 @@
-"""Every contract violation of DESIGN §3 stops ingestion with a message naming file, column, ids and fix."""
+"""Every contract violation of docs/design.md §3 stops ingestion with a message naming file, column, ids and fix."""
 import json
 
 import numpy as np

@@ -13,6 +13,8 @@ from conftest import FLOW, METAFLOW_ROOT, REPO, S3_ENV
 
 from gallery.config import load_settings
 
+pytestmark = pytest.mark.flow  # compiles the flow for Argo Workflows in a subprocess
+
 PAPER = str(REPO / "flows" / "configs" / "paper.json")
 STEPS = {"preprocess": "preprocess", "train": "train", "export": "export", "holdout": "holdout",
          "task-optimal": "task_optimal"}  # Argo template name -> step

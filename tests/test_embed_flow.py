@@ -12,6 +12,8 @@ from gallery.cli import main
 from gallery.retrieval.embeddings import (code_matrix, embedding_matrix, embeddings_code, embeddings_table,
                                           read_embeddings, write_embeddings)
 
+pytestmark = pytest.mark.flow  # they read the smoke run (a whole flow)
+
 EMBED_FLOW = str(REPO / "flows" / "embed_flow.py")
 pytestmark = pytest.mark.flow
 

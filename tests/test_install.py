@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.flow  # installs the package into a temporary folder
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):

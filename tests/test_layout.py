@@ -1,4 +1,4 @@
-"""The package's layout (DESIGN §2): imports flow one way between stages, with no cycle, and only
+"""The package's layout (docs/design.md §2): imports flow one way between stages, with no cycle, and only
 the Metaflow adapter imports Metaflow. Read from the source with `ast`, so nothing is executed."""
 import ast
 from pathlib import Path
@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gallery"
 STAGES = {
     "errors": 0, "storage": 0, "progress": 0,
     "data": 1,
-    "config": 2,
-    "model": 3,
+    "model": 2,
+    "config": 3,  # settings name the model registries' backbones, poolings and weightings
     "training": 4,
     "retrieval": 5,
     "evaluation": 6,

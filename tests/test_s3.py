@@ -23,6 +23,8 @@ from gallery.config import load_settings
 from gallery.retrieval.embeddings import read_embeddings
 from gallery.runs import use_metaflow_s3_settings
 
+pytestmark = pytest.mark.flow  # whole-flow runs on an S3 datastore
+
 
 def crash_while_uploading_the_catalogue(store_root: str) -> None:
     """What a start step killed half-way through uploading the smoke catalogue leaves: its manifest

@@ -1,4 +1,4 @@
-"""The synthetic catalogue: deterministic, the contract of DESIGN §3, Table 1 tasks, visible evidence."""
+"""The synthetic catalogue: deterministic, the contract of docs/design.md §3, Table 1 tasks, visible evidence."""
 import filecmp
 import subprocess
 import sys
@@ -78,7 +78,7 @@ def test_cli_synth_then_validate(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "galleries: 200" in done.stdout and "star_rating" in done.stdout
     bad = subprocess.run(run + ["synth", "--out", str(out), "--min-images", "5", "--max-images", "2"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "min images <= max images" in bad.stderr
+    assert bad.returncode == 2 and "max_images = 2: fewer than min_images (5)" in bad.stderr
 
 
 def test_every_size_of_every_building_renders():

@@ -1,4 +1,4 @@
-"""Streaming over preprocessed shards (DESIGN §6): any gallery's images or features, fetched on demand.
+"""Streaming over preprocessed shards (docs/design.md §6): any gallery's images or features, fetched on demand.
 
 Every consumer (training, export, holdout, task-optimal models, the embed flow) reads through
 here. The per-gallery index (ids, splits, offsets) is held for the whole catalogue: it is small by

@@ -1,4 +1,4 @@
-"""Preprocessed shards (DESIGN §6): a catalogue's resized images as encoded bytes, fetchable gallery by gallery.
+"""Preprocessed shards (docs/design.md §6): a catalogue's resized images as encoded bytes, fetchable gallery by gallery.
 
 A shard is a folder in the run-scoped store holding
 - `images.bin`: every kept image, resized to the preset size and encoded (JPEG by default: a few KB

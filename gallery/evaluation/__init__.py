@@ -1,4 +1,4 @@
-"""Evaluation: does the embedding transfer, and how does MTL compare (DESIGN §7)?
+"""Evaluation: does the embedding transfer, and how does MTL compare (docs/design.md §7)?
 
 Owns the held-out task (Table 2), task-optimal models and the per-task comparison (Figures 5
 and 6), neighbour quality (binary vs float, attribute agreement), the 2-D projection, retrieval

@@ -261,8 +261,8 @@ def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Ta
         out.append(Finding("Pseudo-uniform weighting beats Kendall's on most tasks",
                            f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks (71%) (§4.2)",
                            f"{wins.wins} of {wins.wins + wins.losses} decided tasks "
-                           f"({wins.share.estimate:.0%} [{wins.share.low:.0%}, {wins.share.high:.0%}], sign test "
-                           f"p = {wins.share.p:.3g})", wins.share.reading))
+                           f"({effect_text(wins.share, percent=True)}; sign test)",  # n/a where no task is decided
+                           wins.share.reading))
     for w, b in baseline.items():
         out.append(Finding(f"MTL ({w}) beats the majority/mean baseline on every task",
                            "\"significantly outperform basic benchmarks ... across every single task\" (§4.2)",

@@ -69,7 +69,7 @@ def training_markdown(training: dict[str, TrainResult]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- the run report (DESIGN §7)
+# ---------------------------------------------------------------- the run report (docs/design.md §7)
 
 class Report:
     """Ordered blocks (markdown text or a PNG by name) rendered to report.md and to the card."""

@@ -1,4 +1,4 @@
-"""Paired statistics for every comparison the report makes (DESIGN §7), and the sentence that reads
+"""Paired statistics for every comparison the report makes (docs/design.md §7), and the sentence that reads
 each one against the paper.
 
 Everything is computed by scipy and statsmodels: paired bootstrap intervals over the same valid

@@ -1,4 +1,4 @@
-"""Model: the gallery encoder and its heads (DESIGN §5), as small composable nn.Modules.
+"""Model: the gallery encoder and its heads (docs/design.md §5), as small composable nn.Modules.
 
 Owns the backbone registry (built-ins, torchvision:<name> and timm:<name>, each cut into a frozen
 trunk + trainable top, weights as local files), pooling over packed galleries (symmetric

@@ -1,4 +1,4 @@
-"""The gallery model (DESIGN §5): image encoder -> symmetric pooling -> one small head per task."""
+"""The gallery model (docs/design.md §5): image encoder -> symmetric pooling -> one small head per task."""
 from __future__ import annotations
 
 import torch

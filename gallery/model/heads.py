@@ -1,7 +1,7 @@
-"""Task heads: per task Linear(d, hidden) -> ReLU -> Linear(hidden, out) (DESIGN §5), computed together.
+"""Task heads: per task Linear(d, hidden) -> ReLU -> Linear(hidden, out) (docs/design.md §5), computed together.
 
 The 31 heads of the paper, run one by one, cost ~1,700 kernel launches per step and left an H100
-busy 9 ms of 61 (DESIGN §6). Here every first layer is one wide Linear(d, tasks x hidden); the
+busy 9 ms of 61 (docs/design.md §6). Here every first layer is one wide Linear(d, tasks x hidden); the
 second layers of all one-output tasks (binary, regression) are one batched product, and each
 multiclass task keeps its own Linear. Parameters are exactly those of separate heads.
 

@@ -1,4 +1,4 @@
-"""Retrieval: using the embeddings (DESIGN §10).
+"""Retrieval: using the embeddings (docs/design.md §10).
 
 Owns the embeddings export (Parquet per data_contracts/embeddings.schema.json), the binary codes
 fitted on the train split and saved with the run (codes), nearest-neighbour indexes chosen by

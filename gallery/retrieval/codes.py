@@ -1,4 +1,4 @@
-"""Binary codes of gallery embeddings (Pinterest's binarized embeddings, DESIGN §10).
+"""Binary codes of gallery embeddings (Pinterest's binarized embeddings, docs/design.md §10).
 
 A code turns an embedding into bits: L2-normalise; for ITQ, subtract the train mean, re-normalise and
 project (PCA, then the ITQ rotation, both fitted by faiss.ITQTransform); then bit = value > threshold,

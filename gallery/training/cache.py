@@ -1,4 +1,4 @@
-"""The frozen-trunk feature cache (DESIGN §6).
+"""The frozen-trunk feature cache (docs/design.md §6).
 
 The trunk is frozen and in eval mode, so its output for an image never changes: compute it once
 at preprocessing, and every later model (MTL training with each weighting, the end-to-end
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from gallery.config import CACHE_DTYPES as CACHE_DTYPE_NAMES
 from gallery.model.image_encoder import ImageEncoder
 
-CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+CACHE_DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}  # the settings' names are torch's
 
 
 @torch.no_grad()

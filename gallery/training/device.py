@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from gallery.config import PRECISIONS
+
 DEVICE_ENV = "GALLERY_DEVICE"
 
 
@@ -38,8 +40,8 @@ def cpu_has_native_bf16() -> bool:
 def autocast(device: torch.device, precision: str = "auto"):
     """Mixed precision where it pays: bf16 autocast on CUDA (no loss scaling needed) and on CPUs
     with native bf16 when precision is "auto"; "fp32" or "bf16" force it. Same code either way."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
     if not use_bf16:
         return contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""Data-parallel training (DESIGN §6): N processes, each reading its part of every batch, with
+"""Data-parallel training (docs/design.md §6): N processes, each reading its part of every batch, with
 torch.distributed DistributedDataParallel averaging their gradients (NCCL on GPUs, gloo on CPU).
 
 Metaflow launches the processes (`@parallel`); this module only needs each one's node index,

@@ -1,20 +1,23 @@
-"""The embedded default data: a deterministic synthetic accommodation catalogue (DESIGN §9).
+"""The embedded default data: a deterministic synthetic accommodation catalogue (docs/design.md §9).
 
-It writes exactly the input contract of DESIGN §3 (manifest.parquet, tasks.yaml, images/), so
+It writes exactly the input contract of docs/design.md §3 (manifest.parquet, tasks.yaml, images/), so
 a run on it exercises the same path as real data.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from pydantic import ConfigDict, Field, Strict, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from gallery.data.contracts import CONTRACTS_DIR
 from gallery.data.synth.attributes import (
@@ -42,18 +45,25 @@ HELD_OUT = [
 ]
 
 
-@dataclass(frozen=True)
-class SynthSettings:
-    galleries: int = 2500
-    seed: int = 0
-    image_size: int = 96
-    min_images: int = 4
-    max_images: int = 12
+Whole = Annotated[int, Strict()]
 
-    def __post_init__(self):
-        if self.galleries < 1 or self.image_size < 8 or not 1 <= self.min_images <= self.max_images:
-            raise ValueError(f"synthetic catalogue needs galleries >= 1, image size >= 8 and "
-                             f"1 <= min images <= max images; got {self}")
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class SynthSettings:
+    """What to generate; checked when made (settings `data.synth`, or `gallery synth`'s options)."""
+    galleries: Annotated[Whole, Field(ge=1)] = 2500
+    seed: Annotated[Whole, Field(ge=0)] = 0
+    image_size: Annotated[Whole, Field(ge=8)] = 96
+    min_images: Annotated[Whole, Field(ge=1)] = 4
+    max_images: Annotated[Whole, Field(ge=1)] = 12
+
+    @field_validator("max_images")
+    @classmethod
+    def _not_below_min(cls, value: int, info: ValidationInfo) -> int:
+        if value < info.data.get("min_images", 1):
+            raise PydanticCustomError("below_min_images", "fewer than min_images ({min_images})",
+                                      {"min_images": info.data["min_images"]})
+        return value
 
 
 def class_lists(n: int) -> dict[str, list]:
