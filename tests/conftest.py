@@ -138,7 +138,7 @@ def served_run(tmp_path_factory):
                         workers=1)
     frame = pd.read_parquet(manifest)
     frame.loc[0, "gallery_id"] = EVIL_ID
-    frame["split"] = ["valid" if i % 8 == 3 else "train" for i in range(len(frame))]
+    frame["split"] = ["valid" if i % 8 == 3 else "test" if i % 8 == 5 else "train" for i in range(len(frame))]
     frame.to_parquet(manifest)
     catalogue = ingest(manifest, out / "catalogue" / "tasks.yaml")
     settings = replace(Settings(), model=ModelSettings(weights="random", image_size=32, hidden=16),

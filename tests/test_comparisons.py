@@ -200,8 +200,8 @@ def test_weighting_wins_with_no_decided_task_reads_as_noise():
     """Both weightings equally good on every task (a small, easy catalogue): no sign test, no crash."""
     errors = np.full(3, 0.2)
     wins = weighting_wins(_errors_table(errors, errors))
-    (found,) = findings([], {}, wins, {}, {})
-    assert found["reading"] == NOISE and "0 of 0 decided tasks (n/a; sign test)" in found["here"]
+    (found,) = findings(None, [], {}, wins, {}, {})
+    assert found.reading == NOISE and "0 of 0 decided tasks (n/a; sign test)" in found.here
 
 
 @pytest.mark.parametrize("worse,expected", [(27, CONSISTENT), (4, OPPOSITE), (15, NOISE)])

@@ -21,13 +21,13 @@ def no_user_name(monkeypatch):
 
 
 def test_the_quick_start_runs_with_no_user_name_in_the_environment(tmp_path, no_user_name, capsys):
-    manifest, tasks = write_example(tmp_path, copies=40)  # 120 galleries: 80 train (itq64 needs 64), 40 valid
+    manifest, tasks = write_example(tmp_path, copies=40)  # 120 galleries: 40 train, 40 valid, 40 test
     status, run, stderr = run_flow(manifest=str(manifest), tasks=str(tasks))
     assert status == "successful", stderr[-3000:]
     assert stderr.count(NAMED) == 1  # said once, by the process that started the run; the steps inherit the name
     end = run["end"].task.data
     assert end.exported_galleries == 120 and set(end.training) == {"pseudo_uniform", "kendall"}
-    assert [(r["task"], r["valid_galleries"]) for r in end.holdout_results[0]] == [("stars", 40)]
+    assert [(h.task, h.scored_galleries) for h in end.transfer_by_seed[0].holdouts] == [("stars", 80)]
 
     # The `gallery` command reads the run's model from Metaflow, with no user name either.
     assert main(["search", "--embeddings", end.embeddings_location, "--images",

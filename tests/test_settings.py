@@ -14,7 +14,7 @@ from gallery.cli import main
 from gallery.config import SettingsError, Settings, load_settings, settings_from_dict, settings_json
 from gallery.evaluation.seeds import with_seed
 from gallery.model.backbones import BACKBONES
-from gallery.model.losses import WEIGHTINGS
+from gallery.model.weightings import WEIGHTINGS
 from gallery.model.pooling import POOLINGS
 
 
