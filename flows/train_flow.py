@@ -39,6 +39,7 @@ from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
 name_the_user()
+TRANSFER = "transfer"  # the evaluation that is not a group of task-optimal models
 parallel_workers_use_this_python()
 use_metaflow_s3_settings()
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
@@ -147,82 +148,65 @@ class GalleryTrainFlow(FlowSpec):
     @resources(**settings.resources.export)
     @step
     def export(self):
-        """Embeddings of every readable gallery with the reference model -> Parquet (+ packed sign bits)."""
+        """Embeddings of every readable gallery with the reference model -> Parquet and its binary code; fan
+        out the evaluations side by side: the transfer suite, and the task-optimal models by groups of tasks."""
         self.embeddings_location = self.run_location("embeddings.parquet")
         model = load_trained(self.catalogue.tasks, self.catalogue.stats, self.cfg, self.checkpoint_locations[self.reference])
         self.exported_galleries = export_embeddings(model, self.catalogue.frame, self.shard_list, self.cfg,
                                                     self.embeddings_location,
                                                     {"run_id": current.run_id, "weighting": self.reference})
-        self.task_groups = group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
-        self.next(self.holdout, self.task_optimal_fanout)
-
-    @retry(times=settings.resources.retries)
-    @resources(**settings.resources.holdout)
-    @step
-    def holdout(self):
-        """The transfer suite: every held-out task x probe (2-layer head, linear, k-NN) x embedding arm
-        (MTL per weighting, ImageNet transfer, other pretrained backbones, end-to-end); Table 2 among them."""
-        share_machine(1 + len(self.task_groups))
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
-        self.transfer_by_seed = transfer_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
-                                                    self.imagenet_location, {"run_id": current.run_id},
-                                                    self.checkpoints_by_seed, self.reference)
-        self.next(self.join_evaluation)
-
-    @step
-    def task_optimal_fanout(self):
-        """One branch per group of MTL tasks (one task per group on a cluster: task_groups = #tasks)."""
-        self.next(self.task_optimal, foreach="task_groups")
+        self.evaluations = [TRANSFER] + group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
+        self.next(self.evaluate, foreach="evaluations")
 
     @retry(times=settings.resources.retries)
-    @resources(**settings.resources.task_optimal)
+    @resources(**settings.resources.evaluate)
     @step
-    def task_optimal(self):
-        """The same architecture trained on each task alone (this branch's tasks together, one pass over the data)."""
-        share_machine(1 + len(self.task_groups))
-        self.optimal = task_optimal_models(
-            self.catalogue, self.shard_list, self.cfg, self.input,
-            checkpoints_of=lambda folder: self.run_location("task_optimal", folder),
-            recovery_of=lambda folder: checkpoints_to_resume(self.store_root, "task_optimal", folder, markers=(RESULT,)))
-        self.next(self.join_task_optimal)
-
-    @step
-    def join_task_optimal(self, inputs):
-        """Every task's task-optimal results, per seed."""
-        self.merge_artifacts(inputs, exclude=["optimal"])
-        self.optimal_by_seed = [{name: result for i in inputs for name, result in i.optimal[k].items()}
-                                for k in range(self.cfg.evaluation.seeds)]
-        self.next(self.join_evaluation)
-
-    @step
-    def join_evaluation(self, inputs):
-        self.merge_artifacts(inputs)
+    def evaluate(self):
+        """Side by side: the transfer suite (every held-out task x probe x embedding arm; Table 2 among
+        them), or the task-optimal models of a group of MTL tasks (the same architecture on each task alone,
+        trained together in one pass over the data; one task per group on a cluster)."""
+        share_machine(len(self.evaluations))
+        if self.input == TRANSFER:
+            self.transfer_by_seed = transfer_evaluation(
+                self.catalogue, self.shard_list, self.cfg, self.embeddings_location, self.imagenet_location,
+                {"run_id": current.run_id}, self.checkpoints_by_seed, self.reference)
+        else:
+            self.optimal = task_optimal_models(
+                self.catalogue, self.shard_list, self.cfg, self.input,
+                checkpoints_of=lambda folder: self.run_location("task_optimal", folder),
+                recovery_of=lambda folder: checkpoints_to_resume(self.store_root, "task_optimal", folder,
+                                                                 markers=(RESULT,)))
         self.next(self.report)
 
+    @card(type="blank", id="run")
     @step
-    def report(self):
-        """Tables, figures and a reading of the results -> reports/<run id>/ and the run's store."""
+    def report(self, inputs):
+        """Tables, figures and a reading of the results -> reports/<run id>/, the run's store and its card."""
+        self.merge_artifacts(inputs, exclude=["transfer_by_seed", "optimal"])
+        self.transfer_by_seed = next(i.transfer_by_seed for i in inputs if i.input == TRANSFER)
+        self.optimal_by_seed = [{name: result for i in inputs if i.input != TRANSFER for name, result in i.optimal[k].items()}
+                                for k in range(self.cfg.evaluation.seeds)]
         r = lay_out(build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
                                  self.transfer_by_seed, self.optimal_by_seed, self.embeddings_location,
                                  self.imagenet_location, self.checkpoint_locations[self.reference]))
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)
-        self.report_blocks, self.report_figures, self.metrics = r.blocks, r.files, r.metrics
-        self.next(self.end)
-
-    @card(type="blank", id="run")
-    @step
-    def end(self):
-        """The run's page: the report, and where the outputs are."""
-        for kind, content in self.report_blocks:
-            current.card.append(Markdown(content) if kind == "md" else Image(self.report_figures[content]))
+        self.metrics = r.metrics
+        for kind, content in r.blocks:
+            current.card.append(Markdown(content) if kind == "md" else Image(r.files[content]))
         outputs = (f"- report: `{self.report_location}/report.md` (+ metrics.json, CSVs, PNGs)\n"
                    f"- embeddings ({self.exported_galleries} galleries, {self.reference}): `{self.embeddings_location}`\n"
                    f"- ImageNet-transfer embeddings: `{self.imagenet_location}`\n"
                    f"- data-quality list: `{self.quality_location}`\n"
                    + "".join(f"- checkpoints ({w}): `{c}`\n" for w, c in self.checkpoint_locations.items()))
         current.card.append(Markdown("## Outputs\n" + outputs))
+        self.next(self.end)
+
+    @step
+    def end(self):
+        """Where the outputs are."""
         print(f"report: {self.report_location}/report.md")
         print(f"embeddings: {self.embeddings_location} ({self.exported_galleries} galleries)")
 

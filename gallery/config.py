@@ -206,8 +206,7 @@ class ResourceSettings:
     preprocess: StepResources = field(default_factory=StepResources)
     train: StepResources = field(default_factory=StepResources)
     export: StepResources = field(default_factory=StepResources)
-    holdout: StepResources = field(default_factory=StepResources)
-    task_optimal: StepResources = field(default_factory=StepResources)
+    evaluate: StepResources = field(default_factory=StepResources)  # the transfer suite, or task-optimal models
 
 
 @dataclass(frozen=True, config=CHECKED)

@@ -3,6 +3,7 @@ bench measures its variants on the same inputs."""
 import pytest
 import torch
 
+from gallery.bench.roofline import counted_flops, dominant_gemm
 from gallery.bench.train import Case, Reference, _batches, _model, _padded_vectors, bench_case
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
@@ -38,9 +39,9 @@ def test_reference_is_the_same_layers_written_plainly():
             torch.testing.assert_close(logits[g:g + 1], reference.head(z), rtol=1e-4, atol=1e-5)
 
 
-def test_bench_case_reports_ratios():
+def test_bench_case_measures_every_variant_on_the_same_images():
     lines = []
-    r = bench_case(Case("efficientnet_lite0", 32, 4, 1, 6, 16), steps=1, device=torch.device("cpu"),
+    r = bench_case(Case("efficientnet_lite0", 32, 4, 1, 6, 16, 0, True, "tiny"), steps=1, device=torch.device("cpu"),
                    log=lines.append, tasks=TASKS, stats=STATS)
     v = r["variants"]
     assert r["padded_memory_ratio"] > 1.0  # padding rows cost activations
@@ -48,8 +49,21 @@ def test_bench_case_reports_ratios():
     for name in ("reference", "recompute", "cache", "padded"):  # the same images in every variant
         assert v[name]["images_per_s"] * v[name]["seconds_per_step"] == pytest.approx(
             v["cache"]["images_per_s"] * v["cache"]["seconds_per_step"])
-    assert r["engine_vs_reference"] == pytest.approx(v["recompute"]["images_per_s"] / v["reference"]["images_per_s"])
-    assert any(line.startswith("  ratio: engine / reference from pixels") for line in lines)
+    gemm = r["roofline"].gemm  # the head convolution, 320 -> 1280 channels on 1x1 maps at 32 px
+    assert (gemm.k, gemm.n) == (320, 1280) and gemm.layer.startswith("encoder.images.top")
+    assert any(line.startswith("  roofline: the preset's step (engine, from the feature cache)") for line in lines)
+
+
+def test_flops_are_counted_from_the_step_by_hand():
+    """A linear layer trained one step: forward 2mkn, backward 2mkn for the input's gradient and 2mkn for
+    the weight's (a leaf input needs none: 4mkn in all)."""
+    layer = torch.nn.Linear(20, 30, bias=False)
+    x = torch.randn(8, 20)
+    assert counted_flops(lambda: layer(x).sum().backward()) == 2 * 2 * 8 * 20 * 30
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1))
+    model[2].requires_grad_(False)  # frozen layers are not candidates
+    gemm = dominant_gemm(model, lambda: model(torch.randn(2, 4, 5, 5)))
+    assert (gemm.m, gemm.k, gemm.n, gemm.layer) == (2 * 5 * 5, 4 * 9, 16, "0")
 
 
 def test_bench_scale_measures_each_phase_in_its_own_process(tmp_path):

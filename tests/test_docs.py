@@ -54,7 +54,7 @@ def test_the_flow_diagram_shows_every_step(doc):
     diagram = next(b for b in code_blocks((REPO / doc).read_text()) if b.startswith("start -> ingest"))
     shown = set(re.findall(r"[a-z_]+", diagram))
     steps = flow_steps(REPO / "flows" / "train_flow.py")
-    assert {"task_optimal_fanout", "join_task_optimal"} <= steps and sorted(steps - shown) == []
+    assert {"evaluate", "report"} <= steps and sorted(steps - shown) == []
 
 
 def test_the_outputs_table_names_everything_the_run_writes():

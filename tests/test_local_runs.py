@@ -81,7 +81,7 @@ def test_a_crashed_catalogue_generation_is_never_reused(tmp_path, monkeypatch):
 
 def test_presets_size_their_heavy_steps():
     smoke, paper = load_settings("smoke").resources, load_settings("paper").resources
-    for step in ("train", "export", "holdout", "task_optimal"):
+    for step in ("train", "export", "evaluate"):
         assert getattr(paper, step).gpu == 1 and getattr(paper, step).memory > getattr(smoke, step).memory
         assert getattr(smoke, step).gpu is None  # CI-sized: no GPU asked for
     assert paper.train.shared_memory  # its DataLoader workers pass batches through /dev/shm
@@ -91,7 +91,7 @@ def test_presets_size_their_heavy_steps():
 def test_a_partial_resources_section_takes_the_defaults_for_the_rest():
     settings = settings_from_dict({"resources": {"train": {"gpu": 1}}})
     assert settings.resources.train == replace(Settings().resources.train, gpu=1)
-    assert settings.resources.holdout == Settings().resources.holdout
+    assert settings.resources.evaluate == Settings().resources.evaluate
     complete = settings_json('{"name": "mine", "resources": {"retries": 0}}')  # what the flows' decorators read
     assert complete["resources"]["retries"] == 0 and complete["resources"]["train"]["memory"] == 4096
     with pytest.raises(ValueError, match=r"resources\.train\.memroy: unknown key; .*did you mean `memory`"):

@@ -92,7 +92,7 @@ def test_resume_from_a_late_step(s3_run, s3_bucket):
             origin_run_id=s3_run.id, step_to_rerun="report") as running:
         assert running.status == "successful", running.stderr[-3000:]
         resumed = running.run
-    for name in ("start", "preprocess", "train", "export", "holdout"):
+    for name in ("start", "preprocess", "train", "export", "evaluate"):
         assert resumed[name].task.origin_pathspec.startswith(f"GalleryTrainFlow/{s3_run.id}/"), name
     assert resumed["report"].task.origin_pathspec is None
     assert storage.exists(f"{s3_bucket}/reports/{resumed.id}/report.md")

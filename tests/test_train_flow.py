@@ -57,7 +57,7 @@ def test_smoke_run_trains_both_weightings_and_writes_a_card(smoke_run):
     for result in end.training.values():
         assert len(result.history) >= 1 and np.isfinite(result.best_criterion)
         assert result.test.split == "test" and len(result.test.gallery_ids) == (end.catalogue.frame["split"] == "test").sum()
-    text = card_text(smoke_run["end"].task)
+    text = card_text(smoke_run["report"].task)
     for section in ("no damaged images", "## Training", "pseudo_uniform", "kendall", "(Table 2)", "(Figure 5)",
                     "(Figure 6)", "## Outputs", end.embeddings_location, '"type": "image"'):
         assert section in text, section

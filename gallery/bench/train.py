@@ -1,5 +1,6 @@
-"""`gallery bench train`: our training step against a plain PyTorch step of the same layers, and
-what the feature cache and packed batches buy, measured side by side on one device.
+"""`gallery bench train`: our training step against the machine's own matrix throughput (the roofline,
+gallery.bench.roofline) and against a plain PyTorch step of the same layers, and what the feature cache
+and packed batches buy, measured side by side on one device, per preset and precision.
 
 One process, the same packed batches for every variant, warmed up over exactly the batch shapes
 it then times (every new image count is a new shape). Variants:
@@ -9,8 +10,9 @@ it then times (every new image count is a new shape). Variants:
   losses, pseudo-uniform weighting, `train_step`) on the same pixels;
 - engine, from the cache: the same from the frozen trunk's cached output;
 - engine, padded: the cache variant with galleries padded to a fixed image count (what packing saves).
-Both steps use the device's best settings (bf16 autocast where native, channels_last on CUDA).
-Memory on CPU is the bytes autograd saves for backward (what padding inflates); on CUDA the peak.
+Both steps use the same layout (channels_last) and precision: fp32, and bf16 where the device runs it
+natively (CUDA; CPUs with AVX512-BF16 or AMX). Memory on CPU is the bytes autograd saves for backward
+(what padding inflates); on CUDA the peak.
 """
 from __future__ import annotations
 
@@ -31,10 +33,9 @@ from gallery.data.readers import Batch
 from gallery.model.backbones import WeightsUnavailable
 from gallery.model.gallery_model import build_model
 from gallery.model.weightings import PseudoUniform
-from gallery.training.device import autocast, fast_layout, pick_device
+from gallery.bench.roofline import Roofline, counted_flops, dominant_gemm, gemm_flops_per_second
+from gallery.training.device import autocast, cpu_has_native_bf16, fast_layout, pick_device
 from gallery.training.engine import FitConfig, Objective, make_optimizer, train_step
-
-PRECISION = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere: the same for both steps
 
 
 def paper_tasks():
@@ -52,11 +53,18 @@ class Case:
     min_images: int
     max_images: int  # galleries are padded to this in the padded variant (the paper pads to 44)
     hidden: int
+    trainable_blocks: int = 1
+    use_cache: bool = True   # how the preset trains: from the feature cache, or from pixels
+    preset: str = ""
 
 
-CPU_CASES = [Case("efficientnet_lite0", 64, 32, 4, 10, 128), Case("vgg16", 112, 4, 5, 20, 315)]
-GPU_CASES = [Case("efficientnet_lite0", 96, 64, 4, 12, 128), Case("vgg16", 224, 10, 5, 44, 315),
-             Case("vgg16", 224, 4, 5, 44, 315)]  # the paper preset's batch: 4 galleries
+# the default preset as it trains (lite0's head convolution from the cache, 64 px) and the paper's (VGG16
+# block 5 from pixels, 4 galleries a batch; 112 px on a CPU to keep it short)
+CPU_CASES = [Case("efficientnet_lite0", 64, 32, 4, 10, 128, 0, True, "default"),
+             Case("vgg16", 112, 4, 5, 20, 315, 1, False, "paper")]
+GPU_CASES = [Case("efficientnet_lite0", 96, 64, 4, 12, 128, 0, True, "default"),
+             Case("vgg16", 224, 10, 5, 44, 315, 1, False, "paper, 10 galleries a batch"),
+             Case("vgg16", 224, 4, 5, 44, 315, 1, False, "paper")]
 
 
 def _sync(device):
@@ -77,14 +85,15 @@ def _saved_activation_bytes(counter: list):
 
 def _model(case: Case, log, tasks=None, stats=None):
     tasks, stats = (tasks, stats) if tasks is not None else paper_tasks()
-    settings = ModelSettings(case.backbone, "imagenet", 1, case.image_size, "mean", case.hidden)
+    settings = ModelSettings(case.backbone, "imagenet", case.trainable_blocks, case.image_size, "mean", case.hidden)
     try:
         model = build_model(settings, tasks, stats)
         weights = "imagenet"
     except WeightsUnavailable:
         model = build_model(replace(settings, weights="random"), tasks, stats)
         weights = "random init (ImageNet weights not on this machine; speed does not depend on them)"
-    log(f"\n== {case.backbone} at {case.image_size} px, {case.batch_galleries} galleries/batch of "
+    log(f"\n== {case.preset}: {case.backbone} at {case.image_size} px, {case.trainable_blocks} block(s) trained, "
+        f"{case.batch_galleries} galleries/batch of "
         f"{case.min_images}-{case.max_images} images, {len(tasks)} task heads, weights: {weights}")
     return model
 
@@ -152,20 +161,20 @@ def _packed(batches, device) -> list[tuple[Batch, torch.Tensor]]:
     return out
 
 
-def _step(variant: str, state: dict, batch, device, case: Case, counter: list) -> None:
+def _step(variant: str, state: dict, batch, device, case: Case, counter: list, precision: str) -> None:
     packed, lengths = batch
     with _saved_activation_bytes(counter):
         if variant == "reference":
             x, index = packed.x.to(device, non_blocking=True), packed.index.to(device, non_blocking=True)
             labels = (torch.nan_to_num(packed.targets[:, 0]).long() % 10).to(device, non_blocking=True)
-            with autocast(device, PRECISION):
+            with autocast(device, precision):
                 loss = F.cross_entropy(state["reference"](x, index, packed.n).float(), labels)
             state["ref_optimizer"].zero_grad(set_to_none=True)
             loss.backward()
             state["ref_optimizer"].step()
         elif variant == "padded":
             model, objective = state["model"], state["cache"]
-            with autocast(device, PRECISION):
+            with autocast(device, precision):
                 z = _padded_vectors(model, packed.x.to(device, non_blocking=True), lengths, case.max_images)
                 sums = model.losses(model.heads(z), packed.targets.to(device, non_blocking=True))
             loss = objective.weighting.loss(sums.means(), sums.count > 0)
@@ -176,17 +185,17 @@ def _step(variant: str, state: dict, batch, device, case: Case, counter: list) -
             train_step(state[variant], state[variant].weighting, state["optimizer"], packed, device)
 
 
-def _measure(variant: str, state: dict, batches, device, case: Case) -> dict:
+def _measure(variant: str, state: dict, batches, device, case: Case, precision: str) -> dict:
     state["model"].train()
     for batch in batches:  # warm-up over exactly the shapes timed below
-        _step(variant, state, batch, device, case, [0])
+        _step(variant, state, batch, device, case, [0], precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     counter, images = [0], 0
     _sync(device)
     start = time.perf_counter()
     for batch in batches:
-        _step(variant, state, batch, device, case, counter)
+        _step(variant, state, batch, device, case, counter, precision)
         images += len(batch[0].x)
     _sync(device)
     seconds = time.perf_counter() - start
@@ -199,13 +208,28 @@ LABELS = {"reference": "reference (plain PyTorch, 1 head)", "recompute": "engine
           "cache": "engine, from the feature cache"}
 
 
-def bench_case(case: Case, steps: int, device, log=print, tasks=None, stats=None) -> dict:
+def roofline(variant: str, state: dict, batches, device, case: Case, precision: str, seconds_per_step: float) -> Roofline:
+    """The preset's step (`variant`) against a matrix multiply of its dominant shape, same dtype."""
+    flops = sum(counted_flops(lambda b=b: _step(variant, state, b, device, case, [0], precision)) for b in batches)
+    packed, _ = batches[0]
+    model = state["model"]
+
+    def forward():
+        with autocast(device, precision):
+            model(packed.x.to(device), packed.index.to(device), packed.n, variant == "cache")
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gemm = dominant_gemm(model, forward)
+    return Roofline(flops // len(batches), seconds_per_step, gemm, gemm_flops_per_second(gemm, device, dtype))
+
+
+def bench_case(case: Case, steps: int, device, precision: str = "fp32", log=print, tasks=None, stats=None) -> dict:
     torch.manual_seed(0)
     tasks, stats = (tasks, stats) if tasks is not None else paper_tasks()
     model = fast_layout(_model(case, log, tasks, stats).to(device), device)
     weighting = PseudoUniform(tasks, stats).to(device)
-    state = {"model": model, "recompute": Objective(model, weighting, False, PRECISION),
-             "cache": Objective(model, weighting, True, PRECISION),
+    state = {"model": model, "recompute": Objective(model, weighting, False, precision),
+             "cache": Objective(model, weighting, True, precision),
              "optimizer": make_optimizer([p for p in model.parameters() if p.requires_grad], FitConfig(lr=1e-4), device)}
     state["reference"], state["ref_optimizer"] = _reference(model, case, device)
     pixels = _batches(case, steps, tasks)
@@ -216,34 +240,48 @@ def bench_case(case: Case, steps: int, device, log=print, tasks=None, stats=None
     _sync(device)
     cache_build = (time.perf_counter() - start) / sum(len(s.data) for s, _ in pixels)
     pixel_batches, feature_batches = _packed(pixels, device), _packed(features, device)
-    r = {v: _measure(v, state, batches, device, case) for v, batches in
-         (("reference", pixel_batches), ("recompute", pixel_batches), ("cache", feature_batches),
-          ("padded", feature_batches))}
+    batches = {"reference": pixel_batches, "recompute": pixel_batches, "cache": feature_batches,
+               "padded": feature_batches}
+    r = {v: _measure(v, state, b, device, case, precision) for v, b in batches.items()}
+    log(f"  precision {precision}")
     mem_label = "peak CUDA memory" if device.type == "cuda" else "saved activations/step"
     for name, label in (*LABELS.items(), ("padded", f"engine, cache, padded to {case.max_images}")):
         m = r[name]
         log(f"  {label:<36} {m['seconds_per_step'] * 1000:9.1f} ms/step {m['images_per_s']:10,.1f} images/s "
             f"{m['galleries_per_s']:8.2f} galleries/s   {mem_label} {m['memory_bytes'] / 2**20:9.1f} MiB")
+    preset_step = "cache" if case.use_cache else "recompute"
+    limit = roofline(preset_step, state, batches[preset_step], device, case, precision,
+                     r[preset_step]["seconds_per_step"])
     engine_ratio = r["recompute"]["images_per_s"] / r["reference"]["images_per_s"]
     cache_speedup = r["recompute"]["seconds_per_step"] / r["cache"]["seconds_per_step"]
     padded_time = r["padded"]["seconds_per_step"] / r["cache"]["seconds_per_step"]
     padded_memory = r["padded"]["memory_bytes"] / max(r["cache"]["memory_bytes"], 1)
+    log(f"  roofline: the preset's step ({LABELS[preset_step]}): {limit.line()}")
     log(f"  ratio: engine / reference from pixels: {engine_ratio:.2f}x the images/s "
         f"({len(tasks)} heads and masked losses against one head)")
     log(f"  ratio: a training epoch from the cache is {cache_speedup:.2f}x cheaper than recomputing the trunk "
         f"(one-off cache build: {cache_build * 1000:.1f} ms/image)")
     log(f"  ratio: padded vs packed batches: {padded_time:.2f}x the time, {padded_memory:.2f}x the memory")
-    return {"case": case.__dict__, "variants": r, "engine_vs_reference": engine_ratio, "cache_speedup": cache_speedup,
-            "padded_time_ratio": padded_time, "padded_memory_ratio": padded_memory,
-            "cache_build_s_per_image": cache_build}
+    return {"case": case.__dict__, "precision": precision, "variants": r, "roofline": limit,
+            "engine_vs_reference": engine_ratio, "cache_speedup": cache_speedup, "padded_time_ratio": padded_time,
+            "padded_memory_ratio": padded_memory, "cache_build_s_per_image": cache_build}
+
+
+def precisions(device) -> list[str]:
+    """fp32 everywhere; bf16 too where the device runs it natively."""
+    return ["fp32", "bf16"] if device.type == "cuda" or cpu_has_native_bf16() else ["fp32"]
 
 
 def bench_train(steps: int = 4, device=None, log=print) -> list[dict]:
     device = pick_device(device)
     log(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
-        f"({torch.get_num_threads()} threads), precision {PRECISION}; {steps} timed steps per variant, "
-        "after a warm-up pass over the same batches")
-    results = [bench_case(case, steps, device, log) for case in (GPU_CASES if device.type == "cuda" else CPU_CASES)]
-    log("\nengine / reference images/s: " + ", ".join(
-        f"{r['case']['backbone']} {r['engine_vs_reference']:.2f}x" for r in results))
+        f"({torch.get_num_threads()} threads); precisions {', '.join(precisions(device))}; {steps} timed steps "
+        "per variant, after a warm-up pass over the same batches")
+    results = [bench_case(case, steps, device, precision, log) for case in (GPU_CASES if device.type == "cuda" else CPU_CASES)
+               for precision in precisions(device)]
+    log("\n| preset | precision | step / matrix-multiply roofline | engine / plain reference (images/s) |")
+    log("| --- | --- | --- | --- |")
+    for r in results:
+        log(f"| {r['case']['preset']} ({r['case']['backbone']}, {r['case']['image_size']} px) | {r['precision']} | "
+            f"{r['roofline'].fraction:.0%} | {r['engine_vs_reference']:.2f}x |")
     return results

