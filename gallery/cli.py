@@ -59,6 +59,10 @@ def cmd_bench(args) -> int:
         from gallery.bench.train import bench_train
 
         bench_train(steps=args.steps, device=args.device)
+    elif args.what == "weightings":
+        from gallery.bench.weightings import bench_weightings
+
+        bench_weightings(steps=args.steps, rounds=args.rounds, device=args.device)
     elif args.what == "scale":
         from gallery.bench.scale import bench_scale
 
@@ -143,12 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train", "scale", "search"],
+    p.add_argument("what", choices=["train", "weightings", "scale", "search"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
+                        "weightings: each loss weighting's training step against pseudo-uniform's (default preset); "
                         "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
                         "search: exact and approximate search over float vectors and binary codes, and two-stage search")
-    p.add_argument("--steps", type=int, default=4, help="train: timed training steps per variant")
-    p.add_argument("--device", default=None, help="train: cpu or cuda (default: cuda when present)")
+    p.add_argument("--steps", type=int, default=4, help="train, weightings: timed training steps per variant (per round)")
+    p.add_argument("--device", default=None, help="train, weightings: cpu or cuda (default: cuda when present)")
+    p.add_argument("--rounds", type=int, default=5, help="weightings: rounds over the timed steps (more: less noise)")
     p.add_argument("--galleries", type=int, nargs=2, default=[1_500, 15_000], help="scale: the two catalogue sizes")
     p.add_argument("--sizes", type=_count, nargs="+", default=[1_000_000, 10_000_000],
                    help="search: catalogue sizes (float variants only where the vectors fit in memory; "
