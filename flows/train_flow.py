@@ -22,7 +22,6 @@ from gallery.evaluation.render import lay_out, write_report
 from gallery.evaluation.report import build_report
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import RESULT, group_tasks
-from gallery.model.weightings import check_weightings
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
                           parallel_workers_use_this_python, share_machine, use_metaflow_s3_settings)
 from gallery.steps import (
@@ -66,8 +65,6 @@ class GalleryTrainFlow(FlowSpec):
         """Resolve the settings and the data source (the user's files, or the synthetic catalogue)."""
         if bool(self.manifest) != bool(self.tasks):
             raise InputError("--manifest and --tasks go together: give both, or neither for the synthetic catalogue")
-        with as_input_error():
-            check_weightings(self.cfg.train.weightings)
         self.store_root = self.store or default_store_root()
         self.run_settings = self.cfg  # kept with the run, for the embed flow and `gallery search`
         if self.manifest:

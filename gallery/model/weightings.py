@@ -30,7 +30,6 @@ from torch import nn
 
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.errors import UserError
 
 EPSILON = 1e-8  # a whole-batch loss at or below this is zero to the log-loss methods (SI, FAMO)
 
@@ -343,14 +342,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {"pseudo_uniform": PseudoUniform, "kend
                                           "si": SI, "rlw": RLW, "famo": FAMO, "imtl_g": IMTLG}
 
 
-def check_weightings(names) -> None:
-    """Every name in `train.weightings` is a known weighting (checked before anything trains)."""
-    unknown = [n for n in names if n not in WEIGHTINGS]
-    if unknown:
-        raise UserError(f"settings train.weightings: unknown weighting(s) {unknown}; "
-                        f"fix: use names from {sorted(WEIGHTINGS)} (docs/weightings.md)")
-
-
 def build_weighting(name: str, tasks: list[Task], stats: dict[str, LabelStats]) -> Weighting:
-    check_weightings([name])
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; known: {sorted(WEIGHTINGS)}")
     return WEIGHTINGS[name](tasks, stats)
