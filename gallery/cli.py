@@ -77,6 +77,10 @@ def cmd_bench(args) -> int:
         from gallery.bench.train import bench_train
 
         bench_train(steps=args.steps, device=args.device)
+    elif args.what == "weightings":
+        from gallery.bench.weightings import bench_weightings
+
+        bench_weightings(steps=args.steps, rounds=args.rounds, device=args.device)
     elif args.what == "scale":
         from gallery.bench.scale import bench_scale
 
@@ -226,13 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explorer)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train", "scale", "search", "serve"],
+    p.add_argument("what", choices=["train", "weightings", "scale", "search", "serve"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
+                        "weightings: each loss weighting's training step against pseudo-uniform's (default preset); "
                         "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
                         "search: exact and approximate search over float vectors and binary codes, and two-stage search; "
                         "serve: the service's latency by gallery id and by 10 seed photos, and a load test on 127.0.0.1")
-    p.add_argument("--steps", type=int, default=4, help="train: timed training steps per variant")
-    p.add_argument("--device", default=None, help="train: cpu or cuda (default: cuda when present)")
+    p.add_argument("--steps", type=int, default=4, help="train, weightings: timed training steps per variant (per round)")
+    p.add_argument("--device", default=None, help="train, weightings: cpu or cuda (default: cuda when present)")
+    p.add_argument("--rounds", type=int, default=5, help="weightings: rounds over the timed steps (more: less noise)")
     p.add_argument("--galleries", type=int, nargs=2, default=[1_500, 15_000], help="scale: the two catalogue sizes")
     p.add_argument("--sizes", type=_count, nargs="+", default=None,
                    help="search: catalogue sizes (float variants only where the vectors fit in memory; the default "

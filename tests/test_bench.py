@@ -82,3 +82,14 @@ def test_bench_scale_measures_each_phase_in_its_own_process(tmp_path):
         assert r["preprocess"]["feature_bytes"] == r["preprocess"]["images"] * 320 * 2
     assert 0 < summary["kb_at_224"]["photo"] < summary["kb_at_224"]["decoded"]
     assert lines[-2].strip().startswith("headline: 3x the galleries")
+
+
+def test_bench_weightings_times_each_against_pseudo_uniform():
+    from gallery.bench.weightings import bench_weightings
+
+    lines = []
+    out = bench_weightings(["famo", "imtl_g"], steps=1, rounds=1, device=torch.device("cpu"), log=lines.append,
+                           case=Case("efficientnet_lite0", 32, 3, 1, 3, 16), tasks=TASKS, stats=STATS)
+    assert [r.weighting for r in out] == ["pseudo_uniform", "famo", "imtl_g"] and out[0].relative == 1.0
+    assert [r.relative for r in out] == pytest.approx([r.seconds_per_step / out[0].seconds_per_step for r in out])
+    assert [line.split()[0] for line in lines[-3:]] == ["pseudo_uniform", "famo", "imtl_g"]

@@ -231,6 +231,11 @@ def test_findings_sort_each_paper_claim_by_its_reading(known):
     assert claims["MTL (pseudo_uniform) beats the majority/mean baseline on every task"] == CONSISTENT
     assert claims["`B1_chain` does better under MTL (pseudo_uniform) than its task-optimal model"] == NOISE
     assert len(found) == 2 + 2 * (1 + 1) + 1 + 2 + 2  # Table 2; per weighting share + B1; wins; baseline; balance
+    optimal, baseline = ({w: f(table, w) for w in weightings} for f in (mtl_vs_optimal, mtl_vs_baseline))
+    balance = class_balance(table, weightings)
+    again = findings([(holdout, table2_comparisons(holdout))], {**optimal, "famo": optimal["kendall"]}, weighting_wins(table),
+                     {**baseline, "famo": baseline["kendall"]}, {**balance, "famo": balance["kendall"]})
+    assert [f.finding for f in again] == list(claims)  # a weighting the paper did not train has no paper finding
 
 
 def test_seeds_average_each_gallerys_scores():

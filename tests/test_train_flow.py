@@ -1,5 +1,6 @@
 """GalleryTrainFlow end to end through metaflow.Runner, smoke preset, temporary datastore: the default path,
-damaged images, a contract violation, and two data-parallel processes killed and resumed. What a unit test
+damaged images, a contract violation, every loss weighting in one run, and two data-parallel processes
+killed and resumed. What a unit test
 can check (the statistics, the report's layout) is checked in test_comparisons.py and test_report.py."""
 import base64
 import hashlib
@@ -11,6 +12,7 @@ import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import FLOW, METAFLOW_ROOT, REPORTS, SMOKE, run_flow
 from metaflow import Runner
 from metaflow.cards import get_cards
@@ -18,6 +20,7 @@ from metaflow.cards import get_cards
 from gallery.data.contracts import load_schema
 from gallery.data.synth import SynthSettings, generate
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
+from gallery.model.weightings import WEIGHTINGS
 from gallery.retrieval.embeddings import code_matrix, embeddings_code, read_embeddings
 
 pytestmark = pytest.mark.flow
@@ -149,6 +152,37 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
     assert len(found) >= 2 + 2 + 1 + 2 + 2 and "## What this run reproduces" in report
     for f in found:
         assert f["reading"] in (CONSISTENT, NOISE, OPPOSITE) and f["finding"] in report
+
+
+def test_every_weighting_trains_in_one_smoke_run(tmp_path):
+    """Every registered weighting, listed in train.weightings, trains side by side (the smoke preset on 80
+    galleries, one holdout epoch, to keep it cheap), moves its own state, and has its row, curve and
+    per-task errors in the report; the paper's findings stay about the paper's two weightings."""
+    settings = json.loads(Path(SMOKE).read_text())
+    settings["train"]["weightings"] = names = sorted(WEIGHTINGS)
+    settings["data"]["synth"]["galleries"] = 80
+    settings["evaluation"].update(holdout_epochs=1, task_groups=1)
+    config = tmp_path / "smoke_every_weighting.json"
+    config.write_text(json.dumps(settings))
+    status, run, stderr = run_flow(config=str(config))
+    assert status == "successful", stderr[-3000:]
+    end = run["end"].task.data
+    assert sorted(end.training) == names
+    for name, result in end.training.items():
+        assert len(result.history) == 2 and np.isfinite(result.best_criterion), name
+        assert all(np.isfinite(list(h.train_task_losses.values())).all() for h in result.history), name
+    state = {name: torch.load(Path(end.store_root) / run.id / "checkpoints" / name / "best.pt", weights_only=True)["weighting"]
+             for name in names}
+    assert (state["famo"]["logits"] != 0).any() and (state["imtl_g"]["weights"] != 0).any()
+    assert state["rlw"]["_extra_state"][1] > 0  # steps drawn
+    folder = Path(REPORTS) / run.id
+    per_task = pd.read_csv(folder / "per_task.csv")
+    report = (folder / "report.md").read_text()
+    labelled = per_task["error_pseudo_uniform"].notna()  # tasks with test labels (80 galleries: not all)
+    assert labelled.sum() > 20
+    for name in names:
+        assert (per_task[f"error_{name}"].notna() == labelled).all() and f"| {name} | 2 |" in report, name
+    assert "famo" not in json.dumps(json.loads((folder / "metrics.json").read_text())["comparisons"]["findings"])
 
 
 @pytest.fixture

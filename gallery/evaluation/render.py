@@ -33,8 +33,12 @@ from gallery.training.engine import TrainResult  # noqa: E402
 def training_curves(training: dict[str, TrainResult]):
     """Per weighting, train and validation loss per epoch, each task's loss relative to its first epoch
     and averaged over tasks: unweighted, so the weightings' curves compare (valid: what early stopping watches)."""
-    fig, axes = plt.subplots(1, len(training), figsize=(5 * len(training), 3.5), squeeze=False)
-    for ax, (weighting, result) in zip(axes[0], training.items()):
+    columns = min(len(training), 4)
+    rows = -(-len(training) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(training):]:
+        ax.set_visible(False)
+    for ax, (weighting, result) in zip(axes.flat, training.items()):
         epochs = [h.epoch + 1 for h in result.history]
         first = np.array(list(result.history[0].train_task_losses.values()), float)
         train = [np.nanmean(np.array(list(h.train_task_losses.values()), float) / first) for h in result.history]
@@ -211,9 +215,12 @@ def figure5_markdown(vs_optimal: dict[str, VersusOptimal], wins: WeightingWins |
 
 
 def figure6_markdown(balance: dict[str, ClassBalance]) -> str:
+    def paper(w: str) -> str:
+        return f"the paper: r = {PAPER_BALANCE_R[w]:.2f}, p < .001" if w in PAPER_BALANCE_R else "not in the paper"
+
     return "\n".join(
         f"- {w}: Pearson r = {effect_text(b.pearson, 2)}; Spearman rho = {effect_text(b.spearman, 2)}; over "
-        f"{b.n} binary tasks (the paper: r = {PAPER_BALANCE_R.get(w, math.nan):.2f}, p < .001): {b.reading}."
+        f"{b.n} binary tasks ({paper(w)}): {b.reading}."
         for w, b in balance.items())
 
 
