@@ -20,12 +20,13 @@ from gallery.config import PRESETS_DIR, settings_from_dict
 from gallery.data.ingest import describe, ingest
 from gallery.evaluation.render import lay_out, write_report
 from gallery.evaluation.report import build_report
-from gallery.evaluation.seeds import seeded, seeds_of, with_seed
+from gallery.evaluation.seeds import seeded, seeds_of
 from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
                           flow_settings, name_the_user, parallel_workers_use_this_python, share_machine,
                           use_metaflow_s3_settings)
 from gallery.steps import (
+    assigned,
     collect_quality,
     export_embeddings,
     transfer_evaluation,
@@ -34,6 +35,8 @@ from gallery.steps import (
     synthetic_source,
     task_optimal_models,
     train_weighting,
+    training_processes,
+    trainings,
 )
 from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
@@ -109,37 +112,41 @@ class GalleryTrainFlow(FlowSpec):
         self.quality_location = self.run_location("data_quality.csv")
         with as_input_error():
             self.quality = collect_quality(self.shard_list, self.quality_location)
-        self.trainings = [(w, seed) for seed in seeds_of(self.cfg) for w in self.cfg.train.weightings]
-        self.next(self.train, num_parallel=len(self.trainings) * self.cfg.train.workers)
+        self.trainings = trainings(self.cfg)
+        self.next(self.train, num_parallel=training_processes(self.cfg))
 
     @retry(times=settings.resources.retries)
     @resources(**settings.resources.train)
     @parallel
     @step
     def train(self):
-        """MTL training of every loss weighting (and seed, evaluation.seeds) side by side, each by
-        train.workers data-parallel processes (DDP); a retry or a resume continues from the last checkpoint."""
-        share_machine(current.parallel.num_nodes)
-        self.weighting, self.seed = self.trainings[current.parallel.node_index // self.cfg.train.workers]
-        folder = seeded(self.weighting, self.seed, self.cfg)
-        self.checkpoints = self.run_location("checkpoints", folder)
+        """MTL training of every loss weighting (with every pooling of a study, and every seed of
+        evaluation.seeds) side by side, each by train.workers data-parallel processes (DDP), or several one
+        after another per process (train.processes); a retry or a resume continues from the last checkpoint."""
+        p = current.parallel
+        share_machine(p.num_nodes)
         ranks, device = data_parallel(self.cfg.train.workers)
         self.rank = ranks.rank
         recovering = current.origin_run_id is not None or current.retry_count > 0
-        self.train_result = train_weighting(
-            self.catalogue, self.shard_list, with_seed(self.cfg, self.seed), self.weighting, self.checkpoints,
-            resume_from=checkpoints_to_resume(self.store_root, "checkpoints", folder),
-            on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device)
+        self.trained = {}
+        for t in assigned(self.trainings, p.node_index, p.num_nodes, self.cfg.train.workers):
+            folder = seeded(t.name, t.seed, self.cfg)
+            checkpoints = self.run_location("checkpoints", folder)
+            result = train_weighting(self.catalogue, self.shard_list, t.settings(self.cfg), t.weighting, checkpoints,
+                                     resume_from=checkpoints_to_resume(self.store_root, "checkpoints", folder),
+                                     on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device)
+            self.trained[t] = (result, checkpoints)
         self.next(self.join_train)
 
     @step
     def join_train(self, inputs):
-        """Keep every weighting's history, per seed; the reference model is the preset's (pseudo-uniform, as
-        in the paper) trained with the preset's seed: the one exported."""
-        self.merge_artifacts(inputs, exclude=["weighting", "seed", "checkpoints", "train_result", "rank"])
-        seeds = seeds_of(self.cfg)
-        self.training_by_seed = [{i.weighting: i.train_result for i in inputs if i.rank == 0 and i.seed == s} for s in seeds]
-        self.checkpoints_by_seed = [{i.weighting: i.checkpoints for i in inputs if i.seed == s} for s in seeds]
+        """Keep every model's history, per seed; the reference model is the preset's (pseudo-uniform, as in
+        the paper, with model.pooling) trained with the preset's seed: the one exported."""
+        self.merge_artifacts(inputs, exclude=["trained", "rank"])
+        trained = {t: done for i in inputs if i.rank == 0 for t, done in i.trained.items()}
+        by_seed = [[t for t in self.trainings if t.seed == seed] for seed in seeds_of(self.cfg)]
+        self.training_by_seed = [{t.name: trained[t][0] for t in seed} for seed in by_seed]
+        self.checkpoints_by_seed = [{t.name: trained[t][1] for t in seed} for seed in by_seed]
         self.training, self.checkpoint_locations = self.training_by_seed[0], self.checkpoints_by_seed[0]
         self.reference = self.cfg.train.reference_weighting  # one of the trained weightings (checked in the settings)
         self.next(self.export)

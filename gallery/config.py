@@ -127,6 +127,8 @@ class TrainSettings:
     precision: Precision = "auto"
     use_cache: Flag = True             # train the top from the frozen-trunk feature cache (else from pixels)
     workers: Count = 1                 # data-parallel processes per weighting (DDP: gloo on CPU, NCCL on GPUs)
+    poolings: tuple[Pooling, ...] = () # a study: every weighting is trained with each of these poolings too
+    processes: Count | None = None     # processes training the models side by side (None: one per model and worker)
 
     @field_validator("weightings")
     @classmethod

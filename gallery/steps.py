@@ -10,7 +10,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from gallery.data.synth import generate
 from gallery.errors import UserError
 from gallery.evaluation.holdout import vectors_as_galleries
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
+from gallery.evaluation.study import cell_name, cell_parts, transfer_arm
 from gallery.evaluation.task_optimal import TaskOptimalResult, train_task_optimal
 from gallery.evaluation.transfer import TransferResult, transfer_suite
 from gallery.model.backbones import WeightsUnavailable, build_backbone
@@ -129,6 +130,41 @@ def shard_source(shards: list[Shard], settings: Settings) -> ShardSource:
 
 # ---------------------------------------------------------------- train
 
+@dataclass(frozen=True)
+class Training:
+    """One model a run trains: a weighting with a pooling (a study's cell), for one seed."""
+
+    name: str          # the weighting, and "+<pooling>" where it is not model.pooling
+    weighting: str
+    pooling: str
+    seed: int
+
+    def settings(self, settings: Settings) -> Settings:
+        """The run's settings as this model trains with them."""
+        return with_seed(replace(settings, model=replace(settings.model, pooling=self.pooling)), self.seed)
+
+
+def trainings(settings: Settings) -> list[Training]:
+    """Every model the run trains: each weighting with model.pooling and each of train.poolings, per seed."""
+    poolings = dict.fromkeys([settings.model.pooling, *settings.train.poolings])
+    return [Training(cell_name(w, p, settings.model.pooling), w, p, seed) for seed in seeds_of(settings)
+            for p in poolings for w in settings.train.weightings]
+
+
+def assigned(trainings_: list[Training], node: int, nodes: int, workers: int) -> list[Training]:
+    """The models node `node` of `nodes` trains: its group's one (data parallel), or every nodes-th."""
+    return [trainings_[node // workers]] if workers > 1 or nodes == len(trainings_) * workers else trainings_[node::nodes]
+
+
+def training_processes(settings: Settings) -> int:
+    """How many processes train side by side: train.workers per model, or train.processes sharing the
+    models between them (one after another in each; only without data parallelism)."""
+    models = len(trainings(settings))
+    if settings.train.workers > 1 or settings.train.processes is None:
+        return models * settings.train.workers
+    return min(settings.train.processes, models)
+
+
 def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Settings, weighting: str,
                     checkpoints: str, resume_from: str | None = None, log=print, on_epoch_end=None,
                     ranks: Ranks = Ranks(), device=None) -> TrainResult:
@@ -202,7 +238,9 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
                         reference: str, log=print) -> list[TransferResult]:
     """The transfer suite (gallery.evaluation.transfer) once per seed (evaluation.seeds): the seed's own
     models give the MTL arms (the first seed's reference model is the exported one), the seed initialises
-    every head and orders its batches. Also writes the ImageNet-transfer embeddings for later comparisons."""
+    every head and orders its batches. Also writes the ImageNet-transfer embeddings for later comparisons.
+    In a study, the 2-layer head probes the models of the preset's pooling; every model gets the linear
+    and k-NN probes."""
     start = time.perf_counter()
     source = shard_source(shards, settings)
     ids, pixels = source.gallery_ids, ShardSource(source.index, features=False)
@@ -223,18 +261,26 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
     per_seed, embedding_seconds = [], time.perf_counter() - start
     for k, seed in enumerate(seeds_of(settings)):
         start, arms = time.perf_counter(), {}
-        for weighting, checkpoints in sorted(checkpoints_by_seed[k].items(), key=lambda wc: wc[0] != reference):
-            if k == 0 and weighting == reference:
+        for name, checkpoints in sorted(checkpoints_by_seed[k].items(), key=lambda nc: nc[0] != reference):
+            if k == 0 and name == reference:
                 vectors = embedding_matrix(table)
             else:
-                model = load_trained(catalogue.tasks, catalogue.stats, settings, checkpoints)
+                model = load_trained(catalogue.tasks, catalogue.stats, trained_settings(name, settings), checkpoints)
                 vectors = embed_galleries(model.encoder, source, settings.train.use_cache,
                                           workers=settings.data.loader_workers)
-            arms["mtl" if weighting == reference else f"mtl:{weighting}"] = vectors_as_galleries(ids, vectors)
-        result = transfer_suite(catalogue, with_seed(settings, seed), arms | fixed, source, pixels, notes, log)
+            arms[transfer_arm(name, reference)] = vectors_as_galleries(ids, vectors)
+        head_arms = [a for a in [*arms, *fixed] if "+" not in a]  # the preset's pooling, and the baselines
+        result = transfer_suite(catalogue, with_seed(settings, seed), arms | fixed, source, pixels, notes, log,
+                                head_arms=head_arms)
         result.seconds["embeddings of every arm"] = embedding_seconds + time.perf_counter() - start
         per_seed.append(result)
     return per_seed
+
+
+def trained_settings(name: str, settings: Settings) -> Settings:
+    """The settings a trained model of that name was built with (its pooling)."""
+    pooling = cell_parts(name, settings.model.pooling)[1]
+    return replace(settings, model=replace(settings.model, pooling=pooling))
 
 
 def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Settings, names: list[str],

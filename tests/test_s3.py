@@ -77,10 +77,10 @@ def test_a_half_uploaded_catalogue_is_generated_again(s3_run):
 
 def test_a_killed_training_is_retried_from_its_attempts_checkpoint(s3_run):
     nodes = list(s3_run["train"].tasks())
-    assert sorted(t.data.weighting for t in nodes) == ["kendall", "pseudo_uniform"]
+    assert sorted(t.name for task in nodes for t in task.data.trained) == ["kendall", "pseudo_uniform"]
     for task in nodes:
         assert task.current_attempt == 1 and task.origin_pathspec is None  # retried by Metaflow, not resumed
-        result = task.data.train_result
+        ((result, _),) = task.data.trained.values()
         assert result.resumed_at_epoch == 1  # epoch 0 came from the killed attempt's checkpoint
         assert [h.epoch for h in result.history] == [0, 1]
     first_attempts = "".join(Task(t.pathspec, attempt=0).stdout for t in nodes)  # workers log through node 0

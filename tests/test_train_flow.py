@@ -20,6 +20,7 @@ from metaflow.cards import get_cards
 from gallery.data.contracts import load_schema
 from gallery.data.synth import SynthSettings, generate
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
+from gallery.model.pooling import POOLINGS
 from gallery.model.weightings import WEIGHTINGS
 from gallery.retrieval.embeddings import code_matrix, embeddings_code, read_embeddings
 
@@ -154,25 +155,29 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
         assert f["reading"] in (CONSISTENT, NOISE, OPPOSITE) and f["finding"] in report
 
 
-def test_every_weighting_trains_in_one_smoke_run(tmp_path):
-    """Every registered weighting, listed in train.weightings, trains side by side (the smoke preset on 80
-    galleries, one holdout epoch, to keep it cheap), moves its own state, and has its row, curve and
-    per-task errors in the report; the paper's findings stay about the paper's two weightings."""
+def test_a_study_of_every_weighting_and_pooling_in_one_smoke_run(tmp_path):
+    """Every registered weighting with every registered pooling (a study: train.poolings), trained by two
+    processes one model after another (the smoke preset on 80 galleries, one holdout epoch, to keep it
+    cheap): each moves its own state and has its row in the report and in the ranking against the paper's
+    configuration; the paper's findings stay about the paper's two weightings."""
     settings = json.loads(Path(SMOKE).read_text())
-    settings["train"]["weightings"] = names = sorted(WEIGHTINGS)
+    settings["train"].update(weightings=sorted(WEIGHTINGS), processes=2,
+                             poolings=sorted(set(POOLINGS) - {settings["model"]["pooling"]}))
     settings["data"]["synth"]["galleries"] = 80
     settings["evaluation"].update(holdout_epochs=1, task_groups=1)
-    config = tmp_path / "smoke_every_weighting.json"
+    config = tmp_path / "smoke_study.json"
     config.write_text(json.dumps(settings))
     status, run, stderr = run_flow(config=str(config))
     assert status == "successful", stderr[-3000:]
     end = run["end"].task.data
-    assert sorted(end.training) == names
+    weightings, poolings = sorted(WEIGHTINGS), sorted(POOLINGS)
+    names = sorted(w if p == "mean" else f"{w}+{p}" for w in weightings for p in poolings)
+    assert len(list(run["train"].tasks())) == 2 and sorted(end.training) == names
     for name, result in end.training.items():
         assert len(result.history) == 2 and np.isfinite(result.best_criterion), name
         assert all(np.isfinite(list(h.train_task_losses.values())).all() for h in result.history), name
     state = {name: torch.load(Path(end.store_root) / run.id / "checkpoints" / name / "best.pt", weights_only=True)["weighting"]
-             for name in names}
+             for name in weightings}
     assert (state["famo"]["logits"] != 0).any() and (state["imtl_g"]["weights"] != 0).any()
     assert state["rlw"]["_extra_state"][1] > 0  # steps drawn
     folder = Path(REPORTS) / run.id
@@ -180,9 +185,15 @@ def test_every_weighting_trains_in_one_smoke_run(tmp_path):
     report = (folder / "report.md").read_text()
     labelled = per_task["error_pseudo_uniform"].notna()  # tasks with test labels (80 galleries: not all)
     assert labelled.sum() > 20
-    for name in names:
+    for name in weightings:
         assert (per_task[f"error_{name}"].notna() == labelled).all() and f"| {name} | 2 |" in report, name
-    assert "famo" not in json.dumps(json.loads((folder / "metrics.json").read_text())["comparisons"]["findings"])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert "famo" not in json.dumps(metrics["comparisons"]["findings"])
+    study = pd.read_csv(folder / "study.csv")
+    assert sorted(zip(study["weighting"], study["pooling"])) == sorted(
+        (w, p) for w in weightings for p in poolings if (w, p) != ("pseudo_uniform", "mean"))
+    assert "## Study: weightings and poolings against the paper's configuration" in report
+    assert {c["pooling"] for c in metrics["study"]["cells"]} == set(poolings)
 
 
 @pytest.fixture
@@ -250,11 +261,11 @@ def test_killed_two_process_training_resumes_from_its_checkpoint(two_process_run
     for name in ("start", "ingest", "preprocess", "data_quality"):
         assert resumed[name].task.origin_pathspec.startswith(f"GalleryTrainFlow/{killed.id}/"), name
     nodes = list(resumed["train"].tasks())
-    assert len(nodes) == 4 and sorted((t.data.weighting, t.data.rank) for t in nodes) == [
+    assert len(nodes) == 4 and sorted((t.name, task.data.rank) for task in nodes for t in task.data.trained) == [
         ("kendall", 0), ("kendall", 1), ("pseudo_uniform", 0), ("pseudo_uniform", 1)]
     for task in nodes:
         assert task.origin_pathspec is None  # re-executed, not cloned
-        result = task.data.train_result
+        ((result, _),) = task.data.trained.values()
         assert result.resumed_at_epoch == 1  # epoch 1 came from the killed run's checkpoint
         assert [h.epoch for h in result.history] == [0, 1]
     assert resumed["end"].task.data.exported_galleries == 200
@@ -267,7 +278,8 @@ def test_two_processes_train_one_model(two_process_run, smoke_run):
     loss noisy. Without BatchNorm two ranks equal one process to 1e-5 (tests/test_distributed.py)."""
     _, resumed = two_process_run
     for weighting in ("pseudo_uniform", "kendall"):
-        digests = {t.data.train_result.weights_digest for t in resumed["train"].tasks() if t.data.weighting == weighting}
+        digests = {result.weights_digest for task in resumed["train"].tasks()
+                   for t, (result, _) in task.data.trained.items() if t.name == weighting}
         assert len(digests) == 1, weighting
         two = resumed["end"].task.data.training[weighting].history
         one = smoke_run["end"].task.data.training[weighting].history

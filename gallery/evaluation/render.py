@@ -25,6 +25,7 @@ from gallery.evaluation.projection import projection_figure  # noqa: E402
 from gallery.evaluation.report import ReportData, metrics  # noqa: E402
 from gallery.evaluation.retrieval_examples import retrieval_figure  # noqa: E402
 from gallery.evaluation.scorecard import Scorecard  # noqa: E402
+from gallery.evaluation.study import BETTER, STUDY_PROBES, CellRanking  # noqa: E402
 from gallery.evaluation.transfer import TransferResult  # noqa: E402
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect, Spread, effect_text  # noqa: E402
 from gallery.training.engine import TrainResult  # noqa: E402
@@ -438,6 +439,22 @@ def transfer_frame(card: Scorecard) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ---------------------------------------------------------------- the study
+
+def study_markdown(cells: list[CellRanking]) -> str:
+    """Every trained configuration against the paper's (pseudo-uniform, mean pooling), best held-out
+    transfer first: relative error reductions with paired intervals (> 0: fewer errors than the paper's)."""
+    lines = ["| weighting | pooling | epochs | per-task error reduction, MTL tasks (test) | held-out transfer: "
+             "error reduction (linear and k-NN probes) | reading | time per epoch vs the paper's |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {c.weighting} | {c.pooling} | {c.epochs} | {effect_text(c.per_task)} | {effect_text(c.transfer)} | "
+              f"{c.reading} | {c.time_ratio:.2f}x |" for c in cells]
+    better = [c.cell for c in cells if c.reading == BETTER]
+    return "\n".join(lines) + ("\n\n" + (f"Better than the paper's configuration on held-out transfer here: "
+                                          f"{', '.join(better)}." if better else
+                                          "Nothing beats the paper's configuration on held-out transfer here."))
+
+
 # ---------------------------------------------------------------- the whole report
 
 def lay_out(data: ReportData) -> Report:
@@ -468,7 +485,7 @@ def lay_out(data: ReportData) -> Report:
     r.text("## Training\nEarly stopping and the selected epoch come from the validation loss of each task "
            "relative to its first epoch, averaged over tasks (unweighted: learned loss weights do not move it).\n\n"
            + training_markdown(data.training))
-    r.figure("training_curves.png", training_curves(data.training),
+    r.figure("training_curves.png", training_curves({w: data.training[w] for w in data.weightings}),
              "Train and validation loss per epoch, each task's relative to its first epoch, averaged over tasks.")
 
     for h, rows in data.table2:
@@ -507,6 +524,17 @@ def lay_out(data: ReportData) -> Report:
             for k in ("estimate", "low", "high", "p")}} for w, b in data.balance.items()]))
     r.figure("class_balance.png", class_balance_figure(data.per_task, data.balance),
              "Minority-class fraction against relative error increase, with least-squares lines.")
+    if data.study:
+        r.text("## Study: weightings and poolings against the paper's configuration\nEvery trained model against "
+               "pseudo-uniform weighting with mean pooling, on the same galleries: the relative error reduction over "
+               f"the MTL tasks (test) and over the held-out tasks x the {' and '.join(STUDY_PROBES)} probes (valid and "
+               "test), with paired bootstrap intervals; training time per epoch as measured side by side.\n\n"
+               + study_markdown(data.study))
+        r.table("study.csv", pd.DataFrame([
+            {"weighting": c.weighting, "pooling": c.pooling, "epochs": c.epochs, "seconds_per_epoch": c.seconds_per_epoch,
+             "time_ratio": c.time_ratio, "reading": c.reading,
+             **{f"{name}_{k}": getattr(e, k) for name, e in (("per_task", c.per_task), ("transfer", c.transfer))
+                for k in ("estimate", "low", "high")}} for c in data.study]))
     if data.spread:
         r.text(f"## Across the {seeds} seeds\nEach seed trained and evaluated on its own; the spread of its headline "
                "numbers:\n\n" + seeds_markdown(data.spread))

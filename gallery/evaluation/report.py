@@ -28,6 +28,7 @@ from gallery.evaluation.retrieval_examples import RetrievalExample, retrieval_ex
 from gallery.evaluation.scorecard import Scorecard, scorecard
 from gallery.evaluation.seeds import mean_optimal, mean_training, mean_transfer, seeds_of
 from gallery.evaluation.statistics import Spread, spread
+from gallery.evaluation.study import CellRanking, rank_cells
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import TransferResult
 from gallery.retrieval.embeddings import embeddings_code, photo_weights_of, read_embeddings
@@ -71,6 +72,7 @@ class ReportData:
     balance: dict[str, ClassBalance]
     findings: list[Finding]
     spread: dict[str, Spread] = field(default_factory=dict)
+    study: list[CellRanking] = field(default_factory=list)   # every other trained model against the paper's
     binary: BinaryVsFloat | None = None
     projection: Projection | None = None
     retrieval: list[RetrievalExample] = field(default_factory=list)
@@ -78,7 +80,8 @@ class ReportData:
 
     @property
     def weightings(self) -> list[str]:
-        return list(self.training)
+        """The trained models of the preset's pooling (a study's other poolings are in `study`)."""
+        return [name for name in self.training if "+" not in name]
 
     @property
     def holdouts(self) -> list[HoldoutResult]:
@@ -102,7 +105,7 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
                                    mean_transfer(transfer_by_seed))
     test_ids = set(catalogue.frame.loc[catalogue.frame["split"] == "test", "gallery_id"])
     card = scorecard(transfer, test_ids, seed)
-    weightings = list(training)
+    weightings = [name for name in training if "+" not in name]
     table = per_task(catalogue, training, optimal, seed)
     table2 = [(h, table2_comparisons(h, seed)) for h in paper_view(transfer.holdouts)]
     vs_optimal = {w: mtl_vs_optimal(table, w) for w in weightings}
@@ -116,8 +119,9 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
                     for t, h, o in zip(training_by_seed, transfer_by_seed, optimal_by_seed)]
         spreads = {name: spread([n[name] for n in per_seed]) for name in per_seed[0]}
     splits = {s: int((catalogue.frame["split"] == s).sum()) for s in ("train", "valid", "test")}
+    study = rank_cells(catalogue, training, transfer, settings.train.reference_weighting, settings.model.pooling, seed)
     return ReportData(run_id, settings, seeds_of(settings), splits, describe(catalogue), quality, training, transfer,
-                      card, table2, table, optimal, vs_optimal, wins, vs_baseline, balance, found, spreads)
+                      card, table2, table, optimal, vs_optimal, wins, vs_baseline, balance, found, spreads, study)
 
 
 def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
@@ -184,6 +188,8 @@ def metrics(data: ReportData) -> dict:
                      "tasks": data.transfer.tasks, "arms": data.transfer.arms, "notes": data.transfer.notes,
                      "seconds": data.transfer.seconds, "scores": data.transfer.scores},
         "scorecard": data.scorecard,
+        "study": {"per_task_measured_on": "test", "transfer_measured_on": "valid+test", "selected_on": "valid",
+                  "against": "pseudo_uniform with mean pooling (the paper's)", "cells": data.study},
         "holdout": data.holdouts,
         "per_task": {**test, "rows": data.per_task},
         "task_optimal": {**test, "models": data.optimal},

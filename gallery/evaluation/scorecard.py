@@ -86,34 +86,44 @@ def compare_arms(result: TransferResult, arm: str, baseline: str, test_ids: set,
     return out
 
 
-def aggregate(entries: list[ScoreEntry], result: TransferResult, probe: str = "all", seed: int = 0) -> Aggregate:
-    """Mean relative error reduction over `entries`, with a paired bootstrap over the scored galleries."""
-    pairs = [(e, result.get(e.task, e.probe, e.arm), result.get(e.task, e.probe, e.baseline)) for e in entries]
-    pool = sorted({g for _, a, _ in pairs for g in a.gallery_ids})
+def mean_relative_reduction(pairs: list[tuple[str, list[str], np.ndarray, np.ndarray]], seed: int = 0,
+                            what: str = "task x probe pairs") -> Effect:
+    """Mean over `pairs` (kind, gallery ids, scores of a, scores of b) of b's error minus a's, relative to
+    b's, with a paired bootstrap that resamples the galleries of all pairs together (a gallery keeps all
+    its tasks): > 0 when a makes fewer errors."""
+    pool = sorted({g for _, ids, _, _ in pairs for g in ids})
     position = {g: i for i, g in enumerate(pool)}
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(len(pool), np.full(len(pool), 1 / len(pool)), size=RESAMPLES).astype(float) if pool else None
     estimates, resampled = [], []
-    for e, a, b in pairs:
-        rows = np.array([position[g] for g in a.gallery_ids])
-        err_a, err_b = errors_of(e.kind, a.scores), errors_of(e.kind, b.scores)
-        if err_b.mean() == 0:
+    for kind, ids, scores_a, scores_b in pairs:
+        err_a, err_b = errors_of(kind, np.asarray(scores_a, float)), errors_of(kind, np.asarray(scores_b, float))
+        if not len(err_b) or err_b.mean() == 0:
             continue
         estimates.append((err_b.mean() - err_a.mean()) / err_b.mean())
-        w = weights[:, rows]
+        w = weights[:, [position[g] for g in ids]]
         total = w.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_a, mean_b = (w @ err_a) / total, (w @ err_b) / total
             resampled.append(np.where(mean_b > 0, (mean_b - mean_a) / mean_b, np.nan))
     if not estimates:
-        return Aggregate(entries[0].arm if entries else "", entries[0].baseline if entries else "", probe, 0,
-                         Effect(math.nan, math.nan, math.nan, None, 0, "no entries"))
+        return Effect(math.nan, math.nan, math.nan, None, 0, "no pairs with errors")
     means = np.nanmean(np.stack(resampled), 0)
     tail = (1 - CONFIDENCE) / 2 * 100
     low, high = (float(np.nanpercentile(means, q)) for q in (tail, 100 - tail))
-    effect = Effect(float(np.mean(estimates)), low, high, None, len(pool),
-                    f"mean over {len(estimates)} task x probe pairs; paired bootstrap over {len(pool)} galleries")
-    return Aggregate(entries[0].arm, entries[0].baseline, probe, len(estimates), effect.read(+1))
+    return Effect(float(np.mean(estimates)), low, high, None, len(pool),
+                  f"mean over {len(estimates)} {what}; paired bootstrap over {len(pool)} galleries")
+
+
+def aggregate(entries: list[ScoreEntry], result: TransferResult, probe: str = "all", seed: int = 0) -> Aggregate:
+    """Mean relative error reduction over `entries`, with a paired bootstrap over the scored galleries."""
+    pairs = []
+    for e in entries:
+        a, b = result.get(e.task, e.probe, e.arm), result.get(e.task, e.probe, e.baseline)
+        pairs.append((e.kind, a.gallery_ids, a.scores, b.scores))
+    effect = mean_relative_reduction(pairs, seed)
+    return Aggregate(entries[0].arm if entries else "", entries[0].baseline if entries else "", probe,
+                     len(entries), effect.read(+1))
 
 
 def scorecard(result: TransferResult, test_ids: set, seed: int = 0) -> Scorecard:

@@ -91,13 +91,15 @@ def probe_scores(task: Task, catalogue: Catalogue, arm: str, store: PackedGaller
 
 
 def transfer_suite(catalogue: Catalogue, settings: Settings, arms: dict[str, PackedGalleries], shards, pixels,
-                   notes: list[str] = (), log=print) -> TransferResult:
+                   notes: list[str] = (), log=print, head_arms: list[str] | None = None) -> TransferResult:
     """All held-out tasks x probes x arms. `arms`: vector arms (one vector per gallery, the same galleries
-    in the same order); `shards`/`pixels`: the preprocessed galleries for the end-to-end arm."""
+    in the same order); `shards`/`pixels`: the preprocessed galleries for the end-to-end arm; `head_arms`:
+    the arms the 2-layer head probes too (default: all; a study keeps it to the preset's pooling)."""
     tasks, scores, holdouts, seconds = [], [], [], {}
+    head = {a: s for a, s in arms.items() if head_arms is None or a in head_arms}
     for task in catalogue.holdout:
         start = time.perf_counter()
-        holdout = evaluate_holdout(catalogue, task, settings, arms, shards, pixels, log)
+        holdout = evaluate_holdout(catalogue, task, settings, head, shards, pixels, log)
         seconds["head"] = seconds.get("head", 0.0) + sum(a.train_seconds for n, a in holdout.arms.items()
                                                          if n != "end_to_end")
         seconds["end_to_end"] = seconds.get("end_to_end", 0.0) + holdout.arms["end_to_end"].train_seconds

@@ -231,12 +231,13 @@ class EarlyStopping:
 class Objective(nn.Module):
     """The model and its loss weighting as one module (Kendall's weights train too): what DDP wraps.
 
-    forward gives each task's mean loss over the whole batch's labelled galleries, which tasks are
-    present, and the shared gallery representation (for weightings that use it). Data parallel, each
-    rank sees part of a batch: its task losses are divided by the labelled counts of the WHOLE batch
-    (one small all-reduce) and multiplied by the world size, so that DDP's average of the ranks'
-    gradients is exactly the gradient of the batch's masked means. Per-rank means would halve a
-    sparse task's gradient whenever its few labels all fall on one rank."""
+    forward gives each task's loss, which tasks are present in the whole batch, and the shared gallery
+    representation (for weightings that use it). Alone, a task's loss is its mean over the batch's
+    labelled galleries. Data parallel, each rank sees part of a batch: its task losses are divided by
+    the labelled counts of the WHOLE batch (one small all-reduce) and multiplied by the world size, so
+    that DDP's average of the ranks' gradients is exactly the gradient of the batch's masked means (and
+    the ranks' losses average to them: `Weighting.batch_means`). Per-rank means would halve a sparse
+    task's gradient whenever its few labels all fall on one rank."""
 
     def __init__(self, model: nn.Module, weighting: Weighting, from_features: bool, precision: str,
                  ranks: Ranks = Ranks()):

@@ -1,0 +1,95 @@
+"""A study: every trained configuration (a *cell*: a loss weighting with a pooling) ranked against the
+paper's (pseudo-uniform weighting, mean pooling), with paired intervals (see docs/design.md, "Study").
+
+A run trains one cell per weighting in `train.weightings` and pooling in `model.pooling` plus
+`train.poolings`. Each cell is compared with the paper's cell on the same galleries:
+- per-task error: the mean over the MTL tasks of the paper's cell's test error minus this cell's,
+  relative to the paper's (> 0: this cell errs less), paired bootstrap over the test galleries;
+- held-out transfer: the same over the held-out tasks and the linear and k-NN probes (the transfer
+  suite's scored galleries: valid and test, no model trained on them);
+- training time per epoch relative to the paper's cell (as measured, side by side on one machine).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gallery.data.ingest import Catalogue
+from gallery.evaluation.scorecard import mean_relative_reduction
+from gallery.evaluation.statistics import Effect
+from gallery.evaluation.transfer import TransferResult
+from gallery.training.engine import TrainResult
+
+PAPER = ("pseudo_uniform", "mean")
+STUDY_PROBES = ("linear", "knn")
+BETTER, WORSE, UNDECIDED = "better than the paper's", "worse than the paper's", "not distinguishable"
+
+
+def cell_name(weighting: str, pooling: str, reference_pooling: str) -> str:
+    """A trained model's name: its weighting, and its pooling where it is not the preset's own."""
+    return weighting if pooling == reference_pooling else f"{weighting}+{pooling}"
+
+
+def cell_parts(name: str, reference_pooling: str) -> tuple[str, str]:
+    weighting, _, pooling = name.partition("+")
+    return weighting, pooling or reference_pooling
+
+
+def transfer_arm(name: str, reference: str) -> str:
+    """The transfer suite's arm of a trained model (gallery.evaluation.transfer)."""
+    return "mtl" if name == reference else f"mtl:{name}"
+
+
+@dataclass
+class CellRanking:
+    cell: str
+    weighting: str
+    pooling: str
+    per_task: Effect          # relative error reduction over the MTL tasks vs the paper's cell (test)
+    transfer: Effect          # relative error reduction over held-out tasks x probes vs the paper's cell
+    seconds_per_epoch: float
+    time_ratio: float         # seconds per epoch / the paper's cell's
+    epochs: int
+
+    @property
+    def reading(self) -> str:
+        side = self.transfer.side()
+        return BETTER if side > 0 else WORSE if side < 0 else UNDECIDED
+
+
+def _seconds_per_epoch(result: TrainResult) -> float:
+    return float(np.mean([h.seconds for h in result.history])) if result.history else math.nan
+
+
+def rank_cells(catalogue: Catalogue, training: dict[str, TrainResult], transfer: TransferResult, reference: str,
+               reference_pooling: str, seed: int = 0) -> list[CellRanking]:
+    """Every trained cell but the paper's against the paper's, best held-out transfer first. `reference`:
+    the exported model (the transfer suite's `mtl` arm). Empty when the paper's cell was not trained."""
+    paper = cell_name(*PAPER, reference_pooling)
+    if paper not in training or cell_parts(paper, reference_pooling)[1] != PAPER[1]:
+        return []
+    paper_arm, base_seconds = transfer_arm(paper, reference), _seconds_per_epoch(training[paper])
+    out = []
+    for name, result in training.items():
+        if name == paper:
+            continue
+        per_task = [(t.kind, *_paired(result, training[paper], t.name)) for t in catalogue.tasks]
+        arm = transfer_arm(name, reference)
+        held_out = [(t.kind, a.gallery_ids, a.scores, b.scores) for t in transfer.tasks for p in STUDY_PROBES
+                    if (a := transfer.get(t.name, p, arm)) is not None and (b := transfer.get(t.name, p, paper_arm)) is not None]
+        seconds = _seconds_per_epoch(result)
+        out.append(CellRanking(name, *cell_parts(name, reference_pooling),
+                               mean_relative_reduction(per_task, seed, "MTL tasks"),
+                               mean_relative_reduction(held_out, seed, "held-out task x probe pairs"),
+                               seconds, seconds / base_seconds, len(result.history)))
+    return sorted(out, key=lambda r: -r.transfer.estimate if not math.isnan(r.transfer.estimate) else math.inf)
+
+
+def _paired(a: TrainResult, b: TrainResult, task: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    ids_a, scores_a = a.test.task(task)
+    ids_b, scores_b = b.test.task(task)
+    if ids_a != ids_b:
+        raise ValueError(f"{task}: two trained models were scored on different test galleries")
+    return ids_a, scores_a, scores_b
