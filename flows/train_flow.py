@@ -17,7 +17,7 @@ from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_from_dict, settings_json
-from gallery.data.ingest import describe, ingest
+from gallery.data.ingest import describe
 from gallery.evaluation.report import build_report, write_report
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import RESULT, group_tasks
@@ -27,6 +27,7 @@ from gallery.steps import (
     collect_quality,
     export_embeddings,
     holdout_evaluation,
+    ingest_for_run,
     preprocess_shard,
     shard_rows,
     synthetic_source,
@@ -77,7 +78,7 @@ class GalleryTrainFlow(FlowSpec):
     def ingest(self):
         """Validate the contract, split 9:1, compute train-split label statistics."""
         with as_input_error():
-            self.catalogue = ingest(self.manifest_location, self.tasks_location)
+            self.catalogue = ingest_for_run(self.manifest_location, self.tasks_location, self.cfg)
         print(describe(self.catalogue))
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.cfg.data.shards))))
         self.next(self.preprocess, foreach="shards")

@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 
+from gallery.data.documents import parse_document
+from gallery.data.inputs import MissingInput, read_text
 from gallery.data.synth import SynthSettings
-from gallery.errors import UserError
+from gallery.errors import ContractError, UserError, excerpt
 
 PRESETS_DIR = resources.files("gallery") / "presets"
 
@@ -144,10 +146,19 @@ def settings_json(text: str) -> dict:
 
 
 def load_settings(path_or_name) -> Settings:
-    """A preset by name (smoke, default, paper) or a JSON file path."""
-    path = Path(path_or_name) if Path(path_or_name).suffix else PRESETS_DIR / f"{path_or_name}.json"
-    if not path.is_file():
+    """A preset by name (smoke, default, paper) or a JSON file path (read through gallery.data.inputs)."""
+    given = str(path_or_name)
+    path = Path(given) if Path(given).suffix or "/" in given else PRESETS_DIR / f"{given}.json"
+    try:
+        text = read_text(path, "settings") if isinstance(path, Path) else path.read_text()  # a zipped install's preset
+    except (MissingInput, FileNotFoundError):
         presets = sorted(p.name.removesuffix(".json") for p in PRESETS_DIR.iterdir() if p.name.endswith(".json"))
         raise UserError(f"settings {path_or_name!r}: no such file; give a preset name ({', '.join(presets)}) "
-                        "or the path of a settings JSON file")
-    return settings_from_dict(json.loads(path.read_text()))
+                        "or the path of a settings JSON file") from None
+    try:
+        return settings_from_dict(parse_document(text, str(path), "json", "flows/configs/default.json"))
+    except ContractError as e:
+        raise UserError(f"settings {path}: {e.violations[0].problem}; {e.violations[0].fix}") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"settings {path}: {excerpt(str(e), 300, quote=False)}; see flows/configs/default.json "
+                        "for every key and its type") from None
