@@ -10,10 +10,11 @@ data_contracts/embeddings.schema.json, so `gallery search` reads it like the tra
 from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step
 
 import gallery.storage as storage
-from gallery.config import PRESETS_DIR, settings_json
+from gallery.config import PRESETS_DIR
 from gallery.data.ingest import ingest
 from gallery.retrieval.embeddings import embeddings_code
-from gallery.runs import as_input_error, default_store_root, share_machine, trained_run, use_metaflow_s3_settings
+from gallery.runs import (as_input_error, default_store_root, settings_config, share_machine, trained_run,
+                          use_metaflow_s3_settings)
 from gallery.steps import collect_quality, export_embeddings, preprocess_shard, shard_rows
 from gallery.training.checkpoints import load_trained
 
@@ -21,7 +22,7 @@ use_metaflow_s3_settings()
 
 
 class GalleryEmbedFlow(FlowSpec):
-    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_json,
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_config,
                       help="a preset (flows/configs/*.json) whose `resources` size this flow's steps on a cluster; "
                            "images are read and embedded as the training run did")
     manifest = Parameter("manifest", required=True, help="the catalogue to embed (Parquet, CSV or JSON Lines)")

@@ -16,13 +16,13 @@ from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resou
 from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
-from gallery.config import PRESETS_DIR, settings_from_dict, settings_json
+from gallery.config import PRESETS_DIR, settings_from_dict
 from gallery.data.ingest import describe
 from gallery.evaluation.report import build_report, write_report
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
-                          parallel_workers_use_this_python, share_machine, use_metaflow_s3_settings)
+                          parallel_workers_use_this_python, settings_config, share_machine, use_metaflow_s3_settings)
 from gallery.steps import (
     collect_quality,
     export_embeddings,
@@ -43,7 +43,7 @@ REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 
 class GalleryTrainFlow(FlowSpec):
-    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_json,
+    settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=settings_config,
                       help="settings JSON: flows/configs/smoke.json, default.json (the default) or paper.json")
     manifest = Parameter("manifest", default="", help="your manifest (Parquet, CSV or JSON Lines); "
                                                       "default: the preset's synthetic catalogue")

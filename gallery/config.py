@@ -5,7 +5,6 @@ are package data (`gallery/presets` is flows/configs), so an installed package f
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -142,7 +141,19 @@ def settings_from_dict(values: dict) -> Settings:
 def settings_json(text: str) -> dict:
     """Metaflow's parser of the flows' `settings` Config: checked like any settings, and returned
     complete (defaults filled in), so decorators can read any value (`settings.resources.train`)."""
-    return asdict(settings_from_dict(json.loads(text)))
+    return asdict(parse_settings(text, "the --config settings file"))
+
+
+def parse_settings(text: str, name: str) -> Settings:
+    """Settings from JSON text (strict: a key given twice is an error); a UserError starting with `name`
+    (which file) for anything wrong in it."""
+    try:
+        return settings_from_dict(parse_document(text, name, "json", "flows/configs/default.json"))
+    except ContractError as e:
+        raise UserError(f"{name}: {e.violations[0].problem}; {e.violations[0].fix}") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{name}: {excerpt(str(e), 300, quote=False)}; see flows/configs/default.json "
+                        "for every key and its type") from None
 
 
 def load_settings(path_or_name) -> Settings:
@@ -155,10 +166,4 @@ def load_settings(path_or_name) -> Settings:
         presets = sorted(p.name.removesuffix(".json") for p in PRESETS_DIR.iterdir() if p.name.endswith(".json"))
         raise UserError(f"settings {path_or_name!r}: no such file; give a preset name ({', '.join(presets)}) "
                         "or the path of a settings JSON file") from None
-    try:
-        return settings_from_dict(parse_document(text, str(path), "json", "flows/configs/default.json"))
-    except ContractError as e:
-        raise UserError(f"settings {path}: {e.violations[0].problem}; {e.violations[0].fix}") from None
-    except (ValueError, TypeError) as e:
-        raise UserError(f"settings {path}: {excerpt(str(e), 300, quote=False)}; see flows/configs/default.json "
-                        "for every key and its type") from None
+    return parse_settings(text, f"settings file {path}")

@@ -16,7 +16,7 @@ from metaflow import metaflow_config
 from metaflow.exception import MetaflowException
 
 import gallery.storage as storage
-from gallery.config import Settings
+from gallery.config import Settings, settings_json
 from gallery.errors import UserError
 from gallery.model.gallery_model import GalleryModel
 from gallery.training.checkpoints import load_trained
@@ -39,6 +39,13 @@ def as_input_error():
         yield
     except UserError as e:
         raise InputError(str(e)) from None
+
+
+def settings_config(text: str) -> dict:
+    """The flows' `settings` Config parser (config.settings_json): a bad settings file stops the flow with
+    Metaflow's input-error headline and the message, not a traceback."""
+    with as_input_error():
+        return settings_json(text)
 
 
 class RunNotFound(UserError):
