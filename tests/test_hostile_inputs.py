@@ -716,18 +716,18 @@ HOSTILE_IDS = ["../../etc/passwd", "a/b\\c", 'quote " and, comma', "new\nline", 
 
 @pytest.mark.flow
 def test_smoke_flow_on_a_catalogue_with_hostile_images_and_ids(tmp_path, silent_host):
-    """30 valid galleries, seven with hostile ids, and images of every hostile kind: the run finishes, each
-    hostile image is listed in data_quality.csv with its reason, the hostile ids are kept as they are, and
-    the catalogue (under 64 train galleries) gets a smaller binary code, said in the report."""
+    """A catalogue of 30 galleries, seven with hostile ids, and photos of every hostile kind: the run finishes,
+    each hostile photo is listed in data_quality.csv with its reason, the hostile ids are kept as they are,
+    and the catalogue (under 64 train galleries) gets a smaller binary code, said in the report."""
     from conftest import REPORTS, run_flow
 
     from gallery.data.synth import SynthSettings, generate
 
-    generate(tmp_path, SynthSettings(galleries=37, seed=5, image_size=32, min_images=2, max_images=3), workers=1)
+    generate(tmp_path, SynthSettings(galleries=30, seed=5, image_size=32, min_images=2, max_images=3), workers=1)
     manifest = pd.read_parquet(tmp_path / "manifest.parquet")
     spec = yaml.safe_load((tmp_path / "tasks.yaml").read_text())
-    manifest["gallery_id"] = list(manifest["gallery_id"][:30]) + HOSTILE_IDS
-    manifest["split"] = ["train"] * 24 + ["valid"] * 3 + ["test"] * 3 + ["train"] * 7
+    manifest["gallery_id"] = list(manifest["gallery_id"][:23]) + HOSTILE_IDS
+    manifest["split"] = ["train"] * 18 + ["valid"] * 3 + ["test"] * 2 + ["train"] * 7
     train = manifest["split"] == "train"
     learnable = lambda t: manifest.loc[train, t["column"]].dropna().astype(str).nunique() > 1  # noqa: E731
     spec = {"tasks": [t for t in spec["tasks"] if learnable(t)], "holdout": [t for t in spec["holdout"] if learnable(t)]}
@@ -747,7 +747,7 @@ def test_smoke_flow_on_a_catalogue_with_hostile_images_and_ids(tmp_path, silent_
                f"http://{silent_host}/photo.jpg": "unreachable"}
     images = [list(i) for i in manifest["images"]]
     for k, image in enumerate(hostile):  # each hostile-id gallery keeps a good photo and gets a hostile one
-        images[30 + k] = [good, image]
+        images[23 + k] = [good, image]
     images[0] = images[0] + [good] * 44  # past data.max_images (44)
     images[1] = list(hostile)            # nothing readable: excluded
     manifest["images"] = images
@@ -768,7 +768,59 @@ def test_smoke_flow_on_a_catalogue_with_hostile_images_and_ids(tmp_path, silent_
     end = run["end"].task.data
     exported = pq.read_table(end.embeddings_location)
     assert set(HOSTILE_IDS) <= set(exported["gallery_id"].to_pylist())
-    assert exported.schema.metadata[b"gallery.code"] == b"itq24"  # 31 train galleries, one excluded: 30 readable
+    assert exported.schema.metadata[b"gallery.code"] == b"itq24"  # 25 train galleries, one excluded: 24 readable
     report = (Path(REPORTS) / run.id / "report.md").read_text()
-    assert "binary code 'itq64' (retrieval.code) needs at least 64 train galleries to fit; this catalogue has 31, " \
+    assert "binary code 'itq64' (retrieval.code) needs at least 64 train galleries to fit; this catalogue has 25, " \
            "so the run fits 'itq24' instead" in report
+
+
+def test_s3_objects_are_read_through_the_same_checks(s3_bucket, monkeypatch):
+    use_metaflow_s3_settings()
+    photo = Path(png(Path(tempfile.mkdtemp()) / "p.png")).read_bytes()
+    storage.write_bytes(f"{s3_bucket}/hostile/photo.png", photo)
+    assert read_bytes(f"{s3_bucket}/hostile/photo.png", "image") == photo
+    with pytest.raises(MissingInput, match="hostile/none.png: does not exist"):
+        read_bytes(f"{s3_bucket}/hostile/none.png", "image")
+    with pytest.raises(NotAFile, match="hostile: is a folder"):
+        read_bytes(f"{s3_bucket}/hostile", "image")
+    monkeypatch.setenv("GALLERY_MAX_IMAGE_BYTES", "10")
+    with pytest.raises(TooLarge, match=r"photo.png: is larger than the image limit"):
+        read_bytes(f"{s3_bucket}/hostile/photo.png", "image")
+
+
+@pytest.mark.flow
+def test_the_flows_stop_bad_input_with_a_message_not_a_traceback(tmp_path):
+    """The train flow's ingest step with the arguments swapped, and a flow started with a bad settings file."""
+    import subprocess
+    import sys
+
+    from conftest import FLOW, run_flow
+
+    manifest, tasks = write_catalogue(tmp_path)
+    status, run, _ = run_flow(manifest=str(tasks), tasks=str(manifest))
+    log = run["ingest"].task.stderr
+    assert status == "failed" and "Input error" in log and "are --manifest and --tasks swapped?" in log, log[-2000:]
+    assert "Traceback" not in log
+
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"train": {"lr": 0.1}, "train": {"lr": 0.2}}')
+    shown = subprocess.run([sys.executable, FLOW, "--config", "settings", str(settings), "show"], capture_output=True,
+                           text=True, timeout=BOUND * 4, cwd=tmp_path)
+    assert shown.returncode != 0 and "Traceback" not in shown.stderr
+    assert "Input error" in shown.stderr and "the --config settings file: not valid JSON: key 'train' is given twice" in shown.stderr
+
+
+def test_a_huge_key_is_shown_as_an_excerpt(cli, catalogue):
+    catalogue[1].write_text(yaml.safe_dump({**SPEC, "k" * 200_000: 1}))
+    code, err = cli("validate", "--manifest", catalogue[0], "--tasks", catalogue[1])
+    assert code == 2 and "Additional properties are not allowed" in err and len(err) < 2000
+
+
+def test_csv_images_nested_past_any_use(cli, catalogue, tmp_path):
+    csv = tmp_path / "m.csv"
+    frame = manifest_frame()
+    frame = frame.assign(images=frame["images"].map(json.dumps))
+    frame.loc[4, "images"] = "[" * 100_000 + "]" * 100_000
+    frame.to_csv(csv, index=False)
+    code, err = cli("validate", "--manifest", csv, "--tasks", catalogue[1])
+    assert code == 2 and f"{csv}: column 'images': 1 row(s) are not a list of image paths: 'g4'" in err

@@ -46,7 +46,7 @@ class TaskSpec:
 # ---------------------------------------------------------------- task spec
 
 def _schema_error_to_violation(path: str, err) -> Violation:
-    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
+    where = "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + excerpt(p, 60, quote=False)
                     for i, p in enumerate(err.absolute_path)) or "top level"
     fixes = {
         "enum": f"use one of {err.validator_value}",
@@ -211,7 +211,7 @@ def _images_as_lists(column: pd.Series, from_text: bool) -> tuple[list, list[int
         if from_text and isinstance(cell, str):
             try:
                 value = json.loads(cell)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 value = cell  # not a JSON array: rejected below
         elif hasattr(cell, "tolist") and not isinstance(cell, str):
             value = cell.tolist()

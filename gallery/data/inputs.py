@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 import gallery.storage as storage
-from gallery.errors import UserError, Violation
+from gallery.errors import UserError
 
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")
 SUPPORTED_SCHEMES = ("file",) + REMOTE_SCHEMES
@@ -124,9 +124,6 @@ class InputProblem(UserError):
     def __init__(self, location: str, reason: str, fix: str):
         self.location, self.reason, self.fix = str(location), reason, fix
         super().__init__(f"{self.location}: {reason}; {fix}")
-
-    def violation(self, where: str = "file") -> Violation:
-        return Violation(self.location, where, self.reason, self.fix)
 
 
 class MissingInput(InputProblem):
@@ -339,10 +336,10 @@ def _open_local(path: str, location: str, kind: str, limit: int) -> int:
 
 def _read_local(path: str, location: str, kind: str, limit: int) -> bytes:
     fd = _open_local(path, location, kind, limit)
-    chunks, total = [], 0
+    chunks, total, size = [], 0, os.fstat(fd).st_size
     try:
         while True:  # a file that grows while read (or claims size 0, as /proc files do) stops at the limit
-            chunk = os.read(fd, min(CHUNK, limit + 1 - total))
+            chunk = os.read(fd, min(max(size + 1 - total, CHUNK), limit + 1 - total))
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)
