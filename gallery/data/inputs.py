@@ -45,7 +45,7 @@ from gallery.errors import UserError
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")
 SUPPORTED_SCHEMES = ("file",) + REMOTE_SCHEMES
 CHUNK = 1 << 16  # a remote read reports progress (to the watchdog) at least every CHUNK bytes
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")  # a file named "a:b.jpg" is a path
 
 
 # ---------------------------------------------------------------- limits
