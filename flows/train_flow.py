@@ -17,7 +17,7 @@ from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_from_dict
-from gallery.data.ingest import describe, ingest
+from gallery.data.ingest import describe
 from gallery.evaluation.render import lay_out, write_report
 from gallery.evaluation.report import build_report
 from gallery.evaluation.seeds import seeded, seeds_of
@@ -29,6 +29,7 @@ from gallery.steps import (
     assigned,
     collect_quality,
     export_embeddings,
+    ingest_for_run,
     transfer_evaluation,
     preprocess_shard,
     shard_rows,
@@ -84,7 +85,7 @@ class GalleryTrainFlow(FlowSpec):
     def ingest(self):
         """Validate the contract, split train/valid/test (8:1:1 unless the manifest says), label statistics."""
         with as_input_error():
-            self.catalogue = ingest(self.manifest_location, self.tasks_location)
+            self.catalogue = ingest_for_run(self.manifest_location, self.tasks_location, self.cfg)
         print(describe(self.catalogue))
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.cfg.data.shards))))
         self.next(self.preprocess, foreach="shards")

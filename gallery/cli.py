@@ -1,13 +1,19 @@
-"""The `gallery` command: small tools around the pipeline (the pipeline itself is flows/train_flow.py)."""
+"""The `gallery` command: small tools around the pipeline (the pipeline itself is flows/train_flow.py).
+
+Exit status: 0 on success, 2 on a user error (one paragraph naming the input and the fix, never a
+traceback; `--debug` shows it), 1 on anything else (a bug: the message says so), 130 when interrupted.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import traceback
 
 from gallery.errors import ContractError, UserError
 
 EXIT_USER = 2
+EXIT_BUG = 1
 
 
 def cmd_synth(args) -> int:
@@ -104,8 +110,10 @@ def cmd_search(args) -> int:
 
     model_run = None
     if args.images:  # seed images are embedded by a training run's model
+        from gallery.retrieval.search import check_seeds
         from gallery.runs import trained_run
 
+        check_seeds(args.images)  # an unreadable seed is named before the run is looked up
         model_run = trained_run(args.run or model_run_id(args.embeddings))
     settings = replace(RetrievalSettings(), rerank=args.rerank, approximate_above=args.approximate_above)
     hits = search_embeddings(args.embeddings, k=args.k, binary=args.binary, images=args.images,
@@ -147,7 +155,14 @@ def cmd_explorer(args) -> int:
 def _count(text: str) -> int:
     """A whole number >= 0 for an option, or argparse's usage error naming it."""
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text[:40]!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    """A whole number >= 1 for an option, or argparse's usage error naming it."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text[:40]!r}")
     return int(text)
 
 
@@ -155,10 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     from gallery.config import RetrievalSettings
 
     defaults = RetrievalSettings()
-    parser = argparse.ArgumentParser(prog="gallery", description=__doc__)
+    debug = argparse.ArgumentParser(add_help=False)  # accepted before or after the subcommand
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+    parser = argparse.ArgumentParser(prog="gallery", description=__doc__, parents=[debug],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write the synthetic accommodation catalogue (manifest, tasks, images)")
+    p = sub.add_parser("synth", parents=[debug], help="write the synthetic accommodation catalogue (manifest, tasks, images)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--galleries", type=int, default=2500)
     p.add_argument("--seed", type=int, default=0)
@@ -168,14 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("validate", help="check settings, or a manifest and task spec against the data contract, "
+    p = sub.add_parser("validate", parents=[debug], help="check settings, or a manifest and task spec against the data contract, "
                                          "without running anything")
     p.add_argument("--config", default=None, help="settings: a preset name (smoke, default, study, paper) or a JSON file")
     p.add_argument("--manifest", default=None, help="Parquet, CSV or JSON Lines manifest")
     p.add_argument("--tasks", default=None, help="YAML or JSON task spec")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("model-summary", help="trainable and frozen parameter counts of encoder and heads")
+    p = sub.add_parser("model-summary", parents=[debug], help="trainable and frozen parameter counts of encoder and heads")
     p.add_argument("--config", required=True, help="a preset name (smoke, default, paper) or settings JSON")
     p.add_argument("--tasks", required=True, help="task spec (multiclass tasks need classes or num_classes)")
     p.add_argument("--backbone", default=None, help="instead of the settings' model.backbone: a built-in name, "
@@ -185,13 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the settings' model.trainable_blocks (blocks of the backbone, from the top, that train)")
     p.set_defaults(func=cmd_model_summary)
 
-    p = sub.add_parser("search", help="nearest galleries to seed images or to a gallery")
+    p = sub.add_parser("search", parents=[debug], help="nearest galleries to seed images or to a gallery")
     p.add_argument("--embeddings", required=True, help="an embeddings Parquet file (train or embed flow)")
     p.add_argument("--run", default=None, help="GalleryTrainFlow run id (or latest) whose model embeds the seeds; "
                                                "default: the run that made the embeddings")
-    p.add_argument("--images", nargs="+", default=None, help="seed images, embedded together as one gallery")
-    p.add_argument("--gallery-id", default=None, help="use this gallery's embedding as the query")
-    p.add_argument("-k", type=int, default=10)
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--images", nargs="+", default=None, help="seed images, embedded together as one gallery")
+    query.add_argument("--gallery-id", default=None, help="use this gallery's embedding as the query")
+    p.add_argument("-k", type=_positive, default=10, help="galleries to return (default 10)")
     p.add_argument("--binary", action="store_true",
                    help="search the file's binary codes: Hamming distance finds candidates, exact cosine orders them")
     p.add_argument("--rerank", type=_count, default=defaults.rerank,
@@ -203,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helper in (("serve", "the search service and explorer page of a training run (an HTTP server)"),
                          ("explorer", "write the explorer page as one self-contained HTML file")):
-        p = sub.add_parser(name, help=helper)
+        p = sub.add_parser(name, parents=[debug], help=helper)
         source = p.add_mutually_exclusive_group()
         source.add_argument("--run", default=None, help="GalleryTrainFlow run id or latest (default: latest, or the run "
                                                         "named by --embeddings)")
@@ -229,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_count, default=10, help="neighbours kept per gallery (default 10)")
     p.set_defaults(func=cmd_explorer)
 
-    p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
+    p = sub.add_parser("bench", parents=[debug], help="benchmarks that print ratios measured side by side")
     p.add_argument("what", choices=["train", "weightings", "scale", "search", "serve"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
                         "weightings: each loss weighting's training step against pseudo-uniform's (default preset); "
@@ -253,18 +273,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from gallery.runs import use_metaflow_s3_settings
-
-    use_metaflow_s3_settings()  # s3:// files are read as the flows read them
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's usage errors (status 2) and --help (0)
+        return e.code if isinstance(e.code, int) else EXIT_USER
+    debug = getattr(args, "debug", False)
+    try:
+        from gallery.runs import use_metaflow_s3_settings
+
+        use_metaflow_s3_settings()  # s3:// files are read as the flows read them
         return args.func(args)
     except ContractError as e:
-        print(e, file=sys.stderr)
-        return EXIT_USER
+        return _fail(str(e), debug)
     except UserError as e:
-        print(f"gallery {args.command}: {e}", file=sys.stderr)
-        return EXIT_USER
+        return _fail(f"gallery {args.command}: {e}", debug)
+    except OSError as e:  # a file the command writes or reads: a full disk, a folder it may not write
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(f"gallery {args.command}:{where} {e.strerror or e}: check the path and its permissions", debug)
+    except KeyboardInterrupt:
+        print(f"gallery {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        _fail(f"gallery {args.command}: unexpected error ({e.__class__.__name__}: {str(e)[:300]}); this is a bug in "
+              "gallery: run again with --debug for the traceback and report it", debug)
+        return EXIT_BUG
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(message, file=sys.stderr)
+    return EXIT_USER
 
 
 if __name__ == "__main__":

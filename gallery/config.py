@@ -27,8 +27,10 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 from gallery.data.shards import FORMATS
+from gallery.data.documents import parse_document
+from gallery.data.inputs import MissingInput, read_text
 from gallery.data.synth import SynthSettings
-from gallery.errors import UserError
+from gallery.errors import ContractError, UserError
 
 PRESETS_DIR = resources.files("gallery") / "presets"
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and on CPUs with native bf16
@@ -239,25 +241,28 @@ def settings_from_dict(values: dict, source: str = "settings") -> Settings:
 def settings_json(text: str) -> dict:
     """Metaflow's parser of the flows' `settings` Config: checked like any settings, and returned
     complete (defaults filled in), so decorators can read any value (`settings.resources.train`)."""
+    return asdict(settings_from_dict(_document(text, "settings")))
+
+
+def _document(text: str, name: str) -> dict:
+    """JSON settings text, parsed strictly (gallery.data.documents: a key given twice is an error too)."""
     try:
-        values = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SettingsError(f"settings: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    return asdict(settings_from_dict(values))
+        return parse_document(text, name, "json", "flows/configs/default.json")
+    except ContractError as e:
+        raise SettingsError(f"{name}: {e.violations[0].problem}; {e.violations[0].fix}") from None
 
 
 def load_settings(path_or_name) -> Settings:
     """A preset by name (smoke, default, study, paper) or a JSON file path."""
-    path = Path(path_or_name) if Path(path_or_name).suffix else PRESETS_DIR / f"{path_or_name}.json"
-    if not path.is_file():
+    given = str(path_or_name)
+    path = Path(given) if Path(given).suffix or "/" in given else PRESETS_DIR / f"{given}.json"
+    try:  # through the bounded input layer (a preset of a zipped install is package data: read directly)
+        text = read_text(path, "settings") if isinstance(path, Path) else path.read_text()
+    except (MissingInput, FileNotFoundError):
         presets = sorted(p.name.removesuffix(".json") for p in PRESETS_DIR.iterdir() if p.name.endswith(".json"))
         raise SettingsError(f"settings {path_or_name!r}: no such file; give a preset name ({', '.join(presets)}) "
-                            "or the path of a settings JSON file")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SettingsError(f"settings {path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    return settings_from_dict(values, f"settings {path}")
+                            "or the path of a settings JSON file") from None
+    return settings_from_dict(_document(text, f"settings {path}"), f"settings {path}")
 
 
 # ---------------------------------------------------------------- what a mistake says

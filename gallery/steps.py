@@ -19,7 +19,7 @@ import torch
 import gallery.storage as storage
 from gallery.config import Settings
 from gallery.data.images import DataQuality, load_galleries, quality_csv
-from gallery.data.ingest import Catalogue
+from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
 from gallery.data.shards import Shard, ShardWriter
 from gallery.data.synth import VERSION as SYNTH_VERSION
@@ -35,7 +35,7 @@ from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_mode
 from gallery.model.weightings import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
-from gallery.retrieval.codes import BinaryCode, code_location, fit_code, save_code
+from gallery.retrieval.codes import BinaryCode, code_location, code_that_fits, fit_code, save_code
 from gallery.retrieval.embeddings import (embed_galleries, embed_with_photo_weights, embedding_matrix, embeddings_table,
                                           read_embeddings, write_embeddings)
 from gallery.training.cache import trunk_features
@@ -77,6 +77,17 @@ def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[st
     return manifest, tasks
 
 
+# ---------------------------------------------------------------- ingest
+
+def ingest_for_run(manifest: str, tasks: str, settings: Settings) -> Catalogue:
+    """The checked catalogue, with a note (shown by `describe` and in the report) for every setting it is
+    too small for, so that nothing the data already tells fails after training."""
+    catalogue = ingest(manifest, tasks)
+    _, why = code_that_fits(settings.retrieval.code, int((catalogue.frame["split"] == "train").sum()))
+    catalogue.notes += [why] if why else []
+    return catalogue
+
+
 # ---------------------------------------------------------------- preprocess
 
 def shard_rows(n_galleries: int, shards: int) -> list[np.ndarray]:
@@ -88,15 +99,15 @@ def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: s
     """Decode, EXIF-fix and resize one shard's galleries; store them encoded, with the frozen-trunk
     cache when the preset uses it (gallery.data.shards), a chunk of galleries at a time."""
     frame = catalogue.frame.iloc[np.asarray(rows)]
-    images = [imgs[: settings.data.max_images] for imgs in frame["images"]]
-    progress = Progress(sum(map(len, images)), f"preprocess {location}", "images", log)
     m, d = settings.model, settings.data
+    images = list(frame["images"])  # the first d.max_images of each are read, the rest listed as not used
+    progress = Progress(sum(min(len(i), d.max_images) for i in images), f"preprocess {location}", "images", log)
     encoder, device, qualities = None, pick_device(), []
     with ShardWriter(location, m.image_size, d.image_format, d.image_quality) as writer:
         for start in range(0, len(frame), CHUNK_GALLERIES):
             chunk = frame.iloc[start:start + CHUNK_GALLERIES]
             ids, arrays, quality = load_galleries(chunk["gallery_id"], images[start:start + CHUNK_GALLERIES],
-                                                  m.image_size, progress)
+                                                  m.image_size, progress, d.max_images)
             qualities.append(quality)
             splits = chunk.set_index("gallery_id")["split"]
             stored = [writer.add(g, splits[g], a) for g, a in zip(ids, arrays)]
@@ -195,15 +206,16 @@ def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Sha
     """Embeddings of every readable gallery -> Parquet per data_contracts/embeddings.schema.json.
 
     `metadata["run_id"]` names the training run whose model made them (searches check it). The bits are
-    made by `code` (the embed flow passes its training run's); without one, settings.retrieval.code is
-    fitted on the train split and saved beside the embeddings."""
+    made by `code` (the embed flow passes its training run's); without one, settings.retrieval.code (or
+    the largest code the train split can fit: codes.code_that_fits) is fitted on it and saved beside the embeddings."""
     source = shard_source(shards, settings)
     embedded = embed_with_photo_weights(model.encoder, source, settings.train.use_cache,
                                         workers=settings.data.loader_workers)
     embeddings = embedded.vectors
     splits = frame.set_index("gallery_id").loc[source.gallery_ids, "split"]
     if code is None:
-        code = save_code(fit_code(embeddings[splits.to_numpy() == "train"], settings.retrieval.code), code_location(location))
+        train = embeddings[splits.to_numpy() == "train"]
+        code = save_code(fit_code(train, code_that_fits(settings.retrieval.code, len(train))[0]), code_location(location))
     meta = {"backbone": settings.model.backbone, "pooling": settings.model.pooling, **metadata}
     photos = None if embedded.photo_weights is None else embedded_photos(frame, source.gallery_ids, shards, settings)
     write_embeddings(location, embeddings_table(source.gallery_ids, splits, embeddings, meta, code, photos,

@@ -38,10 +38,13 @@ def configure_s3(endpoint_url: str | None = None, ca_bundle: str | bool | None =
 
 
 @functools.lru_cache(maxsize=None)
-def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+def _s3_filesystem(bucket: str, timeout: float | None = None) -> pafs.S3FileSystem:
     options = dict(_S3_OPTIONS)
     if "endpoint_override" not in options:
         options["region"] = pafs.resolve_s3_region(bucket)  # AWS itself answers a bucket only in its region
+    if timeout is not None:  # a user's input: give up on a store that does not answer, after one retry
+        options |= {"connect_timeout": timeout, "request_timeout": timeout,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
     return pafs.S3FileSystem(**options)
 
 
@@ -49,13 +52,15 @@ def is_uri(location: str) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
-def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(location: str, timeout: float | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a location and the path in it; with `timeout`, an s3:// store that does not
+    connect or answer within that many seconds is an error (gallery.data.inputs reads users' files so)."""
     location = str(location)
     if location.startswith("file://"):
         location = location[len("file://"):]
     if location.startswith("s3://"):
         path = location[len("s3://"):]
-        return _s3_filesystem(path.split("/", 1)[0]), path
+        return _s3_filesystem(path.split("/", 1)[0], timeout), path
     if is_uri(location):
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), os.path.abspath(location)
@@ -74,24 +79,24 @@ def parent(location: str) -> str:
 
 
 def exists(location: str) -> bool:
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(location: str) -> bytes:
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     with fs.open_input_stream(path) as f:
         return f.read()
 
 
 def open_input_file(location: str):
     """A random-access file (pyarrow NativeFile): read a footer or a byte range without the rest."""
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     return fs.open_input_file(path)
 
 
 def write_bytes(location: str, data: bytes) -> None:
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
@@ -105,7 +110,7 @@ def write_bytes(location: str, data: bytes) -> None:
 
 def delete(location: str) -> None:
     """Remove one file; a file that is already gone is fine."""
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_file(path)
 
@@ -113,7 +118,7 @@ def delete(location: str) -> None:
 def staging_dir(location: str) -> str:
     """A local folder to write files destined for `location` (a folder or prefix), then `publish` them:
     inside the destination for a local store (so publishing is a rename), a temporary folder otherwise."""
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(path, exist_ok=True)
         return tempfile.mkdtemp(prefix=".staging-", dir=path)
@@ -122,7 +127,7 @@ def staging_dir(location: str) -> str:
 
 def publish(local_path: str, location: str) -> None:
     """Move a finished local file to `location`: an atomic rename locally, an upload to an object store."""
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.replace(local_path, path)
@@ -145,6 +150,6 @@ def load_torch(location: str, map_location="cpu"):
 
 def upload_dir(local_dir: str, location: str) -> None:
     """Copy a local folder to a location (an object-store prefix, or another folder)."""
-    fs, path = _resolve(location)
+    fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(os.path.abspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -12,14 +12,15 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from jsonschema import Draft202012Validator
 
-import gallery.storage as storage
+from gallery.data.documents import parse_document
+from gallery.data.inputs import LIMIT_VARIABLES, InputProblem, Limits, MissingInput, read_bytes, read_text, size_text
 from gallery.data.labels import label_key
 from gallery.data.tasks import Task
-from gallery.errors import ContractError, Violation, example
+from gallery.errors import ContractError, Violation, example, excerpt
 
 CONTRACTS_DIR = resources.files("gallery") / "contracts"  # package data: data_contracts/, installed with gallery
 KINDS = ("binary", "multiclass", "regression")
@@ -27,6 +28,7 @@ SPLITS = ("train", "valid", "test")
 RESERVED_COLUMNS = ("gallery_id", "images", "split")
 MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
                     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+SWAPPED = ": are --manifest and --tasks swapped?"
 
 
 def load_schema(name: str) -> dict:
@@ -44,7 +46,7 @@ class TaskSpec:
 # ---------------------------------------------------------------- task spec
 
 def _schema_error_to_violation(path: str, err) -> Violation:
-    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
+    where = "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + excerpt(p, 60, quote=False)
                     for i, p in enumerate(err.absolute_path)) or "top level"
     fixes = {
         "enum": f"use one of {err.validator_value}",
@@ -57,7 +59,7 @@ def _schema_error_to_violation(path: str, err) -> Violation:
         "pattern": "use letters, digits, '_', '.', '-' only",
         "not": "'classes'/'num_classes' apply to multiclass tasks only, 'positive' to binary tasks only",
     }
-    problem = err.message
+    problem = excerpt(err.message, 300, quote=False)  # a message holds the offending value: never all of it
     if err.validator == "not":
         problem = "a key does not fit this task's kind"
     return Violation(path, where, problem, fixes.get(err.validator, "see data_contracts/tasks.schema.json"))
@@ -67,15 +69,13 @@ def load_task_spec(path) -> TaskSpec:
     """Parse and validate a YAML/JSON task spec; raise ContractError listing every problem."""
     path = str(path)
     try:
-        text = storage.read_bytes(path).decode("utf-8")
-    except OSError as e:
-        raise ContractError([Violation(path, "file", f"cannot read the task spec ({e.strerror or e})",
-                                       "pass an existing YAML or JSON file with --tasks")]) from None
-    try:
-        doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ContractError([Violation(path, "file", f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}",
-                                       "fix the syntax (see data_contracts/examples/paper_tasks.yaml)")]) from None
+        text = read_text(path, "tasks")
+    except InputProblem as e:
+        fix = (f"the task spec is YAML or JSON text{SWAPPED}" if getattr(e, "found", "") == "a Parquet file"
+               else "pass an existing YAML or JSON file with --tasks" if isinstance(e, MissingInput) else e.fix)
+        raise ContractError([Violation(path, "file", f"cannot read the task spec: {e.reason}", fix)]) from None
+    fmt = "json" if path.lower().endswith(".json") else "yaml"
+    doc = parse_document(text, path, fmt, "data_contracts/examples/paper_tasks.yaml")
     errors = sorted(Draft202012Validator(load_schema("tasks")).iter_errors(doc), key=lambda e: list(e.absolute_path))
     violations = [_schema_error_to_violation(path, e) for e in errors]
     if violations:
@@ -125,25 +125,33 @@ def load_manifest(path) -> pd.DataFrame:
     the format stores them. The user's file is only read.
     """
     path = str(path)
-    fmt = MANIFEST_FORMATS.get(Path(path).suffix.lower())
+    suffix = Path(path).suffix.lower()
+    fmt = MANIFEST_FORMATS.get(suffix)
     if fmt is None:
-        raise ContractError([Violation(path, "file", f"unsupported manifest format {Path(path).suffix!r}",
-                                       "write the manifest as .parquet, .csv or .jsonl")])
-    if not storage.exists(path):
-        raise ContractError([Violation(path, "file", "the manifest does not exist",
-                                       "pass an existing file with --manifest")])
+        raise ContractError([Violation(path, "file", f"unsupported manifest format {excerpt(suffix)}",
+                                       "write the manifest as .parquet, .csv or .jsonl"
+                                       + (f" (a {suffix} file is a task spec{SWAPPED})" if suffix in (".yaml", ".yml") else ""))])
     try:
-        data = io.BytesIO(storage.read_bytes(path))
+        data = read_bytes(path, "manifest")
+    except InputProblem as e:
+        missing = isinstance(e, MissingInput)
+        raise ContractError([Violation(path, "file", "the manifest does not exist" if missing else e.reason,
+                                       "pass an existing file with --manifest" if missing else e.fix)]) from None
+    try:
         if fmt == "parquet":
-            df = pq.read_table(data).to_pandas()
+            df = _read_parquet(path, data)
         elif fmt == "csv":
-            df = pd.read_csv(data, dtype={c: "string" for c in RESERVED_COLUMNS}, keep_default_na=True)
+            df = pd.read_csv(io.BytesIO(data), dtype={c: "string" for c in RESERVED_COLUMNS}, keep_default_na=True,
+                             encoding="utf-8")
         else:
             df = _read_jsonl(path, data)
     except ContractError:
         raise
+    except UnicodeDecodeError as e:
+        raise ContractError([Violation(path, "file", f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                                       f"offset {e.start}; Latin-1 or Windows-1252?)", "save it as UTF-8")]) from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a contract problem of this file
-        raise ContractError([Violation(path, "file", f"cannot be read as {fmt}: {e}",
+        raise ContractError([Violation(path, "file", f"cannot be read as {fmt}: {excerpt(str(e), 300, quote=False)}",
                                        f"check that the file is valid {fmt}")]) from None
     if "images" in df.columns:
         df["images"], bad = _images_as_lists(df["images"], from_text=(fmt == "csv"))
@@ -155,21 +163,45 @@ def load_manifest(path) -> pd.DataFrame:
     return df
 
 
-def _read_jsonl(path: str, data: io.BytesIO) -> pd.DataFrame:
+def _read_parquet(path: str, data: bytes) -> pd.DataFrame:
+    """A Parquet manifest decoded batch by batch, refused as soon as it decodes past the manifest limit (a
+    few KB of Parquet, dictionary- and run-length-encoded, can hold gigabytes of repeated values)."""
+    limit, batches, decoded = Limits.from_env().manifest, [], 0
+    with pq.ParquetFile(io.BytesIO(data)) as f:
+        for batch in f.iter_batches(batch_size=65_536):
+            decoded += batch.nbytes
+            if decoded > limit:
+                raise ContractError([Violation(path, "file", f"decodes to more than the manifest limit ({size_text(limit)})",
+                                               f"split the catalogue, or raise {LIMIT_VARIABLES['manifest']}")])
+            batches.append(batch)
+        return pa.Table.from_batches(batches, schema=f.schema_arrow).to_pandas()
+
+
+def _read_jsonl(path: str, data: bytes) -> pd.DataFrame:
     rows = []
-    with io.TextIOWrapper(data, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ContractError([Violation(path, f"line {i}", f"not valid JSON ({e.msg})",
-                                                   "write one JSON object per line")]) from None
-                if not isinstance(row, dict):
-                    raise ContractError([Violation(path, f"line {i}", "not a JSON object",
-                                                   "write one JSON object per line")])
-                rows.append(row)
+    text = data.decode("utf-8-sig")
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                swapped = i == 1 and _is_task_spec(text)
+                raise ContractError([Violation(path, f"line {i}", f"not valid JSON ({e.msg})",
+                                               f"this is a task spec{SWAPPED}" if swapped
+                                               else "write one JSON object per line")]) from None
+            if not isinstance(row, dict):
+                raise ContractError([Violation(path, f"line {i}", "not a JSON object",
+                                               "write one JSON object per line")])
+            rows.append(row)
     return pd.DataFrame.from_records(rows)
+
+
+def _is_task_spec(text: str) -> bool:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and "tasks" in doc
 
 
 def _images_as_lists(column: pd.Series, from_text: bool) -> tuple[list, list[int]]:
@@ -179,7 +211,7 @@ def _images_as_lists(column: pd.Series, from_text: bool) -> tuple[list, list[int
         if from_text and isinstance(cell, str):
             try:
                 value = json.loads(cell)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 value = cell  # not a JSON array: rejected below
         elif hasattr(cell, "tolist") and not isinstance(cell, str):
             value = cell.tolist()

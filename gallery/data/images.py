@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-import gallery.storage as storage
+from gallery.data.inputs import InputProblem, read_input
 
 # Anything past this many pixels is treated as a decompression bomb (PIL's own default is 89M;
 # product photos are far smaller, and a 20k x 20k "photo" only costs memory).
@@ -32,18 +32,14 @@ class SkippedImage:
     reason: str
 
 
-def read_image_bytes(location: str) -> bytes:
-    """Bytes of a local path or URI; any failure to read is a per-item problem."""
+def read_image_bytes(location) -> bytes:
+    """Bytes of a local path or URI, read through the bounded input layer (gallery.data.inputs: regular
+    files only, size limit, remote timeouts), or bytes already received checked against the image size
+    limit; any failure to read is a per-item problem."""
     try:
-        return storage.read_bytes(location)
-    except FileNotFoundError:
-        raise ImageProblem("missing file") from None
-    except IsADirectoryError:
-        raise ImageProblem("is a directory, not an image") from None
-    except PermissionError:
-        raise ImageProblem("permission denied") from None
-    except OSError as e:
-        raise ImageProblem(f"unreadable ({e.__class__.__name__}: {e})") from None
+        return read_input(location, "image")
+    except InputProblem as e:
+        raise ImageProblem(f"{e.category} ({e.reason})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -88,14 +84,19 @@ def decode(data: bytes, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def load_image(location: str, size: int) -> np.ndarray:
+def load_image(location, size: int) -> np.ndarray:
+    """A path, URI or received bytes -> (size, size, 3) uint8; ImageProblem when it cannot be used."""
     return decode(read_image_bytes(location), size)
 
 
-def load_gallery(gallery_id: str, locations: list[str], size: int) -> tuple[np.ndarray, list[SkippedImage]]:
-    """All readable images of a gallery as (n, size, size, 3) uint8, plus the ones skipped."""
-    images, skipped = [], []
-    for loc in locations:
+def load_gallery(gallery_id: str, locations: list[str], size: int,
+                 max_images: int | None = None) -> tuple[np.ndarray, list[SkippedImage]]:
+    """The readable images of a gallery (its first `max_images`) as (n, size, size, 3) uint8, plus the
+    ones skipped: unreadable, or beyond `max_images` (listed too: a drop is never silent)."""
+    images = []
+    skipped = [SkippedImage(gallery_id, loc, f"beyond data.max_images ({max_images} per gallery)")
+               for loc in locations[max_images:]] if max_images is not None else []
+    for loc in locations[:max_images]:
         try:
             images.append(load_image(loc, size))
         except ImageProblem as e:
@@ -133,13 +134,14 @@ class DataQuality:
                 f"{len(self.excluded)} gallery(ies) excluded with no readable image")
 
 
-def load_galleries(gallery_ids, image_lists, size: int, progress=None):
-    """Decode many galleries: (kept ids, one (n, size, size, 3) array per kept gallery, DataQuality)."""
+def load_galleries(gallery_ids, image_lists, size: int, progress=None, max_images: int | None = None):
+    """Decode many galleries (the first `max_images` images of each): (kept ids, one (n, size, size, 3)
+    array per kept gallery, DataQuality)."""
     kept, arrays, skipped, excluded = [], [], [], []
     for gid, locations in zip(gallery_ids, image_lists):
-        stack, bad = load_gallery(gid, locations, size)
+        stack, bad = load_gallery(gid, locations, size, max_images)
         if progress is not None:
-            progress.update(len(locations))
+            progress.update(len(locations[:max_images]))
         skipped += bad
         if len(stack):
             kept.append(gid)

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 
 import gallery.storage as storage
-from gallery.data.contracts import SPLITS, TaskSpec, load_manifest, load_task_spec, validate_manifest
+from gallery.data.contracts import SPLITS, validate_manifest
+from gallery.data.ingest_checks import catalogue_problems, load_inputs
+from gallery.data.inputs import normalize, scheme_of
 from gallery.data.labels import LabelStats, encode_labels, label_statistics
 from gallery.data.split import assign_splits
 from gallery.data.tasks import Task
@@ -34,8 +36,8 @@ class Catalogue:
 
 def resolve_image(ref: str, base: str) -> str:
     """A manifest image reference as an absolute path or URI (relative ones are from the manifest's folder)."""
-    if "://" in ref:
-        return ref[len("file://"):] if ref.startswith("file://") else ref
+    if scheme_of(ref):
+        return normalize(ref)  # file:// decoded; remote URIs as given
     return ref if Path(ref).is_absolute() else storage.join(base, ref)
 
 
@@ -46,9 +48,8 @@ def ingest(manifest_path, tasks_path=None) -> Catalogue:
     embedding a catalogue). Raises ContractError listing every violation found; the user's files
     are only read.
     """
-    spec = load_task_spec(tasks_path) if tasks_path else TaskSpec("(no task spec)", [], [])
-    manifest_path = str(manifest_path)
-    raw = load_manifest(manifest_path)
+    manifest_path = normalize(manifest_path)
+    spec, raw = load_inputs(manifest_path, tasks_path)
     violations = validate_manifest(raw, manifest_path, spec)
     if any(v.where in ("column 'gallery_id'", "column 'images'") and "missing" in v.problem for v in violations):
         raise ContractError(violations)  # nothing more can be checked without ids and images
@@ -80,6 +81,7 @@ def ingest(manifest_path, tasks_path=None) -> Catalogue:
             notes += enc.notes
             resolved.append(enc.task)
             frame[task.name] = enc.values
+    violations += catalogue_problems(frame, raw, spec.tasks + spec.holdout, manifest_path)
     if violations:
         raise ContractError(violations)
     for task in tasks + holdout:

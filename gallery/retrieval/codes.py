@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import io
 import re
+import zipfile
 from dataclasses import dataclass, replace
 
 import faiss
 import numpy as np
 
 import gallery.storage as storage
-from gallery.errors import UserError
+from gallery.data.inputs import InputProblem, MissingInput, read_bytes
+from gallery.errors import UserError, excerpt
 from gallery.retrieval.index import BLOCK_ROWS, normalize, one_faiss_thread
 
 CODE_FILE = "binary_code.npz"
@@ -87,6 +89,18 @@ def code_bits(name: str, dim: int) -> int:
                     "(e.g. 'itq256': ITQ rotation, 32 bytes per gallery), 'median' (one bit per dimension) or 'sign'")
 
 
+def code_that_fits(name: str, train_galleries: int) -> tuple[str, str | None]:
+    """The code to fit on `train_galleries` train embeddings when `name` is asked for, and why it differs:
+    an itq code fits its PCA on at least as many galleries as it has bits, so a small catalogue gets the
+    largest itq code (whole bytes) it can fit, or 'median' (one bit per dimension) below 8 galleries."""
+    match = re.fullmatch(r"itq(\d+)", name)
+    if not match or train_galleries >= int(match[1]):
+        return name, None
+    smaller = f"itq{train_galleries // 8 * 8}" if train_galleries >= 8 else "median"
+    return smaller, (f"binary code {name!r} (retrieval.code) needs at least {match[1]} train galleries to fit; this "
+                     f"catalogue has {train_galleries}, so the run fits {smaller!r} instead")
+
+
 def fit_code(train_embeddings: np.ndarray, name: str) -> BinaryCode:
     """The code `name` fitted on the train split's embeddings; save it (save_code) before writing bits with it."""
     train = np.asarray(train_embeddings, np.float32)
@@ -131,11 +145,19 @@ def save_code(code: BinaryCode, location: str) -> BinaryCode:
 
 def load_code(location: str) -> BinaryCode:
     """A code saved by save_code (a folder path or an s3:// URI)."""
-    if not storage.exists(location):
+    try:
+        data = read_bytes(location, "embeddings")
+    except MissingInput:
         raise CodeError(f"binary code {location} does not exist: the export writes it beside the training run's "
-                        f"embeddings ({CODE_FILE}); keep it with the embeddings file that names it, or export again")
-    with np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False) as f:
-        return BinaryCode(str(f["name"]), f["thresholds"], f.get("center"), f.get("projection"), location)
+                        f"embeddings ({CODE_FILE}); keep it with the embeddings file that names it, or export again") from None
+    except InputProblem as e:
+        raise CodeError(f"binary code {e}") from None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            return BinaryCode(str(f["name"]), f["thresholds"], f.get("center"), f.get("projection"), location)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+        raise CodeError(f"binary code {location} is not a code saved by gallery ({excerpt(str(e), 120, quote=False)}): "
+                        "export again, or point the embeddings file at the right binary_code.npz") from None
 
 
 def code_of(metadata: dict) -> BinaryCode:

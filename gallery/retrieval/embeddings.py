@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 import gallery.storage as storage
+from gallery.data.inputs import open_random_access, read_bytes
 from gallery.data.packed import PackedGalleries
 from gallery.data.readers import batches_of, stream
 from gallery.model.gallery_model import GalleryEncoder
@@ -107,7 +108,7 @@ def write_embeddings(location: str, table) -> None:
 
 def read_embeddings_metadata(location: str) -> dict:
     """The file's `gallery.*` schema metadata (without the prefix), read from the Parquet footer only."""
-    with storage.open_input_file(location) as f:
+    with open_random_access(location, "embeddings") as f:
         return _gallery_metadata(pq.read_schema(f))
 
 
@@ -123,7 +124,7 @@ def _gallery_metadata(schema) -> dict:
 
 def read_columns(location: str, columns: list[str]):
     """Some columns of an embeddings file, reading only their bytes (ids and codes without the floats)."""
-    with storage.open_input_file(location) as f:
+    with open_random_access(location, "embeddings") as f:
         return pq.read_table(f, columns=columns)
 
 
@@ -152,5 +153,5 @@ def photo_weights_of(table) -> dict[str, tuple[list[str], np.ndarray]] | None:
 
 def read_embeddings(location: str):
     """(table, metadata dict without the 'gallery.' prefix) of an embeddings Parquet file."""
-    table = pq.read_table(io.BytesIO(storage.read_bytes(location)))
+    table = pq.read_table(io.BytesIO(read_bytes(location, "embeddings")))
     return table, _gallery_metadata(table.schema)

@@ -12,13 +12,16 @@ whose space differs from the file's is refused.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-import gallery.storage as storage
 from gallery.config import RetrievalSettings
-from gallery.data.images import ImageProblem, load_image
-from gallery.errors import UserError
+from gallery.data.images import ImageProblem, load_image, read_image_bytes
+from gallery.data.inputs import InputProblem, open_random_access
+from gallery.errors import UserError, excerpt
 from gallery.retrieval.codes import code_of
 from gallery.retrieval.embeddings import (
     code_matrix,
@@ -37,13 +40,62 @@ class SearchError(UserError):
 
 def model_run_id(embeddings_location: str) -> str:
     """The training run whose model made an embeddings file ('latest' when the file does not say)."""
-    _require(embeddings_location)
+    check_embeddings_file(embeddings_location)
     return read_embeddings_metadata(embeddings_location).get("run_id", "latest")
 
 
-def _require(embeddings_location: str) -> None:
-    if not storage.exists(embeddings_location):
-        raise SearchError(f"embeddings file {embeddings_location} does not exist")
+@dataclass(frozen=True)
+class EmbeddingsFile:
+    galleries: int
+    dimension: int
+
+
+def check_embeddings_file(location: str, binary: bool = False) -> EmbeddingsFile:
+    """An embeddings file's size, after checking (footer and schema only) that it is one a search can use;
+    a SearchError naming the file and the fix otherwise."""
+    fix = "give an embeddings Parquet file written by the train or embed flow (data_contracts/embeddings.schema.json)"
+    try:
+        with open_random_access(location, "embeddings") as f:
+            meta = pq.read_metadata(f)
+    except InputProblem as e:
+        raise SearchError(f"embeddings file {e}") from None
+    except (pa.ArrowException, OSError) as e:
+        raise SearchError(f"embeddings file {location} is not a readable Parquet file, or is cut short "
+                          f"({excerpt(str(e), 160, quote=False)}): {fix}") from None
+    schema = meta.schema.to_arrow_schema()
+    wanted = {"gallery_id": pa.types.is_string, "embedding": _fixed_floats}
+    wanted |= {"embedding_bits": pa.types.is_fixed_size_binary} if binary else {}
+    missing = [c for c in wanted if c not in schema.names]
+    wrong = [f"{c} ({schema.field(c).type})" for c, ok in wanted.items() if c in schema.names and not ok(schema.field(c).type)]
+    if missing or wrong:
+        raise SearchError(f"embeddings file {location}: " + "; ".join(
+            ([f"missing column(s) {', '.join(missing)}"] if missing else [])
+            + ([f"column(s) of the wrong type: {', '.join(wrong)} (embedding: fixed-size list of float32, every "
+                "gallery the same dimension; embedding_bits: fixed-size binary; gallery_id: string)"] if wrong else []))
+            + f": {fix}")
+    if binary and b"gallery.dimension" not in (schema.metadata or {}):
+        raise SearchError(f"embeddings file {location} names no binary code (no gallery.* metadata): search it "
+                          "without --binary, or export it with the train or embed flow")
+    if meta.num_rows == 0:
+        raise SearchError(f"embeddings file {location} holds no galleries: {fix}")
+    return EmbeddingsFile(meta.num_rows, schema.field("embedding").type.list_size)
+
+
+def _fixed_floats(kind: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(kind) and pa.types.is_float32(kind.value_type)
+
+
+def check_seeds(images) -> None:
+    """Check that every seed photo can be read (bounded, gallery.data.inputs) before anything slower
+    runs; a SearchError listing each unreadable one."""
+    problems = []
+    for image in images:
+        try:
+            read_image_bytes(image)
+        except ImageProblem as e:
+            problems.append(f"seed image {excerpt(image, 200, quote=False)}: {e}")
+    if problems:
+        raise SearchError("; ".join(problems) + "; pass readable JPEG/PNG/WEBP/GIF files")
 
 
 class FileIndex:
@@ -52,9 +104,7 @@ class FileIndex:
     def __init__(self, location: str, binary: bool, settings: RetrievalSettings = RetrievalSettings(), log=print):
         self.location, self.binary = location, binary
         self.metadata = read_embeddings_metadata(location)
-        with storage.open_input_file(location) as f:
-            rows = pq.read_metadata(f).num_rows
-        approximate = rows > settings.approximate_above
+        approximate = check_embeddings_file(location, binary).galleries > settings.approximate_above
         if binary:
             self.code = code_of(self.metadata)
             self.codes = code_matrix(read_columns(location, ["embedding_bits"]))
@@ -106,30 +156,33 @@ def search_embeddings(embeddings_location: str, k: int = 10, binary: bool = Fals
     by `model_run`'s model (a gallery.runs.TrainedRun; normally the run that made the file, whose id
     is in the file's metadata: `read_embeddings_metadata(location)["run_id"]`). Scores are cosine
     similarities, or Hamming distances in bits for code search with `settings.rerank` 0."""
-    _require(embeddings_location)
     if (images is None) == (gallery_id is None):
         raise SearchError("give seed images (--images) or an existing gallery (--gallery-id), not both")
+    if k < 1:
+        raise SearchError(f"-k {k}: ask for at least 1 gallery")
+    dimension = check_embeddings_file(embeddings_location, binary).dimension
     ids = read_columns(embeddings_location, ["gallery_id"])["gallery_id"].to_pylist()
     if gallery_id is not None and gallery_id not in ids:
-        raise SearchError(f"gallery {gallery_id!r} is not in {embeddings_location} ({len(ids)} galleries)")
-    query = None if images is None else _embed_seeds(embeddings_location, images, model_run)
+        raise SearchError(f"gallery {excerpt(gallery_id)} is not in {embeddings_location} ({len(ids)} galleries)")
+    query = None if images is None else _embed_seeds(embeddings_location, dimension, images, model_run)
     index = FileIndex(embeddings_location, binary, settings, log)
     k = min(k, len(ids))
     hits = index.search_row(ids.index(gallery_id), k) if query is None else index.search_vector(query, k)
     return [(ids[r], float(s)) for r, s in zip(hits.rows[0], hits.scores[0]) if r >= 0]
 
 
-def _embed_seeds(embeddings_location: str, images, model_run) -> np.ndarray:
+def _embed_seeds(embeddings_location: str, dimension: int, images, model_run) -> np.ndarray:
     """Seed images embedded as one gallery by the run's model, after checking it made the file's space."""
     if model_run is None:
         raise ValueError("seed images need the training run whose model embeds them (model_run)")
     model = seed_model(embeddings_location, model_run)
     pictures = []
-    for path in images:
+    for image in images:
         try:
-            pictures.append(load_image(path, model_run.settings.model.image_size))
+            pictures.append(load_image(image, model_run.settings.model.image_size))
         except ImageProblem as e:
-            raise SearchError(f"seed image {path}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None
+            name = excerpt(image, 200, quote=False) if isinstance(image, str) else f"({len(image)} bytes)"
+            raise SearchError(f"seed image {name}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None
     return embed_images(model.encoder, pictures)
 
 
