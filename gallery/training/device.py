@@ -60,10 +60,15 @@ def share_cores(parallel_tasks: int) -> int:
     """Give each of `parallel_tasks` sibling processes on this machine its share of the cores.
 
     PyTorch's OpenMP threads spin while they wait: two processes with a thread per core each
-    on the same cores ran training 80x slower than with one thread each (measured on 2 cores).
+    on the same cores ran training 80x slower than with one thread each (measured on 2 cores). The
+    BLAS and OpenMP pools of numpy, scipy and scikit-learn (the probes' regressions) spin the same way:
+    they get the same share (threadpoolctl).
     """
+    from threadpoolctl import threadpool_limits
+
     threads = max(1, available_cores() // max(1, parallel_tasks))
     torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
     return threads
 
 
