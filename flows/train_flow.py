@@ -22,6 +22,7 @@ from gallery.evaluation.render import lay_out, write_report
 from gallery.evaluation.report import build_report
 from gallery.evaluation.seeds import seeded, seeds_of
 from gallery.evaluation.task_optimal import RESULT, group_tasks
+from gallery.serve.explorer import export_catalogue_explorer
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
                           flow_settings, name_the_user, parallel_workers_use_this_python, share_machine,
                           use_metaflow_s3_settings)
@@ -201,10 +202,12 @@ class GalleryTrainFlow(FlowSpec):
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)
+        export_catalogue_explorer(self.embeddings_location, self.catalogue.manifest_path, self.catalogue.spec_path,
+                                  storage.join(self.report_location, "explorer.html"), self.cfg)
         self.metrics = r.metrics
         for kind, content in r.blocks:
             current.card.append(Markdown(content) if kind == "md" else Image(r.files[content]))
-        outputs = (f"- report: `{self.report_location}/report.md` (+ metrics.json, CSVs, PNGs)\n"
+        outputs = (f"- report: `{self.report_location}/report.md` (+ metrics.json, CSVs, PNGs, explorer.html)\n"
                    f"- embeddings ({self.exported_galleries} galleries, {self.reference}): `{self.embeddings_location}`\n"
                    f"- ImageNet-transfer embeddings: `{self.imagenet_location}`\n"
                    f"- data-quality list: `{self.quality_location}`\n"

@@ -1,7 +1,9 @@
-"""2-D map of the gallery embeddings (paper Fig. 4): UMAP, coloured by a few attributes."""
+"""2-D map of the gallery embeddings (paper Fig. 4): UMAP, coloured by a few attributes; made once per
+embeddings file and saved beside it (the report's figure and the explorer page show the same map)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -10,7 +12,9 @@ import numpy as np
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import MISSING_CLASS
 from gallery.data.tasks import Task
+from gallery.retrieval.embeddings import embedding_matrix, read_columns
 from gallery.retrieval.index import normalize, one_faiss_thread
+from gallery.retrieval.saved import saved_vectors
 
 
 def projection_attributes(catalogue: Catalogue, limit: int = 3) -> list[Task]:
@@ -54,6 +58,25 @@ def umap_2d(embeddings: np.ndarray, seed: int, max_points: int) -> tuple[np.ndar
     coords = umap.UMAP(n_components=2, n_neighbors=n_neighbors, n_epochs=200, random_state=seed,
                        precomputed_knn=(neighbours, distance, None)).fit_transform(unit)
     return rows, coords
+
+
+@dataclass(frozen=True)
+class GalleryMap:
+    rows: np.ndarray  # (m,) rows of the embeddings file shown, ascending
+    xy: np.ndarray    # (m, 2) their map coordinates
+
+
+def gallery_map(embeddings_location: str, max_points: int, seed: int = 0, log=print) -> GalleryMap:
+    """The UMAP map of an embeddings file's galleries (a seeded sample of `max_points` at most), saved
+    beside the file (as the search indexes are, gallery.retrieval.saved) and reused until it changes."""
+    def build() -> np.ndarray:
+        log(f"mapping the galleries of {embeddings_location} in 2-D (UMAP, at most {max_points:,} of them)")
+        floats = embedding_matrix(read_columns(embeddings_location, ["embedding"]))
+        rows, coords = umap_2d(floats, seed, max_points)
+        return np.column_stack([rows, coords]).astype(np.float64)
+
+    stored = np.asarray(saved_vectors(embeddings_location, "map-umap", {"points": max_points, "seed": seed}, build, log))
+    return GalleryMap(stored[:, 0].astype(np.int64), stored[:, 1:3].copy())
 
 
 def projection_figure(coords: np.ndarray, colourings: list[tuple[Task, np.ndarray]]):

@@ -23,7 +23,7 @@ from gallery.evaluation.comparisons import (ClassBalance, Finding, Table2Compari
                                             mtl_vs_optimal, per_task, table2_comparisons, weighting_wins)
 from gallery.evaluation.holdout import HoldoutResult
 from gallery.evaluation.neighbours import BinaryVsFloat, binary_vs_float
-from gallery.evaluation.projection import projection_attributes, umap_2d
+from gallery.evaluation.projection import gallery_map, projection_attributes
 from gallery.evaluation.retrieval_examples import RetrievalExample, retrieval_examples
 from gallery.evaluation.scorecard import Scorecard, scorecard
 from gallery.evaluation.seeds import mean_optimal, mean_training, mean_transfer, seeds_of
@@ -138,10 +138,10 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
     data.binary = binary_vs_float(catalogue, ids, embeddings, imagenet_location, embeddings_code(embeddings_location),
                                   settings.retrieval)
     attributes = projection_attributes(catalogue)
-    if attributes and len(ids) >= 5:
-        rows, coords = umap_2d(embeddings, settings.train.seed, settings.evaluation.projection_points)
-        frame = catalogue.frame.set_index("gallery_id").loc[[ids[i] for i in rows]]
-        data.projection = Projection(rows, coords, [(t, frame[t.name].to_numpy()) for t in attributes])
+    if attributes and len(ids) >= 5:  # the map the explorer page shows too (saved beside the embeddings)
+        found = gallery_map(embeddings_location, settings.evaluation.projection_points, settings.train.seed, log)
+        frame = catalogue.frame.set_index("gallery_id").loc[[ids[i] for i in found.rows]]
+        data.projection = Projection(found.rows, found.xy, [(t, frame[t.name].to_numpy()) for t in attributes])
     model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints)
     data.retrieval = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
                                         settings.evaluation.retrieval_examples, settings.train.seed,

@@ -24,7 +24,7 @@ from gallery.retrieval.codes import code_of
 from gallery.retrieval.embeddings import embed_images, read_columns, read_embeddings_metadata
 from gallery.retrieval.search import FileIndex, model_run_id, seed_model
 from gallery.runs import RunNotFound, TrainedRun, trained_run
-from gallery.serve.atlas import GalleryMap, gallery_map
+from gallery.evaluation.projection import GalleryMap, gallery_map
 from gallery.serve.catalogue import ServedCatalogue
 from gallery.serve.problems import NotFound, RequestProblem, Unavailable
 
