@@ -130,7 +130,7 @@ def test_the_readme_commands_run(tmp_path, monkeypatch, capsys):
         ran.append(argv[0])
     out = capsys.readouterr().out
     assert sorted(set(ran)) == sorted(RUNNABLE)
-    assert "galleries: 3 (train 1, valid 1, test 1)" in out  # the quick-start files, as the README says they validate
+    assert "galleries: 4 (train 2, valid 1, test 1)" in out  # the quick-start files, as the README says they validate
     assert re.search(r"total +trainable +[\d,]+", out)
 
 
@@ -149,6 +149,6 @@ def test_the_first_run_example_validates_and_scales(tmp_path):
     from gallery.data.ingest import ingest
 
     catalogue = ingest(*write_example(tmp_path, copies=40))
-    assert len(catalogue.frame) == 120 and (catalogue.frame["split"] == "train").sum() == 40
+    assert len(catalogue.frame) == 160 and (catalogue.frame["split"] == "train").sum() == 80
     assert [t.name for t in catalogue.tasks] == ["pool", "type"] and [t.name for t in catalogue.holdout] == ["stars"]
 

@@ -739,70 +739,8 @@ def test_limits_from_the_environment():
     assert (limits.image, limits.tasks, limits.timeout, limits.manifest) == (2 * 1024**2, 1500, 2.5, Limits().manifest)
 
 
-# ================================================================ the smoke flow on a hostile catalogue
-
-HOSTILE_IDS = ["../../etc/passwd", "a/b\\c", 'quote " and, comma', "new\nline", "ünïcødé 🙂", " padded ", "x" * 300]
-
-
-@pytest.mark.flow
-def test_smoke_flow_on_a_catalogue_with_hostile_images_and_ids(tmp_path, silent_host):
-    """A catalogue of 30 galleries, seven with hostile ids, and photos of every hostile kind: the run finishes,
-    each hostile photo is listed in data_quality.csv with its reason, the hostile ids are kept as they are,
-    and the catalogue (under 64 train galleries) gets a smaller binary code, said in the report."""
-    from conftest import REPORTS, run_flow
-
-    from gallery.data.synth import SynthSettings, generate
-
-    generate(tmp_path, SynthSettings(galleries=30, seed=5, image_size=32, min_images=2, max_images=3), workers=1)
-    manifest = pd.read_parquet(tmp_path / "manifest.parquet")
-    spec = yaml.safe_load((tmp_path / "tasks.yaml").read_text())
-    manifest["gallery_id"] = list(manifest["gallery_id"][:23]) + HOSTILE_IDS
-    manifest["split"] = ["train"] * 18 + ["valid"] * 3 + ["test"] * 2 + ["train"] * 7
-    train = manifest["split"] == "train"
-    learnable = lambda t: manifest.loc[train, t["column"]].dropna().astype(str).nunique() > 1  # noqa: E731
-    spec = {"tasks": [t for t in spec["tasks"] if learnable(t)], "holdout": [t for t in spec["holdout"] if learnable(t)]}
-    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(spec))
-
-    special = tmp_path / "special"
-    special.mkdir()
-    os.mkfifo(special / "fifo.jpg")
-    (special / "zero.jpg").symlink_to("/dev/zero")
-    (special / "empty.jpg").write_bytes(b"")
-    (special / "text.jpg").write_text("not a photo")
-    (special / "folder.jpg").mkdir()
-    good = str(tmp_path / manifest["images"][0][0])
-    hostile = {f"{special}/fifo.jpg": "not a regular file", f"{special}/zero.jpg": "not a regular file",
-               f"{special}/empty.jpg": "zero-byte file", f"{special}/text.jpg": "not an image",
-               f"{special}/folder.jpg": "not a regular file", f"{special}/missing.jpg": "missing file",
-               f"http://{silent_host}/photo.jpg": "unreachable"}
-    images = [list(i) for i in manifest["images"]]
-    for k, image in enumerate(hostile):  # each hostile-id gallery keeps a good photo and gets a hostile one
-        images[23 + k] = [good, image]
-    images[0] = images[0] + [good] * 44  # past data.max_images (44)
-    images[1] = list(hostile)            # nothing readable: excluded
-    manifest["images"] = images
-    manifest.to_parquet(tmp_path / "manifest.parquet")
-
-    status, run, stderr = run_flow(env={"GALLERY_INPUT_TIMEOUT": "1"}, manifest=str(tmp_path / "manifest.parquet"),
-                                   tasks=str(tmp_path / "tasks.yaml"))
-    assert status == "successful", stderr[-3000:]
-    quality = pd.read_csv(run["data_quality"].task.data.quality_location, keep_default_na=False)
-    listed = set(zip(quality["gallery_id"], quality["image"], quality["reason"].str.split(" \\(").str[0]))
-    for k, (image, reason) in enumerate(hostile.items()):
-        assert (HOSTILE_IDS[k], image, reason) in listed
-        assert (manifest["gallery_id"][1], image, reason) in listed
-    assert (manifest["gallery_id"][1], "", "gallery excluded: no readable image") in listed
-    beyond = quality[(quality["gallery_id"] == manifest["gallery_id"][0])]
-    assert list(beyond["reason"]) == ["beyond data.max_images (44 per gallery)"] * (len(images[0]) - 44)
-
-    end = run["end"].task.data
-    exported = pq.read_table(end.embeddings_location)
-    assert set(HOSTILE_IDS) <= set(exported["gallery_id"].to_pylist())
-    assert exported.schema.metadata[b"gallery.code"] == b"itq24"  # 25 train galleries, one excluded: 24 readable
-    report = (Path(REPORTS) / run.id / "report.md").read_text()
-    assert "binary code 'itq64' (retrieval.code) needs at least 64 train galleries to fit; this catalogue has 25, " \
-           "so the run fits 'itq24' instead" in report
-
+# ================================================================ the flows (the first-run flow test, test_first_run.py,
+# runs a catalogue with hostile photos and ids)
 
 @pytest.mark.flow
 def test_the_flows_stop_bad_input_with_a_message_not_a_traceback(tmp_path):
@@ -823,4 +761,4 @@ def test_the_flows_stop_bad_input_with_a_message_not_a_traceback(tmp_path):
     shown = subprocess.run([sys.executable, FLOW, "--config", "settings", str(settings), "show"], capture_output=True,
                            text=True, timeout=BOUND * 4, cwd=tmp_path)
     assert shown.returncode != 0 and "Traceback" not in shown.stderr
-    assert "Input error" in shown.stderr and "the --config settings file: not valid JSON: key 'train' is given twice" in shown.stderr
+    assert "Settings error" in shown.stderr and "key 'train' is given twice" in shown.stderr

@@ -142,7 +142,7 @@ def test_a_flow_stops_on_bad_settings_before_any_step(tmp_path):
     seconds = time.perf_counter() - started
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
-    assert "Settings error" in out and 'model.pooling = "avrage": not a known pooling; allowed: gem, max, mean' in out
+    assert "Settings error" in out and 'model.pooling = "avrage": not a known pooling; allowed: gated_attention, gem, max, mean, pma' in out
     assert "Traceback" not in out and "Workflow starting" not in out
     assert not (tmp_path / ".metaflow").exists()  # no run was created
     print(f"bad settings stopped the flow after {seconds:.1f} s (imports included)")

@@ -3,7 +3,6 @@ damaged images, a contract violation, every loss weighting in one run, and two d
 killed and resumed. What a unit test
 can check (the statistics, the report's layout) is checked in test_comparisons.py and test_report.py."""
 import base64
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,7 +17,6 @@ from metaflow import Runner
 from metaflow.cards import get_cards
 
 from gallery.data.contracts import load_schema
-from gallery.data.synth import SynthSettings, generate
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
 from gallery.model.pooling import POOLINGS
 from gallery.model.weightings import WEIGHTINGS
@@ -194,49 +192,6 @@ def test_a_study_of_every_weighting_and_pooling_in_one_smoke_run(tmp_path):
         (w, p) for w in weightings for p in poolings if (w, p) != ("pseudo_uniform", "mean"))
     assert "## Study: weightings and poolings against the paper's configuration" in report
     assert {c["pooling"] for c in metrics["study"]["cells"]} == set(poolings)
-
-
-@pytest.fixture
-def damaged_catalogue(tmp_path):
-    out = tmp_path / "cat"
-    generate(out, SynthSettings(galleries=80, seed=5, image_size=32, min_images=2, max_images=4), workers=1)
-    m = pd.read_parquet(out / "manifest.parquet")
-    first = out / m["images"][0][0]
-    first.write_bytes(first.read_bytes()[:100])             # truncated
-    (out / m["images"][1][0]).write_bytes(b"")              # zero bytes
-    (out / m["images"][2][0]).unlink()                      # missing
-    for image in m["images"][5]:                            # a gallery with no readable image left
-        (out / image).unlink()
-    return out
-
-
-def test_damaged_images_are_skipped_counted_and_listed(damaged_catalogue):
-    manifest, tasks = damaged_catalogue / "manifest.parquet", damaged_catalogue / "tasks.yaml"
-    before = hashlib.sha1(manifest.read_bytes() + tasks.read_bytes()).hexdigest()
-    status, run, stderr = run_flow(manifest=str(manifest), tasks=str(tasks))
-    assert status == "successful", stderr[-3000:]
-    end = run["end"].task.data
-    assert end.quality.excluded == ["acc_000005"]
-    reasons = {(s.gallery_id, s.reason.split(" (")[0]) for s in end.quality.skipped}
-    assert {("acc_000000", "damaged image"), ("acc_000001", "zero-byte file"), ("acc_000002", "missing file")} <= reasons
-    listed = pd.read_csv(end.quality_location)
-    assert len(listed) == len(end.quality.skipped) + 1 and "acc_000005" in set(listed["gallery_id"])
-    table, _ = read_embeddings(end.embeddings_location)
-    assert table.num_rows == 79 and "acc_000005" not in table["gallery_id"].to_pylist()
-    assert json.loads((Path(REPORTS) / run.id / "metrics.json").read_text())["data_quality"]["excluded_galleries"] == 1
-    assert hashlib.sha1(manifest.read_bytes() + tasks.read_bytes()).hexdigest() == before
-
-
-def test_contract_violation_fails_ingest_with_the_message(damaged_catalogue, tmp_path):
-    m = pd.read_parquet(damaged_catalogue / "manifest.parquet")
-    bad = pd.concat([m, m.iloc[[3]]])
-    bad.to_parquet(damaged_catalogue / "dupes.parquet")
-    status, run, stderr = run_flow(manifest=str(damaged_catalogue / "dupes.parquet"), tasks=str(damaged_catalogue / "tasks.yaml"))
-    assert status == "failed" and "Step ingest (task-id 2) failed" in stderr
-    log = run["ingest"].task.stderr
-    assert "Input error" in log and "column 'gallery_id': 1 id(s) appear more than once: 'acc_000003'" in log
-    assert "fix: make gallery_id unique" in log and "Traceback" not in log
-    assert not run["ingest"].task.successful and "preprocess" not in [s.id for s in run]
 
 
 @pytest.fixture(scope="module")
