@@ -18,11 +18,8 @@ from metaflow.cards import Image, Markdown
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_from_dict
 from gallery.data.ingest import describe
-from gallery.evaluation.render import lay_out, write_report
-from gallery.evaluation.report import build_report
 from gallery.evaluation.seeds import seeded, seeds_of
 from gallery.evaluation.task_optimal import RESULT, group_tasks
-from gallery.serve.explorer import export_catalogue_explorer
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
                           flow_settings, name_the_user, parallel_workers_use_this_python, share_machine,
                           use_metaflow_s3_settings)
@@ -173,13 +170,21 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def evaluate(self):
         """Side by side: the transfer suite (every held-out task x probe x embedding arm; Table 2 among
-        them), or the task-optimal models of a group of MTL tasks (the same architecture on each task alone,
-        trained together in one pass over the data; one task per group on a cluster)."""
+        them), binary codes against float search and the explorer page of the exported embeddings; or the
+        task-optimal models of a group of MTL tasks (the same architecture on each task alone, trained
+        together in one pass over the data; one task per group on a cluster)."""
         share_machine(len(self.evaluations))
         if self.input == TRANSFER:
+            from gallery.evaluation.report import binary_codes
+            from gallery.serve.explorer import export_catalogue_explorer
+
             self.transfer_by_seed = transfer_evaluation(
                 self.catalogue, self.shard_list, self.cfg, self.embeddings_location, self.imagenet_location,
                 {"run_id": current.run_id}, self.checkpoints_by_seed, self.reference)
+            self.binary = binary_codes(self.catalogue, self.cfg, self.embeddings_location, self.imagenet_location)
+            self.explorer_location = export_catalogue_explorer(
+                self.embeddings_location, self.catalogue.manifest_path, self.catalogue.spec_path,
+                self.run_location("report", "explorer.html"), self.cfg)
         else:
             self.optimal = task_optimal_models(
                 self.catalogue, self.shard_list, self.cfg, self.input,
@@ -192,18 +197,22 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def report(self, inputs):
         """Tables, figures and a reading of the results -> reports/<run id>/, the run's store and its card."""
-        self.merge_artifacts(inputs, exclude=["transfer_by_seed", "optimal"])
-        self.transfer_by_seed = next(i.transfer_by_seed for i in inputs if i.input == TRANSFER)
+        from gallery.evaluation.render import lay_out, write_report  # only here: matplotlib and the statistics
+        from gallery.evaluation.report import build_report
+
+        self.merge_artifacts(inputs, exclude=["transfer_by_seed", "binary", "explorer_location", "optimal"])
+        transfer = next(i for i in inputs if i.input == TRANSFER)
+        self.transfer_by_seed = transfer.transfer_by_seed
         self.optimal_by_seed = [{name: result for i in inputs if i.input != TRANSFER for name, result in i.optimal[k].items()}
                                 for k in range(self.cfg.evaluation.seeds)]
         r = lay_out(build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
-                                 self.transfer_by_seed, self.optimal_by_seed, self.embeddings_location,
-                                 self.imagenet_location, self.checkpoint_locations[self.reference]))
+                                 self.transfer_by_seed, self.optimal_by_seed, transfer.binary,
+                                 self.embeddings_location, self.checkpoint_locations[self.reference]))
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)
-        export_catalogue_explorer(self.embeddings_location, self.catalogue.manifest_path, self.catalogue.spec_path,
-                                  storage.join(self.report_location, "explorer.html"), self.cfg)
+        storage.write_bytes(storage.join(self.report_location, "explorer.html"),
+                            storage.read_bytes(transfer.explorer_location))
         self.metrics = r.metrics
         for kind, content in r.blocks:
             current.card.append(Markdown(content) if kind == "md" else Image(r.files[content]))

@@ -149,6 +149,16 @@ class TrainSettings:
         return value
 
 
+def cell_name(weighting: str, pooling: str, reference_pooling: str) -> str:
+    """A trained model's name: its weighting, and its pooling where it is not the preset's own."""
+    return weighting if pooling == reference_pooling else f"{weighting}+{pooling}"
+
+
+def cell_parts(name: str, reference_pooling: str) -> tuple[str, str]:
+    weighting, _, pooling = name.partition("+")
+    return weighting, pooling or reference_pooling
+
+
 @dataclass(frozen=True, config=CHECKED)
 class DataSettings:
     synth: SynthSettings = field(default_factory=SynthSettings)

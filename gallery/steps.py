@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 import gallery.storage as storage
-from gallery.config import Settings
+from gallery.config import Settings, cell_name, cell_parts
 from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
@@ -27,9 +27,8 @@ from gallery.data.synth import generate
 from gallery.errors import UserError
 from gallery.evaluation.holdout import vectors_as_galleries
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
-from gallery.evaluation.study import cell_name, cell_parts, transfer_arm
 from gallery.evaluation.task_optimal import TaskOptimalResult, train_task_optimal
-from gallery.evaluation.transfer import TransferResult, transfer_suite
+from gallery.evaluation.transfer import TransferResult, transfer_arm, transfer_suite
 from gallery.model.backbones import WeightsUnavailable, build_backbone
 from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_model
 from gallery.model.weightings import build_weighting
@@ -114,7 +113,8 @@ def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: s
             if settings.train.use_cache and stored:
                 encoder = encoder or build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
                 pixels = torch.from_numpy(np.concatenate(stored))
-                writer.add_features(trunk_features(encoder, pixels, settings.train.cache_dtype, device=device))
+                writer.add_features(trunk_features(encoder, pixels, settings.train.cache_dtype, device=device,
+                                                   precision=settings.train.precision))
         shard = writer.finish(DataQuality.merge(qualities))
     per_image = lambda n: f"{n / max(shard.images, 1) / 1024:.1f} KB per image"  # noqa: E731
     log(f"shard {location}: {len(shard.gallery_ids)} galleries, {shard.images} images; images "

@@ -233,7 +233,7 @@ def test_findings_sort_each_paper_claim_by_its_reading(known):
     assert len(found) == 2 + 2 * (1 + 1) + 1 + 2 + 2  # Table 2; per weighting share + B1; wins; baseline; balance
     optimal, baseline = ({w: f(table, w) for w in weightings} for f in (mtl_vs_optimal, mtl_vs_baseline))
     balance = class_balance(table, weightings)
-    again = findings([(holdout, table2_comparisons(holdout))], {**optimal, "famo": optimal["kendall"]}, weighting_wins(table),
+    again = findings(None, [(holdout, table2_comparisons(holdout))], {**optimal, "famo": optimal["kendall"]}, weighting_wins(table),
                      {**baseline, "famo": baseline["kendall"]}, {**balance, "famo": balance["kendall"]})
     assert [f.finding for f in again] == list(claims)  # a weighting the paper did not train has no paper finding
 

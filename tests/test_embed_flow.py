@@ -15,7 +15,6 @@ from gallery.retrieval.embeddings import (code_matrix, embedding_matrix, embeddi
 pytestmark = pytest.mark.flow  # they read the smoke run (a whole flow)
 
 EMBED_FLOW = str(REPO / "flows" / "embed_flow.py")
-pytestmark = pytest.mark.flow
 
 
 def as_frame(location):

@@ -16,8 +16,6 @@ from metaflow import Runner, Task
 
 import gallery.steps as steps
 import gallery.storage as storage
-
-pytestmark = pytest.mark.flow
 from gallery.cli import main
 from gallery.config import load_settings
 from gallery.retrieval.embeddings import read_embeddings

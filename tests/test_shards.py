@@ -66,7 +66,7 @@ def test_reader_yields_the_in_memory_galleries_in_the_seeded_order(lossless, in_
     features = shard_source(lossless, s)  # the feature cache: the trunk's output of those very pixels
     m = s.model
     trunk = build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
-    expected = in_memory.map_data(lambda d: trunk_features(trunk, d, s.train.cache_dtype))
+    expected = in_memory.map_data(lambda d: trunk_features(trunk, d, s.train.cache_dtype, precision=s.train.precision))
     for batch in stream(features, batches[:3], workers=workers):
         x, _ = expected.gather(batch.rows)
         assert batch.x.dtype == torch.float16 and batch.x.shape == x.shape
@@ -96,7 +96,8 @@ def test_jpeg_shards_are_small_and_close_to_the_decoded_images(catalogue, in_mem
     trunk = build_backbone(s.model.backbone, s.model.weights, s.model.trainable_blocks, SIZE)
     for rows in batches_of(np.arange(len(source)), 16)[:2]:
         torch.testing.assert_close(feats.gather(rows)[0].float(),
-                                   trunk_features(trunk, source.gather(rows)[0]).float(), rtol=2e-3, atol=2e-3)
+                                   trunk_features(trunk, source.gather(rows)[0], precision=s.train.precision).float(),
+                                   rtol=2e-3, atol=2e-3)
 
 
 def test_a_shard_is_published_whole_or_not_at_all(tmp_path):

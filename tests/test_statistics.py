@@ -6,8 +6,8 @@ import pytest
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 
-from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, paired_difference,
-                                           reading, relative_increase, sign_test, spread)
+from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, _spearman, correlations,
+                                           paired_difference, reading, relative_increase, sign_test, spread)
 
 
 @pytest.mark.parametrize("low,high,direction,expected", [
@@ -114,6 +114,14 @@ def test_relative_increase_interval_stays_defined_when_a_resample_has_no_error()
     effect = relative_increase(mtl, optimal, seed=0)
     assert effect.estimate == pytest.approx(1.0)
     assert effect.high == math.inf and not math.isnan(effect.low) and effect.low <= 1.0
+
+
+def test_each_resamples_rank_correlation_is_scipys_spearman():
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 6, (50, 12)).astype(float), rng.normal(size=(50, 12))  # ties in x
+    x[3] = 1.0  # a constant resample: no rank correlation, 0
+    want = [0.0 if i == 3 else stats.spearmanr(a, b).statistic for i, (a, b) in enumerate(zip(x, y))]
+    assert _spearman(x, y, axis=-1) == pytest.approx(want)
 
 
 def test_spearman_interval_stays_defined_when_resamples_are_constant():

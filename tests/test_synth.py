@@ -30,7 +30,7 @@ def test_table1_tasks_and_holdout(small_catalogue):
     assert kinds == {"binary": 17, "multiclass": 7, "regression": 7}
     ids = [t["name"].split("_")[0] for t in spec["tasks"]]
     assert ids == [f"C{i}" for i in range(1, 8)] + [f"B{i}" for i in range(1, 18)] + [f"R{i}" for i in range(1, 8)]
-    assert [t["name"] for t in spec["holdout"]] == ["star_rating"]
+    assert [t["name"] for t in spec["holdout"]] == ["star_rating", "has_spa", "decor_style", "building_age_years"]
     cat = ingest(small_catalogue / "manifest.parquet", small_catalogue / "tasks.yaml")  # passes the contract
     assert len(cat.frame) == 120
     n = cat.frame["images"].map(len)
@@ -88,5 +88,5 @@ def test_every_size_of_every_building_renders():
     for arch in ("tower", "block", "hostel", "villa", "cabin"):
         for size in range(4):
             p = {"_archetype": arch, "_size": size, "_luxury": 0.5, "_region": 1, "_country": 2, "_type": 3,
-                 "_has_balcony": True, "_is_chain": True}
+                 "_has_balcony": True, "_is_chain": True, "_age": 40.0, "_decor": 1}
             building(Canvas(32, np.random.default_rng(size)), p, Look(p), horizon=0.6)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from gallery.bench.train import PRECISION, Case, _batches, _packed, _sync, paper_tasks
+from gallery.bench.train import Case, _batches, _packed, _sync, paper_tasks
 from gallery.config import load_settings
 from gallery.model.backbones import WeightsUnavailable
 from gallery.model.gallery_model import build_model
@@ -41,7 +41,8 @@ def default_case() -> tuple[Case, object]:
 
 
 def bench_weightings(names=None, steps: int = 8, rounds: int = 5, device=None, log=print, case: Case | None = None,
-                     tasks=None, stats=None) -> list[WeightingTime]:
+                     tasks=None, stats=None, precision: str = "auto") -> list[WeightingTime]:
+    """Each weighting's step time against pseudo-uniform's, at `precision` (auto: bf16 where native)."""
     device = pick_device(device)
     names = list(names or WEIGHTINGS)
     if "pseudo_uniform" not in names:
@@ -61,13 +62,13 @@ def bench_weightings(names=None, steps: int = 8, rounds: int = 5, device=None, l
                     for store, t in _batches(case, steps, tasks)]
     batches = [packed for packed, _ in _packed(features, device)]
     log(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
-        f"({torch.get_num_threads()} threads), precision {PRECISION}; {case.backbone} at {case.image_size} px, trainable "
+        f"({torch.get_num_threads()} threads), precision {precision}; {case.backbone} at {case.image_size} px, trainable "
         f"blocks {model_settings.trainable_blocks}, {len(tasks)} task heads, {case.batch_galleries} galleries/batch of "
         f"{case.min_images}-{case.max_images} images from the feature cache; {steps} steps x {rounds} rounds")
     runs = {}
     for name in names:
         model = copy.deepcopy(base).train()
-        objective = Objective(model, build_weighting(name, tasks, stats).to(device), True, PRECISION)
+        objective = Objective(model, build_weighting(name, tasks, stats).to(device), True, precision)
         optimizer = make_optimizer([p for p in objective.parameters() if p.requires_grad], FitConfig(lr=1e-4), device)
         runs[name] = (objective, optimizer)
     times = {name: [] for name in names}

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 from torch import nn
 
 from gallery.config import Settings
@@ -112,6 +111,8 @@ def _row(label: str, seen: int, scores: np.ndarray, kind: str, fraction=None, ep
     value = float(scores.mean()) if len(scores) else math.nan
     if kind == "regression" or math.isnan(value):
         return Row(label, fraction, epochs, seen, value, None, None, scores)
+    from scipy.stats import binomtest  # here: scipy.stats takes a second to import, in every flow step otherwise
+
     ci = binomtest(int(scores.sum()), len(scores)).proportion_ci(0.95)
     return Row(label, fraction, epochs, seen, value, ci.low, ci.high, scores)
 

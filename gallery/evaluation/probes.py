@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, Ridge
 
 from gallery.data.split import hash_unit
 from gallery.retrieval.index import normalize, one_faiss_thread
@@ -53,6 +51,9 @@ def _standardised(train: np.ndarray, scored: np.ndarray) -> tuple[np.ndarray, np
 
 def linear_candidates(kind: str, train: np.ndarray, labels: np.ndarray, scored: np.ndarray) -> Candidates:
     """Logistic regression (classification) or ridge regression, one fit per regularisation value."""
+    from sklearn.exceptions import ConvergenceWarning  # here: scikit-learn takes a second to import, in every
+    from sklearn.linear_model import LogisticRegression, Ridge  # flow step otherwise (they import gallery.steps)
+
     x, xs = _standardised(train, scored)
     if kind == "regression":
         return Candidates(RIDGE_ALPHA, np.stack([Ridge(alpha=a).fit(x, labels).predict(xs) for a in RIDGE_ALPHA]))

@@ -31,7 +31,7 @@ from gallery.evaluation.statistics import Spread, spread
 from gallery.evaluation.study import CellRanking, rank_cells
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import TransferResult
-from gallery.retrieval.embeddings import embeddings_code, photo_weights_of, read_embeddings
+from gallery.retrieval.embeddings import embedding_matrix, embeddings_code, photo_weights_of, read_embeddings
 from gallery.training.checkpoints import load_trained
 from gallery.training.engine import TrainResult
 
@@ -124,19 +124,27 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
                       card, table2, table, optimal, vs_optimal, wins, vs_baseline, balance, found, spreads, study)
 
 
+def binary_codes(catalogue: Catalogue, settings: Settings, embeddings_location: str,
+                 imagenet_location: str) -> BinaryVsFloat | None:
+    """The exported embeddings' binary code against float search (gallery.evaluation.neighbours): fits
+    codes of several sizes, so a flow computes it beside the transfer suite, not in its report step."""
+    table, _ = read_embeddings(embeddings_location)
+    return binary_vs_float(catalogue, table["gallery_id"].to_pylist(), embedding_matrix(table), imagenet_location,
+                           embeddings_code(embeddings_location), settings.retrieval)
+
+
 def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
                  training_by_seed: list[dict[str, TrainResult]], transfer_by_seed: list[TransferResult],
-                 optimal_by_seed: list[dict[str, TaskOptimalResult]], embeddings_location: str,
-                 imagenet_location: str, reference_checkpoints: str, log=print) -> ReportData:
-    """The comparisons (`compare`), then what the exported embeddings give: binary codes against float
-    search, the UMAP projection and retrieval examples from test galleries' photos."""
+                 optimal_by_seed: list[dict[str, TaskOptimalResult]], binary: BinaryVsFloat | None,
+                 embeddings_location: str, reference_checkpoints: str, log=print) -> ReportData:
+    """The comparisons (`compare`), the binary codes' comparison (`binary_codes`), then what the exported
+    embeddings give: the UMAP projection and retrieval examples from test galleries' photos."""
     data = compare(run_id, settings, catalogue, quality, training_by_seed, transfer_by_seed, optimal_by_seed)
     table, _ = read_embeddings(embeddings_location)
     ids = table["gallery_id"].to_pylist()
-    embeddings = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    embeddings = embedding_matrix(table)
     data.exported_galleries = len(ids)
-    data.binary = binary_vs_float(catalogue, ids, embeddings, imagenet_location, embeddings_code(embeddings_location),
-                                  settings.retrieval)
+    data.binary = binary
     attributes = projection_attributes(catalogue)
     if attributes and len(ids) >= 5:  # the map the explorer page shows too (saved beside the embeddings)
         found = gallery_map(embeddings_location, settings.evaluation.projection_points, settings.train.seed, log)

@@ -59,11 +59,11 @@ def reading(effect: Effect, paper_direction: int, null: float = 0.0) -> str:
     return CONSISTENT if side == paper_direction else OPPOSITE if side == -paper_direction else NOISE
 
 
-def _bootstrap(data: tuple, statistic, seed: int, vectorized: bool = True) -> tuple[float, float]:
+def _bootstrap(data: tuple, statistic, seed: int) -> tuple[float, float]:
     """A paired percentile bootstrap interval (resampling galleries, or points, with replacement)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # resamples where a statistic is undefined: scipy warns, NaN bounds
-        result = stats.bootstrap(data, statistic, paired=True, vectorized=vectorized, n_resamples=RESAMPLES,
+        result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
                                  confidence_level=CONFIDENCE, method="percentile", random_state=seed)
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
@@ -121,12 +121,16 @@ def sign_test(wins: int, losses: int) -> Effect:
     return Effect(wins / n, float(interval.low), float(interval.high), float(test.pvalue), n, "sign test")
 
 
-def _spearman(x, y) -> float:
-    """Spearman's rho of a resample; 0 where a resample is constant (tasks with equal errors are
-    common on small valid splits) and rho is undefined: no association measurable, which widens the
-    interval toward 0 rather than leaving it undefined."""
-    rho = stats.spearmanr(x, y).statistic
-    return 0.0 if np.isnan(rho) else float(rho)
+def _spearman(x, y, axis):
+    """Spearman's rho of each resample (Pearson's r of the average ranks, as scipy's spearmanr); 0
+    where a resample is constant (tasks with equal errors are common on small valid splits) and rho is
+    undefined: no association measurable, which widens the interval toward 0 rather than leaving it
+    undefined."""
+    rx, ry = stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis)
+    rx, ry = rx - rx.mean(axis, keepdims=True), ry - ry.mean(axis, keepdims=True)
+    scale = np.sqrt((rx * rx).sum(axis) * (ry * ry).sum(axis))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, (rx * ry).sum(axis) / scale, 0.0)
 
 
 def correlations(x, y, seed: int = 0) -> dict[str, Effect]:
@@ -138,7 +142,7 @@ def correlations(x, y, seed: int = 0) -> dict[str, Effect]:
     pearson = stats.pearsonr(x, y)
     interval = pearson.confidence_interval(CONFIDENCE)
     spearman = stats.spearmanr(x, y)
-    low, high = _bootstrap((x, y), _spearman, seed, vectorized=False)
+    low, high = _bootstrap((x, y), _spearman, seed)
     return {"pearson": Effect(float(pearson.statistic), float(interval.low), float(interval.high),
                               float(pearson.pvalue), len(x), "Pearson, Fisher interval"),
             "spearman": Effect(float(spearman.statistic), low, high, float(spearman.pvalue), len(x),

@@ -16,30 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gallery.config import cell_name, cell_parts
 from gallery.data.ingest import Catalogue
 from gallery.evaluation.scorecard import mean_relative_reduction
 from gallery.evaluation.statistics import Effect
-from gallery.evaluation.transfer import TransferResult
+from gallery.evaluation.transfer import TransferResult, transfer_arm
 from gallery.training.engine import TrainResult
 
 PAPER = ("pseudo_uniform", "mean")
 STUDY_PROBES = ("linear", "knn")
 BETTER, WORSE, UNDECIDED = "better than the paper's", "worse than the paper's", "not distinguishable"
-
-
-def cell_name(weighting: str, pooling: str, reference_pooling: str) -> str:
-    """A trained model's name: its weighting, and its pooling where it is not the preset's own."""
-    return weighting if pooling == reference_pooling else f"{weighting}+{pooling}"
-
-
-def cell_parts(name: str, reference_pooling: str) -> tuple[str, str]:
-    weighting, _, pooling = name.partition("+")
-    return weighting, pooling or reference_pooling
-
-
-def transfer_arm(name: str, reference: str) -> str:
-    """The transfer suite's arm of a trained model (gallery.evaluation.transfer)."""
-    return "mtl" if name == reference else f"mtl:{name}"
 
 
 @dataclass

@@ -32,6 +32,11 @@ from gallery.evaluation.probes import folds_of, knn_candidates, linear_candidate
 from gallery.training.engine import TrainData
 
 
+def transfer_arm(name: str, reference: str) -> str:
+    """The transfer suite's arm of a trained model (gallery.evaluation.transfer)."""
+    return "mtl" if name == reference else f"mtl:{name}"
+
+
 @dataclass
 class ProbeScores:
     """One probe on one arm for one task: each scored gallery's score (1/0, or the squared error)."""

@@ -70,7 +70,7 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
+        x = images.permute(0, 3, 1, 2).float()  # NHWC in memory: the layout channels_last kernels want
         return self.trunk((x - self.mean) / self.std)
 
     def top_vectors(self, features: torch.Tensor) -> torch.Tensor:
