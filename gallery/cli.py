@@ -56,15 +56,21 @@ def cmd_validate(args) -> int:
 def cmd_model_summary(args) -> int:
     from dataclasses import replace
 
-    from gallery.config import load_settings
+    from pydantic import ValidationError
+
+    from gallery.config import ModelSettings, load_settings, problems_text
     from gallery.data.contracts import load_task_spec
     from gallery.model.gallery_model import build_model, parameter_counts
 
     settings = load_settings(args.config)
     spec = load_task_spec(args.tasks)
-    m = replace(settings.model, weights="random",  # counting needs no weights
-                **{k: v for k, v in (("backbone", args.backbone), ("pooling", args.pooling),
-                                     ("trainable_blocks", args.trainable_blocks)) if v is not None})
+    try:
+        m = replace(settings.model, weights="random",  # counting needs no weights
+                    **{k: v for k, v in (("backbone", args.backbone), ("pooling", args.pooling),
+                                         ("trainable_blocks", args.trainable_blocks)) if v is not None})
+    except ValidationError as e:
+        print(problems_text(e, ModelSettings, "gallery model-summary"), file=sys.stderr)
+        return EXIT_USER
     model = build_model(m, spec.tasks)
     c = parameter_counts(model)
     print(f"model: {m.backbone} at {m.image_size} px (top: {model.encoder.images.split}), {m.pooling} pooling, "

@@ -16,8 +16,8 @@ from gallery.config import load_settings
 pytestmark = pytest.mark.flow  # compiles the flow for Argo Workflows in a subprocess
 
 PAPER = str(REPO / "flows" / "configs" / "paper.json")
-STEPS = {"preprocess": "preprocess", "train": "train", "join-train": "export", "evaluate": "evaluate"}  # Argo template
-# name -> the preset's resources it carries (join_train exports the embeddings: resources.export)
+STEPS = {"preprocess": "preprocess", "train": "train", "export": "export", "evaluate": "evaluate"}  # Argo template
+# name -> the preset's resources it carries
 
 
 def pods_of(template: dict) -> list[tuple[dict, str | None]]:

@@ -41,7 +41,18 @@ class LinearEncoder(VectorInput):
         return self.linear(x.float())
 
 
-def problem():
+class NormalisedEncoder(LinearEncoder):
+    """With BatchNorm: each rank normalises its own half batch and updates its own running statistics."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.norm = torch.nn.BatchNorm1d(dim)
+
+    def forward(self, x, index, n, from_features=False):
+        return self.norm(self.linear(x.float()))
+
+
+def problem(encoder=LinearEncoder):
     """64 galleries as 16-d vectors and labels that depend on them (validation improves, so the last
     epoch is the one selected), the last task labelled on 1 gallery in 8: its few labels often all
     fall on one rank."""
@@ -54,11 +65,11 @@ def problem():
     source = vectors_as_galleries([f"g{i}" for i in range(64)], vectors)
     data = TrainData(source, torch.from_numpy(targets), np.arange(56), np.arange(56, 64), np.arange(0))
     torch.manual_seed(0)
-    return GalleryModel(LinearEncoder(16), TASKS, 8, STATS), data
+    return GalleryModel(encoder(16), TASKS, 8, STATS), data
 
 
-def train(folder, name, ranks=None):
-    model, data = problem()
+def train(folder, name, ranks=None, encoder=LinearEncoder):
+    model, data = problem(encoder)
     weighting = build_weighting(name, TASKS, STATS)
     kwargs = {"ranks": ranks} if ranks is not None else {}
     result = fit(model, weighting, data, SETTINGS, checkpoints=str(folder), log=lambda _: None, **kwargs)
@@ -72,6 +83,8 @@ def rank_process(rank: int, port: int, folder: str) -> None:
         torch.save({"history": [h.valid_criterion[0] for h in result.history],
                     "train": [h.train_loss for h in result.history],
                     "weights": weights, "digest": result.weights_digest}, f"{folder}/{name}-rank{rank}.pt")
+    result, weights = train(f"{folder}/batchnorm", "pseudo_uniform", ranks, NormalisedEncoder)
+    torch.save({"weights": weights, "digest": result.weights_digest}, f"{folder}/batchnorm-rank{rank}.pt")
     leave()
 
 
@@ -85,7 +98,17 @@ def free_port() -> int:
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     mp.spawn(rank_process, args=(free_port(), str(folder)), nprocs=2)
-    return {name: [torch.load(folder / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1)] for name in WEIGHTINGS}
+    return {name: [torch.load(folder / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+            for name in (*WEIGHTINGS, "batchnorm")}
+
+
+def test_ranks_end_with_rank_zeros_batchnorm_statistics(two_ranks):
+    """Each rank updates BatchNorm's running statistics from its own half batch; after every epoch
+    they take rank 0's, so validation, checkpoints and the kept weights are one model."""
+    zero, first = two_ranks["batchnorm"]
+    assert zero["digest"] == first["digest"]
+    mean = zero["weights"]["encoder.norm.running_mean"]
+    assert torch.equal(mean, first["weights"]["encoder.norm.running_mean"]) and mean.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", WEIGHTINGS)

@@ -710,6 +710,12 @@ def test_unknown_preset_names_the_presets(cli, catalogue):
     assert code == 2 and "settings 'smok': no such file; give a preset name (" in err and "smoke" in err
 
 
+def test_unknown_pooling_flag_names_the_allowed_poolings(cli, catalogue):
+    code, err = cli("model-summary", "--config", "smoke", "--tasks", catalogue[1], "--pooling", "attention")
+    assert code == 2 and 'pooling = "attention": not a known pooling' in err and "`gated_attention`" in err
+    assert "bug" not in err
+
+
 def test_debug_shows_the_traceback(capsys, catalogue):
     assert main(["validate", "--debug", "--manifest", str(catalogue[0]) + ".nope", "--tasks", str(catalogue[1])]) == 2
     assert "Traceback" in capsys.readouterr().err

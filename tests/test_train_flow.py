@@ -226,10 +226,12 @@ def test_killed_two_process_training_resumes_from_its_checkpoint(two_process_run
 
 
 def test_two_processes_train_one_model(two_process_run, smoke_run):
-    """Both ranks end with identical weights, and the validation loss stays within 25% of the
-    one-process run's. Not closer: the smoke model's top normalises each rank's half batch with its
-    own BatchNorm statistics (gloo on CPU has no SyncBatchNorm), and 11 valid galleries make the
-    loss noisy. Without BatchNorm two ranks equal one process to 1e-5 (tests/test_distributed.py)."""
+    """Both ranks end with identical weights, and task by task the validation loss stays close to the
+    one-process run's (the median ratio within 20%). Not closer: the smoke model's top normalises each
+    rank's half batch with its own BatchNorm statistics (gloo on CPU has no SyncBatchNorm), and 11 valid
+    galleries make each loss noisy; the median, because a mean of raw losses is one regression's (the
+    daily rate's, in squared euros). Without BatchNorm two ranks equal one process to 1e-5
+    (tests/test_distributed.py)."""
     _, resumed = two_process_run
     for weighting in ("pseudo_uniform", "kendall"):
         digests = {result.weights_digest for task in resumed["train"].tasks()
@@ -239,6 +241,6 @@ def test_two_processes_train_one_model(two_process_run, smoke_run):
         one = smoke_run["end"].task.data.training[weighting].history
         assert len(two) == len(one)
         for a, b in zip(two, one):
-            losses = [(a.valid_task_losses[t], b.valid_task_losses[t]) for t in a.valid_task_losses
+            ratios = [a.valid_task_losses[t] / b.valid_task_losses[t] for t in a.valid_task_losses
                       if np.isfinite(a.valid_task_losses[t])]
-            assert np.mean([x for x, _ in losses]) == pytest.approx(np.mean([y for _, y in losses]), rel=0.25), weighting
+            assert len(ratios) > 20 and np.median(ratios) == pytest.approx(1, abs=0.2), weighting

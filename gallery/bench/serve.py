@@ -85,7 +85,8 @@ def bench_encoder(image_size: int = IMAGE_SIZE) -> Embedder:
     from gallery.model.gallery_model import GalleryEncoder
     from gallery.model.pooling import build_pooling
 
-    encoder = GalleryEncoder(build_backbone("efficientnet_lite0", "imagenet", 1, image_size), build_pooling("mean"))
+    backbone = build_backbone("efficientnet_lite0", "imagenet", 1, image_size)
+    encoder = GalleryEncoder(backbone, build_pooling("mean", backbone.dim))
     return Embedder(encoder.eval(), image_size, RUN_ID)
 
 

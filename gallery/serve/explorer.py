@@ -51,11 +51,13 @@ def colourable(service: Service) -> list[dict]:
 
 
 def default_colouring(attributes: list[dict]) -> str:
-    """What the map is coloured by at first: a held-out attribute with a few values, else the task with the
-    fewest (2 or more) values, as the report's map picks; '' when there is none."""
+    """What the map is coloured by at first, as the report's map picks: the first held-out multiclass
+    attribute, else the multiclass task with the fewest values, else any task with 2 to 12 values;
+    '' when there is none."""
     few = [a for a in attributes if not a["numeric"] and 2 <= len(a["values"]) <= 12 and a["role"] != "column"]
-    few.sort(key=lambda a: (a["role"] != "holdout", len(a["values"])))
-    return few[0]["name"] if few else ""
+    holdout = [a for a in few if a["role"] == "holdout" and a["kind"] == "multiclass"]
+    few.sort(key=lambda a: (a["kind"] != "multiclass", len(a["values"])))
+    return (holdout + few)[0]["name"] if few else ""
 
 
 def explorer_data(service: Service, k: int = 10) -> dict:

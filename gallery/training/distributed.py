@@ -45,6 +45,15 @@ class Ranks:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def share_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP broadcasts them only
+        before a training forward, so after an epoch each rank holds its own last update; validation,
+        checkpoints and the kept weights must see one model."""
+        if self.world > 1:
+            source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=source, group=self.group)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.group)

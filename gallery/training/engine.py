@@ -476,6 +476,7 @@ def fit(model: nn.Module, weighting: Weighting, data: TrainData, config: FitConf
         train_losses = ranks.all_reduce(task_sum) / ranks.world / task_batches.clamp(min=1)
         train_losses = torch.where(task_batches > 0, train_losses, torch.nan)
         weighting.on_epoch_end(epoch, train_losses)
+        ranks.share_buffers(model)
 
         # ---- validation, early stopping, checkpoints
         if select:
