@@ -445,7 +445,7 @@ def study_markdown(cells: list[CellRanking]) -> str:
     """Every trained configuration against the paper's (pseudo-uniform, mean pooling), best held-out
     transfer first: relative error reductions with paired intervals (> 0: fewer errors than the paper's)."""
     lines = ["| weighting | pooling | epochs | per-task error reduction, MTL tasks (test) | held-out transfer: "
-             "error reduction (linear and k-NN probes) | reading | time per epoch vs the paper's |",
+             "error reduction (linear and k-NN probes) | reading of the transfer | time per epoch vs the paper's |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {c.weighting} | {c.pooling} | {c.epochs} | {effect_text(c.per_task)} | {effect_text(c.transfer)} | "
               f"{c.reading} | {c.time_ratio:.2f}x |" for c in cells]
