@@ -46,10 +46,13 @@ def structured_vectors(rows: int, dim: int, families: int, stream: int, start: i
         rng = np.random.default_rng([seed, 1, stream, begin])
         family = rng.integers(families, size=CHUNK)
         latent = centres[family] + 0.6 * rng.standard_normal((CHUNK, LATENT_DIM), dtype=np.float32)
-        x = latent @ mapping + 0.5 * rng.standard_normal((CHUNK, dim), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
         lo, hi = max(begin, start), min(begin + CHUNK, start + rows)
-        out[lo - start:hi - start] = x[lo - begin:hi - begin]
+        # the noise is the chunk's last draw, filled row by row: its first rows are drawn alone, and a
+        # small slice does not pay for the whole chunk's CHUNK x dim draws
+        noise = rng.standard_normal((hi - begin, dim), dtype=np.float32)[lo - begin:]
+        x = latent[lo - begin:hi - begin] @ mapping + 0.5 * noise
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[lo - start:hi - start] = x
     return out
 
 

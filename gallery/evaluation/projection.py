@@ -32,6 +32,19 @@ def agreement_attributes(catalogue: Catalogue, limit: int = 2) -> list[Task]:
     return (named or few)[:limit]
 
 
+def cache_umaps_compiled_code() -> None:
+    """UMAP compiles the numba functions of its neighbour graph and layout without numba's cache, about
+    8 s in every new process (each report and evaluate step): cache them too. Before their first use."""
+    import umap.layouts
+    import umap.umap_
+
+    for module, name in ((umap.umap_, "smooth_knn_dist"), (umap.umap_, "compute_membership_strengths"),
+                         (umap.layouts, "_nb_optimize_layout_euclidean_single_epoch")):
+        function = getattr(module, name, None)  # absent in another UMAP version: it just compiles
+        if hasattr(function, "enable_caching") and not function.signatures:
+            function.enable_caching()
+
+
 def umap_2d(embeddings: np.ndarray, seed: int, max_points: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows used, their 2-D coordinates) by UMAP over cosine neighbours; a seeded sample when there are
     more than max_points.
@@ -44,6 +57,8 @@ def umap_2d(embeddings: np.ndarray, seed: int, max_points: int) -> tuple[np.ndar
     figure, not an analysis."""
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "gallery" / "numba"))
     import umap  # heavy import (numba): only where it is used
+
+    cache_umaps_compiled_code()
 
     rows = np.arange(len(embeddings))
     if len(rows) > max_points:
