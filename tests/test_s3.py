@@ -5,6 +5,7 @@ One smoke run serves the tests here, and is made to meet two failures on the way
 catalogue half-uploaded by a start step that died, and a training killed on its first attempt, which
 Metaflow's @retry must continue from that attempt's checkpoint."""
 import io
+import json
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from gallery.runs import use_metaflow_s3_settings
 pytestmark = pytest.mark.flow  # whole-flow runs on an S3 datastore
 
 
-def crash_while_uploading_the_catalogue(store_root: str) -> None:
+def crash_while_uploading_the_catalogue(store_root: str, config: str) -> None:
     """What a start step killed half-way through uploading the smoke catalogue leaves: its manifest
     and task spec, and none of its images."""
     def upload_manifest_then_die(local_dir, location):
@@ -35,17 +36,29 @@ def crash_while_uploading_the_catalogue(store_root: str) -> None:
     with pytest.MonkeyPatch.context() as m:
         m.setattr(storage, "upload_dir", upload_manifest_then_die)
         with pytest.raises(KeyboardInterrupt):
-            steps.synthetic_source(store_root, load_settings(SMOKE), log=lambda _: None)
+            steps.synthetic_source(store_root, load_settings(config), log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3_bucket):
-    """The smoke preset with `--datastore s3`; every training process SIGKILLs itself after epoch 1's
+def s3_config(tmp_path_factory) -> str:
+    """The smoke preset on 80 galleries with one task-optimal group: every request goes through moto's
+    server, so fewer images and tasks keep the S3 run near the local smoke run's time."""
+    settings = json.loads(Path(SMOKE).read_text())
+    settings["data"]["synth"]["galleries"] = 80
+    settings["evaluation"]["task_groups"] = 1
+    config = tmp_path_factory.mktemp("config") / "smoke_s3.json"
+    config.write_text(json.dumps(settings))
+    return str(config)
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_bucket, s3_config):
+    """That preset with `--datastore s3`; every training process SIGKILLs itself after epoch 1's
     checkpoint on its first attempt."""
     use_metaflow_s3_settings()  # this process reads the bucket too
-    crash_while_uploading_the_catalogue(f"{s3_bucket}/metaflow/gallery")  # where the run's store will be
+    crash_while_uploading_the_catalogue(f"{s3_bucket}/metaflow/gallery", s3_config)  # where the run's store will be
     started = time.perf_counter()
-    status, run, stderr = run_flow(env={**S3_ENV, "GALLERY_KILL_AFTER_EPOCH": "1"}, datastore="s3",
+    status, run, stderr = run_flow(env={**S3_ENV, "GALLERY_KILL_AFTER_EPOCH": "1"}, config=s3_config, datastore="s3",
                                    reports=f"{s3_bucket}/reports")
     assert status == "successful", stderr[-3000:]
     print(f"smoke run on S3, one training retried: {time.perf_counter() - started:.0f}s")
@@ -57,7 +70,7 @@ def test_the_run_keeps_everything_in_the_bucket(s3_run, s3_bucket):
     assert end.store_root == f"{s3_bucket}/metaflow/gallery"  # beside the S3 datastore, by default
     assert end.embeddings_location == f"{s3_bucket}/metaflow/gallery/{s3_run.id}/embeddings.parquet"
     table, meta = read_embeddings(end.embeddings_location)
-    assert table.num_rows == end.exported_galleries == 200 and meta["run_id"] == s3_run.id
+    assert table.num_rows == end.exported_galleries == 80 and meta["run_id"] == s3_run.id
     for name in ("report.md", "metrics.json", "table2.csv"):
         assert storage.exists(f"{s3_bucket}/reports/{s3_run.id}/{name}"), name
     assert storage.exists(f"{s3_bucket}/metaflow/gallery/{s3_run.id}/checkpoints/pseudo_uniform/best.pt")
