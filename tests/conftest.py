@@ -18,10 +18,38 @@ METAFLOW_ROOT = tempfile.mkdtemp(prefix="gallery-tests-metaflow-")
 os.makedirs(os.path.join(METAFLOW_ROOT, ".metaflow"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = METAFLOW_ROOT
 
+# Under pytest-xdist two workers share the cores, each with flows whose tasks take a thread per core:
+# OpenMP threads that spin while they wait made two such processes on 2 cores train 80x slower
+# (gallery.training.device.share_cores). Waiting threads sleep instead (read by the OpenMP runtime when
+# torch loads, here and in every process the tests start).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # metaflow.Runner type-checks its arguments with a vendored typeguard whose vendored typing_extensions
 # patches `typing` for TypeVar defaults; torch modules that define generic classes after that (torch.fx's
-# symbolic shapes, loaded lazily by torch.testing.assert_close) then fail to import. Load them first.
+# symbolic shapes, loaded lazily by torch.testing.assert_close; torch._dynamo, by the first optimizer)
+# then fail to import. Load them first.
+import torch._dynamo  # noqa: E402,F401 - imported by the first optimizer
 import torch.distributed.tensor  # noqa: E402,F401
+
+
+# Modules that read one session-scoped run: pytest-xdist sends them to one worker, so the run is made once.
+SHARED_RUNS = {"smoke_run": ("test_codes", "test_embed_flow", "test_explorer", "test_train_flow"),
+               "s3_bucket": ("test_deploy", "test_hostile_inputs", "test_s3")}
+GROUP_OF = {module: run for run, modules in SHARED_RUNS.items() for module in modules}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's units of work: a module (its module-scoped runs are made once), or all the modules of
+    one shared run. (Its own `--dist loadgroup` marks are lost on pytest 9, which ignores the node id it
+    rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::")[0]).stem
+            return GROUP_OF.get(module, module)
+
+    return SharedRunScheduling(config, log)
 
 
 def free_port() -> int:
