@@ -19,7 +19,7 @@ from gallery.data.tasks import Task
 from gallery.evaluation.holdout import VectorInput, vectors_as_galleries
 from gallery.model.gallery_model import GalleryModel
 from gallery.model.weightings import build_weighting
-from gallery.training.distributed import join, leave
+from gallery.training.distributed import join, leave, master_port
 from gallery.training.engine import FitConfig, TrainData, fit
 
 TASKS = [Task("b", "b", "binary"), Task("c", "c", "multiclass", classes=("x", "y", "z")),
@@ -130,3 +130,14 @@ def test_two_ranks_train_exactly_like_one_process(two_ranks, tmp_path, name):
         assert weights["weighting.weights"].abs().sum() > 0
     if name == "rlw":  # (training seed, steps taken): 3 epochs of 7 batches
         assert weights["weighting._extra_state"].tolist() == [0, 21]
+
+
+def test_the_main_nodes_port_is_never_an_ephemeral_one():
+    """Linux gives every outgoing connection a port from 32768-60999: a rendezvous port drawn from there
+    can be held by any other process (it was, by a test's client socket, and the run's worker waited
+    for a main node that had failed to listen). Ports differ between runs, steps and attempts."""
+    ports = [master_port(str(run), step, attempt) for run in range(2000) for step in ("train", "task_optimal")
+             for attempt in range(2)]
+    assert 1024 < min(ports) and max(ports) < 32768
+    assert len(set(ports)) > 5500  # uniform draws of 8,000 among 12,000 ports: ~5,840 distinct
+    assert master_port("1", "train", 0) != master_port("1", "train", 1)

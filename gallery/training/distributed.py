@@ -61,9 +61,11 @@ class Ranks:
 
 def master_port(run_id: str, step: str, attempt: int) -> int:
     """A port for one run's step and attempt: concurrent local runs must not meet on the same one
-    (derived with SHA-1: Python's hash() differs between processes)."""
+    (derived with SHA-1: Python's hash() differs between processes). Below Linux's ephemeral ports
+    (32768-60999), which every outgoing connection takes one of: a port drawn from there was once held
+    by another process's client socket, the main node could not listen, and its worker waited for it."""
     digest = hashlib.sha1(f"{run_id}/{step}/{attempt}".encode()).digest()
-    return 29500 + int.from_bytes(digest[:4], "big") % 20000
+    return 20000 + int.from_bytes(digest[:4], "big") % 12000
 
 
 def join(node: int, nodes: int, workers: int, main_ip: str, port: int, device: torch.device,
