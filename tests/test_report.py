@@ -2,6 +2,7 @@
 `lay_out` of what it computed (markdown in reading order, figures, CSVs, metrics.json with its splits)."""
 import json
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -168,3 +169,23 @@ def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
     assert row["scores"] == data.holdouts[0].arms["mtl"].rows[-1].scores.tolist()
     assert all(v is None or not (isinstance(v, float) and math.isnan(v))
                for v in metrics["comparisons"]["class_balance"]["kendall"]["pearson"].values())
+
+
+@pytest.mark.flow  # a fresh process importing UMAP: ~25 s
+def test_umaps_graph_and_layout_code_joins_numbas_cache(tmp_path):
+    """UMAP leaves these numba functions out of numba's cache (~8 s of compiling in every report and
+    evaluate process); after `cache_umaps_compiled_code` each has a file cache. In a fresh process: a
+    function compiled before the call keeps no cache."""
+    import subprocess
+    import sys
+
+    code = ("from gallery.evaluation.projection import cache_umaps_compiled_code\n"
+            "import umap.layouts, umap.umap_\n"
+            "functions = [umap.umap_.smooth_knn_dist, umap.umap_.compute_membership_strengths,\n"
+            "             umap.layouts._nb_optimize_layout_euclidean_single_epoch]\n"
+            "before = [type(f._cache).__name__ for f in functions]\n"
+            "cache_umaps_compiled_code()\n"
+            "print(before, [type(f._cache).__name__ for f in functions])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}).stdout
+    assert out.split("] [") == ["['NullCache', 'NullCache', 'NullCache'", "'FunctionCache', 'FunctionCache', 'FunctionCache']\n"]
