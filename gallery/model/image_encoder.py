@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gallery.model.pointwise import as_gemms
+
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights are not on this machine; the message says how to provide them."""
@@ -99,13 +101,14 @@ class BlockLayout:
 
 
 def split(name: str, layout: BlockLayout, trainable_blocks: int, image_size: int) -> ImageEncoder:
-    """The trunk: stem and the first blocks; the top: the last `trainable_blocks` blocks and the neck.
+    """The trunk: stem and the first blocks; the top: the last `trainable_blocks` blocks and the neck,
+    its 1x1 convolutions as matrix multiplies (gallery.model.pointwise).
     Where the layout does not state the embedding width, it is measured on one blank image."""
     n = len(layout.blocks)
     if not 0 <= trainable_blocks <= n:
         raise ValueError(f"{name} has {n} {layout.unit}; trainable_blocks={trainable_blocks} must be 0..{n}")
     trunk = nn.Sequential(layout.stem, *layout.blocks[: n - trainable_blocks])
-    top = nn.Sequential(*layout.blocks[n - trainable_blocks:], layout.neck)
+    top = as_gemms(nn.Sequential(*layout.blocks[n - trainable_blocks:], layout.neck))
     encoder = ImageEncoder(name, trunk, top, layout.dim or 0, layout.norm, layout.pool)
     encoder.split = f"last {trainable_blocks} of {n} {layout.unit}"
     if layout.dim is None:
