@@ -40,16 +40,18 @@ def cmd_validate(args) -> int:
         raise UserError("give --config (settings) or --manifest and --tasks (data), or all three")
     if bool(args.manifest) != bool(args.tasks):
         raise UserError("--manifest and --tasks go together")
+    split = {}
     if args.config:
         from gallery.config import load_settings
 
         s = load_settings(args.config)
+        split = {"valid_fraction": s.data.split.valid, "test_fraction": s.data.split.test}
         print(f"settings {args.config}: ok ({s.model.backbone} at {s.model.image_size} px, {s.model.pooling} pooling, "
               f"weightings {', '.join(s.train.weightings)}, up to {s.train.max_epochs} epochs)")
     if args.manifest:
         from gallery.data.ingest import describe, ingest
 
-        print(describe(ingest(args.manifest, args.tasks)))
+        print(describe(ingest(args.manifest, args.tasks, **split)))
     return 0
 
 

@@ -27,6 +27,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 from gallery.data.shards import FORMATS
+from gallery.data.split import TEST_FRACTION, VALID_FRACTION
 from gallery.data.documents import parse_document
 from gallery.data.inputs import MissingInput, read_text
 from gallery.data.synth import SynthSettings
@@ -159,17 +160,28 @@ def cell_parts(name: str, reference_pooling: str) -> tuple[str, str]:
     return weighting, pooling or reference_pooling
 
 
+Fraction = Annotated[Number, Field(gt=0, le=1)]
+Share = Annotated[Number, Field(gt=0, lt=0.5)]
+
+
+@dataclass(frozen=True, config=CHECKED)
+class SplitSettings:
+    """The hashed split's shares, for products whose manifest gives no `split` (gallery.data.split).
+    More held-out products buy evaluation power (narrower intervals, more galleries to test transfer
+    on) at the cost of training galleries: worth it for small catalogues."""
+    valid: Share = VALID_FRACTION
+    test: Share = TEST_FRACTION
+
+
 @dataclass(frozen=True, config=CHECKED)
 class DataSettings:
     synth: SynthSettings = field(default_factory=SynthSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
     shards: Count = 4                  # preprocessing fan-out
     max_images: Count = 44             # per gallery, the first ones kept (the paper's maximum)
     image_format: ImageFormat = "jpeg"  # how shards store the resized images; png is lossless
     image_quality: Annotated[Int, Field(ge=1, le=100)] = 90  # jpeg/webp quality
     loader_workers: NonNegative = 0    # DataLoader processes decoding shards for each training process (0: itself)
-
-
-Fraction = Annotated[Number, Field(gt=0, le=1)]
 
 
 @dataclass(frozen=True, config=CHECKED)

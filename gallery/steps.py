@@ -81,7 +81,7 @@ def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[st
 def ingest_for_run(manifest: str, tasks: str, settings: Settings) -> Catalogue:
     """The checked catalogue, with a note (shown by `describe` and in the report) for every setting it is
     too small for, so that nothing the data already tells fails after training."""
-    catalogue = ingest(manifest, tasks)
+    catalogue = ingest(manifest, tasks, settings.data.split.valid, settings.data.split.test)
     _, why = code_that_fits(settings.retrieval.code, int((catalogue.frame["split"] == "train").sum()))
     catalogue.notes += [why] if why else []
     return catalogue

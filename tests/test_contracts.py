@@ -9,6 +9,7 @@ import yaml
 from gallery.cli import main
 from gallery.data.ingest import ingest
 from gallery.data.labels import MISSING_CLASS
+from gallery.data.split import hash_split
 from gallery.errors import ContractError
 
 SPEC = {
@@ -47,8 +48,12 @@ def write(tmp_path, df, spec=SPEC, fmt="parquet", spec_name="tasks.yaml"):
 
 
 def violations(tmp_path, df, spec=SPEC):
+    return ingest_error(tmp_path, df, spec)
+
+
+def ingest_error(tmp_path, df, spec=SPEC, **split):
     with pytest.raises(ContractError) as info:
-        ingest(*write(tmp_path, df, spec))
+        ingest(*write(tmp_path, df, spec), **split)
     return str(info.value)
 
 
@@ -176,6 +181,17 @@ def test_given_split_wins_and_nulls_are_hashed(tmp_path):
     cat = ingest(*write(tmp_path, df))
     assert list(cat.frame["split"][:10]) == ["valid"] * 5 + ["test"] * 5
     assert set(cat.frame["split"][10:]) <= {"train", "valid", "test"}
+
+
+def test_the_settings_fractions_hash_the_products_without_a_split(tmp_path):
+    df = rows(400).assign(split=["test"] * 3 + [None] * 397)
+    cat = ingest(*write(tmp_path, df), valid_fraction=0.3, test_fraction=0.3)
+    assert list(cat.frame["split"][:3]) == ["test"] * 3  # given ones win
+    hashed = cat.frame["split"][3:]
+    assert list(hashed) == list(hash_split(df["gallery_id"][3:], 0.3, 0.3))
+    assert 0.5 < ((hashed == "valid") | (hashed == "test")).mean() < 0.7
+    too_few = ingest_error(tmp_path, rows(3).assign(split=None), valid_fraction=0.01, test_fraction=0.01)
+    assert "the hashed split sends about 1% to valid and 1% to test: data.split in the settings" in too_few
 
 
 def test_regression_nan_inf_missing_and_text_rejected(tmp_path):

@@ -89,6 +89,13 @@ def test_values_out_of_range():
     assert "resources.train.gpu = -1: out of range; allowed: a value >= 0" in problem({"resources": {"train": {"gpu": -1}}})
 
 
+def test_the_split_shares_leave_products_to_train():
+    text = problem({"data": {"split": {"valid": 0.5, "test": 0}}})
+    assert "data.split.valid = 0.5: out of range; allowed: a value < 0.5" in text
+    assert "data.split.test = 0: out of range; allowed: a value > 0" in text
+    assert settings_from_dict({"data": {"split": {"test": 0.2}}}).data.split.valid == 0.1  # the other keeps its default
+
+
 def test_the_synthetic_catalogue_settings_are_checked_too():
     text = problem({"data": {"synth": {"min_images": 5, "max_images": 2, "galaxies": 10}}})
     assert "data.synth.max_images = 2: fewer than min_images (5)" in text

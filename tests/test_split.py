@@ -1,6 +1,8 @@
-"""The 8:1:1 split is a stable hash of gallery_id: same everywhere, every time."""
+"""The split is a stable hash of gallery_id (8:1:1 unless the settings say otherwise): same everywhere, every time."""
 import subprocess
 import sys
+
+import numpy as np
 
 from gallery.data.split import hash_split, hash_unit
 
@@ -21,3 +23,11 @@ def test_stable_across_processes_and_pinned():
     assert float(other) == hash_unit("acc_000000")
     assert hash_unit("acc_000000") == 0.3052696692760169
     assert list(hash_split(["x0", "x1", "x2", "x3"])) == ["test", "valid", "train", "valid"]  # units .17 .09 .83 .09
+
+
+def test_other_fractions_cut_the_same_hashed_units():
+    ids = [f"property-{i}" for i in range(10_000)]
+    split = hash_split(ids, valid_fraction=0.2, test_fraction=0.25)
+    units = np.array([hash_unit(i) for i in ids])
+    assert ((split == "valid") == (units < 0.2)).all() and ((split == "test") == ((units >= 0.2) & (units < 0.45))).all()
+    assert abs((split == "valid").mean() - 0.2) <= 0.015 and abs((split == "test").mean() - 0.25) <= 0.015

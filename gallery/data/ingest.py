@@ -12,7 +12,7 @@ from gallery.data.contracts import SPLITS, validate_manifest
 from gallery.data.ingest_checks import catalogue_problems, load_inputs
 from gallery.data.inputs import normalize, scheme_of
 from gallery.data.labels import LabelStats, encode_labels, label_statistics
-from gallery.data.split import assign_splits
+from gallery.data.split import TEST_FRACTION, VALID_FRACTION, assign_splits
 from gallery.data.tasks import Task
 from gallery.errors import ContractError, Violation
 
@@ -41,12 +41,13 @@ def resolve_image(ref: str, base: str) -> str:
     return ref if Path(ref).is_absolute() else storage.join(base, ref)
 
 
-def ingest(manifest_path, tasks_path=None) -> Catalogue:
+def ingest(manifest_path, tasks_path=None, valid_fraction: float = VALID_FRACTION,
+           test_fraction: float = TEST_FRACTION) -> Catalogue:
     """Validate the inputs against the contract and build the Catalogue.
 
     Without a task spec only the manifest's own columns are checked (labels are optional when
-    embedding a catalogue). Raises ContractError listing every violation found; the user's files
-    are only read.
+    embedding a catalogue). Products without a `split` are hashed into valid and test at the given
+    fractions. Raises ContractError listing every violation found; the user's files are only read.
     """
     manifest_path = normalize(manifest_path)
     spec, raw = load_inputs(manifest_path, tasks_path)
@@ -55,7 +56,7 @@ def ingest(manifest_path, tasks_path=None) -> Catalogue:
         raise ContractError(violations)  # nothing more can be checked without ids and images
 
     ids = raw["gallery_id"].astype("string").fillna("")
-    split = assign_splits(raw.assign(gallery_id=ids))
+    split = assign_splits(raw.assign(gallery_id=ids), valid_fraction, test_fraction)
     is_train = split == "train"
     empty = [s for s in SPLITS if not (split == s).any()] if spec.tasks else []
     if empty:
@@ -63,7 +64,8 @@ def ingest(manifest_path, tasks_path=None) -> Catalogue:
             manifest_path, "column 'split'", f"no product falls in the {' or '.join(empty)} split "
             f"({len(split)} products: {', '.join(f'{s} {int((split == s).sum())}' for s in SPLITS)})",
             "train fits, valid selects (best epoch) and test reports, so each needs products: give more products "
-            "(the hashed split sends about 1 in 10 to valid and 1 in 10 to test) or a `split` column"))
+            f"(the hashed split sends about {valid_fraction:.0%} to valid and {test_fraction:.0%} to test: "
+            "data.split in the settings) or a `split` column"))
     base = storage.parent(manifest_path)
     frame = pd.DataFrame({
         "gallery_id": ids.astype(str).to_numpy(dtype=object),

@@ -10,7 +10,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-VALID_FRACTION = 0.1  # 8:1:1 train:valid:test
+VALID_FRACTION = 0.1  # 8:1:1 train:valid:test unless the settings say otherwise (data.split)
 TEST_FRACTION = 0.1
 
 
@@ -28,9 +28,10 @@ def hash_split(gallery_ids, valid_fraction: float = VALID_FRACTION, test_fractio
     return np.array([split(hash_unit(str(g))) for g in gallery_ids], dtype=object)
 
 
-def assign_splits(manifest: pd.DataFrame) -> np.ndarray:
-    """The manifest's `split` where given, else the hashed 8:1:1 split."""
-    split = hash_split(manifest["gallery_id"])
+def assign_splits(manifest: pd.DataFrame, valid_fraction: float = VALID_FRACTION,
+                  test_fraction: float = TEST_FRACTION) -> np.ndarray:
+    """The manifest's `split` where given, else the hashed split (8:1:1 by default)."""
+    split = hash_split(manifest["gallery_id"], valid_fraction, test_fraction)
     if "split" in manifest.columns:
         given = manifest["split"]
         split = np.where(given.notna().to_numpy(), given.astype(object).to_numpy(), split)
