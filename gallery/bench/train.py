@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gallery.config import ModelSettings
+from gallery.config import ModelSettings, load_settings
 from gallery.data.contracts import CONTRACTS_DIR, load_task_spec
 from gallery.data.labels import LabelStats
 from gallery.data.packed import PackedGalleries
@@ -58,10 +58,20 @@ class Case:
     preset: str = ""
 
 
-# the default preset as it trains (lite0's head convolution from the cache, 64 px) and the paper's (VGG16
-# block 5 from pixels, 4 galleries a batch; 112 px on a CPU to keep it short)
-CPU_CASES = [Case("efficientnet_lite0", 64, 32, 4, 10, 128, 0, True, "default"),
-             Case("vgg16", 112, 4, 5, 20, 315, 1, False, "paper")]
+def preset_case(name: str) -> Case:
+    """A preset's step as it trains: its model, batch and the gallery sizes of its catalogue."""
+    settings = load_settings(name)
+    m, d = settings.model, settings.data.synth
+    return Case(m.backbone, m.image_size, settings.train.batch_galleries, d.min_images, d.max_images, m.hidden,
+                m.trainable_blocks, settings.train.use_cache, name)
+
+
+def cpu_cases() -> list[Case]:
+    """The default preset as it trains (lite0's head convolution from the cache) and the paper's (VGG16
+    block 5 from pixels, 4 galleries a batch; 112 px on a CPU to keep it short)."""
+    return [preset_case("default"), Case("vgg16", 112, 4, 5, 20, 315, 1, False, "paper")]
+
+
 GPU_CASES = [Case("efficientnet_lite0", 96, 64, 4, 12, 128, 0, True, "default"),
              Case("vgg16", 224, 10, 5, 44, 315, 1, False, "paper, 10 galleries a batch"),
              Case("vgg16", 224, 4, 5, 44, 315, 1, False, "paper")]
@@ -277,7 +287,7 @@ def bench_train(steps: int = 4, device=None, log=print) -> list[dict]:
     log(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
         f"({torch.get_num_threads()} threads); precisions {', '.join(precisions(device))}; {steps} timed steps "
         "per variant, after a warm-up pass over the same batches")
-    results = [bench_case(case, steps, device, precision, log) for case in (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    results = [bench_case(case, steps, device, precision, log) for case in (GPU_CASES if device.type == "cuda" else cpu_cases())
                for precision in precisions(device)]
     log("\n| preset | precision | step / matrix-multiply roofline | engine / plain reference (images/s) |")
     log("| --- | --- | --- | --- |")
