@@ -1,7 +1,7 @@
 """`gallery bench weightings`: the training step's time under each loss weighting, relative to
 pseudo-uniform's, on the default preset's model (EfficientNet-Lite0 at 64 px, its trainable top, the
-paper's 31 task heads) and batches (32 galleries of 4-10 images, from the frozen trunk's feature cache,
-as the default run trains).
+paper's 31 task heads) and batches (its galleries per step, of 4-10 images, from the frozen trunk's
+feature cache, as the default run trains).
 
 One process, the same batches for every weighting, each with its own copy of the model and optimiser;
 the weightings take turns step by step (so a busy machine slows them alike), and each one's step time
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from gallery.bench.train import Case, _batches, _packed, _sync, paper_tasks
+from gallery.bench.train import Case, _batches, _packed, _sync, paper_tasks, preset_case
 from gallery.config import load_settings
 from gallery.model.backbones import WeightsUnavailable
 from gallery.model.gallery_model import build_model
@@ -33,13 +33,6 @@ class WeightingTime:
     relative: float           # to pseudo-uniform's
 
 
-def default_case() -> tuple[Case, object]:
-    """The default preset's batches and model settings."""
-    settings = load_settings("default")
-    m, d = settings.model, settings.data.synth
-    return Case(m.backbone, m.image_size, settings.train.batch_galleries, d.min_images, d.max_images, m.hidden), m
-
-
 def bench_weightings(names=None, steps: int = 8, rounds: int = 5, device=None, log=print, case: Case | None = None,
                      tasks=None, stats=None, precision: str = "auto") -> list[WeightingTime]:
     """Each weighting's step time against pseudo-uniform's, at `precision` (auto: bf16 where native)."""
@@ -47,9 +40,8 @@ def bench_weightings(names=None, steps: int = 8, rounds: int = 5, device=None, l
     names = list(names or WEIGHTINGS)
     if "pseudo_uniform" not in names:
         names.insert(0, "pseudo_uniform")
-    default, model_settings = default_case()
-    case = case or default
-    model_settings = replace(model_settings, backbone=case.backbone, image_size=case.image_size, hidden=case.hidden)
+    case = case or preset_case("default")
+    model_settings = replace(load_settings("default").model, backbone=case.backbone, image_size=case.image_size, hidden=case.hidden)
     tasks, stats = (tasks, stats) if tasks is not None else paper_tasks()
     torch.manual_seed(0)
     try:
