@@ -60,3 +60,13 @@ def test_the_default_encoders_trainable_top_multiplies_matrices():
     encoder = build_backbone("efficientnet_lite0", "random", 0, 64)
     assert [type(m).__name__ for m in encoder.top.modules() if isinstance(m, nn.Conv2d)] == ["PointwiseConv2d"]
     assert not any(isinstance(m, PointwiseConv2d) for m in encoder.trunk.modules())
+
+
+def test_swapping_leaves_the_global_random_stream_alone():
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 8, 1))
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    as_gemms(model)
+    assert type(model[1]) is PointwiseConv2d
+    torch.testing.assert_close(torch.rand(4), expected)
