@@ -211,6 +211,21 @@ def test_efficientnet_lite1_and_lite2_load_their_packaged_weights(variant, block
     assert encoder.split == f"last 1 of {blocks} MBConv blocks" and encoder.dim == 1280
 
 
+def test_the_tops_batchnorm_follows_its_training_the_trunks_keeps_its_own():
+    """EfficientNet-Lite's TensorFlow-ported BatchNorm tracks statistics at 0.01: raised to 0.1 in the top,
+    so after 10 training batches its running mean has moved most of the way to the data's."""
+    encoder = efficientnet_lite(0, "random", trainable_blocks=1, image_size=SIZE)
+    top_norms = [m for m in encoder.top.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert top_norms and {m.momentum for m in top_norms} == {0.1}
+    assert {round(m.momentum, 6) for m in encoder.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
+    head_norm = encoder.top[-1][1]
+    head_norm.reset_running_stats()
+    x = torch.randn(64, 1280, 2, 2) + 5.0
+    for _ in range(10):
+        head_norm.train()(x)
+    assert head_norm.running_mean.mean().item() == pytest.approx(5.0 * (1 - 0.9 ** 10), abs=0.05)
+
+
 @pytest.mark.flow
 @pytest.mark.parametrize("backbone,line", [
     ("torchvision:convnext_tiny", "image trunk (frozen)    12,348,000   image top (trainable)  15,472,128"),

@@ -100,15 +100,26 @@ class BlockLayout:
     dim: int | None = None  # the pooled width, when the family states it; else measured
 
 
+# BatchNorm in the trainable top tracks its statistics at PyTorch's default rate. Weights ported from
+# TensorFlow (EfficientNet-Lite, timm's tf_ models) carry 0.01: after the ~100 steps of a small catalogue's
+# training the running statistics still mostly describe the pretrained layer, so a model evaluated after
+# a few epochs (eval mode) normalises with stale statistics.
+TOP_NORM_MOMENTUM = 0.1
+
+
 def split(name: str, layout: BlockLayout, trainable_blocks: int, image_size: int) -> ImageEncoder:
     """The trunk: stem and the first blocks; the top: the last `trainable_blocks` blocks and the neck,
-    its 1x1 convolutions as matrix multiplies (gallery.model.pointwise).
+    its 1x1 convolutions as matrix multiplies (gallery.model.pointwise) and its BatchNorm at momentum
+    TOP_NORM_MOMENTUM or more.
     Where the layout does not state the embedding width, it is measured on one blank image."""
     n = len(layout.blocks)
     if not 0 <= trainable_blocks <= n:
         raise ValueError(f"{name} has {n} {layout.unit}; trainable_blocks={trainable_blocks} must be 0..{n}")
     trunk = nn.Sequential(layout.stem, *layout.blocks[: n - trainable_blocks])
     top = as_gemms(nn.Sequential(*layout.blocks[n - trainable_blocks:], layout.neck))
+    for norm in top.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.momentum is not None:
+            norm.momentum = max(norm.momentum, TOP_NORM_MOMENTUM)
     encoder = ImageEncoder(name, trunk, top, layout.dim or 0, layout.norm, layout.pool)
     encoder.split = f"last {trainable_blocks} of {n} {layout.unit}"
     if layout.dim is None:
