@@ -54,6 +54,19 @@ def test_only_convolutions_that_compute_the_same_are_swapped():
     torch.testing.assert_close(model(x), before)
 
 
+def test_a_convolution_with_a_computed_weight_is_kept_not_a_crash():
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    conv = nn.Conv2d(4, 4, 1)
+    parametrize.register_parametrization(conv, "weight", Doubled())
+    model = as_gemms(nn.Sequential(conv, nn.Conv2d(4, 4, 1)))
+    assert model[0] is conv and type(model[1]) is PointwiseConv2d
+
+
 def test_the_default_encoders_trainable_top_multiplies_matrices():
     from gallery.model.backbones import build_backbone
 

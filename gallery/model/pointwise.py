@@ -49,7 +49,11 @@ def as_gemms(module: nn.Module) -> nn.Module:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if _is_plain_pointwise(child):
-                pointwise = PointwiseConv2d.of(child)
-                if _computes_the_same(child, pointwise):
+                try:
+                    pointwise = PointwiseConv2d.of(child)
+                    same = _computes_the_same(child, pointwise)
+                except (TypeError, RuntimeError):  # a computed weight (parametrizations), another output shape
+                    same = False
+                if same:
                     setattr(parent, name, pointwise)
     return module
