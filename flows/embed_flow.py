@@ -10,7 +10,7 @@ data_contracts/embeddings.schema.json, so `gallery search` reads it like the tra
 from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step
 
 import gallery.storage as storage
-from gallery.config import PRESETS_DIR
+from gallery.config import PRESETS_DIR, SplitSettings
 from gallery.data.ingest import ingest
 from gallery.retrieval.embeddings import embeddings_code
 from gallery.runs import (as_input_error, default_store_root, flow_settings, name_the_user, share_machine, trained_run,
@@ -47,9 +47,11 @@ class GalleryEmbedFlow(FlowSpec):
 
     @step
     def ingest(self):
-        """Validate the manifest (no task spec needed)."""
+        """Validate the manifest (no task spec needed); products without a `split` are hashed as the
+        training run hashed its own."""
+        split = getattr(self.run_settings.data, "split", SplitSettings())  # runs from before data.split: 8:1:1
         with as_input_error():
-            self.catalogue = ingest(self.manifest)
+            self.catalogue = ingest(self.manifest, None, split.valid, split.test)
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.run_settings.data.shards))))
         self.next(self.preprocess, foreach="shards")
 

@@ -81,7 +81,7 @@ class GalleryTrainFlow(FlowSpec):
 
     @step
     def ingest(self):
-        """Validate the contract, split train/valid/test (8:1:1 unless the manifest says), label statistics."""
+        """Validate the contract, split train/valid/test (8:1:1 unless the manifest or data.split says), label statistics."""
         with as_input_error():
             self.catalogue = ingest_for_run(self.manifest_location, self.tasks_location, self.cfg)
         print(describe(self.catalogue))

@@ -27,7 +27,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 from gallery.data.shards import FORMATS
-from gallery.data.split import TEST_FRACTION, VALID_FRACTION
+from gallery.data.split import TEST_FRACTION, VALID_FRACTION, Share
 from gallery.data.documents import parse_document
 from gallery.data.inputs import MissingInput, read_text
 from gallery.data.synth import SynthSettings
@@ -161,14 +161,14 @@ def cell_parts(name: str, reference_pooling: str) -> tuple[str, str]:
 
 
 Fraction = Annotated[Number, Field(gt=0, le=1)]
-Share = Annotated[Number, Field(gt=0, lt=0.5)]
 
 
 @dataclass(frozen=True, config=CHECKED)
 class SplitSettings:
     """The hashed split's shares, for products whose manifest gives no `split` (gallery.data.split).
     More held-out products buy evaluation power (narrower intervals, more galleries to test transfer
-    on) at the cost of training galleries: worth it for small catalogues."""
+    on) at the cost of training galleries: worth it for small catalogues. (The synthetic catalogue
+    writes its own `split` column: data.synth.valid_share and test_share.)"""
     valid: Share = VALID_FRACTION
     test: Share = TEST_FRACTION
 

@@ -93,3 +93,18 @@ def test_bench_weightings_times_each_against_pseudo_uniform():
     assert [r.weighting for r in out] == ["pseudo_uniform", "famo", "imtl_g"] and out[0].relative == 1.0
     assert [r.relative for r in out] == pytest.approx([r.seconds_per_step / out[0].seconds_per_step for r in out])
     assert [line.split()[0] for line in lines[-3:]] == ["pseudo_uniform", "famo", "imtl_g"]
+
+
+def test_the_default_case_is_the_one_its_preset_trains():
+    import json
+
+    from gallery.bench.train import cpu_cases, preset_case
+    from gallery.config import PRESETS_DIR
+
+    preset = json.loads((PRESETS_DIR / "default.json").read_text())
+    case = preset_case("default")
+    assert (case.backbone, case.image_size, case.batch_galleries, case.hidden, case.trainable_blocks) == (
+        preset["model"]["backbone"], preset["model"]["image_size"], preset["train"]["batch_galleries"],
+        preset["model"]["hidden"], preset["model"]["trainable_blocks"])
+    assert (case.min_images, case.max_images) == (preset["data"]["synth"]["min_images"], preset["data"]["synth"]["max_images"])
+    assert cpu_cases()[0] == case and case.use_cache

@@ -194,6 +194,23 @@ def test_the_settings_fractions_hash_the_products_without_a_split(tmp_path):
     assert "the hashed split sends about 1% to valid and 1% to test: data.split in the settings" in too_few
 
 
+def test_a_runs_split_setting_reaches_its_ingest_and_validate(tmp_path, capsys):
+    from gallery.config import settings_from_dict
+    from gallery.steps import ingest_for_run
+
+    df = rows(400).assign(split=None)
+    manifest, tasks = write(tmp_path, df)
+    shares = {"data": {"split": {"valid": 0.3, "test": 0.25}}}
+    expected = hash_split(df["gallery_id"], 0.3, 0.25)
+    assert list(ingest_for_run(str(manifest), str(tasks), settings_from_dict(shares)).frame["split"]) == list(expected)
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(shares))
+    assert main(["validate", "--config", str(config), "--manifest", str(manifest), "--tasks", str(tasks)]) == 0
+    counts = {s: int((expected == s).sum()) for s in ("train", "valid", "test")}
+    assert counts["valid"] > 80 and "galleries: 400 (" in (out := capsys.readouterr().out)
+    assert all(f"{s} {n}" in out for s, n in counts.items())
+
+
 def test_regression_nan_inf_missing_and_text_rejected(tmp_path):
     df = rows()
     df.loc[1, "avg_daily_rate"] = np.inf

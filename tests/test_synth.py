@@ -9,6 +9,7 @@ import pandas as pd
 import yaml
 
 from gallery.data.ingest import ingest
+from gallery.data.split import hash_unit
 from gallery.data.synth import SynthSettings, generate
 
 
@@ -90,3 +91,10 @@ def test_every_size_of_every_building_renders():
             p = {"_archetype": arch, "_size": size, "_luxury": 0.5, "_region": 1, "_country": 2, "_type": 3,
                  "_has_balcony": True, "_is_chain": True, "_age": 40.0, "_decor": 1}
             building(Canvas(32, np.random.default_rng(size)), p, Look(p), horizon=0.6)
+
+
+def test_the_manifest_carries_the_split_at_the_settings_shares(tmp_path):
+    settings = SynthSettings(galleries=60, seed=1, image_size=16, min_images=1, max_images=1, valid_share=0.3, test_share=0.2)
+    frame = pd.read_parquet(generate(tmp_path, settings, workers=1))
+    units = np.array([hash_unit(g) for g in frame["gallery_id"]])
+    assert list(frame["split"]) == list(np.where(units < 0.3, "valid", np.where(units < 0.5, "test", "train")))

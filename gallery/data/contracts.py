@@ -267,5 +267,5 @@ def validate_manifest(df: pd.DataFrame, path: str, spec: TaskSpec) -> list[Viola
             out.append(Violation(path, "column 'split'", f"unknown split value(s) {example(sorted(set(bad)))} "
                                  f"(ids {example(df.loc[bad.index, 'gallery_id'])})" if "gallery_id" in df.columns
                                  else f"unknown split value(s) {example(sorted(set(bad)))}",
-                                 f"use one of {list(SPLITS)} or leave it empty for the hashed 8:1:1 split"))
+                                 f"use one of {list(SPLITS)} or leave it empty for the hashed split (8:1:1 unless data.split says)"))
     return out

@@ -6,12 +6,15 @@ reported number is selected on the split it is reported on.
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, Strict
 
 VALID_FRACTION = 0.1  # 8:1:1 train:valid:test unless the settings say otherwise (data.split)
 TEST_FRACTION = 0.1
+Share = Annotated[float, Strict(), Field(gt=0, lt=0.5)]  # a setting's share for valid or test: train keeps the rest
 
 
 def hash_unit(gallery_id: str) -> float:
