@@ -10,12 +10,11 @@ data_contracts/embeddings.schema.json, so `gallery search` reads it like the tra
 from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step
 
 import gallery.storage as storage
-from gallery.config import PRESETS_DIR, SplitSettings
-from gallery.data.ingest import ingest
+from gallery.config import PRESETS_DIR
 from gallery.retrieval.embeddings import embeddings_code
 from gallery.runs import (as_input_error, default_store_root, flow_settings, name_the_user, share_machine, trained_run,
                           use_metaflow_s3_settings)
-from gallery.steps import collect_quality, export_embeddings, preprocess_shard, shard_rows
+from gallery.steps import collect_quality, export_embeddings, ingest_for_embedding, preprocess_shard, shard_rows
 from gallery.training.checkpoints import load_trained
 
 name_the_user()
@@ -49,9 +48,8 @@ class GalleryEmbedFlow(FlowSpec):
     def ingest(self):
         """Validate the manifest (no task spec needed); products without a `split` are hashed as the
         training run hashed its own."""
-        split = getattr(self.run_settings.data, "split", SplitSettings())  # runs from before data.split: 8:1:1
         with as_input_error():
-            self.catalogue = ingest(self.manifest, None, split.valid, split.test)
+            self.catalogue = ingest_for_embedding(self.manifest, self.run_settings)
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.run_settings.data.shards))))
         self.next(self.preprocess, foreach="shards")
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 import gallery.storage as storage
-from gallery.config import Settings, cell_name, cell_parts
+from gallery.config import Settings, SplitSettings, cell_name, cell_parts
 from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
@@ -85,6 +85,13 @@ def ingest_for_run(manifest: str, tasks: str, settings: Settings) -> Catalogue:
     _, why = code_that_fits(settings.retrieval.code, int((catalogue.frame["split"] == "train").sum()))
     catalogue.notes += [why] if why else []
     return catalogue
+
+
+def ingest_for_embedding(manifest: str, run_settings: Settings) -> Catalogue:
+    """The manifest to embed (no task spec needed), its products without a `split` hashed as the training
+    run hashed its own: runs trained before `data.split` existed hashed 8:1:1."""
+    split = getattr(run_settings.data, "split", SplitSettings())
+    return ingest(manifest, None, split.valid, split.test)
 
 
 # ---------------------------------------------------------------- preprocess

@@ -211,6 +211,20 @@ def test_a_runs_split_setting_reaches_its_ingest_and_validate(tmp_path, capsys):
     assert all(f"{s} {n}" in out for s, n in counts.items())
 
 
+def test_a_manifest_to_embed_is_hashed_as_its_training_run_hashed(tmp_path):
+    from types import SimpleNamespace
+
+    from gallery.config import settings_from_dict
+    from gallery.steps import ingest_for_embedding
+
+    df = rows(400).assign(split=None)
+    manifest, _ = write(tmp_path, df)
+    run = settings_from_dict({"data": {"split": {"valid": 0.3, "test": 0.25}}})
+    assert list(ingest_for_embedding(str(manifest), run).frame["split"]) == list(hash_split(df["gallery_id"], 0.3, 0.25))
+    before_the_setting = SimpleNamespace(data=SimpleNamespace())  # a run's pickled settings from an older version
+    assert list(ingest_for_embedding(str(manifest), before_the_setting).frame["split"]) == list(hash_split(df["gallery_id"]))
+
+
 def test_regression_nan_inf_missing_and_text_rejected(tmp_path):
     df = rows()
     df.loc[1, "avg_daily_rate"] = np.inf
