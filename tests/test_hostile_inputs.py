@@ -269,11 +269,11 @@ def test_link_to_dev_zero_named_like_a_photo(tmp_path):
 
 
 def test_socket_file_as_image():
-    folder = tempfile.mkdtemp(prefix="g")  # a socket path must be short
-    path = os.path.join(folder, "s.jpg")
-    with socket.socket(socket.AF_UNIX) as s:
-        s.bind(path)
-        assert "is a socket" in image_problem(path)
+    with tempfile.TemporaryDirectory(prefix="g") as folder:  # a socket path must be short
+        path = os.path.join(folder, "s.jpg")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path)
+            assert "is a socket" in image_problem(path)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -545,9 +545,9 @@ def test_image_url_that_is_not_found(web):
     assert image_problem(f"{web}/files/nowhere.jpg") == "missing file (does not exist (HTTP 404))"
 
 
-def test_s3_objects_are_read_through_the_same_checks(s3_bucket, monkeypatch):
+def test_s3_objects_are_read_through_the_same_checks(s3_bucket, monkeypatch, tmp_path):
     use_metaflow_s3_settings()
-    photo = Path(png(Path(tempfile.mkdtemp()) / "p.png")).read_bytes()
+    photo = Path(png(tmp_path / "p.png")).read_bytes()
     storage.write_bytes(f"{s3_bucket}/hostile/photo.png", photo)
     assert read_bytes(f"{s3_bucket}/hostile/photo.png", "image") == photo
     with pytest.raises(MissingInput, match="hostile/none.png: does not exist"):

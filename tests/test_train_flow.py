@@ -5,6 +5,7 @@ can check (the statistics, the report's layout) is checked in test_comparisons.p
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -175,6 +176,7 @@ def test_a_study_of_every_weighting_with_two_poolings_in_one_smoke_run(tmp_path)
         assert all(np.isfinite(list(h.train_task_losses.values())).all() for h in result.history), name
     state = {name: torch.load(Path(end.store_root) / run.id / "checkpoints" / name / "best.pt", weights_only=True)["weighting"]
              for name in weightings}
+    shutil.rmtree(Path(end.store_root) / run.id)  # 14 models' checkpoints, ~1 GB: the disk back for the other tests
     assert (state["famo"]["logits"] != 0).any() and (state["imtl_g"]["weights"] != 0).any()
     assert state["rlw"]["_extra_state"][1] > 0  # steps drawn
     folder = Path(REPORTS) / run.id
