@@ -95,10 +95,10 @@ def test_bench_weightings_times_each_against_pseudo_uniform():
     assert [line.split()[0] for line in lines[-3:]] == ["pseudo_uniform", "famo", "imtl_g"]
 
 
-def test_the_default_case_is_the_one_its_preset_trains():
+def test_the_default_case_is_the_one_its_preset_trains_on_cpu_and_gpu():
     import json
 
-    from gallery.bench.train import cpu_cases, preset_case
+    from gallery.bench.train import cpu_cases, gpu_cases, preset_case
     from gallery.config import PRESETS_DIR
 
     preset = json.loads((PRESETS_DIR / "default.json").read_text())
@@ -107,4 +107,4 @@ def test_the_default_case_is_the_one_its_preset_trains():
         preset["model"]["backbone"], preset["model"]["image_size"], preset["train"]["batch_galleries"],
         preset["model"]["hidden"], preset["model"]["trainable_blocks"])
     assert (case.min_images, case.max_images) == (preset["data"]["synth"]["min_images"], preset["data"]["synth"]["max_images"])
-    assert cpu_cases()[0] == case and case.use_cache
+    assert cpu_cases()[0] == gpu_cases()[0] == case and case.use_cache
