@@ -93,6 +93,7 @@ def test_bench_weightings_times_each_against_pseudo_uniform():
     assert [r.weighting for r in out] == ["pseudo_uniform", "famo", "imtl_g"] and out[0].relative == 1.0
     assert [r.relative for r in out] == pytest.approx([r.seconds_per_step / out[0].seconds_per_step for r in out])
     assert [line.split()[0] for line in lines[-3:]] == ["pseudo_uniform", "famo", "imtl_g"]
+    assert "trainable blocks 1," in lines[0]  # the case's, not the default preset's 0
 
 
 def test_the_default_case_is_the_one_its_preset_trains_on_cpu_and_gpu():

@@ -41,7 +41,8 @@ def bench_weightings(names=None, steps: int = 8, rounds: int = 5, device=None, l
     if "pseudo_uniform" not in names:
         names.insert(0, "pseudo_uniform")
     case = case or preset_case("default")
-    model_settings = replace(load_settings("default").model, backbone=case.backbone, image_size=case.image_size, hidden=case.hidden)
+    model_settings = replace(load_settings("default").model, backbone=case.backbone, image_size=case.image_size,
+                             hidden=case.hidden, trainable_blocks=case.trainable_blocks)
     tasks, stats = (tasks, stats) if tasks is not None else paper_tasks()
     torch.manual_seed(0)
     try:
