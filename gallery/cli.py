@@ -24,13 +24,15 @@ def cmd_synth(args) -> int:
 
     try:
         settings = SynthSettings(galleries=args.galleries, seed=args.seed, image_size=args.image_size,
-                                 min_images=args.min_images, max_images=args.max_images)
+                                 min_images=args.min_images, max_images=args.max_images,
+                                 metric_tasks=not args.no_metric_tasks)
     except ValidationError as e:
         print(problems_text(e, SynthSettings, "gallery synth"), file=sys.stderr)
         return EXIT_USER
     start = time.perf_counter()
     manifest = generate(args.out, settings, workers=args.workers)
-    print(f"wrote {manifest} and {manifest.parent / 'tasks.yaml'} "
+    print(f"wrote {manifest}, {manifest.parent / 'tasks.yaml'}"
+          + (f" and {manifest.parent / 'co_views.parquet'}" if settings.metric_tasks else "") + " "
           f"({settings.galleries} galleries, {time.perf_counter() - start:.1f}s)")
     return 0
 
@@ -193,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-images", type=int, default=4)
     p.add_argument("--max-images", type=int, default=12)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--no-metric-tasks", action="store_true",
+                   help="no re-listings (property_id), co-views or their identity and pairs tasks")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("validate", parents=[debug], help="check settings, or a manifest and task spec against the data contract, "

@@ -116,7 +116,7 @@ def test_unknown_kind(tmp_path):
     spec = json.loads(json.dumps(SPEC))
     spec["tasks"][0]["kind"] = "clasification"
     msg = violations(tmp_path, rows(), spec)
-    assert "tasks.yaml: tasks[0].kind: 'clasification' is not one of ['binary', 'multiclass', 'regression']" in msg
+    assert "tasks.yaml: tasks[0].kind: 'clasification' is not one of ['binary', 'multiclass', 'regression', 'identity', 'pairs']" in msg
     assert "fix: use one of" in msg
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jsonschema import Draft202012Validator
 
+import gallery.storage as storage
 from gallery.data.documents import parse_document
 from gallery.data.inputs import LIMIT_VARIABLES, InputProblem, Limits, MissingInput, read_bytes, read_text, size_text
 from gallery.data.labels import label_key
@@ -23,7 +24,6 @@ from gallery.data.tasks import Task
 from gallery.errors import ContractError, Violation, example, excerpt
 
 CONTRACTS_DIR = resources.files("gallery") / "contracts"  # package data: data_contracts/, installed with gallery
-KINDS = ("binary", "multiclass", "regression")
 SPLITS = ("train", "valid", "test")
 RESERVED_COLUMNS = ("gallery_id", "images", "split")
 MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
@@ -39,8 +39,13 @@ def load_schema(name: str) -> dict:
 @dataclass
 class TaskSpec:
     path: str
-    tasks: list[Task]
-    holdout: list[Task] = field(default_factory=list)
+    tasks: list[Task]                                   # attribute tasks, learned jointly
+    holdout: list[Task] = field(default_factory=list)   # never trained on: transfer is tested on them
+    metric: list[Task] = field(default_factory=list)    # identity and pairs tasks, learned jointly too
+
+    @property
+    def trained(self) -> list[Task]:
+        return self.tasks + self.metric
 
 
 # ---------------------------------------------------------------- task spec
@@ -57,7 +62,8 @@ def _schema_error_to_violation(path: str, err) -> Violation:
         "minItems": f"give at least {err.validator_value} item(s)",
         "uniqueItems": "list each value once",
         "pattern": "use letters, digits, '_', '.', '-' only",
-        "not": "'classes'/'num_classes' apply to multiclass tasks only, 'positive' to binary tasks only",
+        "not": "'classes'/'num_classes' apply to multiclass tasks only, 'positive' to binary tasks only, "
+               "'file' to pairs tasks only (which name no 'column')",
     }
     problem = excerpt(err.message, 300, quote=False)  # a message holds the offending value: never all of it
     if err.validator == "not":
@@ -83,33 +89,52 @@ def load_task_spec(path) -> TaskSpec:
 
     def build(entry) -> Task:
         classes = entry.get("classes")
-        return Task(name=entry["name"], column=entry["column"], kind=entry["kind"],
+        file = entry.get("file")
+        return Task(name=entry["name"], column=entry.get("column"), kind=entry["kind"],
                     classes=tuple(label_key(c) for c in classes) if classes else None,
                     num_classes=entry.get("num_classes"), positive=entry.get("positive"),
-                    description=entry.get("description", ""))
+                    description=entry.get("description", ""),
+                    file=None if file is None else _beside(file, path))
 
-    spec = TaskSpec(path, [build(t) for t in doc["tasks"]], [build(t) for t in doc.get("holdout") or []])
+    trained = [build(t) for t in doc["tasks"]]
+    spec = TaskSpec(path, [t for t in trained if not t.is_metric], [build(t) for t in doc.get("holdout") or []],
+                    [t for t in trained if t.is_metric])
     violations += _check_task_names(spec)
     if violations:
         raise ContractError(violations)
     return spec
 
 
+def _beside(file: str, spec_path: str) -> str:
+    """A file named in the task spec: relative paths are from the task spec's folder."""
+    if storage.is_uri(file) or Path(file).is_absolute():
+        return file
+    return storage.join(storage.parent(spec_path), file)
+
+
 def _check_task_names(spec: TaskSpec) -> list[Violation]:
     out = []
-    names = [t.name for t in spec.tasks + spec.holdout]
+    if not spec.tasks and spec.metric:
+        out.append(Violation(spec.path, "tasks", "only metric tasks (identity, pairs) are listed",
+                             "list at least one attribute task (binary, multiclass or regression) beside them"))
+    for t in spec.holdout:
+        if t.is_metric:
+            out.append(Violation(spec.path, f"holdout task {t.name!r}", f"{t.kind} tasks cannot be held out: "
+                                 "the retrieval evaluation already uses the valid and test galleries as queries",
+                                 "move it to `tasks`"))
+    names = [t.name for t in spec.trained + spec.holdout]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         out.append(Violation(spec.path, "task names", f"duplicate task names {example(dupes)}",
                              "give every task (MTL and holdout) a unique name"))
-    mtl_columns = {t.column: t.name for t in spec.tasks}
+    mtl_columns = {t.column: t.name for t in spec.trained if t.column is not None}
     for t in spec.holdout:
-        if t.name in {m.name for m in spec.tasks} or t.column in mtl_columns:
+        if t.name in {m.name for m in spec.trained} or t.column in mtl_columns:
             out.append(Violation(spec.path, f"holdout task {t.name!r}",
                                  f"column {t.column!r} is also an MTL task ({mtl_columns.get(t.column, t.name)!r}); "
                                  "a holdout must never be seen in training",
                                  "remove it from `tasks` or from `holdout`"))
-    for t in spec.tasks + spec.holdout:
+    for t in spec.trained + spec.holdout:
         if t.column in RESERVED_COLUMNS:
             out.append(Violation(spec.path, f"task {t.name!r}", f"column {t.column!r} is reserved",
                                  "point the task at a label column"))
@@ -137,22 +162,7 @@ def load_manifest(path) -> pd.DataFrame:
         missing = isinstance(e, MissingInput)
         raise ContractError([Violation(path, "file", "the manifest does not exist" if missing else e.reason,
                                        "pass an existing file with --manifest" if missing else e.fix)]) from None
-    try:
-        if fmt == "parquet":
-            df = _read_parquet(path, data)
-        elif fmt == "csv":
-            df = pd.read_csv(io.BytesIO(data), dtype={c: "string" for c in RESERVED_COLUMNS}, keep_default_na=True,
-                             encoding="utf-8")
-        else:
-            df = _read_jsonl(path, data)
-    except ContractError:
-        raise
-    except UnicodeDecodeError as e:
-        raise ContractError([Violation(path, "file", f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                                       f"offset {e.start}; Latin-1 or Windows-1252?)", "save it as UTF-8")]) from None
-    except Exception as e:  # noqa: BLE001 - any reader failure is a contract problem of this file
-        raise ContractError([Violation(path, "file", f"cannot be read as {fmt}: {excerpt(str(e), 300, quote=False)}",
-                                       f"check that the file is valid {fmt}")]) from None
+    df = decode_table(path, fmt, data, RESERVED_COLUMNS)
     if "images" in df.columns:
         df["images"], bad = _images_as_lists(df["images"], from_text=(fmt == "csv"))
         if bad:
@@ -161,6 +171,26 @@ def load_manifest(path) -> pd.DataFrame:
                                            f"{len(bad)} row(s) are not a list of image paths: {example(ids)}",
                                            'write each cell as a JSON array of strings, e.g. ["a.jpg", "b.jpg"]')])
     return df
+
+
+def decode_table(path: str, fmt: str, data: bytes, text_columns) -> pd.DataFrame:
+    """A table file's bytes as a frame (`fmt`: parquet, csv or jsonl); CSV cells of `text_columns` stay
+    text (ids such as 007 keep their zeros). Anything unreadable is a ContractError naming the file."""
+    try:
+        if fmt == "parquet":
+            return _read_parquet(path, data)
+        if fmt == "csv":
+            return pd.read_csv(io.BytesIO(data), dtype={c: "string" for c in text_columns}, keep_default_na=True,
+                               encoding="utf-8")
+        return _read_jsonl(path, data)
+    except ContractError:
+        raise
+    except UnicodeDecodeError as e:
+        raise ContractError([Violation(path, "file", f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                                       f"offset {e.start}; Latin-1 or Windows-1252?)", "save it as UTF-8")]) from None
+    except Exception as e:  # noqa: BLE001 - any reader failure is a contract problem of this file
+        raise ContractError([Violation(path, "file", f"cannot be read as {fmt}: {excerpt(str(e), 300, quote=False)}",
+                                       f"check that the file is valid {fmt}")]) from None
 
 
 def _read_parquet(path: str, data: bytes) -> pd.DataFrame:
@@ -234,8 +264,8 @@ def validate_manifest(df: pd.DataFrame, path: str, spec: TaskSpec) -> list[Viola
         if col not in df.columns:
             out.append(Violation(path, f"column {col!r}", "required column is missing",
                                  f"add a {col!r} column ({props[col]['description']})"))
-    for task in spec.tasks + spec.holdout:
-        if task.column not in df.columns:
+    for task in spec.trained + spec.holdout:
+        if task.column is not None and task.column not in df.columns:
             out.append(Violation(path, f"column {task.column!r}",
                                  f"task {task.name!r} ({spec.path}) names a column the manifest lacks",
                                  f"add the column, or fix `column:` of task {task.name!r}; "

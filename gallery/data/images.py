@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
 from gallery.data.inputs import InputProblem, read_input
+from gallery.data.pairs import SkippedPair
 
 # Anything past this many pixels is treated as a decompression bomb (PIL's own default is 89M;
 # product photos are far smaller, and a 20k x 20k "photo" only costs memory).
@@ -112,11 +113,13 @@ class DataQuality:
 
     skipped: list[SkippedImage]
     excluded: list[str]  # galleries left with no readable image
+    pairs: list[SkippedPair] = field(default_factory=list)  # engagement pairs dropped at ingest
 
     @staticmethod
     def merge(parts) -> "DataQuality":
         parts = list(parts)
-        return DataQuality([s for p in parts for s in p.skipped], [g for p in parts for g in p.excluded])
+        return DataQuality([s for p in parts for s in p.skipped], [g for p in parts for g in p.excluded],
+                           [s for p in parts for s in p.pairs])
 
     def reasons(self) -> dict[str, int]:
         """Skipped images per reason kind (the text before any parenthesis)."""
@@ -127,11 +130,12 @@ class DataQuality:
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
     def summary(self) -> str:
+        pairs = f"; {len(self.pairs)} engagement pair(s) dropped" if self.pairs else ""
         if not self.skipped and not self.excluded:
-            return "no damaged images"
+            return "no damaged images" + pairs
         by_reason = ", ".join(f"{n} {r}" for r, n in self.reasons().items())
         return (f"{len(self.skipped)} image(s) skipped ({by_reason}); "
-                f"{len(self.excluded)} gallery(ies) excluded with no readable image")
+                f"{len(self.excluded)} gallery(ies) excluded with no readable image" + pairs)
 
 
 def load_galleries(gallery_ids, image_lists, size: int, progress=None, max_images: int | None = None):
@@ -152,7 +156,9 @@ def load_galleries(gallery_ids, image_lists, size: int, progress=None, max_image
 
 
 def quality_csv(quality: DataQuality) -> str:
-    """Every skipped image and excluded gallery, one row each."""
+    """Every skipped image, excluded gallery and dropped engagement pair, one row each."""
     rows = [(s.gallery_id, s.image, s.reason) for s in quality.skipped]
     rows += [(g, "", "gallery excluded: no readable image") for g in quality.excluded]
+    rows += [(p.gallery_a, "", f"pair with {p.gallery_b!r} dropped (task {p.task!r}, row {p.row} of its file): "
+              f"{p.reason}") for p in quality.pairs]
     return pd.DataFrame(rows, columns=["gallery_id", "image", "reason"]).to_csv(index=False)

@@ -4,6 +4,8 @@ Encoded forms (one array per task, aligned with the manifest rows):
 - binary: float32 in {0, 1}, NaN = missing
 - multiclass: int64 class index, -1 = missing
 - regression: float32, NaN = missing (NaN and inf in the input count as missing)
+- identity: float32 class index of the gallery's group (groups with two or more train galleries); valid and
+  test galleries of other groups of two or more get numbers past the classes; NaN otherwise
 The train-split statistics feed the pseudo-uniform loss (regression variances) and the reports
 (class balance).
 """
@@ -110,13 +112,45 @@ def encode_labels(column: pd.Series, task: Task, is_train: np.ndarray, ids: pd.S
                              f"at ids {example(_ids_where(ids, unparsable))}",
                              "a regression column holds numbers, with null (or NaN) for missing"))
         values = np.where(np.isfinite(numeric), numeric, np.nan).astype(np.float32)
-    else:  # the task schema admits no other kind
+    elif task.kind == "identity":
+        values, task = _encode_groups(keys, task, is_train, problems, notes)
+    else:  # the task schema admits no other kind (a pairs task has no column: gallery.data.pairs)
         raise ValueError(f"unknown task kind {task.kind!r}")
 
     if not problems and not is_labelled(values, task.kind)[is_train].any():
         problems.append(("no labels in the train split",
                          f"label some train products for task {task.name!r}, or remove the task"))
     return Encoded(values, task, problems, notes)
+
+
+def _encode_groups(keys: pd.Series, task: Task, is_train: np.ndarray, problems: list, notes: list):
+    """An identity column: each group with two or more train galleries is a class (its index); a train
+    gallery of another group trains nothing (NaN) but stays in the catalogue as a distractor. A valid or
+    test gallery gets its group's class, or for a group the classifier never saw a number of its own past
+    the classes, where the group has another gallery in its split (what validation needs: its partner in
+    the batch, gallery.model.metric), NaN otherwise."""
+    present = keys.notna().to_numpy()
+    if present.any() and keys[present].nunique() < 2:
+        problems.append((f"every labelled product is in one group ({keys[present].iloc[0]!r})",
+                         "an identity column tells items apart: give each group of interchangeable products its "
+                         "own id, or remove the task"))
+        return np.full(len(keys), np.nan, np.float32), task
+    train_sizes = keys[present & is_train].value_counts()
+    classes = sorted(train_sizes.index[train_sizes >= 2])
+    if present.any() and not classes:
+        problems.append(("no group has two train products: nothing to learn",
+                         f"give task {task.name!r} groups with several train products (re-listings of one item)"))
+    index = {c: i for i, c in enumerate(classes)}
+    values = np.array([index.get(k, np.nan) if k is not None else np.nan for k in keys], np.float32)
+    held = present & ~is_train
+    held_sizes = keys[held].value_counts()
+    unseen = sorted(k for k, n in held_sizes.items() if n >= 2 and k not in index)
+    numbers = index | {k: len(classes) + i for i, k in enumerate(unseen)}
+    values[held] = [numbers.get(k, np.nan) for k in keys[held]]
+    groups = keys[present].value_counts()
+    notes.append(f"task {task.name!r}: {len(groups)} groups, {int((groups >= 2).sum())} with two or more products; "
+                 f"{len(classes)} train as classes, {int((groups == 1).sum())} single products stay as distractors")
+    return values, replace(task, num_classes=len(classes))
 
 
 def is_labelled(values: np.ndarray, kind: str) -> np.ndarray:
@@ -139,7 +173,8 @@ class LabelStats:
 
 
 def label_statistics(values: np.ndarray, task: Task, split: np.ndarray) -> LabelStats:
-    """Counts per split; on train: class counts and minority fraction, or mean and variance."""
+    """Counts per split; on train: class counts and minority fraction, or mean and variance (an identity
+    task: the counts only)."""
     labelled = is_labelled(values, task.kind)
     counts = {s: int((labelled & (split == s)).sum()) for s in np.unique(split)}
     train = values[labelled & (split == "train")]
@@ -151,7 +186,7 @@ def label_statistics(values: np.ndarray, task: Task, split: np.ndarray) -> Label
     elif task.kind == "multiclass":
         stats.class_counts = np.bincount(train, minlength=task.out_dim).tolist()
         stats.minority_fraction = min(stats.class_counts) / max(len(train), 1)
-    else:
+    elif task.kind == "regression":
         stats.mean = float(train.mean()) if len(train) else None
         stats.variance = float(train.var(ddof=1)) if len(train) > 1 else None
     return stats
