@@ -114,6 +114,11 @@ class ModelSettings:
     image_size: Annotated[Int, Field(ge=8)] = 96
     pooling: Pooling = "mean"
     hidden: Count = 256                # width of each task head's hidden layer
+    # metric tasks (gallery.model.metric): softmax temperatures on cosines, and the random other groups an
+    # identity task's classifier scores beside the batch's own each step (its cost does not grow with groups)
+    identity_temperature: Positive = 0.05
+    pairs_temperature: Positive = 0.1
+    sampled_classes: NonNegative = 1024
 
 
 @dataclass(frozen=True, config=CHECKED)
@@ -132,6 +137,7 @@ class TrainSettings:
     workers: Count = 1                 # data-parallel processes per weighting (DDP: gloo on CPU, NCCL on GPUs)
     poolings: tuple[Pooling, ...] = () # a study: every weighting is trained with each of these poolings too
     processes: Count | None = None     # processes training the models side by side (None: one per model and worker)
+    pairs_per_batch: NonNegative = 16  # engagement pairs drawn into every batch (both ends) for each pairs task
 
     @field_validator("weightings")
     @classmethod
@@ -195,6 +201,9 @@ class EvalSettings:
     retrieval_examples: NonNegative = 3
     seeds: Count = 1                   # training and evaluation repeated with train.seed, +1, ...: mean and spread
     baselines: tuple[Backbone, ...] = ()  # other pretrained backbones whose mean-pooled features are transfer arms
+    # with metric tasks: also train the attribute tasks alone and each metric task alone, for retrieval to
+    # compare the unified model with (gallery.evaluation.retrieval_suite)
+    retrieval_arms: Flag = True
 
 
 @dataclass(frozen=True, config=CHECKED)

@@ -17,7 +17,9 @@ from gallery.config import TrainSettings
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
 from gallery.evaluation.holdout import VectorInput, vectors_as_galleries
+from gallery.data.readers import PairRows
 from gallery.model.gallery_model import GalleryModel
+from gallery.model.metric import CosineClassifier, InBatchSoftmax, pair_keys
 from gallery.model.weightings import build_weighting
 from gallery.training.distributed import join, leave, master_port
 from gallery.training.engine import FitConfig, TrainData, fit
@@ -76,6 +78,42 @@ def train(folder, name, ranks=None, encoder=LinearEncoder):
     return result, {**model.state_dict(), **{f"weighting.{k}": v for k, v in weighting.state_dict().items()}}
 
 
+METRIC_TASKS = [Task("same", "same", "identity", num_classes=20), Task("co_viewed", None, "pairs")]
+
+
+def metric_problem():
+    """The problem above with an identity task (galleries 2k and 2k+1 are one group) and a pairs task (pairs
+    of galleries whose vectors are near), three pairs drawn into every batch: the losses gather the ranks'
+    rows, so two processes must still make one process's updates."""
+    model, data = problem()
+    groups = np.repeat(np.arange(32), 2).astype(np.float32)
+    groups[groups >= 20] = np.nan  # the last groups train nothing: distractors
+    nodes = np.arange(64, dtype=np.float32)
+    a = np.arange(0, 64, 4)
+    b = a + 1 + (a % 3)
+    keys = pair_keys(a, b, 64)
+    targets = torch.cat([data.targets, torch.from_numpy(np.stack([groups, nodes], 1))], 1)
+    within = lambda rows: PairRows(a[np.isin(a, rows) & np.isin(b, rows)], b[np.isin(a, rows) & np.isin(b, rows)],  # noqa: E731
+                                   np.ones(int((np.isin(a, rows) & np.isin(b, rows)).sum())))
+    pairs = {split: [within(rows)] for split, rows in (("train", data.train_rows), ("valid", data.valid_rows),
+                                                       ("test", data.test_rows))}
+    data = TrainData(data.source, targets, data.train_rows, data.valid_rows, data.test_rows, pairs=pairs,
+                     pair_columns=torch.tensor([False] * len(TASKS) + [False, True]), pairs_per_batch=3)
+    torch.manual_seed(0)
+    model = GalleryModel(LinearEncoder(16), TASKS + METRIC_TASKS, 8, STATS,
+                         [CosineClassifier(16, 20, 0.1, 4), InBatchSoftmax(0.1)])
+    model.set_pairs("co_viewed", keys, 64)
+    return model, data
+
+
+def train_metric(folder, ranks=None):
+    model, data = metric_problem()
+    weighting = build_weighting("pseudo_uniform", model.tasks, STATS)
+    kwargs = {"ranks": ranks} if ranks is not None else {}
+    result = fit(model, weighting, data, SETTINGS, checkpoints=str(folder), log=lambda _: None, **kwargs)
+    return result, model.state_dict()
+
+
 def rank_process(rank: int, port: int, folder: str) -> None:
     ranks = join(rank, 2, 2, "127.0.0.1", port, torch.device("cpu"))
     for name in WEIGHTINGS:
@@ -85,6 +123,11 @@ def rank_process(rank: int, port: int, folder: str) -> None:
                     "weights": weights, "digest": result.weights_digest}, f"{folder}/{name}-rank{rank}.pt")
     result, weights = train(f"{folder}/batchnorm", "pseudo_uniform", ranks, NormalisedEncoder)
     torch.save({"weights": weights, "digest": result.weights_digest}, f"{folder}/batchnorm-rank{rank}.pt")
+    result, weights = train_metric(f"{folder}/metric", ranks)
+    torch.save({"history": [h.valid_criterion[0] for h in result.history], "weights": weights,
+                "digest": result.weights_digest,
+                "losses": [[h.train_task_losses[t.name] for t in METRIC_TASKS] for h in result.history]},
+               f"{folder}/metric-rank{rank}.pt")
     leave()
 
 
@@ -99,7 +142,7 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     mp.spawn(rank_process, args=(free_port(), str(folder)), nprocs=2)
     return {name: [torch.load(folder / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1)]
-            for name in (*WEIGHTINGS, "batchnorm")}
+            for name in (*WEIGHTINGS, "batchnorm", "metric")}
 
 
 def test_ranks_end_with_rank_zeros_batchnorm_statistics(two_ranks):
@@ -130,6 +173,21 @@ def test_two_ranks_train_exactly_like_one_process(two_ranks, tmp_path, name):
         assert weights["weighting.weights"].abs().sum() > 0
     if name == "rlw":  # (training seed, steps taken): 3 epochs of 7 batches
         assert weights["weighting._extra_state"].tolist() == [0, 21]
+
+
+def test_two_ranks_train_metric_tasks_exactly_like_one_process(two_ranks, tmp_path):
+    """Identity and pairs tasks draw their candidates from the whole batch (gathered across ranks, with
+    gradients for the pairs' negatives): the ranks' update is still the lone process's."""
+    one, weights = train_metric(tmp_path)
+    zero, first = two_ranks["metric"]
+    assert zero["digest"] == first["digest"]
+    losses = [[h.train_task_losses[t.name] for t in METRIC_TASKS] for h in one.history]
+    assert np.isfinite(losses).all() and min(min(row) for row in losses) > 0  # both metric tasks trained
+    np.testing.assert_allclose(zero["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(zero["history"], [h.valid_criterion[0] for h in one.history], rtol=1e-5)
+    for key, value in weights.items():
+        torch.testing.assert_close(zero["weights"][key], value, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(weights["losses.metric.0.weight"], metric_problem()[0].state_dict()["losses.metric.0.weight"])
 
 
 def test_the_main_nodes_port_is_never_an_ephemeral_one():

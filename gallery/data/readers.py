@@ -127,11 +127,27 @@ class Batch:
                      None if self.targets is None else self.targets.pin_memory(), self.rows)
 
 
+@dataclass(frozen=True)
+class PairedLabels:
+    """Which batch galleries were drawn as ends of engagement pairs (per batch), and which target columns
+    are pairs tasks: drawn galleries carry only those labels, the others every label but those, so the
+    attribute tasks see exactly the usual sample and the pair loss its sampled pairs."""
+
+    drawn: list[np.ndarray]     # per batch: (n,) bool
+    columns: torch.Tensor       # (tasks,) bool
+
+    def mask(self, k: int, targets: torch.Tensor) -> torch.Tensor:
+        drawn = torch.as_tensor(self.drawn[k])[:, None]
+        keep = torch.where(drawn, self.columns[None, :], ~self.columns[None, :])
+        return torch.where(keep, targets, torch.nan)
+
+
 class Batches(Dataset):
     """Item k is the k-th batch of galleries, packed; a DataLoader worker builds whole batches."""
 
-    def __init__(self, source, batches: list[np.ndarray], targets: torch.Tensor | None = None):
-        self.source, self.batches, self.targets = source, batches, targets
+    def __init__(self, source, batches: list[np.ndarray], targets: torch.Tensor | None = None,
+                 paired: PairedLabels | None = None):
+        self.source, self.batches, self.targets, self.paired = source, batches, targets, paired
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -140,6 +156,8 @@ class Batches(Dataset):
         rows = self.batches[k]
         x, index = self.source.gather(rows)
         targets = None if self.targets is None else self.targets[torch.as_tensor(rows, dtype=torch.int64)]
+        if targets is not None and self.paired is not None:
+            targets = self.paired.mask(k, targets)
         return Batch(x, index, len(rows), targets, rows)
 
 
@@ -147,15 +165,49 @@ def batches_of(order, batch_galleries: int, rank: int = 0, world: int = 1) -> li
     """Global batches of `batch_galleries` galleries in the given order; each of `world` data-parallel
     ranks takes every world-th gallery of each batch. A last batch too small to give every rank a
     gallery is topped up from the start of the order (every rank must take every step)."""
+    return [np.ascontiguousarray(b[rank::world]) for b in global_batches(order, batch_galleries, world)]
+
+
+def global_batches(order, batch_galleries: int, world: int = 1) -> list[np.ndarray]:
+    """The whole batches that `world` ranks share (see `batches_of`)."""
     order = np.ascontiguousarray(order, dtype=np.int64)
     batches = [order[s:s + batch_galleries] for s in range(0, len(order), batch_galleries)]
     if world > 1 and batches and len(batches[-1]) < world:
         batches[-1] = np.concatenate([batches[-1], order[:world - len(batches[-1])]])
-    return [np.ascontiguousarray(b[rank::world]) for b in batches]
+    return batches
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """One pairs task's engagement pairs within one split, as source rows, with their weights."""
+
+    a: np.ndarray
+    b: np.ndarray
+    weight: np.ndarray
+
+
+def with_pairs(order, batch_galleries: int, pairs: list[PairRows], per_batch: int, seed: list[int],
+               rank: int = 0, world: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`batches_of` the order, each global batch followed by `per_batch` pairs of every pairs task (both
+    ends, a then b), drawn with probability proportional to their weight from a generator seeded by
+    `seed`; per batch, this rank's rows and which of them were drawn as pair ends. Pair-aware sampling
+    beside the usual sample: a batch holds both ends of each drawn pair, so the pair loss has positives."""
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    rows, drawn = [], []
+    for base in global_batches(order, batch_galleries, world):
+        ends = [np.ravel(np.column_stack([p.a[i], p.b[i]]))
+                for p in pairs if len(p.a)
+                for i in [rng.choice(len(p.a), min(per_batch, len(p.a)), replace=False, p=p.weight / p.weight.sum())]]
+        batch = np.concatenate([base, *ends])
+        is_drawn = np.arange(len(batch)) >= len(base)
+        rows.append(np.ascontiguousarray(batch[rank::world]))
+        drawn.append(is_drawn[rank::world])
+    return rows, drawn
 
 
 def stream(source, batches: list[np.ndarray], targets: torch.Tensor | None = None, workers: int = 0,
-           pin_memory: bool = False):
+           pin_memory: bool = False, paired: PairedLabels | None = None):
     """Batches in order, built by `workers` processes (0: in this process), `prefetch` ahead each."""
-    return DataLoader(Batches(source, batches, targets), batch_size=None, shuffle=False, num_workers=workers,
+    return DataLoader(Batches(source, batches, targets, paired), batch_size=None, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None, persistent_workers=False)

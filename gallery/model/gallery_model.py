@@ -1,4 +1,5 @@
-"""The gallery model (docs/design.md §5): image encoder -> symmetric pooling -> one small head per task."""
+"""The gallery model (docs/design.md §5): image encoder -> symmetric pooling -> one small head per attribute
+task; metric tasks (identity, pairs) train the pooled embedding itself."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,7 @@ from gallery.data.tasks import Task
 from gallery.model.backbones import ImageEncoder, build_backbone
 from gallery.model.heads import TaskHeads
 from gallery.model.losses import TaskLosses
+from gallery.model.metric import CosineClassifier, InBatchSoftmax
 from gallery.model.pooling import AttentionPooling, build_pooling
 
 
@@ -45,14 +47,22 @@ class GalleryEncoder(nn.Module):
 
 class GalleryModel(nn.Module):
     """Encoder, the task heads, and their masked losses: forward gives (embeddings, head outputs);
-    `losses(outputs, targets)` the per-task sums (columns of the outputs: `heads.layout`)."""
+    `losses(outputs, targets, embeddings, ranks)` the per-task sums (columns of the outputs:
+    `heads.layout`; the metric tasks, after the attribute tasks, read the embeddings)."""
 
-    def __init__(self, encoder: GalleryEncoder, tasks: list[Task], hidden: int, stats: dict[str, LabelStats] | None = None):
+    def __init__(self, encoder: GalleryEncoder, tasks: list[Task], hidden: int, stats: dict[str, LabelStats] | None = None,
+                 metric: list[nn.Module] = ()):
         super().__init__()
         self.encoder = encoder
         self.tasks = list(tasks)
         self.heads = TaskHeads(encoder.dim, hidden, tasks, stats)
-        self.losses = TaskLosses(self.heads.layout)
+        self.losses = TaskLosses(self.heads.layout, metric)
+
+    def set_pairs(self, task: str, keys: torch.Tensor, nodes: int) -> None:
+        """The known pairs of a pairs task (gallery.model.metric.pair_keys), looked up by its loss."""
+        first = self.layout.attributes
+        position = next(k for k, t in enumerate(self.tasks) if t.name == task)
+        self.losses.metric[position - first].set_pairs(keys, nodes)
 
     @property
     def layout(self):
@@ -70,10 +80,19 @@ class GalleryModel(nn.Module):
         return z, self.heads(z)
 
 
+def metric_losses(model_settings, tasks: list[Task], dim: int) -> list[nn.Module]:
+    """The loss module of each metric task, in task order: a cosine classifier over an identity task's
+    groups, an in-batch softmax for a pairs task (temperatures and class subsampling: model.*)."""
+    return [CosineClassifier(dim, t.num_classes, model_settings.identity_temperature, model_settings.sampled_classes)
+            if t.kind == "identity" else InBatchSoftmax(model_settings.pairs_temperature)
+            for t in tasks if t.is_metric]
+
+
 def build_model(model_settings, tasks: list[Task], stats: dict[str, LabelStats] | None = None) -> GalleryModel:
     images = build_backbone(model_settings.backbone, model_settings.weights, model_settings.trainable_blocks,
                             model_settings.image_size)
-    return GalleryModel(GalleryEncoder(images, build_pooling(model_settings.pooling, images.dim)), tasks, model_settings.hidden, stats)
+    return GalleryModel(GalleryEncoder(images, build_pooling(model_settings.pooling, images.dim)), tasks,
+                        model_settings.hidden, stats, metric_losses(model_settings, tasks, images.dim))
 
 
 def parameter_counts(model: GalleryModel) -> dict[str, int]:

@@ -32,13 +32,22 @@ class HeadLayout:
 
     @staticmethod
     def of(tasks: list[Task]) -> "HeadLayout":
-        scalar = tuple(k for k, t in enumerate(tasks) if t.kind != "multiclass")
+        """Metric tasks (no head, no columns) come after every attribute task."""
+        kinds = [t.is_metric for t in tasks]
+        if kinds != sorted(kinds):
+            raise ValueError("metric tasks (identity, pairs) must follow the attribute tasks")
+        scalar = tuple(k for k, t in enumerate(tasks) if t.kind != "multiclass" and not t.is_metric)
         classes, start = [], len(scalar)
         for k, t in enumerate(tasks):
             if t.kind == "multiclass":
                 classes.append((k, start, start + t.out_dim))
                 start += t.out_dim
         return HeadLayout(tuple(tasks), scalar, tuple(classes))
+
+    @property
+    def attributes(self) -> int:
+        """How many tasks have a head (the first ones)."""
+        return sum(not t.is_metric for t in self.tasks)
 
     @property
     def columns(self) -> int:
@@ -60,7 +69,7 @@ class TaskHeads(nn.Module):
         super().__init__()
         self.layout = HeadLayout.of(tasks)
         self.hidden = hidden
-        self.first = nn.Linear(dim, len(tasks) * hidden)
+        self.first = nn.Linear(dim, self.layout.attributes * hidden) if self.layout.attributes else None
         scalar = self.layout.scalar_tasks
         bound = 1 / math.sqrt(hidden)  # nn.Linear's default initialisation, per head
         self.scalar_weight = nn.Parameter(torch.empty(len(scalar), hidden).uniform_(-bound, bound))
@@ -77,6 +86,8 @@ class TaskHeads(nn.Module):
         self.register_buffer("label_std", torch.tensor(std, dtype=torch.float32))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.first is None:  # metric tasks only: nothing to predict
+            return z.new_zeros(len(z), 0)
         h = torch.relu(self.first(z)).view(len(z), -1, self.hidden)
         scalar = torch.einsum("bth,th->bt", h.index_select(1, self.scalar_positions), self.scalar_weight)
         scalar = self.label_mean + self.label_std * (scalar + self.scalar_bias)

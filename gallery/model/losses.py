@@ -41,14 +41,17 @@ class TaskSums:
 
 class TaskLosses(nn.Module):
     """BCE (binary), cross-entropy (multiclass) or squared error (regression), summed over the
-    labelled galleries of each task, with their count: a few batched operations for all tasks.
+    labelled galleries of each task, with their count: a few batched operations for all tasks. Then each
+    metric task's loss on the gallery embeddings (gallery.model.metric), whose modules (an identity
+    task's class weights) live here: they are the metric tasks' heads.
 
     The multiclass tasks' cross-entropies are one segmented log-softmax over all their columns
     (a per-task loop cost ~12 kernel launches per task and step, forward and backward)."""
 
-    def __init__(self, layout: HeadLayout):
+    def __init__(self, layout: HeadLayout, metric: list[nn.Module] = ()):
         super().__init__()
         self.layout = layout
+        self.metric = nn.ModuleList(metric)  # one per metric task, in task order after the attribute tasks
         scalar, classes = layout.scalar_tasks, layout.class_tasks
         self.n_scalar, self.n_class = len(scalar), len(classes)
         self.register_buffer("scalar_positions", torch.tensor(scalar, dtype=torch.int64), persistent=False)
@@ -63,7 +66,10 @@ class TaskLosses(nn.Module):
         order = list(scalar) + [k for k, _, _ in classes]
         self.register_buffer("task_order", torch.tensor(order, dtype=torch.int64).argsort(), persistent=False)
 
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> TaskSums:
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor, embeddings: torch.Tensor | None = None,
+                ranks=None) -> TaskSums:
+        """Per-task sums of a batch; `embeddings` (the gallery embeddings) and `ranks` (the data-parallel
+        group, whose batch the metric losses draw negatives from) serve the metric tasks."""
         outputs, targets = outputs.float(), targets.float()
         parts = []  # (loss, count, correct) per task: the one-output tasks, then the multiclass ones
         if self.n_scalar:
@@ -76,7 +82,11 @@ class TaskLosses(nn.Module):
             parts.append(torch.stack([(per * weight).sum(0), weight.sum(0), (hit * weight).sum(0)], 1))
         if self.n_class:
             parts.append(self._cross_entropies(outputs[:, self.n_scalar:], targets.index_select(1, self.class_positions)))
-        table = torch.cat(parts).index_select(0, self.task_order)  # back to task order
+        table = torch.cat(parts).index_select(0, self.task_order) if parts else outputs.new_zeros(0, 3)  # task order
+        if len(self.metric):
+            first = self.layout.attributes
+            metric = [loss(embeddings, targets[:, first + m], ranks) for m, loss in enumerate(self.metric)]
+            table = torch.cat([table, torch.stack(metric)])
         return TaskSums(table[:, 0], table[:, 1], table[:, 2])
 
     def _cross_entropies(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -97,7 +107,7 @@ def task_metrics(sums: TaskSums, layout: HeadLayout) -> dict[str, float]:
     """Accuracy (classification) or MSE (regression) per task over its labelled galleries (NaN if none)."""
     loss, count, correct = (t.detach().cpu().double() for t in (sums.loss, sums.count, sums.correct))
     out = {}
-    for k, task in enumerate(layout.tasks):
+    for k, task in enumerate(layout.tasks):  # metric tasks: the share whose nearest candidate is right
         n = count[k].item()
         value = loss[k].item() if task.kind == "regression" else correct[k].item()
         out[task.name] = value / n if n > 0 else float("nan")

@@ -27,15 +27,16 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 import gallery.storage as storage
 from gallery.data.labels import label_matrix
-from gallery.data.readers import batches_of, stream
+from gallery.data.readers import PairedLabels, PairRows, batches_of, stream, with_pairs
 from gallery.model.losses import TaskSums, task_metrics
 from gallery.model.weightings import Weighting
 from gallery.progress import Progress
@@ -57,14 +58,26 @@ class TrainData:
     test_rows: np.ndarray
     from_features: bool = True
     workers: int = 0             # DataLoader worker processes (0: read in this process)
+    pairs: dict[str, list[PairRows]] = field(default_factory=dict)  # split -> each pairs task's pairs within it
+    pair_columns: torch.Tensor | None = None   # (tasks,) bool: the pairs tasks' target columns
+    pairs_per_batch: int = 0
 
     @staticmethod
-    def from_catalogue(frame, tasks, source, from_features: bool, workers: int = 0) -> "TrainData":
-        """Labels of `tasks` aligned to `source`; the rows of each split from the catalogue's `split`."""
+    def from_catalogue(frame, tasks, source, from_features: bool, workers: int = 0, pairs: dict | None = None,
+                       pairs_per_batch: int = 0) -> "TrainData":
+        """Labels of `tasks` aligned to `source`; the rows of each split from the catalogue's `split`; the
+        pairs tasks' pairs within each split (`pairs`: the catalogue's, by task) as source rows."""
         split = frame.set_index("gallery_id").loc[source.gallery_ids, "split"].to_numpy()
         rows = [np.flatnonzero(split == s) for s in SPLITS]
+        paired = [t for t in tasks if t.kind == "pairs"]
+        if not paired:
+            return TrainData(source, torch.from_numpy(label_matrix(frame, tasks, source.gallery_ids)), *rows,
+                             from_features, workers)
+        at = pd.Index(source.gallery_ids).get_indexer(frame["gallery_id"])  # frame row -> source row (-1: excluded)
+        within = {s: [_source_pairs(pairs[t.name], at, split, s) for t in paired] for s in SPLITS}
+        columns = torch.tensor([t.kind == "pairs" for t in tasks])
         return TrainData(source, torch.from_numpy(label_matrix(frame, tasks, source.gallery_ids)), *rows,
-                         from_features, workers)
+                         from_features, workers, within, columns, pairs_per_batch)
 
     def rows(self, split: str) -> np.ndarray:
         return {"train": self.train_rows, "valid": self.valid_rows, "test": self.test_rows}[split]
@@ -72,15 +85,33 @@ class TrainData:
     def labelled(self, column: int = 0) -> "TrainData":
         """Only the galleries that carry the label of task `column`, in every split."""
         has = ~torch.isnan(self.targets[:, column]).numpy()
-        return TrainData(self.source, self.targets, *(r[has[r]] for r in (self.train_rows, self.valid_rows,
-                                                                           self.test_rows)),
-                         self.from_features, self.workers)
+        return replace(self, train_rows=self.train_rows[has[self.train_rows]],
+                       valid_rows=self.valid_rows[has[self.valid_rows]], test_rows=self.test_rows[has[self.test_rows]])
 
-    def stream(self, batches: list[np.ndarray], device: torch.device):
-        return stream(self.source, batches, self.targets, self.workers, pin_memory=device.type == "cuda")
+    def batches(self, order: np.ndarray, batch_galleries: int, split: str, seed: list[int],
+                ranks: "Ranks") -> tuple[list[np.ndarray], PairedLabels | None]:
+        """This rank's part of each batch of `order`; with pairs tasks, each batch also holds
+        `pairs_per_batch` pairs of each within `split` (both ends, drawn by `seed`: gallery.data.readers.with_pairs)."""
+        if self.pair_columns is None:
+            return batches_of(order, batch_galleries, ranks.rank, ranks.world), None
+        rows, drawn = with_pairs(order, batch_galleries, self.pairs[split], self.pairs_per_batch, seed,
+                                 ranks.rank, ranks.world)
+        return rows, PairedLabels(drawn, self.pair_columns)
+
+    def stream(self, batches: list[np.ndarray], device: torch.device, paired: PairedLabels | None = None):
+        return stream(self.source, batches, self.targets, self.workers, pin_memory=device.type == "cuda",
+                      paired=paired)
 
     def images(self, rows) -> int:
         return int(self.source.lengths[torch.as_tensor(np.asarray(rows), dtype=torch.int64)].sum())
+
+
+def _source_pairs(pairs, at: np.ndarray, split: np.ndarray, name: str) -> PairRows:
+    """The pairs (catalogue frame rows) whose both ends were preprocessed and lie in split `name`, as source rows."""
+    a, b = at[pairs.a], at[pairs.b]
+    keep = (a >= 0) & (b >= 0)
+    keep[keep] &= (split[a[keep]] == name) & (split[b[keep]] == name)
+    return PairRows(a[keep], b[keep], pairs.weight[keep])
 
 
 @dataclass(frozen=True)
@@ -248,7 +279,7 @@ class Objective(nn.Module):
     def forward(self, x, index, n: int, targets):
         with autocast(x.device, self.precision):
             representation, outputs = self.model(x, index, n, self.from_features)
-        sums = self.model.losses(outputs, targets)
+        sums = self.model.losses(outputs, targets, representation, self.ranks)
         count = self.ranks.all_reduce(sums.count.detach().clone()) if self.ranks.world > 1 else sums.count
         return sums.loss * self.ranks.world / count.clamp(min=1), count > 0, representation
 
@@ -314,7 +345,7 @@ def gallery_scores(layout, outputs: torch.Tensor, targets: torch.Tensor) -> np.n
     NaN where the gallery has no label."""
     targets = targets.float()
     out = np.full(tuple(targets.shape), np.nan, np.float32)
-    for k, task in enumerate(layout.tasks):
+    for k, task in enumerate(layout.tasks[:layout.attributes]):  # a metric task has no per-gallery score
         prediction = layout.task_output(outputs, k).float()
         if task.kind == "regression":
             score = (prediction - targets[:, k]) ** 2
@@ -343,11 +374,20 @@ def validate(model: nn.Module, data: TrainData, batch_galleries: int, device, pr
     rank evaluates its share of the valid galleries; one all-reduce adds the sums up."""
     model.eval()
     sums = None
-    for batch in data.stream(batches_of(data.valid_rows[ranks.rank::ranks.world], batch_galleries), device):
+    tasks = model.layout.tasks
+    if not any(t.is_metric for t in tasks):  # each rank its share of the galleries: the sums add up exactly
+        batches, paired = batches_of(data.valid_rows[ranks.rank::ranks.world], batch_galleries), None
+    else:  # every rank its part of the same batches (metric losses gather them), the same pairs each epoch,
+        order = data.valid_rows  # and an identity task's groups together, so their galleries share batches
+        groups = next((k for k, t in enumerate(tasks) if t.kind == "identity"), None)
+        if groups is not None:
+            order = order[np.argsort(data.targets[order, groups].numpy(), kind="stable")]
+        batches, paired = data.batches(order, batch_galleries, "valid", [0], ranks)
+    for batch in data.stream(batches, device, paired):
         x, index, targets = on_device(batch, device)
         with autocast(device, precision):
-            _, outputs = model(x, index, batch.n, data.from_features)
-        s = model.losses(outputs, targets)
+            z, outputs = model(x, index, batch.n, data.from_features)
+        s = model.losses(outputs, targets, z, ranks)
         sums = s if sums is None else sums + s
     if sums is None:  # no valid gallery on this rank
         sums = TaskSums(*(torch.zeros(len(model.layout.tasks), device=device) for _ in range(3)))
@@ -452,12 +492,12 @@ def fit(model: nn.Module, weighting: Weighting, data: TrainData, config: FitConf
         model.set_active(active)
         objective.train()
         order = epoch_order(config.seed, epoch, data.train_rows)
-        batches = batches_of(order, config.batch_galleries, ranks.rank, ranks.world)
+        batches, paired = data.batches(order, config.batch_galleries, "train", [config.seed, epoch], ranks)
         progress = Progress(sum(data.images(b) for b in batches), f"epoch {epoch + 1}/{config.max_epochs}", "images", log)
         started, seen = time.perf_counter(), 0
         total_sum = torch.zeros((), device=device)
         task_sum, task_batches = (torch.zeros(len(names), device=device) for _ in range(2))
-        for k, batch in enumerate(data.stream(batches, device)):
+        for k, batch in enumerate(data.stream(batches, device, paired)):
             step_start = time.perf_counter()
             total, losses, present = train_step(trainer, weighting, optimizer, batch, device)
             if time_steps and device.type == "cuda":
