@@ -1,7 +1,7 @@
 """The embedded default data: a deterministic synthetic accommodation catalogue (docs/design.md §9).
 
-It writes exactly the input contract of docs/design.md §3 (manifest.parquet, tasks.yaml, images/), so
-a run on it exercises the same path as real data.
+It writes exactly the input contract of docs/design.md §3 (manifest.parquet, tasks.yaml, images/, and
+with metric tasks co_views.parquet), so a run on it exercises the same path as real data.
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ from gallery.data.synth.attributes import (
     cardinalities,
     sample_properties,
 )
-from gallery.data.synth.render import Look, gallery_scenes, render
+from gallery.data.synth.metric import co_views, relist, relisting_groups, taste_hues
+from gallery.data.synth.render import Camera, Look, gallery_scenes, render
 
 PAPER_TASKS = CONTRACTS_DIR / "examples" / "paper_tasks.yaml"
-VERSION = 2  # of what the generator draws: part of a stored catalogue's cache key (gallery.steps.synthetic_source)
+VERSION = 3  # of what the generator draws: part of a stored catalogue's cache key (gallery.steps.synthetic_source)
 # Held-out tasks beside the paper's star rating: attributes of latents no MTL task reads (attributes.py)
 HELD_OUT = [
     {"name": "has_spa", "column": "has_spa", "kind": "binary",
@@ -44,9 +45,19 @@ HELD_OUT = [
     {"name": "building_age_years", "column": "building_age_years", "kind": "regression",
      "description": "The building's age: a darker, cracked facade; no MTL task reads it"},
 ]
+CO_VIEWS = "co_views.parquet"
+# Metric tasks, learned jointly with the attribute tasks (metric.py)
+METRIC_TASKS = [
+    {"name": "same_property", "column": "property_id", "kind": "identity",
+     "description": "Listings of one property (re-listings, photographed again) share a property_id"},
+    {"name": "co_viewed", "kind": "pairs", "file": CO_VIEWS,
+     "description": "Galleries viewed in one session, weighted by co-views: more often the closer their "
+                    "tastes (luxury, setting, region, building, and a signature colour no other task reads)"},
+]
 
 
 Whole = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]  # "yes" or 1 is not true/false here
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -61,6 +72,14 @@ class SynthSettings:
     # (gallery.data.split); a small catalogue evaluates with more power when it holds out more
     valid_share: Share = VALID_FRACTION
     test_share: Share = TEST_FRACTION
+    # metric-learning ground truth (metric.py): re-listings with a property_id column, co_views.parquet, and
+    # their two tasks; off, the catalogue is exactly VERSION 2's
+    metric_tasks: Flag = True
+    # the share of galleries that are one of a property's 2-3 listings (the rest are listed once) ...
+    relisted_share: Annotated[float, Strict(), Field(ge=0, le=0.9)] = 0.4
+    # ... all in one split (each split holds that share: evaluated properties are never trained on), or
+    # drawn across splits (an evaluated gallery's other listings mostly train: its labels leak through them)
+    relisted_across_splits: Flag = False
 
     @field_validator("max_images")
     @classmethod
@@ -85,9 +104,9 @@ def class_lists(n: int) -> dict[str, list]:
     }
 
 
-def task_spec(n: int) -> dict:
-    """The paper's Table 1 spec with this catalogue's (scaled) classes declared, and held-out tasks beside
-    the paper's star rating."""
+def task_spec(n: int, metric_tasks: bool = False) -> dict:
+    """The paper's Table 1 spec with this catalogue's (scaled) classes declared, held-out tasks beside the
+    paper's star rating, and the metric tasks after the attribute tasks when asked."""
     spec = yaml.safe_load(PAPER_TASKS.read_text())
     classes = class_lists(n)
     for task in spec["tasks"]:
@@ -95,7 +114,24 @@ def task_spec(n: int) -> dict:
             task.pop("num_classes", None)
             task["classes"] = classes[task["column"]]
     spec["holdout"] = spec["holdout"] + [dict(t) for t in HELD_OUT]
+    if metric_tasks:
+        spec["tasks"] = spec["tasks"] + [dict(t) for t in METRIC_TASKS]
     return spec
+
+
+def gallery_ids(n: int) -> list[str]:
+    return [f"acc_{i:06d}" for i in range(n)]
+
+
+def catalogue_properties(s: SynthSettings) -> pd.DataFrame:
+    """Each gallery's latents (prefixed `_`) and labels; with metric tasks, re-listings copy their
+    property's row, `property_id` names it and `_taste_hue` is the taste's own latent."""
+    props = sample_properties(s.galleries, s.seed)
+    if not s.metric_tasks:
+        return props
+    props["_taste_hue"] = taste_hues(s.galleries, s.seed)
+    split = hash_split(gallery_ids(s.galleries), s.valid_share, s.test_share)
+    return relist(props, relisting_groups(split, s.relisted_share, s.seed, s.relisted_across_splits))
 
 
 def _gallery_sizes(props: pd.DataFrame, s: SynthSettings) -> np.ndarray:
@@ -109,10 +145,12 @@ def _render_gallery(job) -> list[str]:
     index, prop, n_images, s, image_dir = job
     rng = np.random.default_rng([s.seed, 2, index])
     look = Look(prop)
+    # with metric tasks, each listing its own photographer (two listings of a property differ)
+    camera = Camera.draw(np.random.default_rng([s.seed, 7, index]), n_images, s.image_size) if s.metric_tasks else None
     names = []
     for k, scene in enumerate(gallery_scenes(prop, n_images, rng)):
         name = f"acc_{index:06d}_{k:02d}_{scene}.jpg"
-        render(scene, prop, look, s.image_size, rng).save(image_dir / name, quality=90)
+        render(scene, prop, look, s.image_size, rng, camera, k).save(image_dir / name, quality=90)
         names.append(f"images/{name}")
     return names
 
@@ -121,7 +159,7 @@ def generate(out_dir, settings: SynthSettings = SynthSettings(), workers: int | 
     """Write the catalogue to out_dir and return the manifest path; same settings -> same bytes."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    props = sample_properties(settings.galleries, settings.seed)
+    props = catalogue_properties(settings)
     sizes = _gallery_sizes(props, settings)
     records = props.to_dict("records")
     jobs = [(i, records[i], int(sizes[i]), settings, out / "images") for i in range(len(records))]
@@ -132,14 +170,20 @@ def generate(out_dir, settings: SynthSettings = SynthSettings(), workers: int | 
     else:
         images = [_render_gallery(job) for job in jobs]
 
-    spec = task_spec(settings.galleries)
-    columns = [t["column"] for t in spec["tasks"] + spec["holdout"]]
-    ids = [f"acc_{i:06d}" for i in range(len(props))]
+    spec = task_spec(settings.galleries, settings.metric_tasks)
+    columns = [t["column"] for t in spec["tasks"] + spec["holdout"] if "column" in t]
+    ids = gallery_ids(len(props))
     manifest = pd.concat([pd.DataFrame({"gallery_id": ids, "images": images,
                                         "split": hash_split(ids, settings.valid_share, settings.test_share)}),
                           props[columns]], axis=1)
     (out / "tasks.yaml").write_text("# Generated by `gallery synth`: the paper's Table 1 tasks on a synthetic catalogue.\n"
                                     + yaml.safe_dump(spec, sort_keys=False))
+    if settings.metric_tasks:
+        a, b, weight = co_views(props, settings.seed)
+        names = np.array(ids, dtype=object)
+        pq.write_table(pa.table({"gallery_a": pa.array(names[a], pa.string()),
+                                 "gallery_b": pa.array(names[b], pa.string()),
+                                 "weight": pa.array(weight, pa.float64())}), out / CO_VIEWS)
     manifest_path = out / "manifest.parquet"
     tmp = out / "manifest.parquet.tmp"
     pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), tmp)

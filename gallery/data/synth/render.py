@@ -4,12 +4,16 @@ Each scene draws visible evidence of the property's latents: the building archet
 (type, size bucket), wall and roof colours (region), a flag (country), a skyline landmark
 (city), the setting in views, amenities in their own scenes, and luxury in palette, clutter and
 wear. The held-out latents no MTL task reads are drawn too: a spa scene, the decor style on the
-walls of rooms and lounges, and the building's age as a darker, cracked facade. Photos are
-jittered (framing, light, sensor noise) so no two are identical.
+walls of rooms and lounges, and the building's age as a darker, cracked facade. With metric tasks
+(metric.py), a property's taste hue is drawn as its signature colour (curtains, cushions, stools, towels,
+a yoga mat, a parasol outside), and each listing has its own camera (crop and zoom, light, colour cast),
+so two listings of one property differ. Photos are jittered (framing, light, sensor noise) so no two are
+identical.
 """
 from __future__ import annotations
 
 import colorsys
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -29,15 +33,19 @@ def _hash_unit(*keys) -> float:
 
 
 class Canvas:
-    """A PIL canvas addressed in unit coordinates (0..1), so scenes draw the same at any size."""
+    """A PIL canvas addressed in unit coordinates (0..1), so scenes draw the same at any size; a `view`
+    (left, top, zoom) shows the square from (left, top) of side 1/zoom (a camera's crop)."""
 
-    def __init__(self, size: int, rng: np.random.Generator):
-        self.size, self.rng = size, rng
+    def __init__(self, size: int, rng: np.random.Generator, view: tuple[float, float, float] | None = None):
+        self.size, self.rng, self.view = size, rng, view
         self.img = Image.new("RGB", (size, size))
         self.draw = ImageDraw.Draw(self.img)
 
     def _xy(self, box):
-        return [round(v * (self.size - 1)) for v in box]
+        if self.view is None:
+            return [round(v * (self.size - 1)) for v in box]
+        left, top, zoom = self.view
+        return [round((v - (top if k % 2 else left)) * zoom * (self.size - 1)) for k, v in enumerate(box)]
 
     def rect(self, x0, y0, x1, y1, fill, outline=None):
         self.draw.rectangle(self._xy((x0, y0, x1, y1)), fill=fill, outline=outline)
@@ -52,8 +60,14 @@ class Canvas:
         self.draw.line(self._xy((x0, y0, x1, y1)), fill=fill, width=max(1, round(width * self.size / 96)))
 
     def gradient(self, y0, y1, top, bottom):
-        a, b = round(y0 * self.size), round(y1 * self.size)
-        for y in range(a, b):
+        if self.view is None:
+            a, b = round(y0 * self.size), round(y1 * self.size)
+            rows = range(a, b)
+        else:
+            _, origin, zoom = self.view
+            a, b = round((y0 - origin) * zoom * self.size), round((y1 - origin) * zoom * self.size)
+            rows = range(max(a, 0), min(b, self.size))
+        for y in rows:
             t = (y - a) / max(b - a - 1, 1)
             self.draw.line([(0, y), (self.size, y)], fill=tuple(int(top[i] + t * (bottom[i] - top[i])) for i in range(3)))
 
@@ -75,6 +89,35 @@ class Look:
         self.floor = (92, 60, 38) if lux > 0.5 else (150, 150, 140)
         self.wear = 0.25 * (1 - lux)  # stains and noise on cheap places
         self.decor = int(p["_decor"])
+        # the taste's own latent (metric.py), only in catalogues with metric tasks: a signature colour
+        self.signature = _rgb(float(p["_taste_hue"]) / (2 * np.pi), 0.8, 0.85) if "_taste_hue" in p else None
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One listing's photographer: a zoom with its own framing per photo, and levels (contrast about mid-grey,
+    brightness, a colour cast) for all its photos."""
+
+    zoom: float
+    framing: np.ndarray        # (photos, 2): where each photo's crop sits, 0..1 across the slack
+    scale: np.ndarray          # (size, size, 3) float32: levels as a full-size gain and offset (no slow
+    offset: np.ndarray         # broadcast over the channels)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, photos: int, size: int) -> "Camera":
+        zoom, framing = float(rng.uniform(1.0, 1.25)), rng.random((photos, 2))
+        contrast, gain = rng.uniform(0.85, 1.15), rng.uniform(0.9, 1.1) * rng.uniform(0.92, 1.08, 3)
+        def full(channels):
+            return np.ascontiguousarray(np.broadcast_to(channels.astype(np.float32), (size, size, 3)))
+        return cls(zoom, framing, full(contrast * gain), full((1 - contrast) * 128.0 * gain))
+
+    def view(self, photo: int) -> tuple[float, float, float]:
+        """The Canvas view of a photo: its crop's top-left corner and the zoom."""
+        left, top = self.framing[photo] * (1 - 1 / self.zoom)
+        return float(left), float(top), self.zoom
+
+    def develop(self, img: Image.Image) -> np.ndarray:
+        return np.asarray(img, np.float32) * self.scale + self.offset
 
 
 def sky(c: Canvas, look: Look, horizon: float, setting: int):
@@ -237,6 +280,9 @@ def exterior(c: Canvas, p, look: Look):
             c.ellipse(x - 0.05, horizon + 0.02, x + 0.05, horizon + 0.12, (40, 130, 50))
     if p["_has_pool"] and c.rng.random() < 0.5:
         c.rect(0.15, 0.86, 0.7, 0.96, (60, 200, 220))
+    if look.signature:  # a parasol in front
+        c.line(0.88, 0.8, 0.88, 0.97, (70, 60, 50), 2)
+        c.poly([(0.78, 0.82), (0.88, 0.74), (0.98, 0.82)], look.signature)
 
 
 def window_view(c: Canvas, p, x0, y0, x1, y1):
@@ -279,6 +325,9 @@ def room(c: Canvas, p, look: Look):
     decor(c, look, 0.62)
     c.rect(0, 0.62, 1, 1, look.floor)
     window_view(c, p, 0.6, 0.12, 0.92, 0.42)
+    if look.signature:  # curtains
+        c.rect(0.55, 0.08, 0.6, 0.5, look.signature)
+        c.rect(0.92, 0.08, 0.97, 0.5, look.signature)
     beds = 3 if p["_archetype"] == "hostel" else 1
     for k in range(beds):
         x = 0.05 + k * 0.2 if beds > 1 else 0.1
@@ -312,6 +361,9 @@ def kitchen(c: Canvas, p, look: Look):
     kitchenette(c, 0.05, 0.55, 0.5)
     c.rect(0.75, 0.2, 0.95, 0.95, (230, 230, 235))  # fridge
     c.line(0.78, 0.45, 0.92, 0.45, (150, 150, 150))
+    if look.signature:  # a tea towel on the oven, a kettle
+        c.rect(0.2, 0.6, 0.3, 0.75, look.signature)
+        c.ellipse(0.55, 0.45, 0.68, 0.56, look.signature)
 
 
 def view(c: Canvas, p, look: Look):
@@ -347,6 +399,8 @@ def pool(c: Canvas, p, look: Look):
     for x in (0.05, 0.85):
         c.rect(x, 0.88, x + 0.1, 0.93, (245, 245, 245) if look.lux > 0.5 else (90, 150, 200))
         c.poly([(x - 0.03, 0.7), (x + 0.05, 0.6), (x + 0.13, 0.7)], look.accent)
+        if look.signature:  # a towel on each lounger
+            c.rect(x + 0.02, 0.875, x + 0.07, 0.935, look.signature)
 
 
 def beach(c: Canvas, p, look: Look):
@@ -368,7 +422,7 @@ def bar(c: Canvas, p, look: Look):
     c.rect(0, 0.55, 1, 0.7, look.accent)
     c.rect(0, 0.7, 1, 1, (40, 30, 25))
     for x in np.arange(0.1, 0.95, 0.2):
-        c.ellipse(x, 0.78, x + 0.08, 0.84, (180, 40, 40))
+        c.ellipse(x, 0.78, x + 0.08, 0.84, look.signature or (180, 40, 40))
         c.line(x + 0.04, 0.84, x + 0.04, 0.98, (120, 120, 120), 2)
 
 
@@ -398,6 +452,8 @@ def gym(c: Canvas, p, look: Look):
     c.poly([(0.65, 0.95), (0.95, 0.95), (0.95, 0.85), (0.7, 0.8)], (40, 40, 45))  # treadmill
     c.line(0.9, 0.85, 0.92, 0.5, (90, 90, 90), 3)
     c.rect(0.85, 0.45, 0.97, 0.52, (20, 20, 20))
+    if look.signature:  # a yoga mat
+        c.rect(0.08, 0.8, 0.5, 0.88, look.signature)
 
 
 def lounge(c: Canvas, p, look: Look):
@@ -408,6 +464,9 @@ def lounge(c: Canvas, p, look: Look):
     for x in (0.03, 0.6):
         c.rect(x, 0.55, x + 0.37, 0.75, look.accent)
         c.rect(x, 0.48, x + 0.37, 0.56, (90, 60, 50))
+        if look.signature:  # cushions
+            c.rect(x + 0.04, 0.5, x + 0.13, 0.6, look.signature)
+            c.rect(x + 0.24, 0.5, x + 0.33, 0.6, look.signature)
     c.rect(0.42, 0.7, 0.58, 0.76, (70, 45, 30))
     c.rect(0.9, 0.45, 0.96, 0.6, (150, 100, 60))
     c.ellipse(0.85, 0.3, 1.0, 0.48, (40, 130, 55))
@@ -438,7 +497,7 @@ def spa(c: Canvas, p, look: Look):
     for x in (0.35, 0.5, 0.65):
         c.line(x, 0.4, x - 0.03, 0.25, (250, 250, 250), 2)
         c.line(x - 0.03, 0.25, x + 0.01, 0.1, (250, 250, 250), 2)
-    c.rect(0.82, 0.2, 0.97, 0.3, (250, 250, 250))
+    c.rect(0.82, 0.2, 0.97, 0.3, look.signature or (250, 250, 250))
     c.rect(0.82, 0.3, 0.97, 0.38, look.accent)
 
 
@@ -465,11 +524,13 @@ def gallery_scenes(p, n_images: int, rng: np.random.Generator) -> list[str]:
     return scenes
 
 
-def render(scene: str, p, look: Look, size: int, rng: np.random.Generator) -> Image.Image:
-    """One photo: draw at the target size, then camera effects (flip, exposure, noise, wear)."""
-    c = Canvas(size, rng)
+def render(scene: str, p, look: Look, size: int, rng: np.random.Generator,
+           camera: Camera | None = None, photo: int = 0) -> Image.Image:
+    """One photo: draw at the target size, then the listing's camera (if any: crop and zoom, light, colour
+    cast) and the photo's own effects (flip, exposure, noise, wear)."""
+    c = Canvas(size, rng, None if camera is None else camera.view(photo))
     RENDERERS[scene](c, p, look)
-    a = np.asarray(c.img, dtype=np.float32)
+    a = np.asarray(c.img, dtype=np.float32) if camera is None else camera.develop(c.img)
     if rng.random() < 0.5:
         a = a[:, ::-1]
     a = a * rng.uniform(0.8, 1.15) + rng.normal(0, 4 + 20 * look.wear, size=a.shape)
