@@ -30,18 +30,20 @@ from gallery.steps import (
     ingest_for_run,
     transfer_evaluation,
     preprocess_shard,
+    retrieval_evaluation,
     shard_rows,
     synthetic_source,
     task_optimal_models,
     train_weighting,
     training_processes,
     trainings,
+    UNIFIED,
 )
 from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
 name_the_user()
-TRANSFER = "transfer"  # the evaluation that is not a group of task-optimal models
+TRANSFER, RETRIEVAL = "transfer", "retrieval"  # the evaluations that are not groups of task-optimal models
 parallel_workers_use_this_python()
 use_metaflow_s3_settings()
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
@@ -110,9 +112,9 @@ class GalleryTrainFlow(FlowSpec):
         """List every image skipped while decoding; fan out one training per loss weighting."""
         self.quality_location = self.run_location("data_quality.csv")
         with as_input_error():
-            self.quality = collect_quality(self.shard_list, self.quality_location)
-        self.trainings = trainings(self.cfg)
-        self.next(self.train, num_parallel=training_processes(self.cfg))
+            self.quality = collect_quality(self.shard_list, self.quality_location, self.catalogue.skipped_pairs)
+        self.trainings = trainings(self.cfg, self.catalogue.metric)
+        self.next(self.train, num_parallel=training_processes(self.cfg, self.trainings))
 
     @retry(times=settings.resources.retries)
     @resources(**settings.resources.train)
@@ -133,7 +135,8 @@ class GalleryTrainFlow(FlowSpec):
             checkpoints = self.run_location("checkpoints", folder)
             result = train_weighting(self.catalogue, self.shard_list, t.settings(self.cfg), t.weighting, checkpoints,
                                      resume_from=checkpoints_to_resume(self.store_root, "checkpoints", folder),
-                                     on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device)
+                                     on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device,
+                                     tasks=t.tasks(self.catalogue))
             self.trained[t] = (result, checkpoints)
         self.next(self.join_train)
 
@@ -143,7 +146,8 @@ class GalleryTrainFlow(FlowSpec):
         the paper, with model.pooling) trained with the preset's seed: the one exported."""
         self.merge_artifacts(inputs, exclude=["trained", "rank"])
         trained = {t: done for i in inputs if i.rank == 0 for t, done in i.trained.items()}
-        by_seed = [[t for t in self.trainings if t.seed == seed] for seed in seeds_of(self.cfg)]
+        self.compared = {t: trained[t][1] for t in self.trainings if t.role != UNIFIED}  # retrieval's other arms
+        by_seed = [[t for t in self.trainings if t.seed == seed and t.role == UNIFIED] for seed in seeds_of(self.cfg)]
         self.training_by_seed = [{t.name: trained[t][0] for t in seed} for seed in by_seed]
         self.checkpoints_by_seed = [{t.name: trained[t][1] for t in seed} for seed in by_seed]
         self.training, self.checkpoint_locations = self.training_by_seed[0], self.checkpoints_by_seed[0]
@@ -157,12 +161,13 @@ class GalleryTrainFlow(FlowSpec):
         """Embeddings of every readable gallery with the reference model -> Parquet and its binary code; fan
         out the evaluations side by side: the transfer suite, and the task-optimal models by groups of tasks."""
         self.embeddings_location = self.run_location("embeddings.parquet")
-        model = load_trained(self.catalogue.tasks, self.catalogue.stats, self.cfg, self.checkpoint_locations[self.reference])
+        model = load_trained(self.catalogue.trained, self.catalogue.stats, self.cfg, self.checkpoint_locations[self.reference])
         self.exported_galleries = export_embeddings(model, self.catalogue.frame, self.shard_list, self.cfg,
                                                     self.embeddings_location,
                                                     {"run_id": current.run_id, "weighting": self.reference})
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
-        self.evaluations = [TRANSFER] + group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
+        self.evaluations = ([TRANSFER] + ([RETRIEVAL] if self.catalogue.metric else [])
+                            + group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups))
         self.next(self.evaluate, foreach="evaluations")
 
     @retry(times=settings.resources.retries)
@@ -170,11 +175,16 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def evaluate(self):
         """Side by side: the transfer suite (every held-out task x probe x embedding arm; Table 2 among
-        them), binary codes against float search and the explorer page of the exported embeddings; or the
-        task-optimal models of a group of MTL tasks (the same architecture on each task alone, trained
-        together in one pass over the data; one task per group on a cluster)."""
+        them), binary codes against float search and the explorer page of the exported embeddings; with
+        metric tasks, retrieval against their relevance (unified against attribute-only and specialised
+        models and pretrained features, float and binary); or the task-optimal models of a group of MTL
+        tasks (the same architecture on each task alone, trained together in one pass over the data; one
+        task per group on a cluster)."""
         share_machine(len(self.evaluations))
-        if self.input == TRANSFER:
+        if self.input == RETRIEVAL:
+            self.retrieval = retrieval_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,
+                                                  self.compared)
+        elif self.input == TRANSFER:
             from gallery.evaluation.report import binary_codes
             from gallery.serve.explorer import export_catalogue_explorer
 
@@ -200,14 +210,16 @@ class GalleryTrainFlow(FlowSpec):
         from gallery.evaluation.render import lay_out, write_report  # only here: matplotlib and the statistics
         from gallery.evaluation.report import build_report
 
-        self.merge_artifacts(inputs, exclude=["transfer_by_seed", "binary", "explorer_location", "optimal"])
+        self.merge_artifacts(inputs, exclude=["transfer_by_seed", "binary", "explorer_location", "optimal", "retrieval"])
         transfer = next(i for i in inputs if i.input == TRANSFER)
+        retrieval = next((i.retrieval for i in inputs if i.input == RETRIEVAL), None)
         self.transfer_by_seed = transfer.transfer_by_seed
-        self.optimal_by_seed = [{name: result for i in inputs if i.input != TRANSFER for name, result in i.optimal[k].items()}
+        self.optimal_by_seed = [{name: result for i in inputs if i.input not in (TRANSFER, RETRIEVAL)
+                                 for name, result in i.optimal[k].items()}
                                 for k in range(self.cfg.evaluation.seeds)]
         r = lay_out(build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
                                  self.transfer_by_seed, self.optimal_by_seed, transfer.binary,
-                                 self.embeddings_location, self.checkpoint_locations[self.reference]))
+                                 self.embeddings_location, self.checkpoint_locations[self.reference], retrieval))
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)

@@ -118,7 +118,7 @@ def trained_run(run: str = "latest") -> TrainedRun:
         raise RunNotFound(f"{TRAIN_FLOW} run {run} did not finish successfully: `python flows/train_flow.py resume` it, "
                           "or pass another run")
     data = found["end"].task.data
-    return TrainedRun(found.id, data.run_settings, data.catalogue.tasks, data.catalogue.stats,
+    return TrainedRun(found.id, data.run_settings, data.catalogue.trained, data.catalogue.stats,
                       data.checkpoint_locations[data.reference], data.embeddings_location,
                       data.manifest_location, data.tasks_location)
 

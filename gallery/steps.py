@@ -26,17 +26,20 @@ from gallery.data.synth import VERSION as SYNTH_VERSION
 from gallery.data.synth import generate
 from gallery.errors import UserError
 from gallery.evaluation.holdout import vectors_as_galleries
+from gallery.evaluation.retrieval_suite import (ATTRIBUTES_ONLY, IMAGENET, SPECIALISED, UNIFIED, Arm, ArmIdentity,
+                                               RetrievalResult, retrieval_suite)
 from gallery.evaluation.seeds import seeded, seeds_of, with_seed
 from gallery.evaluation.task_optimal import TaskOptimalResult, train_task_optimal
 from gallery.evaluation.transfer import TransferResult, transfer_arm, transfer_suite
 from gallery.model.backbones import WeightsUnavailable, build_backbone
 from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_model
+from gallery.model.metric import pair_keys
 from gallery.model.weightings import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
 from gallery.retrieval.codes import BinaryCode, code_location, code_that_fits, fit_code, save_code
-from gallery.retrieval.embeddings import (embed_galleries, embed_with_photo_weights, embedding_matrix, embeddings_table,
-                                          read_embeddings, write_embeddings)
+from gallery.retrieval.embeddings import (embed_galleries, embed_with_photo_weights, embedding_matrix, embeddings_code,
+                                          embeddings_table, read_embeddings, write_embeddings)
 from gallery.training.cache import trunk_features
 from gallery.training.checkpoints import load_trained
 from gallery.training.device import pick_device
@@ -131,9 +134,10 @@ def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: s
     return shard
 
 
-def collect_quality(shards: list[Shard], location: str) -> DataQuality:
-    """Merge the shards' data-quality problems and write them as CSV; stop if no gallery is left."""
-    quality = DataQuality.merge(s.quality for s in shards)
+def collect_quality(shards: list[Shard], location: str, skipped_pairs=()) -> DataQuality:
+    """Merge the shards' data-quality problems (and the engagement pairs ingest dropped) and write them as
+    CSV; stop if no gallery is left."""
+    quality = DataQuality.merge([*(s.quality for s in shards), DataQuality([], [], list(skipped_pairs))])
     storage.write_bytes(location, quality_csv(quality).encode())
     print(quality.summary())
     if not any(s.gallery_ids for s in shards):
@@ -150,23 +154,42 @@ def shard_source(shards: list[Shard], settings: Settings) -> ShardSource:
 
 @dataclass(frozen=True)
 class Training:
-    """One model a run trains: a weighting with a pooling (a study's cell), for one seed."""
+    """One model a run trains: a weighting with a pooling (a study's cell), for one seed, on every task
+    (`role` unified: the attribute tasks and the metric tasks), or, to compare retrieval against it, on the
+    attribute tasks alone (attributes_only) or on one metric task alone (specialised, `task`)."""
 
-    name: str          # the weighting, and "+<pooling>" where it is not model.pooling
+    name: str          # the weighting, "+<pooling>" where it is not model.pooling; or the comparison model's name
     weighting: str
     pooling: str
     seed: int
+    role: str = UNIFIED
+    task: str | None = None   # a specialised model's metric task
 
     def settings(self, settings: Settings) -> Settings:
         """The run's settings as this model trains with them."""
         return with_seed(replace(settings, model=replace(settings.model, pooling=self.pooling)), self.seed)
 
+    def tasks(self, catalogue: Catalogue) -> list:
+        """The tasks this model learns."""
+        if self.role == ATTRIBUTES_ONLY:
+            return catalogue.tasks
+        if self.role == SPECIALISED:
+            return [t for t in catalogue.metric if t.name == self.task]
+        return catalogue.trained
 
-def trainings(settings: Settings) -> list[Training]:
-    """Every model the run trains: each weighting with model.pooling and each of train.poolings, per seed."""
+
+def trainings(settings: Settings, metric_tasks=()) -> list[Training]:
+    """Every model the run trains: each weighting with model.pooling and each of train.poolings, per seed;
+    with metric tasks and evaluation.retrieval_arms, also the reference weighting's model of the attribute
+    tasks alone and one of each metric task alone (the first seed's), which retrieval compares with."""
     poolings = dict.fromkeys([settings.model.pooling, *settings.train.poolings])
-    return [Training(cell_name(w, p, settings.model.pooling), w, p, seed) for seed in seeds_of(settings)
-            for p in poolings for w in settings.train.weightings]
+    out = [Training(cell_name(w, p, settings.model.pooling), w, p, seed) for seed in seeds_of(settings)
+           for p in poolings for w in settings.train.weightings]
+    if metric_tasks and settings.evaluation.retrieval_arms:
+        w, p, seed = settings.train.reference_weighting, settings.model.pooling, settings.train.seed
+        out += [Training("attributes_only", w, p, seed, ATTRIBUTES_ONLY)]
+        out += [Training(f"specialised_{t.name}", w, p, seed, SPECIALISED, t.name) for t in metric_tasks]
+    return out
 
 
 def assigned(trainings_: list[Training], node: int, nodes: int, workers: int) -> list[Training]:
@@ -174,10 +197,10 @@ def assigned(trainings_: list[Training], node: int, nodes: int, workers: int) ->
     return [trainings_[node // workers]] if workers > 1 or nodes == len(trainings_) * workers else trainings_[node::nodes]
 
 
-def training_processes(settings: Settings) -> int:
+def training_processes(settings: Settings, trainings_: list[Training]) -> int:
     """How many processes train side by side: train.workers per model, or train.processes sharing the
     models between them (one after another in each; only without data parallelism)."""
-    models = len(trainings(settings))
+    models = len(trainings_)
     if settings.train.workers > 1 or settings.train.processes is None:
         return models * settings.train.workers
     return min(settings.train.processes, models)
@@ -185,25 +208,40 @@ def training_processes(settings: Settings) -> int:
 
 def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Settings, weighting: str,
                     checkpoints: str, resume_from: str | None = None, log=print, on_epoch_end=None,
-                    ranks: Ranks = Ranks(), device=None) -> TrainResult:
-    """MTL training of the model with one loss weighting; `valid` selects the best epoch, whose weights
-    end in `checkpoints/best.pt` and are scored on `test`."""
+                    ranks: Ranks = Ranks(), device=None, tasks=None) -> TrainResult:
+    """MTL training of the model with one loss weighting, on `tasks` (default: every task the catalogue
+    trains); `valid` selects the best epoch, whose weights end in `checkpoints/best.pt` and are scored on `test`."""
+    tasks = catalogue.trained if tasks is None else tasks
     source = shard_source(shards, settings)
     torch.manual_seed(settings.train.seed)
-    model = build_model(settings.model, catalogue.tasks, catalogue.stats)
-    data = TrainData.from_catalogue(catalogue.frame, catalogue.tasks, source, settings.train.use_cache,
-                                    settings.data.loader_workers)
+    model = build_model(settings.model, tasks, catalogue.stats)
+    for task in tasks:
+        if task.kind == "pairs":
+            model.set_pairs(task.name, *known_pairs(catalogue, task.name))
+    data = TrainData.from_catalogue(catalogue.frame, tasks, source, settings.train.use_cache,
+                                    settings.data.loader_workers, catalogue.pairs, settings.train.pairs_per_batch)
+    if len(tasks) == 1 and tasks[0].kind == "identity":  # alone, it has nothing to learn from galleries of no group
+        data = data.labelled(0)
     device = pick_device(device)
-    log(f"training with {weighting} weighting: {len(data.train_rows)} train / {len(data.valid_rows)} valid galleries "
+    log(f"training with {weighting} weighting on {len(tasks)} task(s): {len(data.train_rows)} train / "
+        f"{len(data.valid_rows)} valid galleries "
         f"({len(data.test_rows)} test galleries kept for the report), {int(source.lengths.sum())} images, "
         f"{'from the feature cache' if settings.train.use_cache else 'from pixels'}, device {device}"
         + (f", data-parallel rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""))
     config = FitConfig.of(settings.train)
-    result = fit(model, build_weighting(weighting, catalogue.tasks, catalogue.stats), data, config,
+    result = fit(model, build_weighting(weighting, tasks, catalogue.stats), data, config,
                  checkpoints=checkpoints, resume_from=resume_from, device=device, log=log, on_epoch_end=on_epoch_end,
                  ranks=ranks)
     result.test = score(model, data, "test", config.batch_galleries, device, config.precision)
     return result
+
+
+def known_pairs(catalogue: Catalogue, task: str) -> tuple[torch.Tensor, int]:
+    """A pairs task's pairs within each split, as the pair loss looks them up (frame rows, the ids its
+    column holds): train batches find the train pairs, validation batches the valid ones."""
+    pairs, split = catalogue.pairs[task], catalogue.frame["split"].to_numpy()
+    same = split[pairs.a] == split[pairs.b]
+    return pair_keys(pairs.a[same], pairs.b[same], len(split)), len(split)
 
 
 # ---------------------------------------------------------------- export
@@ -279,7 +317,7 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
             if k == 0 and name == reference:
                 vectors = embedding_matrix(table)
             else:
-                model = load_trained(catalogue.tasks, catalogue.stats, trained_settings(name, settings), checkpoints)
+                model = load_trained(catalogue.trained, catalogue.stats, trained_settings(name, settings), checkpoints)
                 vectors = embed_galleries(model.encoder, source, settings.train.use_cache,
                                           workers=settings.data.loader_workers)
             arms[transfer_arm(name, reference)] = vectors_as_galleries(ids, vectors)
@@ -290,6 +328,37 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
         result.seconds["embeddings of every arm"] = embedding_seconds
         per_seed.append(result)
     return per_seed
+
+
+def retrieval_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
+                         compared: dict[Training, str], log=print) -> RetrievalResult:
+    """Retrieval against the metric tasks' relevance (gallery.evaluation.retrieval_suite): the exported
+    embeddings (unified, with their saved code) against the comparison models' (`compared`: each trained
+    model that is not unified, and its checkpoints), ImageNet's and the baselines', each with a code fitted
+    on its train galleries as the export fits one."""
+    source = shard_source(shards, settings)
+    ids = source.gallery_ids
+    table, _ = read_embeddings(embeddings_location)
+    if table["gallery_id"].to_pylist() != ids:
+        raise ValueError(f"{embeddings_location} does not list the preprocessed galleries in their order")
+    train = catalogue.frame.set_index("gallery_id").loc[ids, "split"].to_numpy() == "train"
+    code_name = code_that_fits(settings.retrieval.code, int(train.sum()))[0]
+
+    def arm(identity: ArmIdentity, vectors: np.ndarray, code: BinaryCode | None = None) -> Arm:
+        return Arm(identity, vectors, code or fit_code(vectors[train], code_name))
+
+    arms = [arm(ArmIdentity(UNIFIED, UNIFIED), embedding_matrix(table), embeddings_code(embeddings_location))]
+    for t, checkpoints in compared.items():
+        model = load_trained(t.tasks(catalogue), catalogue.stats, t.settings(settings), checkpoints)
+        vectors = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
+        arms.append(arm(ArmIdentity(t.name, t.role, t.task), vectors))
+    arms.append(arm(ArmIdentity(IMAGENET, IMAGENET), pretrained_embeddings(source, settings, settings.model.backbone)))
+    baselines, _ = baseline_arms(source, settings, log)
+    arms += [arm(ArmIdentity(name, "pretrained"), galleries.data.numpy()) for name, galleries in baselines.items()]
+    result = retrieval_suite(catalogue, ids, arms, settings.retrieval.rerank, code_name, settings.train.seed)
+    log(f"retrieval: {len(arms)} arms on {', '.join(f'{n} queries of {t}' for t, n in result.queries.items())} "
+        f"in {result.seconds:.1f} s")
+    return result
 
 
 def baseline_arms(source: ShardSource, settings: Settings, log=print) -> tuple[dict, list[str]]:

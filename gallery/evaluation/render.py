@@ -24,6 +24,7 @@ from gallery.evaluation.probes import PROBES  # noqa: E402
 from gallery.evaluation.projection import projection_figure  # noqa: E402
 from gallery.evaluation.report import ReportData, metrics  # noqa: E402
 from gallery.evaluation.retrieval_examples import retrieval_figure  # noqa: E402
+from gallery.evaluation.retrieval_suite import BINARY, FLOAT, NON_INFERIORITY, RetrievalResult  # noqa: E402
 from gallery.evaluation.scorecard import Scorecard  # noqa: E402
 from gallery.evaluation.study import BETTER, STUDY_PROBES, CellRanking  # noqa: E402
 from gallery.evaluation.transfer import TransferResult  # noqa: E402
@@ -392,6 +393,50 @@ def scorecard_markdown(card: Scorecard, transfer: TransferResult) -> str:
     return text + "".join(f"\n\n{note}" for note in transfer.notes)
 
 
+CLAIMS = {"unified_beats_specialised": "unified beats the specialised model",
+          "unified_beats_attributes_only": "unified beats attributes only",
+          "unified_beats_imagenet": "unified beats ImageNet features",
+          "unified_beats_pretrained": "unified beats a pretrained backbone",
+          "binary_loses_nothing": "binarised loses nothing"}
+
+
+def retrieval_markdown(result: RetrievalResult) -> str:
+    """Per metric task, every arm's recall@k and MRR by float and binary search; then Pinterest's claims
+    with their paired intervals and readings."""
+    lines = []
+    metrics = list(result.rows[0].means) if result.rows else []
+    for task in result.tasks:
+        lines += [f"**`{task}`** ({result.queries[task]} queries)", "",
+                  "| arm | " + " | ".join(f"{m} float" for m in metrics) + " | "
+                  + " | ".join(f"{m} binary" for m in metrics) + " |",
+                  "|" + " --- |" * (1 + 2 * len(metrics))]
+        for arm in result.arms:
+            cells = [fmt(result.row(arm.name, task, search).means[m]) for search in (FLOAT, BINARY) for m in metrics]
+            lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["| claim (Pinterest) | task | metric | difference [95% CI] | reading |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {CLAIMS[c.claim]} ({f'{c.arm}: binary - float' if c.claim == 'binary_loses_nothing' else f'{c.arm} - {c.baseline}'})"
+              f" | `{c.task}` | {c.metric} | {effect_text(c.effect)} | {c.effect.reading} |" for c in result.claims]
+    return "\n".join(lines)
+
+
+def retrieval_headline(result: RetrievalResult) -> str:
+    """The scorecard's summary line for retrieval: unified against specialised, and binarised, at recall@10."""
+    parts = [f"`{c.task}` {CLAIMS[c.claim]} {effect_text(c.effect)} ({c.effect.reading})"
+             for c in result.claims if c.metric == "recall@10"
+             and c.claim in ("unified_beats_specialised", "binary_loses_nothing")]
+    return "**Retrieval** (recall@10, paired over the same queries): " + "; ".join(parts) + "." if parts else ""
+
+
+def retrieval_frames(result: RetrievalResult) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """retrieval.csv (arm x task x search x metric means) and retrieval_claims.csv."""
+    means = pd.DataFrame([{"arm": r.arm, "task": r.task, "search": r.search, "queries": result.queries[r.task],
+                           "metric": m, "mean": v} for r in result.rows for m, v in r.means.items()])
+    claims = pd.DataFrame([{"claim": c.claim, "task": c.task, "metric": c.metric, "arm": c.arm, "baseline": c.baseline,
+                            "search": c.search, **vars(c.effect)} for c in result.claims])
+    return means, claims
+
+
 def scorecard_figure(card: Scorecard):
     """Relative error reduction of the MTL embeddings over each baseline, per held-out task and probe,
     with 95% intervals, and the aggregates (diamonds)."""
@@ -477,9 +522,29 @@ def lay_out(data: ReportData) -> Report:
            "(valid and test); every probe is fitted on the train split, the linear and k-NN probes choose their "
            "hyperparameter on the other folds of the scored galleries, so no probe saw the label it is scored on. "
            "Accuracy (higher is better) or MSE (lower is better).\n\n" + scorecard_markdown(data.scorecard, data.transfer))
+    if data.relevance:
+        r.text(retrieval_headline(data.relevance))
     r.figure("transfer_scorecard.png", scorecard_figure(data.scorecard),
              "Relative error reduction of the MTL embeddings over each baseline, per held-out task and probe.")
     r.table("transfer.csv", transfer_frame(data.scorecard))
+    if data.relevance:
+        rel = data.relevance
+        r.text("## Retrieval\nDoes the embedding find the galleries the catalogue says belong together (an identity "
+               "task's other listings of the same item, a pairs task's engaged partners)? Each valid and test gallery "
+               "with something relevant is a query (no model trained on it, nor on its pairs); it ranks every other "
+               "gallery of the catalogue by cosine (float) and by the binary code as search does (the "
+               f"{rel.rerank} nearest by Hamming distance re-ranked by cosine; `{rel.code}`, fitted on each arm's "
+               "train galleries). Recall@k: the share of the query's relevant galleries in its top k; MRR: the mean "
+               "reciprocal rank of the first relevant one. Arms: `unified` (the exported model, attribute and "
+               "metric tasks), `attributes_only` (the same training on the attribute tasks alone), "
+               "`specialised_<task>` (that metric task alone, through the same engine), ImageNet features. Pinterest's "
+               "claims, paired on the same queries (bootstrap over queries): *unified beats specialised*, read "
+               f"like the scorecard; *binarised loses nothing*, consistent when the interval stays above "
+               f"-{NON_INFERIORITY}.\n\n" + retrieval_markdown(rel)
+               + f"\n\nCost of the retrieval evaluation: {rel.seconds:.1f} s.")
+        means, claims = retrieval_frames(rel)
+        r.table("retrieval.csv", means)
+        r.table("retrieval_claims.csv", claims)
     r.text("## What this run reproduces\n" + findings_markdown(data.findings))
     r.text("## Data\n```\n" + data.catalogue_text + "\n```\n\n" + quality_markdown(data.quality))
     r.text("## Training\nEarly stopping and the selected epoch come from the validation loss of each task "

@@ -25,6 +25,7 @@ from gallery.evaluation.holdout import HoldoutResult
 from gallery.evaluation.neighbours import BinaryVsFloat, binary_vs_float
 from gallery.evaluation.projection import gallery_map, projection_attributes
 from gallery.evaluation.retrieval_examples import RetrievalExample, retrieval_examples
+from gallery.evaluation.retrieval_suite import RetrievalResult
 from gallery.evaluation.scorecard import Scorecard, scorecard
 from gallery.evaluation.seeds import mean_optimal, mean_training, mean_transfer, seeds_of
 from gallery.evaluation.statistics import Spread, spread
@@ -77,6 +78,7 @@ class ReportData:
     projection: Projection | None = None
     retrieval: list[RetrievalExample] = field(default_factory=list)
     exported_galleries: int = 0
+    relevance: RetrievalResult | None = None   # retrieval against the metric tasks' relevance
 
     @property
     def weightings(self) -> list[str]:
@@ -136,7 +138,8 @@ def binary_codes(catalogue: Catalogue, settings: Settings, embeddings_location: 
 def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
                  training_by_seed: list[dict[str, TrainResult]], transfer_by_seed: list[TransferResult],
                  optimal_by_seed: list[dict[str, TaskOptimalResult]], binary: BinaryVsFloat | None,
-                 embeddings_location: str, reference_checkpoints: str, log=print) -> ReportData:
+                 embeddings_location: str, reference_checkpoints: str, relevance: RetrievalResult | None = None,
+                 log=print) -> ReportData:
     """The comparisons (`compare`), the binary codes' comparison (`binary_codes`), then what the exported
     embeddings give: the UMAP projection and retrieval examples from test galleries' photos."""
     data = compare(run_id, settings, catalogue, quality, training_by_seed, transfer_by_seed, optimal_by_seed)
@@ -144,13 +147,13 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
     ids = table["gallery_id"].to_pylist()
     embeddings = embedding_matrix(table)
     data.exported_galleries = len(ids)
-    data.binary = binary
+    data.binary, data.relevance = binary, relevance
     attributes = projection_attributes(catalogue)
     if attributes and len(ids) >= 5:  # the map the explorer page shows too (saved beside the embeddings)
         found = gallery_map(embeddings_location, settings.evaluation.projection_points, settings.train.seed, log)
         frame = catalogue.frame.set_index("gallery_id").loc[[ids[i] for i in found.rows]]
         data.projection = Projection(found.rows, found.xy, [(t, frame[t.name].to_numpy()) for t in attributes])
-    model = load_trained(catalogue.tasks, catalogue.stats, settings, reference_checkpoints)
+    model = load_trained(catalogue.trained, catalogue.stats, settings, reference_checkpoints)
     data.retrieval = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
                                         settings.evaluation.retrieval_examples, settings.train.seed,
                                         photo_weights=photo_weights_of(table))
@@ -210,4 +213,15 @@ def metrics(data: ReportData) -> dict:
         "binary_vs_float": {"measured_on": "test (queries)", "selected_on": "train (codes fitted)",
                             "result": data.binary},
         "retrieval": {"measured_on": "test (seed photos)", "examples": data.retrieval},
+        "retrieval_against_relevance": None if data.relevance is None else relevance_metrics(data.relevance),
     })
+
+
+def relevance_metrics(result: RetrievalResult) -> dict:
+    """The retrieval section's numbers: every arm's mean per task, search and metric, and the claims (the
+    per-query values stay out: they are as many as the queries)."""
+    return {"measured_on": "valid+test (queries: galleries no model trained on, nor on their pairs)",
+            "candidates": "every other gallery of the catalogue", "code": result.code, "rerank": result.rerank,
+            "queries": result.queries, "arms": result.arms,
+            "rows": [{"arm": r.arm, "task": r.task, "search": r.search, **r.means} for r in result.rows],
+            "claims": result.claims, "seconds": result.seconds}

@@ -1,0 +1,98 @@
+"""Retrieval against relevance (gallery.evaluation.retrieval_suite): arms on the metric tasks' queries, by
+float and binary search, and Pinterest's claims read from paired intervals; the report's section and numbers."""
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from gallery.config import Settings
+from gallery.data.ingest import ingest
+from gallery.evaluation.render import retrieval_frames, retrieval_headline, retrieval_markdown
+from gallery.evaluation.report import relevance_metrics
+from gallery.evaluation.retrieval_suite import (BINARY, FLOAT, Arm, ArmIdentity, ground_truth, no_loss_reading,
+                                               retrieval_suite)
+from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect
+from gallery.retrieval.codes import fit_code
+
+N = 300
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    """300 galleries in 150 properties of two listings; pairs join property k with property k+1."""
+    folder = tmp_path_factory.mktemp("retrieval")
+    ids = [f"g{i:03d}" for i in range(N)]
+    split = np.where(np.arange(N) % 5 == 0, "valid", np.where(np.arange(N) % 5 == 1, "test", "train"))
+    pd.DataFrame({"gallery_id": ids, "split": split, "images": [[f"{i}.jpg"] for i in range(N)],
+                  "pool": np.arange(N) % 2, "property": [f"p{i // 2}" for i in range(N)]}).to_parquet(folder / "m.parquet")
+    a = np.arange(0, N - 2, 2)
+    pd.DataFrame({"gallery_a": [ids[i] for i in a], "gallery_b": [ids[i + 2] for i in a]}).to_parquet(folder / "p.parquet")
+    (folder / "t.yaml").write_text(yaml.safe_dump({"tasks": [
+        {"name": "pool", "column": "pool", "kind": "binary"},
+        {"name": "same", "column": "property", "kind": "identity"},
+        {"name": "co", "kind": "pairs", "file": "p.parquet"}]}))
+    return ingest(folder / "m.parquet", folder / "t.yaml")
+
+
+def vectors(noise: float, seed: int) -> np.ndarray:
+    """Listings of one property near their property's point, consecutive properties near each other."""
+    rng = np.random.default_rng(seed)
+    walk = np.cumsum(rng.normal(size=(N // 2, 32)), 0) * 0.3 + rng.normal(size=(N // 2, 32))
+    return (np.repeat(walk, 2, 0) + noise * rng.normal(size=(N, 32))).astype(np.float32)
+
+
+def arm(name, made_by, values, train, task=None):
+    return Arm(ArmIdentity(name, made_by, task), values, fit_code(values[train], "itq16"))
+
+
+def test_ground_truth_and_the_claims_on_known_embeddings(catalogue):
+    ids = catalogue.frame["gallery_id"].tolist()
+    truth = ground_truth(catalogue, ids)
+    assert truth["same"][0].tolist() == [1] and truth["same"][7].tolist() == [6]
+    assert truth["co"][2].tolist() == [0, 4]  # g002 co-viewed with g000 and g004, whatever their split
+    train = catalogue.frame["split"].to_numpy() == "train"
+    good, poor = vectors(0.05, 0), vectors(3.0, 0)
+    arms = [arm("unified", "unified", good, train), arm("specialised_same", "specialised", poor, train, "same"),
+            arm("specialised_co", "specialised", poor, train, "co"), arm("imagenet", "imagenet", poor, train)]
+    result = retrieval_suite(catalogue, ids, arms, rerank=N, code="itq16")
+    assert result.queries == {"same": 120, "co": 60}  # valid and test galleries with something relevant (pairs join even rows only)
+    unified = result.row("unified", "same", FLOAT).means
+    assert unified["recall@1"] > 0.9 and result.row("imagenet", "same", FLOAT).means["recall@1"] < 0.5
+    # re-ranking every candidate by cosine: the binary search is the float one
+    assert result.row("unified", "co", BINARY).means == result.row("unified", "co", FLOAT).means
+    claims = {(c.claim, c.task, c.metric, c.baseline): c for c in result.claims}
+    beats = claims[("unified_beats_specialised", "same", "recall@10", "specialised_same")]
+    assert beats.effect.reading == CONSISTENT and beats.effect.low > 0
+    assert ("unified_beats_specialised", "same", "recall@10", "specialised_co") not in claims  # its own task only
+    assert claims[("binary_loses_nothing", "co", "mrr", "unified")].effect.estimate == 0
+    assert claims[("binary_loses_nothing", "co", "mrr", "unified")].effect.reading == CONSISTENT
+    # with the arms swapped, the reading turns
+    swapped = [arm("unified", "unified", poor, train), arm("specialised_same", "specialised", good, train, "same")]
+    turned = retrieval_suite(catalogue, ids, swapped, rerank=10, code="itq16")
+    assert next(c for c in turned.claims if c.claim == "unified_beats_specialised").effect.reading == OPPOSITE
+
+
+def test_no_loss_is_read_against_its_margin():
+    assert no_loss_reading(Effect(-0.005, -0.015, 0.004)) == CONSISTENT
+    assert no_loss_reading(Effect(-0.05, -0.08, -0.03)) == OPPOSITE
+    assert no_loss_reading(Effect(-0.02, -0.05, 0.01)) == NOISE
+
+
+def test_the_report_shows_every_arm_and_claim_and_keeps_per_query_values_out_of_metrics(catalogue):
+    ids = catalogue.frame["gallery_id"].tolist()
+    train = catalogue.frame["split"].to_numpy() == "train"
+    arms = [arm("unified", "unified", vectors(0.5, 1), train), arm("attributes_only", "attributes_only",
+                                                                    vectors(1.0, 1), train)]
+    result = retrieval_suite(catalogue, ids, arms, rerank=20, code="itq16")
+    text = retrieval_markdown(result)
+    assert "| attributes_only |" in text and "recall@100 binary" in text and "unified beats attributes only" in text
+    assert "**Retrieval** (recall@10" in retrieval_headline(result) or not any(
+        c.claim == "unified_beats_specialised" for c in result.claims)
+    means, claims = retrieval_frames(result)
+    assert set(means["search"]) == {FLOAT, BINARY} and len(means) == 2 * 2 * 2 * 4  # arms x tasks x searches x metrics
+    row = means[(means.arm == "unified") & (means.task == "same") & (means.search == FLOAT) & (means.metric == "mrr")]
+    assert row["mean"].item() == pytest.approx(result.row("unified", "same", FLOAT).scores.reciprocal_rank.mean())
+    numbers = relevance_metrics(result)
+    assert numbers["queries"] == {"same": 120, "co": 60} and len(numbers["rows"]) == 8
+    assert all(set(r) == {"arm", "task", "search", "recall@1", "recall@10", "recall@100", "mrr"} for r in numbers["rows"])
+    assert Settings().evaluation.retrieval_arms
