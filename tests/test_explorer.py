@@ -125,6 +125,13 @@ class Visit:
             [{"name": f.name, "data": base64.b64encode(f.read_bytes()).decode()} for f in files])
         self.page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
+    def relevant(self, within: str) -> dict[str, dict[str, list[str]]]:
+        """Per search, the listed galleries marked relevant and the metric tasks each mark names."""
+        return self.page.eval_on_selector_all(
+            f"{within} .ranking",
+            "els => Object.fromEntries(els.map(e => [e.dataset.search, Object.fromEntries([...e.querySelectorAll('li.relevant')]"
+            ".map(li => [li.dataset.galleryId, [...li.querySelectorAll('.relevant-mark')].map(m => m.textContent)]))]))")
+
     def rankings(self, within: str) -> dict[str, list[str]]:
         return self.page.eval_on_selector_all(
             f"{within} .ranking",
@@ -199,6 +206,8 @@ def test_browser_map_click_and_seed_photos(browser, url, service, served_run):
         assert shown == expected and len(shown["float"]) == 10
         differing = visit.page.locator("#detail li.differs").count()
         assert differing == sum(len(set(a) - set(b)) for a, b in ((shown["float"], shown["code"]), (shown["code"], shown["float"])))
+        assert visit.relevant("#detail") == {r.search: {h.gallery_id: list(h.relevant) for h in r.hits if h.relevant}
+                                             for r in service.neighbours(hovered, 10)}
 
         seed = service.ids[17]
         visit.drop(photos_of(served_run, seed))
@@ -242,6 +251,8 @@ def test_exported_explorer_works_offline(browser, service, served_run, tmp_path)
         assert visit.page.locator("#gallery-id").text_content() == hovered
         assert visit.page.locator("#detail .photos img").count() == min(4, len(photos_of(served_run, hovered)))
         assert visit.rankings("#detail") == {r.search: [h.gallery_id for h in r.hits] for r in service.neighbours(hovered, 5)}
+        assert visit.relevant("#detail") == {r.search: {h.gallery_id: list(h.relevant) for h in r.hits if h.relevant}
+                                             for r in service.neighbours(hovered, 5)}
         assert "gallery serve --run fixture" in visit.page.locator("#drop-label").text_content()
         visit.shot("explorer-exported.png")
         assert visit.errors == [] and visit.refused == [] and all(u.startswith(("file:", "data:")) for u in visit.requests)

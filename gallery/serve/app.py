@@ -32,6 +32,8 @@ class HitOut(BaseModel):
     rank: int
     gallery_id: str
     score: float
+    relevant: list[str] = Field(default_factory=list, description="the metric tasks (identity, pairs) by which the "
+                                "catalogue says this gallery belongs with the query gallery")
 
 
 class RankingOut(BaseModel):
@@ -103,7 +105,8 @@ def _where(pairs: list[str]) -> dict[str, str]:
 
 def _rankings(rankings: list[Ranking]) -> list[dict]:
     return [{"search": r.search, "score": r.score,
-             "hits": [{"rank": i, "gallery_id": h.gallery_id, "score": h.score} for i, h in enumerate(r.hits, 1)]}
+             "hits": [{"rank": i, "gallery_id": h.gallery_id, "score": h.score, "relevant": list(h.relevant)}
+                      for i, h in enumerate(r.hits, 1)]}
             for r in rankings]
 
 

@@ -20,6 +20,7 @@ import gallery.storage as storage
 from gallery.data.contracts import RESERVED_COLUMNS, load_manifest, load_task_spec
 from gallery.data.ingest import resolve_image
 from gallery.data.labels import label_key
+from gallery.data.pairs import read_pairs
 from gallery.serve.problems import RequestProblem
 
 MAX_LISTED_VALUES = 50  # categorical values listed per attribute (more: a free-text column, not colourable)
@@ -60,6 +61,38 @@ def _ordered(keys) -> tuple[str, ...]:
         return tuple(keys)
 
 
+class Relevance:
+    """What the catalogue says belongs together: per metric task, an identity task's group of each gallery
+    and a pairs task's partners (the engagement file read as at ingest, bad pairs dropped), by row."""
+
+    def __init__(self, groups: dict[str, np.ndarray], partners: dict[str, dict[int, set[int]]]):
+        self.groups, self.partners = groups, partners
+
+    @staticmethod
+    def of(metric_tasks, frame: pd.DataFrame) -> "Relevance":
+        groups, partners = {}, {}
+        ids = pd.Series(frame.index.astype(str))
+        for task in metric_tasks:
+            if task.kind == "identity" and task.column in frame.columns:
+                groups[task.name] = frame[task.column].astype("string").to_numpy(dtype=object, na_value=None)
+            elif task.kind == "pairs":
+                pairs, _ = read_pairs(task, ids)
+                linked: dict[int, set[int]] = {}
+                for a, b in zip(pairs.a.tolist(), pairs.b.tolist()):
+                    linked.setdefault(a, set()).add(b)
+                    linked.setdefault(b, set()).add(a)
+                partners[task.name] = linked
+        return Relevance(groups, partners)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups or self.partners)
+
+    def between(self, row: int, other: int) -> tuple[str, ...]:
+        """The metric tasks by which gallery `other` is relevant to gallery `row` (same group, engaged)."""
+        same = tuple(name for name, g in self.groups.items() if g[row] is not None and g[row] == g[other])
+        return same + tuple(name for name, linked in self.partners.items() if other in linked.get(row, ()))
+
+
 class ServedCatalogue:
     """Attributes and photo locations of the galleries `ids` (the embeddings file's rows, in its order)."""
 
@@ -68,10 +101,12 @@ class ServedCatalogue:
         raw = raw.assign(gallery_id=raw["gallery_id"].astype(str)).drop_duplicates("gallery_id")
         self.frame = raw.set_index("gallery_id").reindex(ids)
         self.base = storage.parent(manifest_location)
-        roles = {}
+        roles, metric = {}, []
         if tasks_location:
             spec = load_task_spec(tasks_location)
             roles = {t.column: (t.kind, "task") for t in spec.tasks} | {t.column: (t.kind, "holdout") for t in spec.holdout}
+            metric = spec.metric
+        self.relevance = Relevance.of(metric, self.frame)
         columns = [c for c in self.frame.columns if c not in RESERVED_COLUMNS]
         self.attributes = sorted((self._attribute(c, *roles.get(c, (None, "column"))) for c in columns),
                                  key=lambda a: ROLES.index(a.role))

@@ -56,7 +56,8 @@
     neighbours: async (id, count) => {
       const shown = DATA.details[id];
       return {results: Object.entries(shown.neighbours).map(([search, r]) => ({
-        search, score: r.score, hits: r.hits.slice(0, count).map(([gallery_id, score], i) => ({rank: i + 1, gallery_id, score}))}))};
+        search, score: r.score,
+        hits: r.hits.slice(0, count).map(([gallery_id, score, relevant], i) => ({rank: i + 1, gallery_id, score, relevant}))}))};
     },
   };
 
@@ -131,10 +132,14 @@
       const items = r.hits.map((h) => {
         const differs = others.some((s) => !s.has(h.gallery_id));
         const score = r.score === "cosine" ? h.score.toFixed(3) : `${h.score} bits`;
-        return el("li", {class: differs ? "differs" : "", "data-gallery-id": h.gallery_id,
-                         title: differs ? `not among the other search's top ${r.hits.length}` : ""},
+        const relevant = h.relevant || [];  // the catalogue's metric tasks by which it belongs with the query
+        const title = [differs ? `not among the other search's top ${r.hits.length}` : "",
+                       relevant.length ? `relevant by ${relevant.join(", ")}` : ""].filter(Boolean).join("; ");
+        return el("li", {class: [differs ? "differs" : "", relevant.length ? "relevant" : ""].join(" ").trim(),
+                         "data-gallery-id": h.gallery_id, title},
                   el("span", {}, h.rank), thumbnail(h.gallery_id),
-                  el("button", {class: "id", type: "button", onclick: () => select(h.gallery_id)}, h.gallery_id),
+                  el("span", {}, el("button", {class: "id", type: "button", onclick: () => select(h.gallery_id)}, h.gallery_id),
+                     ...relevant.map((task) => el("span", {class: "relevant-mark"}, task))),
                   el("span", {class: "score"}, score));
       });
       return el("div", {class: "ranking", "data-search": r.search},

@@ -109,7 +109,8 @@ def export_explorer(service: Service, out_path: str, k: int = 10, photos_per_gal
         shown = service.gallery(gallery_id)
         locations = service.catalogue.photos(service.row(gallery_id))[:photos_per_gallery] if service.catalogue else []
         shown["photo_data"] = [_photo_uri(loc, thumbnail_px) for loc in locations]
-        shown["neighbours"] = {r.search: {"score": r.score, "hits": [[h.gallery_id, round(h.score, 4)] for h in r.hits]}
+        shown["neighbours"] = {r.search: {"score": r.score,
+                                          "hits": [[h.gallery_id, round(h.score, 4), list(h.relevant)] for h in r.hits]}
                                for r in service.neighbours(gallery_id, k, list(service.indexes))}
         details[gallery_id] = shown
     data["details"] = details

@@ -46,6 +46,7 @@ class Embedder:
 class Hit:
     gallery_id: str
     score: float
+    relevant: tuple[str, ...] = ()   # the metric tasks by which the catalogue says it belongs with the query
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,16 @@ class Service:
         return self.rows[gallery_id]
 
     def neighbours(self, gallery_id: str, k: int, searches=SEARCHES, where: dict | None = None) -> list[Ranking]:
-        """The k nearest other galleries to one of the file's galleries, by each search asked for."""
+        """The k nearest other galleries to one of the file's galleries, by each search asked for; each hit
+        names the metric tasks by which the catalogue says it belongs with the gallery (same group, engaged)."""
         row = self.row(gallery_id)
-        return [self._ranking(s, k, lambda index, n: index.search_row(row, n), where, exclude=row)
-                for s in self._searches(searches)]
+        found = [self._ranking(s, k, lambda index, n: index.search_row(row, n), where, exclude=row)
+                 for s in self._searches(searches)]
+        if self.catalogue is None or not self.catalogue.relevance:
+            return found
+        relevance = self.catalogue.relevance
+        return [replace(r, hits=[replace(h, relevant=relevance.between(row, self.rows[h.gallery_id])) for h in r.hits])
+                for r in found]
 
     def search_vector(self, vector, k: int, searches=SEARCHES, where: dict | None = None) -> list[Ranking]:
         """The k nearest galleries to an embedding made elsewhere (by this run's model: see embed)."""
