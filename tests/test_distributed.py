@@ -7,6 +7,7 @@ draws from (seed, step), the seed being the training seed on every rank and in t
 three draw the same weights; FAMO and IMTL-G compute from whole-batch quantities (all-reduced losses, the
 summed Gram matrix), which equal the lone process's up to float rounding."""
 import socket
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,8 +107,18 @@ def metric_problem():
     return model, data
 
 
-def train_metric(folder, ranks=None):
+def metric_only_problem():
+    """A model of the pairs task alone (a specialised model): no head, so no parameter outside its loss."""
     model, data = metric_problem()
+    torch.manual_seed(0)
+    alone = GalleryModel(LinearEncoder(16), METRIC_TASKS[1:], 8, STATS, [InBatchSoftmax(0.1)])
+    alone.set_pairs("co_viewed", model.losses.metric[1].keys, 64)
+    columns = data.pair_columns[-1:]
+    return alone, replace(data, targets=data.targets[:, -1:], pair_columns=columns)
+
+
+def train_metric(folder, ranks=None, problem_of=None):
+    model, data = (problem_of or metric_problem)()
     weighting = build_weighting("pseudo_uniform", model.tasks, STATS)
     kwargs = {"ranks": ranks} if ranks is not None else {}
     result = fit(model, weighting, data, SETTINGS, checkpoints=str(folder), log=lambda _: None, **kwargs)
@@ -128,6 +139,8 @@ def rank_process(rank: int, port: int, folder: str) -> None:
                 "digest": result.weights_digest,
                 "losses": [[h.train_task_losses[t.name] for t in METRIC_TASKS] for h in result.history]},
                f"{folder}/metric-rank{rank}.pt")
+    result, weights = train_metric(f"{folder}/metric_only", ranks, metric_only_problem)
+    torch.save({"weights": weights, "digest": result.weights_digest}, f"{folder}/metric_only-rank{rank}.pt")
     leave()
 
 
@@ -142,7 +155,7 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     mp.spawn(rank_process, args=(free_port(), str(folder)), nprocs=2)
     return {name: [torch.load(folder / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1)]
-            for name in (*WEIGHTINGS, "batchnorm", "metric")}
+            for name in (*WEIGHTINGS, "batchnorm", "metric", "metric_only")}
 
 
 def test_ranks_end_with_rank_zeros_batchnorm_statistics(two_ranks):
@@ -188,6 +201,15 @@ def test_two_ranks_train_metric_tasks_exactly_like_one_process(two_ranks, tmp_pa
     for key, value in weights.items():
         torch.testing.assert_close(zero["weights"][key], value, rtol=1e-4, atol=1e-5)
     assert not torch.equal(weights["losses.metric.0.weight"], metric_problem()[0].state_dict()["losses.metric.0.weight"])
+
+
+def test_two_ranks_train_a_model_of_a_metric_task_alone(two_ranks, tmp_path):
+    """A specialised model (no attribute task, so no head) trains data-parallel, as one process would."""
+    one, weights = train_metric(tmp_path, problem_of=metric_only_problem)
+    zero, first = two_ranks["metric_only"]
+    assert zero["digest"] == first["digest"] and len(one.history) == 3
+    for key, value in weights.items():
+        torch.testing.assert_close(zero["weights"][key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_the_main_nodes_port_is_never_an_ephemeral_one():

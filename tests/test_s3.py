@@ -41,11 +41,12 @@ def crash_while_uploading_the_catalogue(store_root: str, config: str) -> None:
 
 @pytest.fixture(scope="module")
 def s3_config(tmp_path_factory) -> str:
-    """The smoke preset on 80 galleries with one task-optimal group: every request goes through moto's
-    server, so fewer images and tasks keep the S3 run near the local smoke run's time."""
+    """The smoke preset on 80 galleries with one task-optimal group and no comparison models for retrieval
+    (the metric tasks and their co-view file, read from the bucket, stay): every request goes through moto's
+    server, so fewer images, tasks and models keep the S3 run near the local smoke run's time."""
     settings = json.loads(Path(SMOKE).read_text())
     settings["data"]["synth"]["galleries"] = 80
-    settings["evaluation"]["task_groups"] = 1
+    settings["evaluation"].update(task_groups=1, retrieval_arms=False)
     config = tmp_path_factory.mktemp("config") / "smoke_s3.json"
     config.write_text(json.dumps(settings))
     return str(config)

@@ -162,7 +162,7 @@ def test_a_study_of_every_weighting_with_two_poolings_in_one_smoke_run(tmp_path)
     settings = json.loads(Path(SMOKE).read_text())
     settings["train"].update(weightings=sorted(WEIGHTINGS), processes=2, max_epochs=1, poolings=["pma"])
     settings["data"]["synth"]["galleries"] = 80
-    settings["evaluation"].update(holdout_epochs=1, task_groups=1)
+    settings["evaluation"].update(holdout_epochs=1, task_groups=1, retrieval_arms=False)
     config = tmp_path / "smoke_study.json"
     config.write_text(json.dumps(settings))
     status, run, stderr = run_flow(config=str(config))
@@ -203,7 +203,7 @@ def two_process_run(tmp_path_factory):
     config = tmp_path_factory.mktemp("config") / "smoke_2_workers.json"
     settings = json.loads(Path(SMOKE).read_text())
     settings["train"].update(workers=2, weightings=["kendall"], reference_weighting="kendall")
-    settings["evaluation"]["task_groups"] = 1  # what follows the training is the smoke run's, with one fan-out less
+    settings["evaluation"].update(task_groups=1, retrieval_arms=False)  # what follows is the smoke run's, smaller
     settings["resources"] = {"retries": 0}  # no automatic retry: the run fails, and `resume` recovers it
     config.write_text(json.dumps(settings))
     status, killed, _ = run_flow(env={"GALLERY_KILL_AFTER_EPOCH": "1"}, config=str(config))

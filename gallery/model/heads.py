@@ -69,11 +69,14 @@ class TaskHeads(nn.Module):
         super().__init__()
         self.layout = HeadLayout.of(tasks)
         self.hidden = hidden
-        self.first = nn.Linear(dim, self.layout.attributes * hidden) if self.layout.attributes else None
         scalar = self.layout.scalar_tasks
-        bound = 1 / math.sqrt(hidden)  # nn.Linear's default initialisation, per head
-        self.scalar_weight = nn.Parameter(torch.empty(len(scalar), hidden).uniform_(-bound, bound))
-        self.scalar_bias = nn.Parameter(torch.empty(len(scalar)).uniform_(-bound, bound))
+        if self.layout.attributes:
+            self.first = nn.Linear(dim, self.layout.attributes * hidden)
+            bound = 1 / math.sqrt(hidden)  # nn.Linear's default initialisation, per head
+            self.scalar_weight = nn.Parameter(torch.empty(len(scalar), hidden).uniform_(-bound, bound))
+            self.scalar_bias = nn.Parameter(torch.empty(len(scalar)).uniform_(-bound, bound))
+        else:  # metric tasks only: no head, and no parameter that no loss reaches (data parallel refuses those)
+            self.first = self.scalar_weight = self.scalar_bias = None
         self.class_heads = nn.ModuleList(nn.Linear(hidden, tasks[k].out_dim) for k, _, _ in self.layout.class_tasks)
         self.register_buffer("scalar_positions", torch.tensor(scalar, dtype=torch.int64), persistent=False)
         mean, std = [], []
