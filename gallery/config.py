@@ -161,9 +161,17 @@ def cell_name(weighting: str, pooling: str, reference_pooling: str) -> str:
     return weighting if pooling == reference_pooling else f"{weighting}+{pooling}"
 
 
-def cell_parts(name: str, reference_pooling: str) -> tuple[str, str]:
-    weighting, _, pooling = name.partition("+")
-    return weighting, pooling or reference_pooling
+def cells(settings: "Settings") -> dict[str, tuple[str, str]]:
+    """Every weighting-and-pooling model the settings train, by name -> (weighting, pooling), the preset's
+    pooling first: a name is made from its parts here and looked up, never read back into them."""
+    reference = settings.model.pooling
+    poolings = dict.fromkeys([reference, *settings.train.poolings])
+    return {cell_name(w, p, reference): (w, p) for p in poolings for w in settings.train.weightings}
+
+
+def preset_cells(settings: "Settings") -> list[str]:
+    """The names of the models of the preset's pooling (a study's other poolings left out)."""
+    return [name for name, (_, pooling) in cells(settings).items() if pooling == settings.model.pooling]
 
 
 Fraction = Annotated[Number, Field(gt=0, le=1)]

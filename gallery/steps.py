@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 import gallery.storage as storage
-from gallery.config import Settings, SplitSettings, cell_name, cell_parts
+from gallery.config import Settings, SplitSettings, cells, preset_cells
 from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
@@ -182,9 +182,7 @@ def trainings(settings: Settings, metric_tasks=()) -> list[Training]:
     """Every model the run trains: each weighting with model.pooling and each of train.poolings, per seed;
     with metric tasks and evaluation.retrieval_arms, also the reference weighting's model of the attribute
     tasks alone and one of each metric task alone (the first seed's), which retrieval compares with."""
-    poolings = dict.fromkeys([settings.model.pooling, *settings.train.poolings])
-    out = [Training(cell_name(w, p, settings.model.pooling), w, p, seed) for seed in seeds_of(settings)
-           for p in poolings for w in settings.train.weightings]
+    out = [Training(name, w, p, seed) for seed in seeds_of(settings) for name, (w, p) in cells(settings).items()]
     if metric_tasks and settings.evaluation.retrieval_arms:
         w, p, seed = settings.train.reference_weighting, settings.model.pooling, settings.train.seed
         out += [Training("attributes_only", w, p, seed, ATTRIBUTES_ONLY)]
@@ -322,7 +320,7 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
                                           workers=settings.data.loader_workers)
             arms[transfer_arm(name, reference)] = vectors_as_galleries(ids, vectors)
         embedding_seconds += time.perf_counter() - start
-        head_arms = [a for a in [*arms, *fixed] if "+" not in a]  # the preset's pooling, and the baselines
+        head_arms = [transfer_arm(name, reference) for name in preset_cells(settings)] + list(fixed)  # and baselines
         result = transfer_suite(catalogue, with_seed(settings, seed), arms | fixed, source, pixels, notes, log,
                                 head_arms=head_arms)
         result.seconds["embeddings of every arm"] = embedding_seconds
@@ -376,7 +374,7 @@ def baseline_arms(source: ShardSource, settings: Settings, log=print) -> tuple[d
 
 def trained_settings(name: str, settings: Settings) -> Settings:
     """The settings a trained model of that name was built with (its pooling)."""
-    pooling = cell_parts(name, settings.model.pooling)[1]
+    pooling = cells(settings)[name][1]
     return replace(settings, model=replace(settings.model, pooling=pooling))
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 import numpy as np
 import pandas as pd
 
-from gallery.config import Settings
+from gallery.config import Settings, cells, preset_cells
 from gallery.data.images import DataQuality
 from gallery.data.ingest import Catalogue, describe
 from gallery.data.tasks import Task
@@ -83,7 +83,7 @@ class ReportData:
     @property
     def weightings(self) -> list[str]:
         """The trained models of the preset's pooling (a study's other poolings are in `study`)."""
-        return [name for name in self.training if "+" not in name]
+        return preset_cells(self.settings)
 
     @property
     def holdouts(self) -> list[HoldoutResult]:
@@ -107,7 +107,7 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
                                    mean_transfer(transfer_by_seed))
     test_ids = set(catalogue.frame.loc[catalogue.frame["split"] == "test", "gallery_id"])
     card = scorecard(transfer, test_ids, seed)
-    weightings = [name for name in training if "+" not in name]
+    weightings = preset_cells(settings)
     table = per_task(catalogue, training, optimal, seed)
     table2 = [(h, table2_comparisons(h, seed)) for h in paper_view(transfer.holdouts)]
     vs_optimal = {w: mtl_vs_optimal(table, w) for w in weightings}
@@ -121,7 +121,7 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
                     for t, h, o in zip(training_by_seed, transfer_by_seed, optimal_by_seed)]
         spreads = {name: spread([n[name] for n in per_seed]) for name in per_seed[0]}
     splits = {s: int((catalogue.frame["split"] == s).sum()) for s in ("train", "valid", "test")}
-    study = rank_cells(catalogue, training, transfer, settings.train.reference_weighting, settings.model.pooling, seed)
+    study = rank_cells(catalogue, training, transfer, settings.train.reference_weighting, cells(settings), seed)
     return ReportData(run_id, settings, seeds_of(settings), splits, describe(catalogue), quality, training, transfer,
                       card, table2, table, optimal, vs_optimal, wins, vs_baseline, balance, found, spreads, study)
 

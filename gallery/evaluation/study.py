@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gallery.config import cell_name, cell_parts
 from gallery.data.ingest import Catalogue
 from gallery.evaluation.scorecard import mean_relative_reduction
 from gallery.evaluation.statistics import Effect
@@ -50,11 +49,12 @@ def _seconds_per_epoch(result: TrainResult) -> float:
 
 
 def rank_cells(catalogue: Catalogue, training: dict[str, TrainResult], transfer: TransferResult, reference: str,
-               reference_pooling: str, seed: int = 0) -> list[CellRanking]:
-    """Every trained cell but the paper's against the paper's, best held-out transfer first. `reference`:
-    the exported model (the transfer suite's `mtl` arm). Empty when the paper's cell was not trained."""
-    paper = cell_name(*PAPER, reference_pooling)
-    if paper not in training or cell_parts(paper, reference_pooling)[1] != PAPER[1]:
+               cells: dict[str, tuple[str, str]], seed: int = 0) -> list[CellRanking]:
+    """Every trained cell (`cells`: name -> (weighting, pooling), gallery.config.cells) but the paper's against
+    the paper's, best held-out transfer first. `reference`: the exported model (the transfer suite's `mtl`
+    arm). Empty when the paper's cell was not trained."""
+    paper = next((name for name, parts in cells.items() if parts == PAPER), None)
+    if paper not in training:
         return []
     paper_arm, base_seconds = transfer_arm(paper, reference), _seconds_per_epoch(training[paper])
     out = []
@@ -66,7 +66,7 @@ def rank_cells(catalogue: Catalogue, training: dict[str, TrainResult], transfer:
         held_out = [(t.kind, a.gallery_ids, a.scores, b.scores) for t in transfer.tasks for p in STUDY_PROBES
                     if (a := transfer.get(t.name, p, arm)) is not None and (b := transfer.get(t.name, p, paper_arm)) is not None]
         seconds = _seconds_per_epoch(result)
-        out.append(CellRanking(name, *cell_parts(name, reference_pooling),
+        out.append(CellRanking(name, *cells[name],
                                mean_relative_reduction(per_task, seed, "MTL tasks"),
                                mean_relative_reduction(held_out, seed, "held-out task x probe pairs"),
                                seconds, seconds / base_seconds, len(result.history)))
