@@ -98,12 +98,32 @@ def test_the_scorecard_reads_known_answers():
     for e in card.entries:  # the paired difference is the mean of the per-gallery differences
         mtl, imagenet = result.get(e.task, e.probe, "mtl").scores, result.get(e.task, e.probe, "imagenet").scores
         assert e.difference.estimate == pytest.approx(mtl.mean() - imagenet.mean())
-        assert e.relative.estimate == pytest.approx(((1 - imagenet.mean()) - (1 - mtl.mean())) / (1 - imagenet.mean()))
+        assert e.error_change.estimate == pytest.approx((1 - mtl.mean()) / (1 - imagenet.mean()) - 1)
         assert e.n == 360  # every valid and test gallery, none of the train ones
     linear_only = next(a for a in card.aggregates if a.probe == "linear")
-    per_task = [e.relative.estimate for e in card.entries if e.probe == "linear"]
-    assert linear_only.effect.estimate == pytest.approx(np.mean(per_task))
+    ratios = [(1 - result.get(e.task, "linear", "mtl").value) / (1 - result.get(e.task, "linear", "imagenet").value)
+              for e in card.entries if e.probe == "linear"]
+    assert linear_only.effect.estimate == pytest.approx(np.prod(ratios) ** (1 / len(ratios)) - 1)  # geometric mean
     assert linear_only.effect.low < linear_only.effect.estimate < linear_only.effect.high
+
+
+def test_the_aggregate_is_bounded_where_a_baseline_barely_errs():
+    """Two tasks: MTL halves the errors on one (20% vs 40%) and makes 2 errors where the baseline makes 1
+    (of 400) on the other. A mean of relative reductions reads -0.75 (dominated by
+    the near-perfect task); the geometric mean of the error ratios reads sqrt(0.5 * 2) - 1 = 0, as it should
+    for a halving and a doubling; an all-right pair counts as half an error, so the ratio stays finite."""
+    from gallery.evaluation.scorecard import error_change
+
+    ids = [f"g{i}" for i in range(400)]
+    halved = (np.arange(400) >= 80).astype(float), (np.arange(400) >= 160).astype(float)   # 20% vs 40% errors
+    doubled = (np.arange(400) >= 2).astype(float), (np.arange(400) >= 1).astype(float)     # 2 vs 1 errors
+    both = error_change([("binary", ids, *halved), ("binary", ids, *doubled)])
+    assert both.estimate == pytest.approx(0.0, abs=1e-12) and both.low < 0 < both.high
+    assert error_change([("binary", ids, *halved)]).estimate == pytest.approx(-0.5)
+    perfect = np.ones(400)
+    assert error_change([("binary", ids, perfect, doubled[1])]).estimate == pytest.approx(0.5 - 1)  # 0.5 / 1 errors
+    worse = error_change([("regression", ids, np.full(400, 4.0), np.full(400, 1.0))])
+    assert worse.estimate == pytest.approx(3.0) and worse.low == pytest.approx(3.0)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +207,60 @@ def test_a_pretrained_baseline_is_its_mean_pooled_features_or_a_note(small_catal
         with torch.no_grad():
             expected = lite1(x).mean(0)
         np.testing.assert_allclose(arms["baseline:efficientnet_lite1"].data[row], expected.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_each_fold_is_scored_by_the_grid_point_chosen_on_the_other_folds_in_every_row():
+    """Two grid points, each right after all epochs on a different part of the scored galleries: each fold's
+    galleries get, in every row of Table 2, the scores of the point that did best on the OTHER folds after all
+    epochs (computed here by hand), and the rows' values and intervals are those of the combined scores."""
+    from gallery.evaluation.holdout import ArmResult, Row, tuned_rows
+
+    rng = np.random.default_rng(4)
+    ids = [f"g{i}" for i in range(300)]
+    folds = folds_of(ids)
+    last = [np.where(folds < 2, 1.0, rng.random(300) < 0.3), np.where(folds < 2, 0.0, rng.random(300) < 0.7)]
+    early = [rng.integers(0, 2, 300).astype(float) for _ in last]  # the first row: scores of no consequence
+    runs = [ArmResult("a", [Row("20% of one epoch", 0.2, None, 60, e.mean(), None, None, e),
+                            Row("2 epochs", None, 2, 600, s.mean(), None, None, s)], 1.0, 0.1, 600)
+            for e, s in zip(early, last)]
+    rows, best = tuned_rows("binary", runs, folds)
+    for f in range(5):
+        others = folds != f
+        expected = int(np.argmax([s[others].mean() for s in last]))
+        assert best[f] == expected
+        for row, candidates in zip(rows, (early, last)):
+            assert np.array_equal(row.scores[folds == f], candidates[expected][folds == f])
+    assert rows[1].value == pytest.approx(rows[1].scores.mean()) and rows[1].ci_low < rows[1].value < rows[1].ci_high
+    assert [r.label for r in rows] == ["20% of one epoch", "2 epochs"] and rows[0].galleries_seen == 60
+
+
+def test_every_arm_is_tuned_on_one_grid_and_the_scale_of_its_features_does_not_matter(small, monkeypatch):
+    """The 2-layer head on an arm and on the same arm's features x 100: standardised on the train galleries,
+    both choose the same learning rate and weight decay per fold and score the same; every arm, end-to-end
+    included, trains once per grid point and reports what each fold chose."""
+    from dataclasses import replace
+
+    from gallery.evaluation.holdout import HeadSetting, evaluate_holdout
+
+    cat, settings, pixels, features = small
+    settings = replace(settings, evaluation=replace(settings.evaluation, head_lrs=(1e-3, 3e-2), head_weight_decays=(0.0, 0.1)))
+    task = next(t for t in cat.holdout if t.kind == "binary")
+    x = np.random.default_rng(5).normal(size=(len(pixels), 8)) + cat.frame[task.column].fillna(0).to_numpy(float)[:, None]
+    arms = {"mtl": vectors_as_galleries(pixels.gallery_ids, x), "imagenet": vectors_as_galleries(pixels.gallery_ids, 100 * x)}
+    trained, real_fit = [], engine.fit
+
+    def counted_fit(model, weighting, data, config, **kwargs):
+        trained.append((config.lr, config.weight_decay))
+        return real_fit(model, weighting, data, config, **kwargs)
+
+    monkeypatch.setattr("gallery.evaluation.holdout.fit", counted_fit)
+    result = evaluate_holdout(cat, task, settings, arms, features, pixels, log=lambda _: None)
+    grid = [HeadSetting(lr, wd) for lr in (1e-3, 3e-2) for wd in (0.0, 0.1)]
+    assert result.grid == grid
+    assert [t for t in trained if t in {(g.lr, g.weight_decay) for g in grid}] == trained
+    assert len(trained) >= 3 * len(grid)  # three arms, each once per grid point (end-to-end: + its pixel timing)
+    mtl, scaled = result.arms["mtl"], result.arms["imagenet"]
+    assert mtl.chosen == scaled.chosen and len(mtl.chosen) == len(set(folds_of(result.scored_ids)))
+    assert all(c in grid for arm in result.arms.values() for c in arm.chosen)
+    for a, b in zip(mtl.rows, scaled.rows):
+        np.testing.assert_allclose(a.scores, b.scores)

@@ -2,11 +2,12 @@
 scored galleries, and an aggregate over tasks that can decide (see docs/design.md, "Evaluation protocol").
 
 Per task and probe, two effects: the metric difference (accuracy, or MSE: the paper's direction is
-higher accuracy, lower MSE) and the relative error reduction (err_baseline - err_MTL) / err_baseline,
-which puts tasks of every kind on one scale (error: 1 - accuracy, or MSE). The aggregate is the mean
-relative error reduction over the tasks and probes it covers, with a paired bootstrap that resamples
-the scored galleries, each gallery with all its tasks, so the correlation between tasks of one
-gallery stays in the interval. Readings are against the claim that MTL embeddings transfer better.
+higher accuracy, lower MSE) and the error change err_MTL / err_baseline - 1, which puts tasks of
+every kind on one scale (error: 1 - accuracy, or MSE). The aggregate is the
+geometric mean of the error ratios err_MTL / err_baseline over the tasks and probes it covers, shown
+as a percentage change (bounded below by -100%, and not dominated by a task every arm nearly
+solves), with a paired bootstrap that resamples the scored galleries, each gallery with all its
+tasks, so the correlation between tasks of one gallery stays in the interval. Readings are against the claim that MTL embeddings transfer better.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gallery.evaluation.statistics import CONFIDENCE, RESAMPLES, Effect, paired_difference, relative_increase
+from gallery.evaluation.statistics import CONFIDENCE, RESAMPLES, Effect, paired_difference
 from gallery.evaluation.transfer import ProbeScores, TransferResult
 
 PRIMARY = ("star_rating", "linear", "imagenet")  # the Table 2 question, asked of the lowest-variance probe
@@ -39,13 +40,14 @@ class ScoreEntry:
     value: float           # the MTL arm's accuracy or MSE
     baseline_value: float
     difference: Effect     # MTL - baseline in the metric, read against the paper's direction
-    relative: Effect       # relative error reduction, read against "MTL better" (> 0)
+    error_change: Effect   # err_MTL / err_baseline - 1, read against "MTL errs less" (< 0)
     difference_on_test: Effect  # the same difference on the test galleries alone
 
 
 @dataclass
 class Aggregate:
-    """The mean relative error reduction of an MTL arm over a baseline, over tasks (and probes)."""
+    """How much an MTL arm's errors change against a baseline's, over tasks (and probes): the geometric
+    mean of the error ratios, minus 1 (`error_change`; < 0: the MTL arm errs less)."""
 
     arm: str
     baseline: str
@@ -78,19 +80,22 @@ def compare_arms(result: TransferResult, arm: str, baseline: str, test_ids: set,
                 continue
             if a.gallery_ids != b.gallery_ids:
                 raise ValueError(f"{task.name}/{probe}: {arm} and {baseline} were scored on different galleries")
-            relative = relative_increase(errors_of(task.kind, a.scores), errors_of(task.kind, b.scores), seed)
-            reduction = Effect(-relative.estimate, -relative.high, -relative.low, None, relative.n, relative.method)
+            change = error_change([(task.kind, a.gallery_ids, a.scores, b.scores)], seed, "task x probe")
             out.append(ScoreEntry(task.name, task.kind, task.metric, probe, arm, baseline, len(a.scores), a.value,
-                                  b.value, paired_difference(a.scores, b.scores, seed).read(better), reduction.read(+1),
+                                  b.value, paired_difference(a.scores, b.scores, seed).read(better), change.read(-1),
                                   _on_test(a, b, test_ids, seed).read(better)))
     return out
 
 
-def mean_relative_reduction(pairs: list[tuple[str, list[str], np.ndarray, np.ndarray]], seed: int = 0,
-                            what: str = "task x probe pairs") -> Effect:
-    """Mean over `pairs` (kind, gallery ids, scores of a, scores of b) of b's error minus a's, relative to
-    b's, with a paired bootstrap that resamples the galleries of all pairs together (a gallery keeps all
-    its tasks): > 0 when a makes fewer errors."""
+def error_change(pairs: list[tuple[str, list[str], np.ndarray, np.ndarray]], seed: int = 0,
+                 what: str = "task x probe pairs") -> Effect:
+    """The geometric mean over `pairs` (kind, gallery ids, scores of a, scores of b) of a's error over b's,
+    minus 1: -0.12 when a makes 12% fewer errors. Ratios are averaged as logs, so a task where b barely
+    errs moves the summary by its ratio, not by an unbounded difference over a tiny error (the mean
+    relative reduction it replaces blew up on saturated tasks). A mean error of 0 counts as half an
+    error of one gallery (classification), so a ratio stays finite. The interval is a paired bootstrap
+    that resamples the galleries of all pairs together (a gallery keeps all its tasks): O(resamples x
+    galleries) per pair."""
     pool = sorted({g for _, ids, _, _ in pairs for g in ids})
     position = {g: i for i, g in enumerate(pool)}
     rng = np.random.default_rng(seed)
@@ -98,32 +103,33 @@ def mean_relative_reduction(pairs: list[tuple[str, list[str], np.ndarray, np.nda
     estimates, resampled = [], []
     for kind, ids, scores_a, scores_b in pairs:
         err_a, err_b = errors_of(kind, np.asarray(scores_a, float)), errors_of(kind, np.asarray(scores_b, float))
-        if not len(err_b) or err_b.mean() == 0:
+        if not len(err_b):
             continue
-        estimates.append((err_b.mean() - err_a.mean()) / err_b.mean())
+        floor = 0.5 / len(err_b) if kind != "regression" else np.finfo(float).tiny
+        estimates.append(np.log(max(err_a.mean(), floor)) - np.log(max(err_b.mean(), floor)))
         w = weights[:, [position[g] for g in ids]]
         total = w.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_a, mean_b = (w @ err_a) / total, (w @ err_b) / total
-            resampled.append(np.where(mean_b > 0, (mean_b - mean_a) / mean_b, np.nan))
+        resampled.append(np.log(np.maximum(mean_a, floor)) - np.log(np.maximum(mean_b, floor)))
     if not estimates:
-        return Effect(math.nan, math.nan, math.nan, None, 0, "no pairs with errors")
+        return Effect(math.nan, math.nan, math.nan, None, 0, "no pairs")
     means = np.nanmean(np.stack(resampled), 0)
     tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = (float(np.nanpercentile(means, q)) for q in (tail, 100 - tail))
-    return Effect(float(np.mean(estimates)), low, high, None, len(pool),
-                  f"mean over {len(estimates)} {what}; paired bootstrap over {len(pool)} galleries")
+    low, high = (float(np.expm1(np.nanpercentile(means, q))) for q in (tail, 100 - tail))
+    return Effect(float(np.expm1(np.mean(estimates))), low, high, None, len(pool),
+                  f"geometric mean of error ratios over {len(estimates)} {what}; paired bootstrap over {len(pool)} galleries")
 
 
 def aggregate(entries: list[ScoreEntry], result: TransferResult, probe: str = "all", seed: int = 0) -> Aggregate:
-    """Mean relative error reduction over `entries`, with a paired bootstrap over the scored galleries."""
+    """The change of errors over `entries` (`error_change`), read against "MTL errs less" (< 0)."""
     pairs = []
     for e in entries:
         a, b = result.get(e.task, e.probe, e.arm), result.get(e.task, e.probe, e.baseline)
         pairs.append((e.kind, a.gallery_ids, a.scores, b.scores))
-    effect = mean_relative_reduction(pairs, seed)
+    effect = error_change(pairs, seed)
     return Aggregate(entries[0].arm if entries else "", entries[0].baseline if entries else "", probe,
-                     len(entries), effect.read(+1))
+                     len(entries), effect.read(-1))
 
 
 def scorecard(result: TransferResult, test_ids: set, seed: int = 0) -> Scorecard:

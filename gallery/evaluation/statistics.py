@@ -168,10 +168,12 @@ def spread(values) -> Spread:
     return Spread(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, float(v.min()), float(v.max()), len(v))
 
 
-def effect_text(e: Effect, digits: int = 3, percent: bool = False) -> str:
-    """An effect as `+0.031 [-0.012, +0.074]`, its p-value where a test gave one."""
+def effect_text(e: Effect, digits: int = 3, percent: bool = False, change: bool = False) -> str:
+    """An effect as `+0.031 [-0.012, +0.074]` (or a share `71%`, or a change `-12.3%`), its p-value where a
+    test gave one."""
     if e.estimate is None or math.isnan(e.estimate):
         return "n/a"
-    f = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.{digits}f}")  # a share, or a signed difference
+    f = ((lambda x: f"{x:+.1%}") if change else (lambda x: f"{x:.0%}") if percent
+         else (lambda x: f"{x:+.{digits}f}"))  # a change, a share, or a signed difference
     interval = f" [{f(e.low)}, {f(e.high)}]" if not math.isnan(e.low) else ""
     return f"{f(e.estimate)}{interval}" + (f", p = {e.p:.3g}" if e.p is not None else "")

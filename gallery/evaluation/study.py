@@ -3,8 +3,9 @@ paper's (pseudo-uniform weighting, mean pooling), with paired intervals (see doc
 
 A run trains one cell per weighting in `train.weightings` and pooling in `model.pooling` plus
 `train.poolings`. Each cell is compared with the paper's cell on the same galleries:
-- per-task error: the mean over the MTL tasks of the paper's cell's test error minus this cell's,
-  relative to the paper's (> 0: this cell errs less), paired bootstrap over the test galleries;
+- per-task error: the geometric mean over the MTL tasks of this cell's test error over the paper's
+  cell's, minus 1 (< 0: this cell errs less; gallery.evaluation.scorecard.error_change), paired
+  bootstrap over the test galleries;
 - held-out transfer: the same over the held-out tasks and the linear and k-NN probes (the transfer
   suite's scored galleries: valid and test, no model trained on them);
 - training time per epoch relative to the paper's cell (as measured, side by side on one machine).
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gallery.data.ingest import Catalogue
-from gallery.evaluation.scorecard import mean_relative_reduction
+from gallery.evaluation.scorecard import error_change
 from gallery.evaluation.statistics import Effect
 from gallery.evaluation.transfer import TransferResult, transfer_arm
 from gallery.training.engine import TrainResult
@@ -32,8 +33,8 @@ class CellRanking:
     cell: str
     weighting: str
     pooling: str
-    per_task: Effect          # relative error reduction over the MTL tasks vs the paper's cell (test)
-    transfer: Effect          # relative error reduction over held-out tasks x probes vs the paper's cell
+    per_task: Effect          # error change over the MTL tasks vs the paper's cell (test; < 0: fewer errors)
+    transfer: Effect          # error change over held-out tasks x probes vs the paper's cell
     seconds_per_epoch: float
     time_ratio: float         # seconds per epoch / the paper's cell's
     epochs: int
@@ -41,7 +42,7 @@ class CellRanking:
     @property
     def reading(self) -> str:
         side = self.transfer.side()
-        return BETTER if side > 0 else WORSE if side < 0 else UNDECIDED
+        return BETTER if side < 0 else WORSE if side > 0 else UNDECIDED
 
 
 def _seconds_per_epoch(result: TrainResult) -> float:
@@ -67,10 +68,10 @@ def rank_cells(catalogue: Catalogue, training: dict[str, TrainResult], transfer:
                     if (a := transfer.get(t.name, p, arm)) is not None and (b := transfer.get(t.name, p, paper_arm)) is not None]
         seconds = _seconds_per_epoch(result)
         out.append(CellRanking(name, *cells[name],
-                               mean_relative_reduction(per_task, seed, "MTL tasks"),
-                               mean_relative_reduction(held_out, seed, "held-out task x probe pairs"),
+                               error_change(per_task, seed, "MTL tasks"),
+                               error_change(held_out, seed, "held-out task x probe pairs"),
                                seconds, seconds / base_seconds, len(result.history)))
-    return sorted(out, key=lambda r: -r.transfer.estimate if not math.isnan(r.transfer.estimate) else math.inf)
+    return sorted(out, key=lambda r: r.transfer.estimate if not math.isnan(r.transfer.estimate) else math.inf)
 
 
 def _paired(a: TrainResult, b: TrainResult, task: str) -> tuple[list[str], np.ndarray, np.ndarray]:
