@@ -10,9 +10,11 @@ from scipy import stats
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.evaluation.comparisons import (class_balance, findings, mtl_vs_baseline, mtl_vs_optimal, paper_row, per_task,
-                                            table2_comparisons, weighting_wins)
+from gallery.evaluation.comparisons import (BEATS_MAJORITY, NAMED_TASK_BETTER, PU_BEATS_KENDALL, TABLE2_BEATS,
+                                            class_balance, findings, mtl_vs_baseline, mtl_vs_optimal, paper_row,
+                                            per_task, table2_comparisons, weighting_wins)
 from gallery.evaluation.holdout import ArmResult, HoldoutResult, Row
+from gallery.evaluation.render import finding_sentence
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.training.engine import GalleryScores, TrainResult
@@ -201,7 +203,8 @@ def test_weighting_wins_with_no_decided_task_reads_as_noise():
     errors = np.full(3, 0.2)
     wins = weighting_wins(_errors_table(errors, errors))
     (found,) = findings(None, [], {}, wins, {}, {})
-    assert found.reading == NOISE and "0 of 0 decided tasks (n/a; sign test)" in found.here
+    assert found.claim == PU_BEATS_KENDALL and found.reading == NOISE and found.effect.n == 0
+    assert "0 of 0 decided tasks (n/a; sign test)" in finding_sentence(found)[1]
 
 
 @pytest.mark.parametrize("worse,expected", [(27, CONSISTENT), (4, OPPOSITE), (15, NOISE)])
@@ -225,17 +228,21 @@ def test_findings_sort_each_paper_claim_by_its_reading(known):
     found = findings(None, [(holdout, table2_comparisons(holdout))], {w: mtl_vs_optimal(table, w) for w in weightings},
                      weighting_wins(table), {w: mtl_vs_baseline(table, w) for w in weightings},
                      class_balance(table, weightings))
-    claims = {f.finding: f.reading for f in found}
-    assert claims["On a new task (`star_rating`), MTL embeddings beat ImageNet transfer (row 0)"] == CONSISTENT
-    assert claims["Pseudo-uniform weighting beats Kendall's on most tasks"] == NOISE  # 3 of 3: too few
-    assert claims["MTL (pseudo_uniform) beats the majority/mean baseline on every task"] == CONSISTENT
-    assert claims["`B1_chain` does better under MTL (pseudo_uniform) than its task-optimal model"] == NOISE
+    claims = {(f.claim, f.weighting, f.task, f.baseline, f.row): f.reading for f in found}
+    assert claims[(TABLE2_BEATS, None, "star_rating", "imagenet", "row 0")] == CONSISTENT
+    assert claims[(PU_BEATS_KENDALL, None, None, None, None)] == NOISE  # 3 of 3: too few
+    assert claims[(BEATS_MAJORITY, "pseudo_uniform", None, None, None)] == CONSISTENT
+    assert claims[(NAMED_TASK_BETTER, "pseudo_uniform", "B1_chain", None, None)] == NOISE
+    assert len(claims) == len(found)  # each finding is told apart by its fields
+    words = [finding_sentence(f)[0] for f in found]  # the layout side puts them into words, each its own
+    assert "On a new task (`star_rating`), MTL embeddings beat ImageNet transfer (row 0)" in words
+    assert len(set(words)) == len(words)
     assert len(found) == 2 + 2 * (1 + 1) + 1 + 2 + 2  # Table 2; per weighting share + B1; wins; baseline; balance
     optimal, baseline = ({w: f(table, w) for w in weightings} for f in (mtl_vs_optimal, mtl_vs_baseline))
     balance = class_balance(table, weightings)
     again = findings(None, [(holdout, table2_comparisons(holdout))], {**optimal, "famo": optimal["kendall"]}, weighting_wins(table),
                      {**baseline, "famo": baseline["kendall"]}, {**balance, "famo": balance["kendall"]})
-    assert [f.finding for f in again] == list(claims)  # a weighting the paper did not train has no paper finding
+    assert [(f.claim, f.weighting, f.task, f.baseline, f.row) for f in again] == list(claims)  # famo: not the paper's
 
 
 def test_seeds_average_each_gallerys_scores():
@@ -261,10 +268,11 @@ def test_table2_findings_after_one_epoch_and_after_all_quote_the_papers_row():
     better = np.maximum(base, rng.random(N) < 0.3)
     arms = {"mtl": [better, better], "imagenet": [base, base], "end_to_end": [base, base]}
     holdout = holdout_of(arms, rows=rows)
-    found = {f.finding: f for f in findings(None, [(holdout, table2_comparisons(holdout))], {}, None, {}, {})}
-    one = found["On a new task (`star_rating`), MTL embeddings beat ImageNet transfer (100% of one epoch)"]
-    assert one.paper.startswith("0.623 vs 0.534") and one.reading == CONSISTENT
-    assert found["On a new task (`star_rating`), MTL embeddings beat an end-to-end model (4 epochs)"].paper.startswith("0.631 vs 0.598")
+    found = {(f.baseline, f.row): f for f in findings(None, [(holdout, table2_comparisons(holdout))], {}, None, {}, {})}
+    one = found[("imagenet", "100% of one epoch")]
+    assert one.paper == (0.623, 0.534) and one.reading == CONSISTENT and one.claim == TABLE2_BEATS
+    assert finding_sentence(one)[2].startswith("0.623 vs 0.534 star-rating accuracy")
+    assert found[("end_to_end", "4 epochs")].paper == (0.631, 0.598)
     other = holdout_of(arms, task="review_band", rows=rows)  # another holdout task: the paper has no figures for it
-    assert all(f.paper == "MTL embeddings best at every row of Table 2"
+    assert all(f.paper is None and finding_sentence(f)[2] == "MTL embeddings best at every row of Table 2"
                for f in findings(None, [(other, table2_comparisons(other))], {}, None, {}, {}))

@@ -127,7 +127,8 @@ def test_seeds_are_averaged_gallery_by_gallery_and_their_spread_kept():
     seeds = [(training(rng, s), transfer(rng, g), optimal(rng)) for s, g in ((0.0, 0.3), (0.05, 0.1))]
     data = compare("run-2", Settings(), cat, DataQuality([], []), *map(list, zip(*seeds)))
     finals = [t.holdouts[0].arms["mtl"].rows[-1].value for _, t, _ in seeds]
-    spread = data.spread["star_rating: 2-layer head (the paper's), MTL embeddings, accuracy"]
+    (spread,) = [s.spread for s in data.spread
+                 if (s.number.measure, s.number.task, s.number.probe, s.number.arm) == ("transfer_score", "star_rating", "head", "mtl")]
     assert spread.mean == pytest.approx(np.mean(finals)) and spread.sd == pytest.approx(np.std(finals, ddof=1))
     mean_scores = (seeds[0][1].holdouts[0].arms["mtl"].rows[-1].scores + seeds[1][1].holdouts[0].arms["mtl"].rows[-1].scores) / 2
     np.testing.assert_allclose(data.holdouts[0].arms["mtl"].rows[-1].scores, mean_scores)

@@ -19,11 +19,10 @@ import pandas as pd
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.evaluation.holdout import ARMS, HoldoutResult, Row, arm_label
-from gallery.evaluation.probes import PROBES
+from gallery.evaluation.holdout import ARMS, HoldoutResult, Row
 from gallery.evaluation.scorecard import Scorecard, scorecard
-from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, effect_text,
-                                           paired_difference, relative_increase, sign_test)
+from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, paired_difference,
+                                           relative_increase, sign_test)
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import TransferResult
 from gallery.training.engine import TrainResult
@@ -215,91 +214,99 @@ def class_balance(table: pd.DataFrame, weightings, seed: int = 0) -> dict[str, C
 
 # ---------------------------------------------------------------- what the run reproduces
 
+# The paper's claims a run tests, by identifier (the report's prose for each is gallery.evaluation.render's).
+TRANSFER_BEATS = "transfer_beats_baseline"                 # Table 2 generalised: every held-out task and probe
+TABLE2_BEATS = "table2_beats_baseline"                     # one held-out task, one row of Table 2
+WORSE_THAN_OPTIMAL = "worse_than_task_optimal_on_most_tasks"
+NAMED_TASK_BETTER = "named_task_better_than_task_optimal"  # B1, B3, B11
+PU_BEATS_KENDALL = "pseudo_uniform_beats_kendall"
+BEATS_MAJORITY = "beats_majority_baseline_on_every_task"
+HELPS_IMBALANCED = "helps_most_where_imbalanced"
+
+
 @dataclass
 class Finding:
-    """One of the paper's findings beside this run's effect and the reading of its test."""
+    """One of the paper's claims tested by this run: what was measured (an effect with its interval, or a
+    count read by a test), the reading, and the paper's figure where it gives one. Who it is about are
+    fields: the weighting, the held-out task, the baseline arm, the Table 2 row."""
 
-    finding: str
-    paper: str
-    here: str
+    claim: str                     # one of the identifiers above
     reading: str
+    effect: Effect                 # the measured effect and its 95% interval
+    paper: tuple[float, ...] | None = None   # the paper's figure(s): Table 2 (MTL, other arm), a share, an r
+    weighting: str | None = None
+    task: str | None = None
+    baseline: str | None = None    # the other arm (transfer suite arm names)
+    row: str | None = None         # Table 2's row label
+    pairs: int | None = None       # task x probe pairs an aggregate covers
 
 
 def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]],
              optimal: dict[str, VersusOptimal], wins: WeightingWins | None, baseline: dict[str, VersusBaseline],
              balance: dict[str, ClassBalance]) -> list[Finding]:
-    """Each of the paper's findings beside this run's effect and the reading of its test: the list the
-    report sorts into reproduced, not resolved and contradicted. `card`: the transfer scorecard (its
-    aggregates over every held-out task and probe); `optimal`, `baseline`, `balance`: per weighting; only
-    the paper's two weightings have findings (its claims are about them), any other trained weighting is
-    compared in the report's tables, not here."""
+    """Each of the paper's claims with this run's effect and the reading of its test: the list the report
+    sorts into reproduced, not resolved and contradicted. `card`: the transfer scorecard (its aggregates
+    over every held-out task and probe); `optimal`, `baseline`, `balance`: per weighting; only the paper's
+    two weightings have findings (its claims are about them), any other trained weighting is compared in
+    the report's tables, not here."""
     optimal, baseline, balance = ({w: v for w, v in d.items() if w in PAPER_WEIGHTINGS}
                                   for d in (optimal, baseline, balance))
-    out = []
-    for a in (card.aggregates if card else []):
-        if a.arm == "mtl" and a.probe == "all":
-            out.append(Finding(f"Across the held-out tasks, MTL embeddings transfer better than {arm_label(a.baseline)}",
-                               "MTL embeddings beat ImageNet features and an end-to-end model (Table 2, one task)",
-                               f"mean relative error reduction {effect_text(a.effect)} over {a.entries} task x probe "
-                               f"pairs", a.effect.reading))
+    out = [Finding(TRANSFER_BEATS, a.effect.reading, a.effect, baseline=a.baseline, pairs=a.entries)
+           for a in (card.aggregates if card else []) if a.arm == "mtl" and a.probe == "all"]
     for holdout, rows in holdouts:
         one_epoch = [r for r in rows[:-1] if r.fraction == 1.0]
         for row in one_epoch[-1:] + rows[-1:]:   # after one epoch of the labelled data, and after all epochs
             for k, other in ((1, "imagenet"), (2, "end_to_end")):
                 e = row.versus[other]
-                label = "ImageNet transfer" if other == "imagenet" else "an end-to-end model"
-                paper = (f"{row.paper[0]:.3f} vs {row.paper[k]:.3f} star-rating accuracy at this row (Table 2)"
-                         if row.paper else "MTL embeddings best at every row of Table 2")
-                out.append(Finding(f"On a new task (`{holdout.task}`), MTL embeddings beat {label} ({row.row})",
-                                   paper, f"test {holdout.metric} difference {effect_text(e)}", e.reading))
+                out.append(Finding(TABLE2_BEATS, e.reading, e, (row.paper[0], row.paper[k]) if row.paper else None,
+                                   task=holdout.task, baseline=other, row=row.row))
     for w, o in optimal.items():
-        s = o.share_worse
-        out.append(Finding(f"MTL ({w}) is worse than task-optimal models on most tasks",
-                           "\"most tasks understandably show inferior predictive performance\" (§4.2)",
-                           f"worse on {s.estimate:.0%} [{s.low:.0%}, {s.high:.0%}] of {s.n} tasks; "
-                           f"clearly worse on {o.clearly_worse}, clearly better on {o.clearly_better}", s.reading))
-        for task, e in o.paper_named_tasks.items():
-            out.append(Finding(f"`{task}` does better under MTL ({w}) than its task-optimal model",
-                               "\"tasks B1, B3 and B11 perform better than the optimal models\" (§4.2)",
-                               f"relative error increase {effect_text(e, 2)}", e.reading))
+        out.append(Finding(WORSE_THAN_OPTIMAL, o.share_worse.reading, o.share_worse, weighting=w))
+        out += [Finding(NAMED_TASK_BETTER, e.reading, e, weighting=w, task=task) for task, e in o.paper_named_tasks.items()]
     if wins:
-        out.append(Finding("Pseudo-uniform weighting beats Kendall's on most tasks",
-                           f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks (71%) (§4.2)",
-                           f"{wins.wins} of {wins.wins + wins.losses} decided tasks "
-                           f"({effect_text(wins.share, percent=True)}; sign test)",  # n/a where no task is decided
-                           wins.share.reading))
+        out.append(Finding(PU_BEATS_KENDALL, wins.share.reading, wins.share, (PAPER_PU_WINS[0] / PAPER_PU_WINS[1],)))
     for w, b in baseline.items():
-        out.append(Finding(f"MTL ({w}) beats the majority/mean baseline on every task",
-                           "\"significantly outperform basic benchmarks ... across every single task\" (§4.2)",
-                           f"clearly better on {b.clearly_better} of {b.tasks} tasks, clearly worse on {b.clearly_worse}",
-                           b.reading))
-    for w, b in balance.items():
-        out.append(Finding(f"MTL ({w}) helps most where classes are most imbalanced",
-                           f"Pearson's r = {PAPER_BALANCE_R[w]:.2f} (p < .001) (Figure 6)",
-                           f"r = {effect_text(b.pearson, 2)} over {b.pearson.n} binary tasks", b.reading))
+        share = Effect(b.clearly_better / b.tasks if b.tasks else math.nan, math.nan, math.nan, None, b.tasks,
+                       "tasks whose interval excludes no effect on MTL's side")
+        out.append(Finding(BEATS_MAJORITY, b.reading, share, weighting=w))
+    out += [Finding(HELPS_IMBALANCED, b.reading, b.pearson, (PAPER_BALANCE_R[w],), weighting=w) for w, b in balance.items()]
     return out
 
 
+@dataclass
+class HeadlineNumber:
+    """One seed's number that the report follows across seeds: which measure, of what (fields), its value."""
+
+    measure: str                   # transfer_score | transfer_error_change | median_relative_error_increase |
+    value: float                   # class_balance_pearson | tasks_pseudo_uniform_beats_kendall
+    task: str | None = None
+    probe: str | None = None
+    arm: str | None = None
+    baseline: str | None = None
+    weighting: str | None = None
+
+    @property
+    def identity(self) -> tuple:
+        return (self.measure, self.task, self.probe, self.arm, self.baseline, self.weighting)
+
+
 def headline_numbers(catalogue: Catalogue, training: dict[str, TrainResult], transfer: TransferResult,
-                     optimal: dict[str, TaskOptimalResult], seed: int = 0) -> dict[str, float]:
+                     optimal: dict[str, TaskOptimalResult], seed: int = 0) -> list[HeadlineNumber]:
     """One seed's headline numbers, for their spread across seeds (gallery.evaluation.statistics.spread)."""
-    numbers = {f"{s.task}: {PROBES[s.probe]}, {arm_label(s.arm)}, {metric_name_of(transfer, s.task)}": s.value
-               for s in transfer.scores if s.arm in ARMS}
+    numbers = [HeadlineNumber("transfer_score", s.value, task=s.task, probe=s.probe, arm=s.arm)
+               for s in transfer.scores if s.arm in ARMS]
     test_ids = set(catalogue.frame.loc[catalogue.frame["split"] == "test", "gallery_id"])
-    for a in scorecard(transfer, test_ids, seed).aggregates:
-        if a.arm == "mtl" and a.probe == "all":
-            numbers[f"mean relative error reduction, MTL vs {arm_label(a.baseline)}"] = a.effect.estimate
+    numbers += [HeadlineNumber("transfer_error_change", a.effect.estimate, arm=a.arm, baseline=a.baseline, probe=a.probe)
+                for a in scorecard(transfer, test_ids, seed).aggregates if a.arm == "mtl"]
     table = per_task(catalogue, training, optimal)
     binary = table[table["kind"] == "binary"]
     for w in training:
-        numbers[f"median relative error increase, {w}"] = float(table[f"relative_error_increase_{w}"].median())
+        numbers.append(HeadlineNumber("median_relative_error_increase",
+                                      float(table[f"relative_error_increase_{w}"].median()), weighting=w))
         pairs = binary[["minority_fraction", f"relative_error_increase_{w}"]].dropna()
-        numbers[f"Pearson r, class balance vs relative error increase, {w}"] = (
-            float(np.corrcoef(pairs.iloc[:, 0], pairs.iloc[:, 1])[0, 1]) if len(pairs) > 2 else math.nan)
+        numbers.append(HeadlineNumber("class_balance_pearson", float(np.corrcoef(pairs.iloc[:, 0], pairs.iloc[:, 1])[0, 1])
+                                      if len(pairs) > 2 else math.nan, weighting=w))
     if {"pseudo_uniform", "kendall"} <= set(training):
-        numbers["tasks where pseudo-uniform beats Kendall"] = float((table["error_pseudo_uniform"] < table["error_kendall"]).sum())
+        numbers.append(HeadlineNumber("tasks_pseudo_uniform_beats_kendall",
+                                      float((table["error_pseudo_uniform"] < table["error_kendall"]).sum())))
     return numbers
-
-
-def metric_name_of(transfer: TransferResult, task: str) -> str:
-    return next(t.metric for t in transfer.tasks if t.name == task)

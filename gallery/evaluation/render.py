@@ -15,20 +15,21 @@ import pandas as pd  # noqa: E402
 
 import gallery.storage as storage  # noqa: E402
 from gallery.data.images import DataQuality  # noqa: E402
+import gallery.evaluation.comparisons as comparisons  # noqa: E402
 from gallery.evaluation.comparisons import (PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE,  # noqa: E402
-                                            ClassBalance, Finding, Table2Comparison, VersusBaseline, VersusOptimal,
-                                            WeightingWins, paper_row)
-from gallery.evaluation.holdout import ARMS, HoldoutResult, arm_label  # noqa: E402
+                                            ClassBalance, Finding, HeadlineNumber, Table2Comparison, VersusBaseline,
+                                            VersusOptimal, WeightingWins, paper_row)
+from gallery.evaluation.holdout import ARMS, HoldoutResult, arm_label, chosen_text  # noqa: E402
 from gallery.evaluation.neighbours import SEARCHES, BinaryVsFloat  # noqa: E402
 from gallery.evaluation.probes import PROBES  # noqa: E402
 from gallery.evaluation.projection import projection_figure  # noqa: E402
-from gallery.evaluation.report import ReportData, metrics  # noqa: E402
+from gallery.evaluation.report import ReportData, SeedSpread, metrics  # noqa: E402
 from gallery.evaluation.retrieval_examples import retrieval_figure  # noqa: E402
 from gallery.evaluation.retrieval_suite import BINARY, FLOAT, NON_INFERIORITY, RetrievalResult  # noqa: E402
 from gallery.evaluation.scorecard import Scorecard  # noqa: E402
 from gallery.evaluation.study import BETTER, STUDY_PROBES, CellRanking  # noqa: E402
 from gallery.evaluation.transfer import TransferResult  # noqa: E402
-from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect, Spread, effect_text  # noqa: E402
+from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect, effect_text  # noqa: E402
 from gallery.training.engine import TrainResult  # noqa: E402
 
 
@@ -145,8 +146,29 @@ def table2_markdown(holdout: HoldoutResult) -> str:
         + (f" | {PAPER_TIME_PER_INSTANCE['mtl']} / - / {PAPER_TIME_PER_INSTANCE['end_to_end']} |" if paper else " |"))
     lines.append("| training time per instance from pixels, every layer of the model | - | - | "
                  + _ms(holdout.arms["end_to_end"].seconds_per_instance_from_pixels) + end)
-    lines.append("| total training time | " + " | ".join(f"{holdout.arms[a].train_seconds:.1f} s" for a in arms)
+    lines.append(f"| total training time, all {len(holdout.grid)} grid points | "
+                 + " | ".join(f"{holdout.arms[a].train_seconds:.1f} s" for a in arms)
                  + (" | 4 h (CPU) / - / 40 h (GPU) |" if paper else " |"))
+    lines.append("| learning rate, weight decay chosen (folds) | " + " | ".join(chosen_text(holdout.arms[a].chosen)
+                                                                          for a in arms) + end)
+    return "\n".join(lines)
+
+
+def tuning_markdown(holdouts: list[HoldoutResult]) -> str:
+    """The grid every arm's 2-layer head (and the end-to-end model) was tuned on, the rule, and what each
+    arm chose on each held-out task."""
+    if not holdouts or not holdouts[0].grid:
+        return ""
+    grid = holdouts[0].grid
+    lrs, decays = (sorted({getattr(g, k) for g in grid}) for k in ("lr", "weight_decay"))
+    arms = list(holdouts[0].arms)
+    lines = [f"Every arm's 2-layer head, and the end-to-end model, trained once per learning rate "
+             f"({', '.join(f'{v:g}' for v in lrs)}) x weight decay ({', '.join(f'{v:g}' for v in decays)}), "
+             "inputs standardised on the train galleries; each fold of the scored galleries is scored, in every "
+             "row, with the point that did best after all epochs on the other folds. Chosen (folds):", "",
+             "| held-out task | " + " | ".join(arm_label(a) for a in arms) + " |", "|" + " --- |" * (1 + len(arms))]
+    lines += [f"| `{h.task}` | " + " | ".join(chosen_text(h.arms[a].chosen) if a in h.arms else "-" for a in arms) + " |"
+              for h in holdouts]
     return "\n".join(lines)
 
 
@@ -226,22 +248,90 @@ def figure6_markdown(balance: dict[str, ClassBalance]) -> str:
         for w, b in balance.items())
 
 
-def findings_markdown(found: list[Finding]) -> str:
+def finding_sentence(f: Finding, data: ReportData | None = None) -> tuple[str, str, str]:
+    """A finding in words: the claim, what this run measured, and what the paper says."""
+    arm = {"imagenet": "ImageNet transfer", "end_to_end": "an end-to-end model"}.get(f.baseline, arm_label(f.baseline or ""))
+    if f.claim == comparisons.TRANSFER_BEATS:
+        return (f"Across the held-out tasks, MTL embeddings transfer better than {arm_label(f.baseline)}",
+                f"errors change by {effect_text(f.effect, change=True)} over {f.pairs} task x probe pairs "
+                "(geometric mean of the error ratios)",
+                "MTL embeddings beat ImageNet features and an end-to-end model (Table 2, one task)")
+    if f.claim == comparisons.TABLE2_BEATS:
+        paper = (f"{f.paper[0]:.3f} vs {f.paper[1]:.3f} star-rating accuracy at this row (Table 2)" if f.paper
+                 else "MTL embeddings best at every row of Table 2")
+        metric = next((h.metric for h, _ in data.table2 if h.task == f.task), "metric") if data else "metric"
+        return (f"On a new task (`{f.task}`), MTL embeddings beat {arm} ({f.row})",
+                f"test {metric} difference {effect_text(f.effect)} (2-layer head)", paper)
+    if f.claim == comparisons.WORSE_THAN_OPTIMAL:
+        e, counts = f.effect, ""
+        if data and f.weighting in data.vs_optimal:
+            o = data.vs_optimal[f.weighting]
+            counts = f"; clearly worse on {o.clearly_worse}, clearly better on {o.clearly_better}"
+        return (f"MTL ({f.weighting}) is worse than task-optimal models on most tasks",
+                f"worse on {e.estimate:.0%} [{e.low:.0%}, {e.high:.0%}] of {e.n} tasks{counts}",
+                "\"most tasks understandably show inferior predictive performance\" (§4.2)")
+    if f.claim == comparisons.NAMED_TASK_BETTER:
+        return (f"`{f.task}` does better under MTL ({f.weighting}) than its task-optimal model",
+                f"relative error increase {effect_text(f.effect, 2)}",
+                "\"tasks B1, B3 and B11 perform better than the optimal models\" (§4.2)")
+    if f.claim == comparisons.PU_BEATS_KENDALL:
+        decided = data.wins.wins + data.wins.losses if data and data.wins else f.effect.n
+        wins = data.wins.wins if data and data.wins else round(f.effect.estimate * decided) if decided else 0
+        return ("Pseudo-uniform weighting beats Kendall's on most tasks",
+                f"{wins} of {decided} decided tasks ({effect_text(f.effect, percent=True)}; sign test)",
+                f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks ({f.paper[0]:.0%}) (§4.2)")
+    if f.claim == comparisons.BEATS_MAJORITY:
+        against = data.vs_baseline[f.weighting].clearly_worse if data and f.weighting in data.vs_baseline else 0
+        better = round(f.effect.estimate * f.effect.n) if f.effect.n else 0
+        return (f"MTL ({f.weighting}) beats the majority/mean baseline on every task",
+                f"clearly better on {better} of {f.effect.n} tasks, clearly worse on {against}",
+                "\"significantly outperform basic benchmarks ... across every single task\" (§4.2)")
+    if f.claim == comparisons.HELPS_IMBALANCED:
+        return (f"MTL ({f.weighting}) helps most where classes are most imbalanced",
+                f"r = {effect_text(f.effect, 2)} over {f.effect.n} binary tasks",
+                f"Pearson's r = {f.paper[0]:.2f} (p < .001) (Figure 6)")
+    raise ValueError(f"no words for the finding {f.claim!r}")
+
+
+def findings_markdown(found: list[Finding], data: ReportData | None = None) -> str:
     """The paper's findings sorted by what this run's tests say about them."""
     out = []
     for verdict, title in ((CONSISTENT, "Reproduced here"), (NOISE, "Not resolved by this run (the interval includes no effect)"),
                            (OPPOSITE, "Opposite here")):
         rows = [f for f in found if f.reading == verdict]
         out.append(f"**{title}** ({len(rows)})" + ("" if rows else ": none"))
-        out += [f"- {f.finding}: here {f.here}; paper {f.paper}" for f in rows]
+        for f in rows:
+            claim, here, paper = finding_sentence(f, data)
+            out.append(f"- {claim}: here {here}; paper {paper}")
         out.append("")
     return "\n".join(out).strip()
 
 
-def seeds_markdown(numbers: dict[str, Spread]) -> str:
+MEASURES = {"transfer_score": "held-out score", "transfer_error_change": "change of errors (aggregate)",
+            "median_relative_error_increase": "median relative error increase vs task-optimal",
+            "class_balance_pearson": "Pearson r, class balance vs relative error increase",
+            "tasks_pseudo_uniform_beats_kendall": "tasks where pseudo-uniform beats Kendall"}
+
+
+def headline_label(n: HeadlineNumber) -> str:
+    """A headline number's name as a reader reads it."""
+    parts = [MEASURES[n.measure]]
+    if n.task:
+        parts.append(f"`{n.task}`")
+    if n.probe:
+        parts.append("all probes" if n.probe == "all" else PROBES[n.probe])
+    if n.arm:
+        parts.append(arm_label(n.arm) + (f" vs {arm_label(n.baseline)}" if n.baseline else ""))
+    if n.weighting:
+        parts.append(n.weighting)
+    return ", ".join(parts)
+
+
+def seeds_markdown(numbers: list[SeedSpread]) -> str:
     """Mean and spread across seeds of each headline number."""
     lines = ["| number | mean | sd | min | max |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {fmt(s.mean)} | {fmt(s.sd)} | {fmt(s.min)} | {fmt(s.max)} |" for name, s in numbers.items()]
+    lines += [f"| {headline_label(n.number)} | {fmt(n.spread.mean)} | {fmt(n.spread.sd)} | {fmt(n.spread.min)} | "
+              f"{fmt(n.spread.max)} |" for n in numbers]
     return "\n".join(lines)
 
 
@@ -377,11 +467,13 @@ def scorecard_markdown(card: Scorecard, transfer: TransferResult) -> str:
                 e = next((e for e in card.entries if (e.task, e.probe, e.arm, e.baseline) == (task.name, probe, "mtl", b)), None)
                 cells.append(f"{effect_text(e.difference)}: {e.difference.reading}" if e else "-")
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| MTL arm | against | probes | task x probe pairs | mean relative error reduction [95% CI] | reading |",
+    lines += ["", "| MTL arm | against | probes | task x probe pairs | change of errors (geometric mean) [95% CI] | reading |",
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {arm_label(a.arm)} | {arm_label(a.baseline)} | {'all' if a.probe == 'all' else PROBES[a.probe]} | "
-              f"{a.entries} | {effect_text(a.effect)} | {a.effect.reading} |" for a in card.aggregates]
-    text = "\n".join(lines)
+              f"{a.entries} | {effect_text(a.effect, change=True)} | {a.effect.reading} |" for a in card.aggregates]
+    text = "\n".join(lines) + ("\n\nThe aggregate is the geometric mean of the error ratios MTL / baseline over the task x "
+                               "probe pairs, as a change (-10%: a tenth fewer errors): unlike a mean of relative "
+                               "reductions, it cannot be dominated by a task the baseline almost never gets wrong.")
     if card.primary:
         p = card.primary
         half = (p.difference.high - p.difference.low) / 2
@@ -438,15 +530,15 @@ def retrieval_frames(result: RetrievalResult) -> tuple[pd.DataFrame, pd.DataFram
 
 
 def scorecard_figure(card: Scorecard):
-    """Relative error reduction of the MTL embeddings over each baseline, per held-out task and probe,
-    with 95% intervals, and the aggregates (diamonds)."""
+    """The change of the MTL embeddings' errors against each baseline, per held-out task and probe,
+    with 95% intervals, and the aggregates (diamonds), on a log-ratio axis."""
     entries = [e for e in card.entries if e.arm == "mtl"]
     baselines = list(dict.fromkeys(e.baseline for e in entries))
     rows = list(dict.fromkeys((e.task, e.probe) for e in entries))
     fig, ax = plt.subplots(figsize=(7.5, 0.3 * (len(rows) + len(baselines)) + 1.5))
     for k, baseline in enumerate(baselines):
         offset = (k - (len(baselines) - 1) / 2) * 0.8 / max(len(baselines), 1)
-        mine = {(e.task, e.probe): e.relative for e in entries if e.baseline == baseline}
+        mine = {(e.task, e.probe): e.error_change for e in entries if e.baseline == baseline}
         ys = [i + offset for i, key in enumerate(rows) if key in mine]
         effects = [mine[key] for key in rows if key in mine]
         estimate = np.array([e.estimate for e in effects])
@@ -460,10 +552,12 @@ def scorecard_figure(card: Scorecard):
                                                             [max(overall.effect.high - overall.effect.estimate, 0)]],
                         fmt="D", markersize=6, capsize=3, color=ax.lines[-1].get_color())
     ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xscale("function", functions=(np.log1p, np.expm1))   # a ratio's log: x2 and /2 equally far from 0
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:+.0%}")
     ax.set_yticks(list(range(len(rows))) + [len(rows) + 0.5],
-                  [f"{t} / {PROBES[p].split(' (')[0]}" for t, p in rows] + ["aggregate (mean)"], fontsize=7)
+                  [f"{t} / {PROBES[p].split(' (')[0]}" for t, p in rows] + ["aggregate (geometric mean)"], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="relative error reduction of MTL embeddings (> 0: MTL better)",
+    ax.set(xlabel="change of the MTL embeddings' errors (< 0: MTL better)",
            title="Transfer scorecard: MTL against each baseline (95% intervals)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -475,11 +569,11 @@ def transfer_frame(card: Scorecard) -> pd.DataFrame:
     rows = [{"row": "entry", "task": e.task, "kind": e.kind, "metric": e.metric, "probe": e.probe, "arm": e.arm,
              "baseline": e.baseline, "n": e.n, "value": e.value, "baseline_value": e.baseline_value,
              **{f"{name}_{k}": getattr(effect, k) for name, effect in (("difference", e.difference),
-                                                                     ("relative_error_reduction", e.relative),
+                                                                     ("error_change", e.error_change),
                                                                      ("difference_on_test", e.difference_on_test))
                 for k in ("estimate", "low", "high", "p", "reading")}} for e in card.entries]
     rows += [{"row": "aggregate", "probe": a.probe, "arm": a.arm, "baseline": a.baseline, "n": a.effect.n,
-              **{f"relative_error_reduction_{k}": getattr(a.effect, k) for k in ("estimate", "low", "high", "reading")}}
+              **{f"error_change_{k}": getattr(a.effect, k) for k in ("estimate", "low", "high", "reading")}}
              for a in card.aggregates]
     return pd.DataFrame(rows)
 
@@ -488,11 +582,12 @@ def transfer_frame(card: Scorecard) -> pd.DataFrame:
 
 def study_markdown(cells: list[CellRanking]) -> str:
     """Every trained configuration against the paper's (pseudo-uniform, mean pooling), best held-out
-    transfer first: relative error reductions with paired intervals (> 0: fewer errors than the paper's)."""
-    lines = ["| weighting | pooling | epochs | per-task error reduction, MTL tasks (test) | held-out transfer: "
-             "error reduction (linear and k-NN probes) | reading of the transfer | time per epoch vs the paper's |",
+    transfer first: changes of errors with paired intervals (< 0: fewer errors than the paper's)."""
+    lines = ["| weighting | pooling | epochs | change of errors, MTL tasks (test) | held-out transfer: "
+             "change of errors (linear and k-NN probes) | reading of the transfer | time per epoch vs the paper's |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {c.weighting} | {c.pooling} | {c.epochs} | {effect_text(c.per_task)} | {effect_text(c.transfer)} | "
+    lines += [f"| {c.weighting} | {c.pooling} | {c.epochs} | {effect_text(c.per_task, change=True)} | "
+              f"{effect_text(c.transfer, change=True)} | "
               f"{c.reading} | {c.time_ratio:.2f}x |" for c in cells]
     better = [c.cell for c in cells if c.reading == BETTER]
     return "\n".join(lines) + ("\n\n" + (f"Better than the paper's configuration on held-out transfer here: "
@@ -521,11 +616,12 @@ def lay_out(data: ReportData) -> Report:
            "head, a linear probe, a k-NN probe) x embedding arm, scored on the labelled galleries no model trained on "
            "(valid and test); every probe is fitted on the train split, the linear and k-NN probes choose their "
            "hyperparameter on the other folds of the scored galleries, so no probe saw the label it is scored on. "
-           "Accuracy (higher is better) or MSE (lower is better).\n\n" + scorecard_markdown(data.scorecard, data.transfer))
+           "Accuracy (higher is better) or MSE (lower is better).\n\n" + scorecard_markdown(data.scorecard, data.transfer)
+           + "\n\n" + tuning_markdown(data.holdouts))
     if data.relevance:
         r.text(retrieval_headline(data.relevance))
     r.figure("transfer_scorecard.png", scorecard_figure(data.scorecard),
-             "Relative error reduction of the MTL embeddings over each baseline, per held-out task and probe.")
+             "Change of the MTL embeddings' errors against each baseline, per held-out task and probe (log-ratio axis).")
     r.table("transfer.csv", transfer_frame(data.scorecard))
     if data.relevance:
         rel = data.relevance
@@ -545,7 +641,7 @@ def lay_out(data: ReportData) -> Report:
         means, claims = retrieval_frames(rel)
         r.table("retrieval.csv", means)
         r.table("retrieval_claims.csv", claims)
-    r.text("## What this run reproduces\n" + findings_markdown(data.findings))
+    r.text("## What this run reproduces\n" + findings_markdown(data.findings, data))
     r.text("## Data\n```\n" + data.catalogue_text + "\n```\n\n" + quality_markdown(data.quality))
     r.text("## Training\nEarly stopping and the selected epoch come from the validation loss of each task "
            "relative to its first epoch, averaged over tasks (unweighted: learned loss weights do not move it).\n\n"
@@ -556,7 +652,8 @@ def lay_out(data: ReportData) -> Report:
     for h, rows in data.table2:
         r.text(f"## Held-out task `{h.task}`: the paper's view (Table 2)\nThe 2-layer head of the scorecard on its "
                f"three arms, row by row: {h.metric} on the {h.scored_galleries} labelled galleries no model trained on "
-               f"({h.train_galleries} train); every row is a fixed training budget, so nothing is selected"
+               f"({h.train_galleries} train); every row is a fixed training budget, at the learning rate and "
+               "weight decay each arm chose out of fold (the scorecard's tuning)"
                + ("; 95% Clopper-Pearson intervals in brackets" if seeds == 1 and h.metric == "accuracy" else "")
                + ".\n\n" + table2_markdown(h) + "\n\n" + paired_markdown(h, rows) + "\n\n" + table2_reading(h, rows))
     r.table("table2.csv", pd.concat([table2_frame(h) for h in data.holdouts]) if data.holdouts else pd.DataFrame())
@@ -591,7 +688,8 @@ def lay_out(data: ReportData) -> Report:
              "Minority-class fraction against relative error increase, with least-squares lines.")
     if data.study:
         r.text("## Study: weightings and poolings against the paper's configuration\nEvery trained model against "
-               "pseudo-uniform weighting with mean pooling, on the same galleries: the relative error reduction over "
+               "pseudo-uniform weighting with mean pooling, on the same galleries: the change of errors (geometric mean "
+               "of the error ratios) over "
                f"the MTL tasks (test) and over the held-out tasks x the {' and '.join(STUDY_PROBES)} probes (valid and "
                "test), with paired bootstrap intervals; training time per epoch as measured side by side.\n\n"
                + study_markdown(data.study))

@@ -18,10 +18,10 @@ from gallery.config import Settings, cells, preset_cells
 from gallery.data.images import DataQuality
 from gallery.data.ingest import Catalogue, describe
 from gallery.data.tasks import Task
-from gallery.evaluation.comparisons import (ClassBalance, Finding, Table2Comparison, VersusBaseline, VersusOptimal,
-                                            WeightingWins, class_balance, findings, headline_numbers, mtl_vs_baseline,
-                                            mtl_vs_optimal, per_task, table2_comparisons, weighting_wins)
-from gallery.evaluation.holdout import HoldoutResult
+from gallery.evaluation.comparisons import (ClassBalance, Finding, HeadlineNumber, Table2Comparison, VersusBaseline,
+                                            VersusOptimal, WeightingWins, class_balance, findings, headline_numbers,
+                                            mtl_vs_baseline, mtl_vs_optimal, per_task, table2_comparisons, weighting_wins)
+from gallery.evaluation.holdout import HoldoutResult, paper_task
 from gallery.evaluation.neighbours import BinaryVsFloat, binary_vs_float
 from gallery.evaluation.projection import gallery_map, projection_attributes
 from gallery.evaluation.retrieval_examples import RetrievalExample, retrieval_examples
@@ -51,6 +51,14 @@ class Projection:
 
 
 @dataclass
+class SeedSpread:
+    """A headline number (as the first seed measured it) and its spread across the seeds."""
+
+    number: HeadlineNumber
+    spread: Spread
+
+
+@dataclass
 class ReportData:
     """Everything the report shows, computed: what render.lay_out turns into report.md, figures, CSVs
     and metrics.json."""
@@ -72,7 +80,7 @@ class ReportData:
     vs_baseline: dict[str, VersusBaseline]
     balance: dict[str, ClassBalance]
     findings: list[Finding]
-    spread: dict[str, Spread] = field(default_factory=dict)
+    spread: list[SeedSpread] = field(default_factory=list)
     study: list[CellRanking] = field(default_factory=list)   # every other trained model against the paper's
     binary: BinaryVsFloat | None = None
     projection: Projection | None = None
@@ -91,8 +99,9 @@ class ReportData:
 
 
 def paper_view(holdouts: list[HoldoutResult]) -> list[HoldoutResult]:
-    """The held-out tasks Table 2 shows: the paper's star rating, else the first held-out task."""
-    return [h for h in holdouts if h.task == "star_rating"] or holdouts[:1]
+    """The held-out task Table 2 shows (gallery.evaluation.holdout.paper_task)."""
+    task = paper_task([h.task for h in holdouts])
+    return [h for h in holdouts if h.task == task]
 
 
 def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
@@ -115,11 +124,12 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
     wins = weighting_wins(table) if {"pseudo_uniform", "kendall"} <= set(weightings) else None
     balance = class_balance(table, weightings, seed)
     found = findings(card, table2, vs_optimal, wins, vs_baseline, balance)
-    spreads = {}
+    spreads = []
     if len(training_by_seed) > 1:
         per_seed = [headline_numbers(catalogue, t, h, o, seed)
                     for t, h, o in zip(training_by_seed, transfer_by_seed, optimal_by_seed)]
-        spreads = {name: spread([n[name] for n in per_seed]) for name in per_seed[0]}
+        values = [{n.identity: n.value for n in numbers} for numbers in per_seed]
+        spreads = [SeedSpread(n, spread([v.get(n.identity) for v in values])) for n in per_seed[0]]
     splits = {s: int((catalogue.frame["split"] == s).sum()) for s in ("train", "valid", "test")}
     study = rank_cells(catalogue, training, transfer, settings.train.reference_weighting, cells(settings), seed)
     return ReportData(run_id, settings, seeds_of(settings), splits, describe(catalogue), quality, training, transfer,
