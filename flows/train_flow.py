@@ -43,7 +43,7 @@ from gallery.training.checkpoints import load_trained
 from gallery.training.faults import kill_after_epoch
 
 name_the_user()
-TRANSFER, RETRIEVAL = "transfer", "retrieval"  # the evaluations that are not groups of task-optimal models
+TRANSFER, RETRIEVAL, EXPLORER = "transfer", "retrieval", "explorer"  # the evaluations that are not task groups
 parallel_workers_use_this_python()
 use_metaflow_s3_settings()
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
@@ -166,7 +166,7 @@ class GalleryTrainFlow(FlowSpec):
                                                     self.embeddings_location,
                                                     {"run_id": current.run_id, "weighting": self.reference})
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
-        self.evaluations = ([TRANSFER] + ([RETRIEVAL] if self.catalogue.metric else [])
+        self.evaluations = ([TRANSFER, EXPLORER] + ([RETRIEVAL] if self.catalogue.metric else [])
                             + group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups))
         self.next(self.evaluate, foreach="evaluations")
 
@@ -175,7 +175,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def evaluate(self):
         """Side by side: the transfer suite (every held-out task x probe x embedding arm; Table 2 among
-        them), binary codes against float search and the explorer page of the exported embeddings; with
+        them) and binary codes against float search; the explorer page of the exported embeddings; with
         metric tasks, retrieval against their relevance (unified against attribute-only and specialised
         models and pretrained features, float and binary); or the task-optimal models of a group of MTL
         tasks (the same architecture on each task alone, trained together in one pass over the data; one
@@ -186,12 +186,14 @@ class GalleryTrainFlow(FlowSpec):
                                                   self.compared)
         elif self.input == TRANSFER:
             from gallery.evaluation.report import binary_codes
-            from gallery.serve.explorer import export_catalogue_explorer
 
             self.transfer_by_seed = transfer_evaluation(
                 self.catalogue, self.shard_list, self.cfg, self.embeddings_location, self.imagenet_location,
                 {"run_id": current.run_id}, self.checkpoints_by_seed, self.reference)
             self.binary = binary_codes(self.catalogue, self.cfg, self.embeddings_location, self.imagenet_location)
+        elif self.input == EXPLORER:
+            from gallery.serve.explorer import export_catalogue_explorer
+
             self.explorer_location = export_catalogue_explorer(
                 self.embeddings_location, self.catalogue.manifest_path, self.catalogue.spec_path,
                 self.run_location("report", "explorer.html"), self.cfg)
@@ -212,9 +214,10 @@ class GalleryTrainFlow(FlowSpec):
 
         self.merge_artifacts(inputs, exclude=["transfer_by_seed", "binary", "explorer_location", "optimal", "retrieval"])
         transfer = next(i for i in inputs if i.input == TRANSFER)
+        explorer = next(i for i in inputs if i.input == EXPLORER)
         retrieval = next((i.retrieval for i in inputs if i.input == RETRIEVAL), None)
         self.transfer_by_seed = transfer.transfer_by_seed
-        self.optimal_by_seed = [{name: result for i in inputs if i.input not in (TRANSFER, RETRIEVAL)
+        self.optimal_by_seed = [{name: result for i in inputs if i.input not in (TRANSFER, EXPLORER, RETRIEVAL)
                                  for name, result in i.optimal[k].items()}
                                 for k in range(self.cfg.evaluation.seeds)]
         r = lay_out(build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
@@ -224,7 +227,7 @@ class GalleryTrainFlow(FlowSpec):
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)
         storage.write_bytes(storage.join(self.report_location, "explorer.html"),
-                            storage.read_bytes(transfer.explorer_location))
+                            storage.read_bytes(explorer.explorer_location))
         self.metrics = r.metrics
         for kind, content in r.blocks:
             current.card.append(Markdown(content) if kind == "md" else Image(r.files[content]))

@@ -101,6 +101,10 @@ def cmd_bench(args) -> int:
         from gallery.bench.scale import bench_scale
 
         bench_scale(sizes=tuple(args.galleries))
+    elif args.what == "seeds":
+        from gallery.bench.seeds import bench_seeds
+
+        bench_seeds(runs=args.runs, preset=args.config or "default", out=args.out or "seeds-bench")
     elif args.what == "serve":
         from gallery.bench.serve import bench_serve
 
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("model-summary", parents=[debug], help="trainable and frozen parameter counts of encoder and heads")
-    p.add_argument("--config", required=True, help="a preset name (smoke, default, paper) or settings JSON")
+    p.add_argument("--config", required=True, help="a preset name (smoke, default, study, paper) or settings JSON")
     p.add_argument("--tasks", required=True, help="task spec (multiclass tasks need classes or num_classes)")
     p.add_argument("--backbone", default=None, help="instead of the settings' model.backbone: a built-in name, "
                                                      "torchvision:<model> or timm:<model> (docs/models.md)")
@@ -262,12 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explorer)
 
     p = sub.add_parser("bench", parents=[debug], help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train", "weightings", "scale", "search", "serve"],
+    p.add_argument("what", choices=["train", "weightings", "scale", "search", "serve", "seeds"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
                         "weightings: each loss weighting's training step against pseudo-uniform's (default preset); "
                         "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
                         "search: exact and approximate search over float vectors and binary codes, and two-stage search; "
-                        "serve: the service's latency by gallery id and by 10 seed photos, and a load test on 127.0.0.1")
+                        "serve: the service's latency by gallery id and by 10 seed photos, and a load test on 127.0.0.1; "
+                        "seeds: the train flow run --runs times changing only train.seed, and how often each of the "
+                        "report's readings keeps its sign")
     p.add_argument("--steps", type=int, default=4, help="train, weightings: timed training steps per variant (per round)")
     p.add_argument("--device", default=None, help="train, weightings: cpu or cuda (default: cuda when present)")
     p.add_argument("--rounds", type=int, default=5, help="weightings: rounds over the timed steps (more: less noise)")
@@ -280,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=_count, default=8, help="serve: concurrent clients of the load test")
     p.add_argument("--seconds", type=_count, default=30, help="serve: length of the load test")
     p.add_argument("--code", default=defaults.code, help=f"search: binary code (default {defaults.code})")
+    p.add_argument("--runs", type=_count, default=3, help="seeds: runs, with train.seed 0, 1, ... (default 3)")
+    p.add_argument("--config", default=None, help="seeds: a preset name or settings JSON (default: default)")
+    p.add_argument("--out", default=None, help="seeds: the folder for the runs' stores, reports and seeds.md "
+                                               "(default: seeds-bench)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -53,6 +53,7 @@ Flag = Annotated[bool, Strict()]
 Count = Annotated[Int, Field(ge=1)]
 NonNegative = Annotated[Int, Field(ge=0)]
 Positive = Annotated[Number, Field(gt=0)]
+NonNegativeNumber = Annotated[Number, Field(ge=0)]
 
 
 def one_of(kind: str, names: Callable[[], Iterable[str]]) -> AfterValidator:
@@ -202,7 +203,10 @@ class DataSettings:
 class EvalSettings:
     holdout_fractions: Annotated[tuple[Fraction, ...], Field(min_length=1)] = (0.2, 0.4, 0.6, 0.8, 1.0)  # of one epoch
     holdout_epochs: Count = 4
-    head_lr: Positive = 1e-3           # the 2-layer head on frozen embeddings (arms a and b)
+    # every held-out arm (the 2-layer head on each embedding, and end-to-end) trains once per learning rate x
+    # weight decay and is scored, out of fold, with the one that did best (gallery.evaluation.holdout)
+    head_lrs: Annotated[tuple[Positive, ...], Field(min_length=1)] = (1e-4, 3e-4, 1e-3, 3e-3)
+    head_weight_decays: Annotated[tuple[NonNegativeNumber, ...], Field(min_length=1)] = (0.0,)
     batch_galleries: Count = 32
     task_groups: Count = 2             # fan-out branches; a local run groups tasks to save start-up
     projection_points: Annotated[Int, Field(ge=2)] = 3000  # UMAP on at most this many galleries

@@ -54,7 +54,8 @@ def mean_holdout(per_seed: list[HoldoutResult]) -> HoldoutResult:
         pixels = [r.seconds_per_instance_from_pixels for r in runs if r.seconds_per_instance_from_pixels is not None]
         arms[name] = replace(first, rows=rows, train_seconds=float(np.mean([r.train_seconds for r in runs])),
                              seconds_per_instance=float(np.mean([r.seconds_per_instance for r in runs])),
-                             seconds_per_instance_from_pixels=float(np.mean(pixels)) if pixels else None)
+                             seconds_per_instance_from_pixels=float(np.mean(pixels)) if pixels else None,
+                             chosen=[c for r in runs for c in r.chosen])
     return replace(per_seed[0], arms=arms)
 
 

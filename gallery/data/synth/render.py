@@ -4,7 +4,8 @@ Each scene draws visible evidence of the property's latents: the building archet
 (type, size bucket), wall and roof colours (region), a flag (country), a skyline landmark
 (city), the setting in views, amenities in their own scenes, and luxury in palette, clutter and
 wear. The held-out latents no MTL task reads are drawn too: a spa scene, the decor style on the
-walls of rooms and lounges, and the building's age as a darker, cracked facade. With metric tasks
+walls of rooms and lounges, and the building's age as a darker, cracked facade and walls yellowed
+toward ochre, outside and in. With metric tasks
 (metric.py), a property's taste hue is drawn as its signature colour (curtains, cushions, stools, towels,
 a yoga mat, a parasol outside), and each listing has its own camera (crop and zoom, light, colour cast),
 so two listings of one property differ. Photos are jittered (framing, light, sensor noise) so no two are
@@ -72,6 +73,14 @@ class Canvas:
             self.draw.line([(0, y), (self.size, y)], fill=tuple(int(top[i] + t * (bottom[i] - top[i])) for i in range(3)))
 
 
+AGED = (150, 128, 80)  # the ochre that old paint yellows toward
+
+
+def _aged(rgb, share: float) -> tuple[int, int, int]:
+    """A colour moved `share` of the way toward AGED: the building's age, in every photo of its walls."""
+    return tuple(int(round(c + share * (a - c))) for c, a in zip(rgb, AGED))
+
+
 class Look:
     """Colours and levels of one property, derived once from its latents."""
 
@@ -79,12 +88,13 @@ class Look:
         lux = float(p["_luxury"])
         self.lux = lux
         self.age = float(p["_age"]) / 100.0
-        self.wall = _rgb(_hash_unit(1, int(p["_region"])), 0.25 + 0.3 * _hash_unit(2, int(p["_region"])),
-                         (0.55 + 0.4 * lux) * (1.0 - 0.25 * self.age))  # facades darken with age
+        self.wall = _aged(_rgb(_hash_unit(1, int(p["_region"])), 0.25 + 0.3 * _hash_unit(2, int(p["_region"])),
+                               (0.55 + 0.4 * lux) * (1.0 - 0.25 * self.age)), 0.6 * self.age)  # facades darken, yellow
         self.roof = _rgb(_hash_unit(3, int(p["_region"])), 0.6, 0.45)
         self.flag = [_rgb(_hash_unit(4, int(p["_country"]), k), 0.9, 0.9) for k in range(3)]
         self.flag_vertical = _hash_unit(5, int(p["_country"])) < 0.5
-        self.interior = _rgb(0.08 + 0.5 * _hash_unit(6, int(p["_type"])), 0.15 + 0.35 * lux, 0.45 + 0.45 * lux)
+        self.interior = _aged(_rgb(0.08 + 0.5 * _hash_unit(6, int(p["_type"])), 0.15 + 0.35 * lux, 0.45 + 0.45 * lux),
+                              0.5 * self.age)  # old paint yellows inside too
         self.accent = (212, 175, 55) if lux > 0.65 else _rgb(_hash_unit(7, int(p["_type"])), 0.5, 0.55)
         self.floor = (92, 60, 38) if lux > 0.5 else (150, 150, 140)
         self.wear = 0.25 * (1 - lux)  # stains and noise on cheap places
