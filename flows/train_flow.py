@@ -51,7 +51,7 @@ REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
 class GalleryTrainFlow(FlowSpec):
     settings = Config("settings", default=str(PRESETS_DIR / "default.json"), parser=flow_settings,
-                      help="settings JSON: flows/configs/smoke.json, default.json (the default) or paper.json")
+                      help="settings JSON: flows/configs/smoke.json, default.json (the default), study.json or paper.json")
     manifest = Parameter("manifest", default="", help="your manifest (Parquet, CSV or JSON Lines); "
                                                       "default: the preset's synthetic catalogue")
     tasks = Parameter("tasks", default="", help="your task spec (YAML or JSON), with --manifest")

@@ -323,7 +323,7 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
         head_arms = [transfer_arm(name, reference) for name in preset_cells(settings)] + list(fixed)  # and baselines
         result = transfer_suite(catalogue, with_seed(settings, seed), arms | fixed, source, pixels, notes, log,
                                 head_arms=head_arms)
-        result.seconds["embeddings of every arm"] = embedding_seconds
+        result.seconds["arm_embeddings"] = embedding_seconds
         per_seed.append(result)
     return per_seed
 

@@ -210,20 +210,27 @@ def test_a_pretrained_baseline_is_its_mean_pooled_features_or_a_note(small_catal
 
 
 def test_each_fold_is_scored_by_the_grid_point_chosen_on_the_other_folds_in_every_row():
-    """Two grid points, each right after all epochs on a different part of the scored galleries: each fold's
-    galleries get, in every row of Table 2, the scores of the point that did best on the OTHER folds after all
-    epochs (computed here by hand), and the rows' values and intervals are those of the combined scores."""
-    from gallery.evaluation.holdout import ArmResult, Row, tuned_rows
+    """Three grid points, two of them each right after all epochs on a different part of the scored
+    galleries: each fold's galleries get, in every row of Table 2, the scores of the point that did best on
+    the OTHER folds after all epochs (computed here by hand); the rows' values and intervals are those of
+    the combined scores; a point no fold chose is never scored before the end."""
+    from gallery.evaluation.holdout import GridRun, tuned_rows
 
     rng = np.random.default_rng(4)
     ids = [f"g{i}" for i in range(300)]
     folds = folds_of(ids)
-    last = [np.where(folds < 2, 1.0, rng.random(300) < 0.3), np.where(folds < 2, 0.0, rng.random(300) < 0.7)]
+    last = [np.where(folds < 2, 1.0, rng.random(300) < 0.3), np.where(folds < 2, 0.0, rng.random(300) < 0.7),
+            np.zeros(300)]
     early = [rng.integers(0, 2, 300).astype(float) for _ in last]  # the first row: scores of no consequence
-    runs = [ArmResult("a", [Row("20% of one epoch", 0.2, None, 60, e.mean(), None, None, e),
-                            Row("2 epochs", None, 2, 600, s.mean(), None, None, s)], 1.0, 0.1, 600)
-            for e, s in zip(early, last)]
-    rows, best = tuned_rows("binary", runs, folds)
+    asked = []
+
+    def run(k):
+        def score_at(i):
+            asked.append((k, i))
+            return (early[k], last[k])[i]
+        return GridRun([("20% of one epoch", 60, 0.2, None), ("2 epochs", 600, None, 2)], last[k], score_at, 1.0, 600)
+
+    rows, best = tuned_rows("binary", [run(k) for k in range(3)], folds)
     for f in range(5):
         others = folds != f
         expected = int(np.argmax([s[others].mean() for s in last]))
@@ -232,6 +239,7 @@ def test_each_fold_is_scored_by_the_grid_point_chosen_on_the_other_folds_in_ever
             assert np.array_equal(row.scores[folds == f], candidates[expected][folds == f])
     assert rows[1].value == pytest.approx(rows[1].scores.mean()) and rows[1].ci_low < rows[1].value < rows[1].ci_high
     assert [r.label for r in rows] == ["20% of one epoch", "2 epochs"] and rows[0].galleries_seen == 60
+    assert set(best) == {0, 1} and all(k in best for k, _ in asked)  # point 2, never chosen, never scored
 
 
 def test_every_arm_is_tuned_on_one_grid_and_the_scale_of_its_features_does_not_matter(small, monkeypatch):

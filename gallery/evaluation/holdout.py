@@ -22,6 +22,7 @@ end-to-end model runs, and both figures are reported.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -33,7 +34,7 @@ from gallery.data.ingest import Catalogue
 from gallery.data.packed import PackedGalleries
 from gallery.data.readers import batches_of
 from gallery.data.tasks import Task
-from gallery.evaluation.probes import chosen_out_of_fold, folds_of
+from gallery.evaluation.probes import chosen_out_of_fold, folds_of, scaler
 from gallery.evaluation.task_optimal import baseline
 from gallery.model.gallery_model import GalleryModel, build_model
 from gallery.model.weightings import PseudoUniform
@@ -142,30 +143,56 @@ def _row(label: str, seen: int, scores: np.ndarray, kind: str, fraction=None, ep
     return Row(label, fraction, epochs, seen, value, ci.low, ci.high, scores)
 
 
+@dataclass
+class GridRun:
+    """One grid point trained: the meaning of each Table 2 row, each scored gallery's score after all
+    epochs, and `score_at(i)`, the scores at row i, computed on demand from the trained parameters kept at
+    that row: only a point some fold chooses is ever scored before the end (a quarter of the end-to-end
+    arm's cost went into scoring rows no fold used)."""
+
+    marks: list[tuple[str, int, float | None, int | None]]   # label, galleries seen, fraction, epochs
+    final: np.ndarray
+    score_at: Callable[[int], np.ndarray]
+    seconds: float
+    galleries: int
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what training changes: the trainable parameters and every buffer (not the frozen trunk)."""
+    changing = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in changing}
+
+
 def progressive_training(model: GalleryModel, data: TrainData, config: FitConfig, fractions, stats,
-                         log=print) -> ArmResult:
-    """Train `model` on its one task for `config.max_epochs`, scoring the test galleries at fractions of
-    the first epoch and at the end."""
+                         log=print) -> GridRun:
+    """Train `model` on its one task for `config.max_epochs`, keeping its trained parameters at fractions
+    of the first epoch, and scoring the test galleries at the end."""
     n = len(data.train_rows)
     marks = [(f, math.ceil(f * n)) for f in fractions]
-    kind = model.tasks[0].kind
-    rows, timed = [], {"seconds": 0.0, "galleries": 0}
+    kept, timed = [], {"seconds": 0.0, "galleries": 0}
 
-    def measure(label, seen, **meaning):
-        scores = score(model, data, "test", max(config.batch_galleries, SCORING_GALLERIES),
-                       precision=config.precision).scores[:, 0]
-        rows.append(_row(label, seen, scores, kind, **meaning))
+    def scores() -> np.ndarray:
+        return score(model, data, "test", max(config.batch_galleries, SCORING_GALLERIES),
+                     precision=config.precision).scores[:, 0]
 
     def on_step(info):
         timed["seconds"] += info.seconds
         timed["galleries"] += info.galleries
         while info.epoch == 0 and marks and info.galleries_seen >= marks[0][1]:
             fraction, _ = marks.pop(0)
-            measure(f"{fraction:.0%} of one epoch", info.galleries_seen, fraction=fraction)
+            kept.append(((f"{fraction:.0%} of one epoch", info.galleries_seen, fraction, None), trained_state(model)))
 
     fit(model, PseudoUniform(model.tasks, stats), data, config, log=log, on_step=on_step, time_steps=True, select=False)
-    measure(f"{config.max_epochs} epochs", timed["galleries"], epochs=config.max_epochs)
-    return ArmResult("", rows, timed["seconds"], timed["seconds"] / max(timed["galleries"], 1), timed["galleries"])
+    final = scores()
+    kept.append(((f"{config.max_epochs} epochs", timed["galleries"], None, config.max_epochs), None))
+
+    def score_at(i: int) -> np.ndarray:
+        if kept[i][1] is None:
+            return final
+        model.load_state_dict(kept[i][1], strict=False)
+        return scores()
+
+    return GridRun([mark for mark, _ in kept], final, score_at, timed["seconds"], timed["galleries"])
 
 
 def seconds_per_instance_from_pixels(model: GalleryModel, data: TrainData, config: FitConfig, stats) -> float:
@@ -188,20 +215,22 @@ def scored_rows(data: TrainData) -> TrainData:
 
 
 def standardised(store: PackedGalleries, rows: np.ndarray) -> PackedGalleries:
-    """An arm's vectors standardised by the mean and spread of `rows` (the train galleries), so one grid of
-    learning rates suits every arm whatever the scale of its features."""
-    data = store.data.float()
-    mean, std = data[rows].mean(0), data[rows].std(0, unbiased=False) + 1e-6
-    return PackedGalleries(store.gallery_ids, store.offsets, (data - mean) / std)
+    """An arm's vectors standardised on `rows` (the train galleries; the linear probe's scaler), so one
+    grid of learning rates suits every arm whatever the scale of its features."""
+    data = store.data.float().numpy()
+    mean, scale = scaler(data[rows])
+    return PackedGalleries(store.gallery_ids, store.offsets, torch.from_numpy((data - mean) / scale))
 
 
-def tuned_rows(kind: str, runs: list[ArmResult], folds: np.ndarray) -> tuple[list[Row], list[int]]:
+def tuned_rows(kind: str, runs: list[GridRun], folds: np.ndarray) -> tuple[list[Row], list[int]]:
     """Every row of Table 2 with each scored gallery scored by the grid point chosen on the other folds
-    after all epochs (the last row), and the index chosen per fold."""
-    best = chosen_out_of_fold(kind, np.stack([run.rows[-1].scores for run in runs]), folds)
-    picked = np.arange(len(folds))
-    rows = [_row(row.label, row.galleries_seen, np.stack([run.rows[i].scores for run in runs])[best, picked], kind,
-                 row.fraction, row.epochs) for i, row in enumerate(runs[0].rows)]
+    after all epochs, and the index chosen per fold. Only chosen points' earlier rows are scored."""
+    best = chosen_out_of_fold(kind, np.stack([run.final for run in runs]), folds)
+    picked, rows = np.arange(len(folds)), []
+    for i, (label, seen, fraction, epochs) in enumerate(runs[0].marks):
+        at = {c: runs[c].score_at(i) for c in sorted(set(best.tolist()))}
+        scores = np.array([at[c][g] for g, c in zip(picked, best)]) if len(picked) else np.zeros(0)
+        rows.append(_row(label, seen, scores, kind, fraction, epochs))
     return rows, [int(best[folds == f][0]) for f in np.unique(folds)]
 
 
@@ -237,8 +266,8 @@ def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms:
         runs = [progressive_training(model(), data, replace(config, lr=g.lr, weight_decay=g.weight_decay),
                                      ev.holdout_fractions, stats, log=lambda _: None) for g in grid]
         rows, best = tuned_rows(task.kind, runs, folds_of(scored))
-        result = ArmResult(arm, rows, sum(r.train_seconds for r in runs),
-                           float(np.mean([r.seconds_per_instance for r in runs])), runs[0].instances,
+        result = ArmResult(arm, rows, sum(r.seconds for r in runs),
+                           float(np.mean([r.seconds / max(r.galleries, 1) for r in runs])), runs[0].galleries,
                            chosen=[grid[b] for b in best])
         if end_to_end:  # trained from pixels, or from the cache and (Table 2's task) timed from pixels too
             result.seconds_per_instance_from_pixels = None if from_features else result.seconds_per_instance

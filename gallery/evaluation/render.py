@@ -449,6 +449,11 @@ def class_balance_figure(table: pd.DataFrame, balance: dict[str, ClassBalance]):
 
 # ---------------------------------------------------------------- the transfer scorecard
 
+COST_PARTS = {"head": "2-layer heads (training, every grid point)", "end_to_end": "end-to-end (training, every grid point)",
+              "head_and_end_to_end_with_scoring": "heads and end-to-end with their scoring", "linear": "linear probes",
+              "knn": "k-NN probes", "arm_embeddings": "embeddings of every arm"}
+
+
 def scorecard_markdown(card: Scorecard, transfer: TransferResult) -> str:
     """Per held-out task and probe: each arm's metric, then MTL minus ImageNet (and the other baselines)
     with interval and reading; the aggregates over tasks; what each part cost."""
@@ -480,7 +485,7 @@ def scorecard_markdown(card: Scorecard, transfer: TransferResult) -> str:
         text += (f"\n\n**Primary comparison** (`{p.task}`, {PROBES[p.probe]}): MTL - ImageNet = "
                  f"{effect_text(p.difference)} {p.metric}, a 95% interval of half-width {half:.3f} over {p.n} galleries: "
                  f"{p.difference.reading}. On the test galleries alone: {effect_text(p.difference_on_test)}.")
-    cost = ", ".join(f"{part} {seconds:.1f} s" for part, seconds in transfer.seconds.items())
+    cost = ", ".join(f"{COST_PARTS.get(part, part)} {seconds:.1f} s" for part, seconds in transfer.seconds.items())
     text += f"\n\nCost of the suite: {cost}."
     return text + "".join(f"\n\n{note}" for note in transfer.notes)
 

@@ -200,7 +200,7 @@ def metrics(data: ReportData) -> dict:
         "run_id": data.run_id, "preset": data.settings.name, "seeds": data.seeds,
         "protocol": PROTOCOL, "galleries_per_split": data.splits, "exported_galleries": data.exported_galleries,
         "data_quality": {"skipped_images": len(data.quality.skipped), "excluded_galleries": len(data.quality.excluded),
-                         "reasons": data.quality.reasons()},
+                         "reasons": [{"reason": r, "images": n} for r, n in data.quality.reasons().items()]},
         "training": {w: {"epochs": len(t.history), "best_epoch": t.best_epoch, "stopped_early": t.stopped_early[0],
                          "best_valid_relative_loss": t.best_criterion, "selected_on": "valid"}
                      for w, t in data.training.items()},

@@ -71,7 +71,7 @@ class TransferResult:
     arms: dict[str, str]                  # name -> label, in the report's order
     scores: list[ProbeScores]
     holdouts: list[HoldoutResult]         # the 2-layer head's rows per task (Table 2 is the star rating's)
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per part of the suite (render.COST_PARTS)
     notes: list[str] = field(default_factory=list)
     split: str = "valid+test"
 
@@ -109,8 +109,8 @@ def transfer_suite(catalogue: Catalogue, settings: Settings, arms: dict[str, Pac
         seconds["head"] = seconds.get("head", 0.0) + sum(a.train_seconds for n, a in holdout.arms.items()
                                                          if n != "end_to_end")
         seconds["end_to_end"] = seconds.get("end_to_end", 0.0) + holdout.arms["end_to_end"].train_seconds
-        seconds["head and end-to-end, with scoring"] = (seconds.get("head and end-to-end, with scoring", 0.0)
-                                                        + time.perf_counter() - start)
+        seconds["head_and_end_to_end_with_scoring"] = (seconds.get("head_and_end_to_end_with_scoring", 0.0)
+                                                       + time.perf_counter() - start)
         holdouts.append(holdout)
         scores += [ProbeScores(task.name, "head", arm, holdout.scored_ids, result.rows[-1].scores, result.chosen)
                    for arm, result in holdout.arms.items()]
