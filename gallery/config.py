@@ -205,7 +205,7 @@ class EvalSettings:
     holdout_epochs: Count = 4
     # every held-out arm (the 2-layer head on each embedding, and end-to-end) trains once per learning rate x
     # weight decay and is scored, out of fold, with the one that did best (gallery.evaluation.holdout)
-    head_lrs: Annotated[tuple[Positive, ...], Field(min_length=1)] = (1e-4, 3e-4, 1e-3, 3e-3)
+    head_lrs: Annotated[tuple[Positive, ...], Field(min_length=1)] = (2.5e-4, 1e-3, 4e-3)  # x4 apart
     head_weight_decays: Annotated[tuple[NonNegativeNumber, ...], Field(min_length=1)] = (0.0,)
     batch_galleries: Count = 32
     task_groups: Count = 2             # fan-out branches; a local run groups tasks to save start-up
