@@ -17,30 +17,12 @@ from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR, settings_from_dict
-from gallery.data.ingest import describe
-from gallery.evaluation.seeds import seeded, seeds_of
-from gallery.evaluation.task_optimal import RESULT, group_tasks
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
                           flow_settings, name_the_user, parallel_workers_use_this_python, share_machine,
                           use_metaflow_s3_settings)
-from gallery.steps import (
-    assigned,
-    collect_quality,
-    export_embeddings,
-    ingest_for_run,
-    transfer_evaluation,
-    preprocess_shard,
-    retrieval_evaluation,
-    shard_rows,
-    synthetic_source,
-    task_optimal_models,
-    train_weighting,
-    training_processes,
-    trainings,
-    UNIFIED,
-)
-from gallery.training.checkpoints import load_trained
-from gallery.training.faults import kill_after_epoch
+
+# Steps that compute import what they compute with inside: the light ones (start, join_shards, end) then
+# start in about a second, not after importing torch (about 4 s each, docs/benchmarks.md).
 
 name_the_user()
 TRANSFER, RETRIEVAL, EXPLORER = "transfer", "retrieval", "explorer"  # the evaluations that are not task groups
@@ -77,6 +59,8 @@ class GalleryTrainFlow(FlowSpec):
         if self.manifest:
             self.manifest_location, self.tasks_location = self.manifest, self.tasks
         else:
+            from gallery.data.synth.stored import synthetic_source
+
             self.manifest_location, self.tasks_location = synthetic_source(self.store_root, self.cfg)
         print(f"preset {self.cfg.name}; data {self.manifest_location}; store {self.run_location()}")
         self.next(self.ingest)
@@ -84,6 +68,9 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def ingest(self):
         """Validate the contract, split train/valid/test (8:1:1 unless the manifest or data.split says), label statistics."""
+        from gallery.data.ingest import describe
+        from gallery.steps import ingest_for_run, shard_rows
+
         with as_input_error():
             self.catalogue = ingest_for_run(self.manifest_location, self.tasks_location, self.cfg)
         print(describe(self.catalogue))
@@ -95,6 +82,8 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def preprocess(self):
         """Decode and resize one shard's images; write the frozen-trunk feature cache."""
+        from gallery.steps import preprocess_shard, shard_rows
+
         share_machine(len(self.shards))
         rows = shard_rows(len(self.catalogue.frame), self.cfg.data.shards)[self.input]
         self.shard = preprocess_shard(self.catalogue, rows, self.cfg, self.run_location("shards", str(self.input)))
@@ -110,6 +99,8 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def data_quality(self):
         """List every image skipped while decoding; fan out one training per loss weighting."""
+        from gallery.steps import collect_quality, training_processes, trainings
+
         self.quality_location = self.run_location("data_quality.csv")
         with as_input_error():
             self.quality = collect_quality(self.shard_list, self.quality_location, self.catalogue.skipped_pairs)
@@ -124,6 +115,10 @@ class GalleryTrainFlow(FlowSpec):
         """MTL training of every loss weighting (with every pooling of a study, and every seed of
         evaluation.seeds) side by side, each by train.workers data-parallel processes (DDP), or several one
         after another per process (train.processes); a retry or a resume continues from the last checkpoint."""
+        from gallery.evaluation.seeds import seeded
+        from gallery.steps import assigned, train_weighting
+        from gallery.training.faults import kill_after_epoch
+
         p = current.parallel
         share_machine(p.num_nodes)
         ranks, device = data_parallel(self.cfg.train.workers)
@@ -144,6 +139,9 @@ class GalleryTrainFlow(FlowSpec):
     def join_train(self, inputs):
         """Keep every model's history, per seed; the reference model is the preset's (pseudo-uniform, as in
         the paper, with model.pooling) trained with the preset's seed: the one exported."""
+        from gallery.evaluation.seeds import seeds_of
+        from gallery.steps import UNIFIED
+
         self.merge_artifacts(inputs, exclude=["trained", "rank"])
         trained = {t: done for i in inputs if i.rank == 0 for t, done in i.trained.items()}
         self.compared = {t: trained[t][1] for t in self.trainings if t.role != UNIFIED}  # retrieval's other arms
@@ -160,6 +158,10 @@ class GalleryTrainFlow(FlowSpec):
     def export(self):
         """Embeddings of every readable gallery with the reference model -> Parquet and its binary code; fan
         out the evaluations side by side: the transfer suite, and the task-optimal models by groups of tasks."""
+        from gallery.evaluation.task_optimal import group_tasks
+        from gallery.steps import export_embeddings
+        from gallery.training.checkpoints import load_trained
+
         self.embeddings_location = self.run_location("embeddings.parquet")
         model = load_trained(self.catalogue.trained, self.catalogue.stats, self.cfg, self.checkpoint_locations[self.reference])
         self.exported_galleries = export_embeddings(model, self.catalogue.frame, self.shard_list, self.cfg,
@@ -180,6 +182,9 @@ class GalleryTrainFlow(FlowSpec):
         models and pretrained features, float and binary); or the task-optimal models of a group of MTL
         tasks (the same architecture on each task alone, trained together in one pass over the data; one
         task per group on a cluster)."""
+        from gallery.evaluation.task_optimal import RESULT
+        from gallery.steps import retrieval_evaluation, task_optimal_models, transfer_evaluation
+
         share_machine(len(self.evaluations))
         if self.input == RETRIEVAL:
             self.retrieval = retrieval_evaluation(self.catalogue, self.shard_list, self.cfg, self.embeddings_location,

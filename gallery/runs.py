@@ -11,18 +11,20 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from metaflow import metaflow_config
 from metaflow.exception import MetaflowException
 
 import gallery.storage as storage
 from gallery.config import Settings, SettingsError, settings_json
 from gallery.errors import UserError
-from gallery.model.gallery_model import GalleryModel
-from gallery.training.checkpoints import load_trained
-from gallery.training.device import pick_device, share_cores
-from gallery.training.distributed import Ranks, join, master_port
+
+if TYPE_CHECKING:
+    import torch
+
+    from gallery.model.gallery_model import GalleryModel
+    from gallery.training.distributed import Ranks
 
 TRAIN_FLOW = "GalleryTrainFlow"
 
@@ -98,6 +100,8 @@ class TrainedRun:
     tasks_location: str = ""
 
     def model(self) -> GalleryModel:
+        from gallery.training.checkpoints import load_trained  # here: a flow's light steps never import torch
+
         return load_trained(self.tasks, self.stats, self.settings, self.checkpoints)
 
 
@@ -165,6 +169,8 @@ def runs_locally() -> bool:
 def share_machine(siblings: int) -> None:
     """A fan-out's tasks run side by side when they run locally: split this machine's cores."""
     if runs_locally():
+        from gallery.training.device import share_cores
+
         share_cores(siblings)
 
 
@@ -180,7 +186,11 @@ def parallel_workers_use_this_python() -> None:
 def data_parallel(workers: int) -> tuple[Ranks, torch.device]:
     """Inside a @parallel step: this node's device and its ranks among the `workers` nodes that train
     the same model (torch.distributed joined through the main node Metaflow names)."""
+    import torch
     from metaflow import current
+
+    from gallery.training.device import pick_device
+    from gallery.training.distributed import join, master_port
 
     p = current.parallel
     local = runs_locally()  # every node on this machine
@@ -188,3 +198,15 @@ def data_parallel(workers: int) -> tuple[Ranks, torch.device]:
     own_gpu = device.type == "cuda" and (not local or torch.cuda.device_count() >= p.num_nodes)
     port = master_port(current.run_id, current.step_name, current.retry_count)
     return join(p.node_index, p.num_nodes, workers, p.main_ip, port, device, "nccl" if own_gpu else "gloo"), device
+
+
+def run_train_flow(settings_file: str, datastore: str, **params) -> None:
+    """The train flow run to its end in a subprocess (metaflow.Runner), in its own local datastore, with
+    `params` (store, reports, ...): what `gallery bench seeds` repeats. A failed run raises, with its log's end."""
+    from metaflow import Runner
+
+    flow = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
+    with Runner(str(flow), show_output=True, env={"METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore},
+                config=[("settings", settings_file)]).run(**params) as running:
+        if running.status != "successful":
+            raise RuntimeError(f"the train flow with {settings_file} failed: {running.stderr[-2000:]}")

@@ -6,11 +6,8 @@ another step's local disk and the flow runs unchanged on a cluster.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -22,8 +19,6 @@ from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
 from gallery.data.shards import Shard, ShardWriter
-from gallery.data.synth import VERSION as SYNTH_VERSION
-from gallery.data.synth import generate
 from gallery.errors import UserError
 from gallery.evaluation.holdout import vectors_as_galleries
 from gallery.evaluation.retrieval_suite import (ATTRIBUTES_ONLY, IMAGENET, SPECIALISED, UNIFIED, Arm, ArmIdentity,
@@ -50,34 +45,6 @@ CHUNK_GALLERIES = 64  # preprocessing holds this many galleries' pixels at a tim
 
 
 # ---------------------------------------------------------------- start: the data source
-
-CATALOGUE_COMPLETE = "COMPLETE"  # written after every other file of a stored synthetic catalogue
-
-
-def synthetic_source(store_root: str, settings: Settings, log=print) -> tuple[str, str]:
-    """The preset's synthetic catalogue, generated once per (settings, seed) and reused after.
-
-    Only a catalogue with its completion marker is reused: a start step that crashed while writing or
-    uploading one (images missing, manifest present) leaves none, and the next run generates it again.
-    """
-    synth = settings.data.synth
-    key = hashlib.sha1(json.dumps({"version": SYNTH_VERSION, **asdict(synth)}, sort_keys=True).encode()).hexdigest()[:12]
-    location = storage.join(store_root, "catalogues", f"synth-{key}")
-    manifest, tasks = storage.join(location, "manifest.parquet"), storage.join(location, "tasks.yaml")
-    complete = storage.join(location, CATALOGUE_COMPLETE)
-    if storage.exists(complete):
-        log(f"reusing the synthetic catalogue at {location}")
-        return manifest, tasks
-    log(f"generating the synthetic catalogue ({synth.galleries} galleries, {synth.image_size}px) at {location}")
-    if storage.is_uri(location):
-        with tempfile.TemporaryDirectory() as tmp:
-            generate(tmp, synth)
-            storage.upload_dir(tmp, location)
-    else:
-        generate(location, synth)
-    storage.write_bytes(complete, json.dumps(asdict(synth)).encode())
-    return manifest, tasks
-
 
 # ---------------------------------------------------------------- ingest
 

@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import torch
 
 _S3_OPTIONS: dict = {}
 
@@ -139,12 +138,16 @@ def publish(local_path: str, location: str) -> None:
 
 def save_torch(location: str, obj) -> None:
     buffer = io.BytesIO()
+    import torch  # here: storage is imported by a flow's light steps
+
     torch.save(obj, buffer)
     write_bytes(location, buffer.getvalue())
 
 
 def load_torch(location: str, map_location="cpu"):
     """Load with weights_only=True: checkpoints and shards hold tensors and plain containers only."""
+    import torch
+
     return torch.load(io.BytesIO(read_bytes(location)), map_location=map_location, weights_only=True)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import gallery.steps as steps
+import gallery.data.synth.stored as stored
 from gallery.config import DataSettings, Settings, load_settings, settings_from_dict, settings_json
 from gallery.data.synth import SynthSettings
 from gallery.runs import share_machine
@@ -59,7 +59,7 @@ def tiny_synthetic(seed=0) -> Settings:
 
 
 def test_a_crashed_catalogue_generation_is_never_reused(tmp_path, monkeypatch):
-    generate = steps.generate
+    generate = stored.generate
 
     def crash_after_the_manifest(out, synth):  # killed with the manifest written and the images not
         generate(out, synth, workers=1)
@@ -67,15 +67,15 @@ def test_a_crashed_catalogue_generation_is_never_reused(tmp_path, monkeypatch):
             image.unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(steps, "generate", crash_after_the_manifest)
+    monkeypatch.setattr(stored, "generate", crash_after_the_manifest)
     with pytest.raises(KeyboardInterrupt):
-        steps.synthetic_source(str(tmp_path), tiny_synthetic())
-    monkeypatch.setattr(steps, "generate", generate)
+        stored.synthetic_source(str(tmp_path), tiny_synthetic())
+    monkeypatch.setattr(stored, "generate", generate)
     said = []
-    manifest, _ = steps.synthetic_source(str(tmp_path), tiny_synthetic(), log=said.append)
+    manifest, _ = stored.synthetic_source(str(tmp_path), tiny_synthetic(), log=said.append)
     images = list((Path(manifest).parent / "images").iterdir())
     assert said[0].startswith("generating") and len(images) >= 6
-    steps.synthetic_source(str(tmp_path), tiny_synthetic(), log=said.append)
+    stored.synthetic_source(str(tmp_path), tiny_synthetic(), log=said.append)
     assert said[1].startswith("reusing")
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import EMBED_FLOW, FLOW, METAFLOW_ROOT, S3_ENV, SMOKE, run_flow
 from metaflow import Runner, Task
 
-import gallery.steps as steps
+import gallery.data.synth.stored as stored
 import gallery.storage as storage
 from gallery.cli import main
 from gallery.config import load_settings
@@ -36,7 +36,7 @@ def crash_while_uploading_the_catalogue(store_root: str, config: str) -> None:
     with pytest.MonkeyPatch.context() as m:
         m.setattr(storage, "upload_dir", upload_manifest_then_die)
         with pytest.raises(KeyboardInterrupt):
-            steps.synthetic_source(store_root, load_settings(config), log=lambda _: None)
+            stored.synthetic_source(store_root, load_settings(config), log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_a_half_uploaded_catalogue_is_generated_again(s3_run):
     quality = s3_run["end"].task.data.quality
     assert quality.skipped == [] and quality.excluded == []  # every image there: none reused from the crash
     location = storage.parent(s3_run["start"].task.data.manifest_location)
-    assert storage.exists(storage.join(location, steps.CATALOGUE_COMPLETE))
+    assert storage.exists(storage.join(location, stored.CATALOGUE_COMPLETE))
 
 
 def test_a_killed_training_is_retried_from_its_attempts_checkpoint(s3_run):

@@ -17,9 +17,6 @@ from pathlib import Path
 
 from gallery.config import PRESETS_DIR
 
-FLOW = Path(__file__).resolve().parents[2] / "flows" / "train_flow.py"
-
-
 @dataclass(frozen=True)
 class ReadingId:
     """Which reading: the comparison's kind and what it compares (fields, never a name to split)."""
@@ -140,17 +137,14 @@ def markdown(table: list[Agreement], spread: list[Spread], seeds: list[int]) -> 
 
 def run_seed(preset: Path, seed: int, folder: Path) -> dict:
     """The flow with `train.seed` = seed, in its own store and reports folder: its metrics.json."""
-    from metaflow import Runner
+    from gallery.runs import run_train_flow
 
     settings = json.loads(preset.read_text())
     settings.setdefault("train", {})["seed"] = seed
     config = folder / f"settings-seed{seed}.json"
     config.write_text(json.dumps(settings))
     reports = folder / f"reports-seed{seed}"
-    with Runner(str(FLOW), show_output=True, env={"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(folder)},
-                config=[("settings", str(config))]).run(store=str(folder / "store"), reports=str(reports)) as running:
-        if running.status != "successful":
-            raise RuntimeError(f"the run with train.seed {seed} failed: {running.stderr[-2000:]}")
+    run_train_flow(str(config), str(folder), store=str(folder / "store"), reports=str(reports))
     (found,) = reports.glob("*/metrics.json")  # the one run this reports folder holds
     return json.loads(found.read_text())
 

@@ -17,15 +17,18 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 import gallery.storage as storage
 from gallery.data.images import DataQuality
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGES, FEATURES, GALLERIES = "images.bin", "features.bin", "galleries.parquet"
 FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}  # png is lossless (exact pixels, larger files)
@@ -97,10 +100,12 @@ class ShardWriter:
 
     def add_features(self, features: torch.Tensor) -> None:
         """The trunk's output for the next images, in the order they were added."""
+        import torch  # here: the flow's light steps read shards' records without torch
+
         if self.features is None:
             self.features = open(os.path.join(self.staging, FEATURES), "wb")
             self.feature_dtype, self.feature_shape = str(features.dtype).removeprefix("torch."), tuple(features.shape[1:])
-        self.features.write(features.contiguous().view(torch.uint8).numpy().tobytes())
+        self.features.write(features.contiguous().view(torch.uint8).numpy().tobytes())  # a uint8 view: any dtype
         self.n_feature_images += len(features)
 
     def finish(self, quality: DataQuality) -> Shard:
@@ -126,6 +131,8 @@ class ShardWriter:
 
 
 def _itemsize(dtype: str | None) -> int:
+    import torch
+
     return getattr(torch, dtype).itemsize if dtype else 0
 
 

@@ -35,7 +35,7 @@ from gallery.data.synth.metric import co_views, relist, relisting_groups, taste_
 from gallery.data.synth.render import Camera, Look, gallery_scenes, render
 
 PAPER_TASKS = CONTRACTS_DIR / "examples" / "paper_tasks.yaml"
-VERSION = 4  # of what the generator draws: part of a stored catalogue's cache key (gallery.steps.synthetic_source)
+VERSION = 4  # of what the generator draws: part of a stored catalogue's cache key (gallery.data.synth.stored)
 # Held-out tasks beside the paper's star rating: attributes of latents no MTL task reads (attributes.py)
 HELD_OUT = [
     {"name": "has_spa", "column": "has_spa", "kind": "binary",
