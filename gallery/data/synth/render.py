@@ -74,6 +74,7 @@ class Canvas:
 
 
 AGED = (150, 128, 80)  # the ochre that old paint yellows toward
+AGE_CAST = 0.35        # how far a 100-year-old building's photos are cast toward it
 
 
 def _aged(rgb, share: float) -> tuple[int, int, int]:
@@ -541,6 +542,7 @@ def render(scene: str, p, look: Look, size: int, rng: np.random.Generator,
     c = Canvas(size, rng, None if camera is None else camera.view(photo))
     RENDERERS[scene](c, p, look)
     a = np.asarray(c.img, dtype=np.float32) if camera is None else camera.develop(c.img)
+    a += AGE_CAST * look.age * (np.asarray(AGED, np.float32) - a)  # an old building's photos, a yellowed cast
     if rng.random() < 0.5:
         a = a[:, ::-1]
     a = a * rng.uniform(0.8, 1.15) + rng.normal(0, 4 + 20 * look.wear, size=a.shape)
