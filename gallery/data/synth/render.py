@@ -74,7 +74,25 @@ class Canvas:
 
 
 AGED = (150, 128, 80)  # the ochre that old paint yellows toward
-AGE_CAST = 0.35        # how far a 100-year-old building's photos are cast toward it
+AGE_CAST = 0.35        # how far a 100-year-old building's photos' hues are turned toward its hue
+
+
+YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)  # luma, chroma
+RGB_OF_YIQ = np.linalg.inv(YIQ).astype(np.float32)
+AGED_ANGLE = float(np.arctan2(*(YIQ @ np.asarray(AGED, np.float32))[[2, 1]]))
+
+
+def yellowed(a: np.ndarray, share: float) -> np.ndarray:
+    """RGB pixels (float, 0-255) with each hue turned `share` of the way toward AGED's, luma and chroma
+    kept (a rotation in YIQ space: 0.2 ms a 64 px photo): the age is a hue of its own, apart from the
+    luxury's saturation and brightness."""
+    if share <= 0:
+        return a
+    yiq = a @ YIQ.T
+    angle, chroma = np.arctan2(yiq[..., 2], yiq[..., 1]), np.hypot(yiq[..., 1], yiq[..., 2])
+    angle += share * ((AGED_ANGLE - angle + np.pi) % (2 * np.pi) - np.pi)  # the shorter way round
+    yiq[..., 1], yiq[..., 2] = chroma * np.cos(angle), chroma * np.sin(angle)
+    return yiq @ RGB_OF_YIQ.T
 
 
 def _aged(rgb, share: float) -> tuple[int, int, int]:
@@ -542,7 +560,7 @@ def render(scene: str, p, look: Look, size: int, rng: np.random.Generator,
     c = Canvas(size, rng, None if camera is None else camera.view(photo))
     RENDERERS[scene](c, p, look)
     a = np.asarray(c.img, dtype=np.float32) if camera is None else camera.develop(c.img)
-    a += AGE_CAST * look.age * (np.asarray(AGED, np.float32) - a)  # an old building's photos, a yellowed cast
+    a = yellowed(a, AGE_CAST * look.age)  # an old building's photos: their hues turned toward ochre
     if rng.random() < 0.5:
         a = a[:, ::-1]
     a = a * rng.uniform(0.8, 1.15) + rng.normal(0, 4 + 20 * look.wear, size=a.shape)
