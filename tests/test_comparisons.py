@@ -272,6 +272,7 @@ def test_table2_findings_after_one_epoch_and_after_all_quote_the_papers_row():
     one = found[("imagenet", "100% of one epoch")]
     assert one.paper == (0.623, 0.534) and one.reading == CONSISTENT and one.claim == TABLE2_BEATS
     assert finding_sentence(one)[2].startswith("0.623 vs 0.534 star-rating accuracy")
+    assert one.probes == ("head",) and finding_sentence(one)[1].endswith("(2-layer head (the paper's))")  # what it rests on
     assert found[("end_to_end", "4 epochs")].paper == (0.631, 0.598)
     other = holdout_of(arms, task="review_band", rows=rows)  # another holdout task: the paper has no figures for it
     assert all(f.paper is None and finding_sentence(f)[2] == "MTL embeddings best at every row of Table 2"

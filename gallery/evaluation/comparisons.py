@@ -239,6 +239,7 @@ class Finding:
     baseline: str | None = None    # the other arm (transfer suite arm names)
     row: str | None = None         # Table 2's row label
     pairs: int | None = None       # task x probe pairs an aggregate covers
+    probes: tuple[str, ...] = ()   # the probes an effect rests on (gallery.evaluation.probes.PROBES)
 
 
 def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]],
@@ -251,7 +252,8 @@ def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Ta
     the report's tables, not here."""
     optimal, baseline, balance = ({w: v for w, v in d.items() if w in PAPER_WEIGHTINGS}
                                   for d in (optimal, baseline, balance))
-    out = [Finding(TRANSFER_BEATS, a.effect.reading, a.effect, baseline=a.baseline, pairs=a.entries)
+    out = [Finding(TRANSFER_BEATS, a.effect.reading, a.effect, baseline=a.baseline, pairs=a.entries,
+                   probes=tuple(dict.fromkeys(e.probe for e in card.entries if (e.arm, e.baseline) == ("mtl", a.baseline))))
            for a in (card.aggregates if card else []) if a.arm == "mtl" and a.probe == "all"]
     for holdout, rows in holdouts:
         one_epoch = [r for r in rows[:-1] if r.fraction == 1.0]
@@ -259,7 +261,7 @@ def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Ta
             for k, other in ((1, "imagenet"), (2, "end_to_end")):
                 e = row.versus[other]
                 out.append(Finding(TABLE2_BEATS, e.reading, e, (row.paper[0], row.paper[k]) if row.paper else None,
-                                   task=holdout.task, baseline=other, row=row.row))
+                                   task=holdout.task, baseline=other, row=row.row, probes=("head",)))
     for w, o in optimal.items():
         out.append(Finding(WORSE_THAN_OPTIMAL, o.share_worse.reading, o.share_worse, weighting=w))
         out += [Finding(NAMED_TASK_BETTER, e.reading, e, weighting=w, task=task) for task, e in o.paper_named_tasks.items()]

@@ -254,14 +254,14 @@ def finding_sentence(f: Finding, data: ReportData | None = None) -> tuple[str, s
     if f.claim == comparisons.TRANSFER_BEATS:
         return (f"Across the held-out tasks, MTL embeddings transfer better than {arm_label(f.baseline)}",
                 f"errors change by {effect_text(f.effect, change=True)} over {f.pairs} task x probe pairs "
-                "(geometric mean of the error ratios)",
+                f"(geometric mean of the error ratios; {', '.join(PROBES[p] for p in f.probes)})",
                 "MTL embeddings beat ImageNet features and an end-to-end model (Table 2, one task)")
     if f.claim == comparisons.TABLE2_BEATS:
         paper = (f"{f.paper[0]:.3f} vs {f.paper[1]:.3f} star-rating accuracy at this row (Table 2)" if f.paper
                  else "MTL embeddings best at every row of Table 2")
         metric = next((h.metric for h, _ in data.table2 if h.task == f.task), "metric") if data else "metric"
         return (f"On a new task (`{f.task}`), MTL embeddings beat {arm} ({f.row})",
-                f"test {metric} difference {effect_text(f.effect)} (2-layer head)", paper)
+                f"test {metric} difference {effect_text(f.effect)} ({', '.join(PROBES[p] for p in f.probes)})", paper)
     if f.claim == comparisons.WORSE_THAN_OPTIMAL:
         e, counts = f.effect, ""
         if data and f.weighting in data.vs_optimal:
