@@ -149,8 +149,15 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
     assert len(compared) == 2 * 6 and set(compared["reading"]) <= {CONSISTENT, NOISE, OPPOSITE}
     found = metrics["comparisons"]["findings"]["findings"]
     assert len(found) >= 2 + 2 + 1 + 2 + 2 and "## What this run reproduces" in report
-    for f in found:
-        assert f["reading"] in (CONSISTENT, NOISE, OPPOSITE) and f["finding"] in report
+    from gallery.evaluation import comparisons
+
+    claims = {getattr(comparisons, name) for name in ("TRANSFER_BEATS", "TABLE2_BEATS", "WORSE_THAN_OPTIMAL",
+                                                      "NAMED_TASK_BETTER", "PU_BEATS_KENDALL", "BEATS_MAJORITY",
+                                                      "HELPS_IMBALANCED")}
+    for f in found:  # data: an identifier, its fields and effect; the words are the report's
+        assert f["reading"] in (CONSISTENT, NOISE, OPPOSITE) and f["claim"] in claims and "estimate" in f["effect"]
+    listed = report.split("## What this run reproduces")[1].split("\n## ")[0]
+    assert listed.count("\n- ") == len(found)  # each finding put into words once
 
 
 def test_a_study_of_every_weighting_with_two_poolings_in_one_smoke_run(tmp_path):
