@@ -203,6 +203,10 @@ def data_parallel(workers: int) -> tuple[Ranks, torch.device]:
 def run_train_flow(settings_file: str, datastore: str, **params) -> None:
     """The train flow run to its end in a subprocess (metaflow.Runner), in its own local datastore, with
     `params` (store, reports, ...): what `gallery bench seeds` repeats. A failed run raises, with its log's end."""
+    # metaflow.Runner's vendored typing_extensions patches `typing` for TypeVar defaults, after which torch's
+    # generic classes fail to import (the settings' check loads torch): torch first (tests/conftest.py too)
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
     from metaflow import Runner
 
     flow = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
