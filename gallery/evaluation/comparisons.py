@@ -240,6 +240,9 @@ class Finding:
     row: str | None = None         # Table 2's row label
     pairs: int | None = None       # task x probe pairs an aggregate covers
     probes: tuple[str, ...] = ()   # the probes an effect rests on (gallery.evaluation.probes.PROBES)
+    metric: str | None = None      # Table 2's: accuracy or MSE
+    clearly_for: int | None = None       # tasks decided the claim's way (its count tests), and the other way
+    clearly_against: int | None = None
 
 
 def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]],
@@ -261,16 +264,20 @@ def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Ta
             for k, other in ((1, "imagenet"), (2, "end_to_end")):
                 e = row.versus[other]
                 out.append(Finding(TABLE2_BEATS, e.reading, e, (row.paper[0], row.paper[k]) if row.paper else None,
-                                   task=holdout.task, baseline=other, row=row.row, probes=("head",)))
+                                   task=holdout.task, baseline=other, row=row.row, probes=("head",),
+                                   metric=holdout.metric))
     for w, o in optimal.items():
-        out.append(Finding(WORSE_THAN_OPTIMAL, o.share_worse.reading, o.share_worse, weighting=w))
+        out.append(Finding(WORSE_THAN_OPTIMAL, o.share_worse.reading, o.share_worse, weighting=w,
+                           clearly_for=o.clearly_worse, clearly_against=o.clearly_better))
         out += [Finding(NAMED_TASK_BETTER, e.reading, e, weighting=w, task=task) for task, e in o.paper_named_tasks.items()]
     if wins:
-        out.append(Finding(PU_BEATS_KENDALL, wins.share.reading, wins.share, (PAPER_PU_WINS[0] / PAPER_PU_WINS[1],)))
+        out.append(Finding(PU_BEATS_KENDALL, wins.share.reading, wins.share, (PAPER_PU_WINS[0] / PAPER_PU_WINS[1],),
+                           clearly_for=wins.wins, clearly_against=wins.losses))
     for w, b in baseline.items():
         share = Effect(b.clearly_better / b.tasks if b.tasks else math.nan, math.nan, math.nan, None, b.tasks,
                        "tasks whose interval excludes no effect on MTL's side")
-        out.append(Finding(BEATS_MAJORITY, b.reading, share, weighting=w))
+        out.append(Finding(BEATS_MAJORITY, b.reading, share, weighting=w, clearly_for=b.clearly_better,
+                           clearly_against=b.clearly_worse))
     out += [Finding(HELPS_IMBALANCED, b.reading, b.pearson, (PAPER_BALANCE_R[w],), weighting=w) for w, b in balance.items()]
     return out
 

@@ -248,7 +248,7 @@ def figure6_markdown(balance: dict[str, ClassBalance]) -> str:
         for w, b in balance.items())
 
 
-def finding_sentence(f: Finding, data: ReportData | None = None) -> tuple[str, str, str]:
+def finding_sentence(f: Finding) -> tuple[str, str, str]:
     """A finding in words: the claim, what this run measured, and what the paper says."""
     arm = {"imagenet": "ImageNet transfer", "end_to_end": "an end-to-end model"}.get(f.baseline, arm_label(f.baseline or ""))
     if f.claim == comparisons.TRANSFER_BEATS:
@@ -259,32 +259,25 @@ def finding_sentence(f: Finding, data: ReportData | None = None) -> tuple[str, s
     if f.claim == comparisons.TABLE2_BEATS:
         paper = (f"{f.paper[0]:.3f} vs {f.paper[1]:.3f} star-rating accuracy at this row (Table 2)" if f.paper
                  else "MTL embeddings best at every row of Table 2")
-        metric = next((h.metric for h, _ in data.table2 if h.task == f.task), "metric") if data else "metric"
         return (f"On a new task (`{f.task}`), MTL embeddings beat {arm} ({f.row})",
-                f"test {metric} difference {effect_text(f.effect)} ({', '.join(PROBES[p] for p in f.probes)})", paper)
+                f"test {f.metric} difference {effect_text(f.effect)} ({', '.join(PROBES[p] for p in f.probes)})", paper)
     if f.claim == comparisons.WORSE_THAN_OPTIMAL:
-        e, counts = f.effect, ""
-        if data and f.weighting in data.vs_optimal:
-            o = data.vs_optimal[f.weighting]
-            counts = f"; clearly worse on {o.clearly_worse}, clearly better on {o.clearly_better}"
+        e = f.effect
         return (f"MTL ({f.weighting}) is worse than task-optimal models on most tasks",
-                f"worse on {e.estimate:.0%} [{e.low:.0%}, {e.high:.0%}] of {e.n} tasks{counts}",
+                f"worse on {e.estimate:.0%} [{e.low:.0%}, {e.high:.0%}] of {e.n} tasks; clearly worse on "
+                f"{f.clearly_for}, clearly better on {f.clearly_against}",
                 "\"most tasks understandably show inferior predictive performance\" (§4.2)")
     if f.claim == comparisons.NAMED_TASK_BETTER:
         return (f"`{f.task}` does better under MTL ({f.weighting}) than its task-optimal model",
                 f"relative error increase {effect_text(f.effect, 2)}",
                 "\"tasks B1, B3 and B11 perform better than the optimal models\" (§4.2)")
     if f.claim == comparisons.PU_BEATS_KENDALL:
-        decided = data.wins.wins + data.wins.losses if data and data.wins else f.effect.n
-        wins = data.wins.wins if data and data.wins else round(f.effect.estimate * decided) if decided else 0
         return ("Pseudo-uniform weighting beats Kendall's on most tasks",
-                f"{wins} of {decided} decided tasks ({effect_text(f.effect, percent=True)}; sign test)",
+                f"{f.clearly_for} of {f.clearly_for + f.clearly_against} decided tasks ({effect_text(f.effect, percent=True)}; sign test)",
                 f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks ({f.paper[0]:.0%}) (§4.2)")
     if f.claim == comparisons.BEATS_MAJORITY:
-        against = data.vs_baseline[f.weighting].clearly_worse if data and f.weighting in data.vs_baseline else 0
-        better = round(f.effect.estimate * f.effect.n) if f.effect.n else 0
         return (f"MTL ({f.weighting}) beats the majority/mean baseline on every task",
-                f"clearly better on {better} of {f.effect.n} tasks, clearly worse on {against}",
+                f"clearly better on {f.clearly_for} of {f.effect.n} tasks, clearly worse on {f.clearly_against}",
                 "\"significantly outperform basic benchmarks ... across every single task\" (§4.2)")
     if f.claim == comparisons.HELPS_IMBALANCED:
         return (f"MTL ({f.weighting}) helps most where classes are most imbalanced",
@@ -293,7 +286,7 @@ def finding_sentence(f: Finding, data: ReportData | None = None) -> tuple[str, s
     raise ValueError(f"no words for the finding {f.claim!r}")
 
 
-def findings_markdown(found: list[Finding], data: ReportData | None = None) -> str:
+def findings_markdown(found: list[Finding]) -> str:
     """The paper's findings sorted by what this run's tests say about them."""
     out = []
     for verdict, title in ((CONSISTENT, "Reproduced here"), (NOISE, "Not resolved by this run (the interval includes no effect)"),
@@ -301,7 +294,7 @@ def findings_markdown(found: list[Finding], data: ReportData | None = None) -> s
         rows = [f for f in found if f.reading == verdict]
         out.append(f"**{title}** ({len(rows)})" + ("" if rows else ": none"))
         for f in rows:
-            claim, here, paper = finding_sentence(f, data)
+            claim, here, paper = finding_sentence(f)
             out.append(f"- {claim}: here {here}; paper {paper}")
         out.append("")
     return "\n".join(out).strip()
@@ -646,7 +639,7 @@ def lay_out(data: ReportData) -> Report:
         means, claims = retrieval_frames(rel)
         r.table("retrieval.csv", means)
         r.table("retrieval_claims.csv", claims)
-    r.text("## What this run reproduces\n" + findings_markdown(data.findings, data))
+    r.text("## What this run reproduces\n" + findings_markdown(data.findings))
     r.text("## Data\n```\n" + data.catalogue_text + "\n```\n\n" + quality_markdown(data.quality))
     r.text("## Training\nEarly stopping and the selected epoch come from the validation loss of each task "
            "relative to its first epoch, averaged over tasks (unweighted: learned loss weights do not move it).\n\n"
