@@ -32,12 +32,14 @@ from gallery.data.documents import parse_document
 from gallery.data.inputs import MissingInput, read_text
 from gallery.data.synth import SynthSettings
 from gallery.errors import ContractError, UserError
+from gallery.model.identity import ModelIdentity
 
 PRESETS_DIR = resources.files("gallery") / "presets"
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and on CPUs with native bf16
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  # torch dtypes the frozen-trunk feature cache may be stored in
 CODE_FORMS = ("itq<bits>", "median", "sign")  # binary codes (gallery.retrieval.codes)
 CODE_PATTERN = re.compile(r"itq[1-9][0-9]*|median|sign")
+PAPER_TASK = "star_rating"  # the paper's held-out task (Table 2): the primary one by default
 CHECKED = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
 
 
@@ -157,22 +159,23 @@ class TrainSettings:
         return value
 
 
-def cell_name(weighting: str, pooling: str, reference_pooling: str) -> str:
-    """A trained model's name: its weighting, and its pooling where it is not the preset's own."""
-    return weighting if pooling == reference_pooling else f"{weighting}+{pooling}"
+def reference_model(settings: "Settings") -> ModelIdentity:
+    """The run's reference model: train.reference_weighting with model.pooling and train.seed, the one exported."""
+    return ModelIdentity(settings.train.reference_weighting, settings.model.pooling, settings.train.seed,
+                         settings.model.backbone)
 
 
-def cells(settings: "Settings") -> dict[str, tuple[str, str]]:
-    """Every weighting-and-pooling model the settings train, by name -> (weighting, pooling), the preset's
-    pooling first: a name is made from its parts here and looked up, never read back into them."""
-    reference = settings.model.pooling
-    poolings = dict.fromkeys([reference, *settings.train.poolings])
-    return {cell_name(w, p, reference): (w, p) for p in poolings for w in settings.train.weightings}
+def trained_models(settings: "Settings", seed: int | None = None) -> list[ModelIdentity]:
+    """Every weighting-and-pooling model the settings train with `seed` (default train.seed): each weighting
+    with model.pooling first, then with each of train.poolings (a study's cells)."""
+    seed = settings.train.seed if seed is None else seed
+    poolings = dict.fromkeys([settings.model.pooling, *settings.train.poolings])
+    return [ModelIdentity(w, p, seed, settings.model.backbone) for p in poolings for w in settings.train.weightings]
 
 
-def preset_cells(settings: "Settings") -> list[str]:
-    """The names of the models of the preset's pooling (a study's other poolings left out)."""
-    return [name for name, (_, pooling) in cells(settings).items() if pooling == settings.model.pooling]
+def preset_models(settings: "Settings") -> list[ModelIdentity]:
+    """The models of the preset's pooling with train.seed (a study's other poolings left out)."""
+    return [m for m in trained_models(settings) if m.pooling == settings.model.pooling]
 
 
 Fraction = Annotated[Number, Field(gt=0, le=1)]
@@ -216,6 +219,9 @@ class EvalSettings:
     # with metric tasks: also train the attribute tasks alone and each metric task alone, for retrieval to
     # compare the unified model with (gallery.evaluation.retrieval_suite)
     retrieval_arms: Flag = True
+    # the held-out task of Table 2 and of the scorecard's primary comparison (None: star_rating where the
+    # catalogue holds it out, else its first held-out task: gallery.config.primary_task)
+    primary_task: str | None = None
 
 
 @dataclass(frozen=True, config=CHECKED)
@@ -268,6 +274,19 @@ class Settings:
 
 
 _SETTINGS = TypeAdapter(Settings)
+
+
+def primary_task(settings: Settings, held_out: list[str]) -> str | None:
+    """The primary held-out task, resolved here only: evaluation.primary_task, else `star_rating` (the paper's)
+    where the catalogue holds it out, else the first held-out task (None without any). A primary task the
+    catalogue does not hold out is a settings error."""
+    chosen = settings.evaluation.primary_task
+    if chosen is not None:
+        if chosen not in held_out:
+            raise SettingsError(_sentence(f"settings evaluation.primary_task = {_shown(chosen)}: not a held-out task "
+                                          "of this catalogue", held_out, chosen))
+        return chosen
+    return PAPER_TASK if PAPER_TASK in held_out else held_out[0] if held_out else None
 
 
 # ---------------------------------------------------------------- reading them

@@ -111,36 +111,54 @@ def test_the_default_case_is_the_one_its_preset_trains_on_cpu_and_gpu():
     assert cpu_cases()[0] == gpu_cases()[0] == case and case.use_cache
 
 
-def _seed_metrics(primary: float, aggregate: float, retrieval: float, score: float) -> dict:
-    """The parts of a run's metrics.json the seeds bench reads, as gallery.evaluation.render.metrics writes them."""
+MODEL = {"weighting": "pseudo_uniform", "pooling": "mean", "backbone": "efficientnet_lite0"}
+
+
+def _arm(kind: str, seed: int | None = None, **fields) -> dict:
+    """An arm as metrics.json writes it: its fields (gallery.evaluation.arms.EmbeddingArm.as_dict) and label."""
+    return {"kind": kind, "model": None if seed is None else {**MODEL, "seed": seed}, "reference": kind == "mtl",
+            "backbone": None, "task": None, "label": "", **fields}
+
+
+def _seed_metrics(primary: float, aggregate: float, retrieval: float, score: float, seed: int) -> dict:
+    """The parts of a run's metrics.json the seeds bench reads, as gallery.evaluation.report.metrics writes them;
+    the run trained with train.seed `seed`, so its models name that seed."""
     def effect(x, reading):
         return {"estimate": x, "low": x - 0.1, "high": x + 0.1, "p": None, "n": 10, "method": "", "reading": reading}
-    return {"scorecard": {"primary": {"task": "star_rating", "probe": "linear", "arm": "mtl", "baseline": "imagenet",
+    mtl, imagenet = _arm("mtl", seed), _arm("imagenet")
+    specialised = _arm("specialised", seed, task="same_property", reference=False)
+    return {"scorecard": {"primary": {"task": "star_rating", "probe": "linear", "arm": mtl, "baseline": imagenet,
                                       "metric": "accuracy", "difference": effect(primary, "r")},
-                          "aggregates": [{"arm": "mtl", "baseline": "imagenet", "probe": "all", "entries": 8,
+                          "aggregates": [{"arm": mtl, "baseline": imagenet, "probe": "all", "entries": 8,
                                           "effect": effect(aggregate, "a")}]},
             "retrieval_against_relevance": {"claims": [
-                {"claim": "unified_beats_specialised", "task": "same_property", "metric": "recall@10", "arm": "unified",
-                 "baseline": "specialised_same_property", "search": "float", "effect": effect(retrieval, "s")},
-                {"claim": "binary_loses_nothing", "task": "same_property", "metric": "recall@10", "arm": "unified",
-                 "baseline": None, "search": "binary", "effect": effect(0.0, "b")}]},
-            "transfer": {"scores": [{"task": "has_spa", "probe": "knn", "arm": "mtl", "scores": [score, 1.0, None]}]}}
+                {"claim": "unified_beats_specialised", "task": "same_property", "metric": "recall@10", "arm": mtl,
+                 "baseline": specialised, "search": "float", "effect": effect(retrieval, "s")},
+                {"claim": "binary_loses_nothing", "task": "same_property", "metric": "recall@10", "arm": mtl,
+                 "baseline": mtl, "search": "binary", "effect": effect(0.0, "b")}]},
+            "transfer": {"scores": [{"task": "has_spa", "probe": "knn", "arm": mtl, "scores": [score, 1.0, None]}]}}
 
 
 def test_seeds_bench_counts_the_runs_that_keep_each_readings_sign():
     """Three runs: the primary difference keeps its sign in all three, the aggregate flips once, retrieval's
     claim is 0 in one run (a sign of its own); held-out scores are listed per run with their range."""
     from gallery.bench.seeds import ReadingId, agreement, markdown, readings_of, score_spread
+    from gallery.evaluation.arms import IMAGENET_ARM, mtl_arm
+    from gallery.model.identity import ModelIdentity
 
-    metrics = [_seed_metrics(0.02, -0.1, 0.03, 0.0), _seed_metrics(0.01, 0.05, 0.0, 1.0),
-               _seed_metrics(0.04, -0.2, 0.02, 0.5)]
+    metrics = [_seed_metrics(0.02, -0.1, 0.03, 0.0, 0), _seed_metrics(0.01, 0.05, 0.0, 1.0, 1),
+               _seed_metrics(0.04, -0.2, 0.02, 0.5, 2)]
+    first = ModelIdentity("pseudo_uniform", "mean", 0, "efficientnet_lite0")
+    mtl = mtl_arm(first, first)   # the first run's reference model; the others' are its repetitions
     table = agreement([readings_of(m, s) for s, m in enumerate(metrics)])
     found = {a.of.kind: a for a in table}
     assert set(found) == {"primary", "aggregate", "retrieval"}  # binary_loses_nothing is not a seeds reading
-    assert found["primary"].of == ReadingId("primary", "star_rating", "linear", "mtl", "imagenet", "accuracy")
+    assert found["primary"].of == ReadingId("primary", "star_rating", "linear", mtl, IMAGENET_ARM, "accuracy")
     assert (found["primary"].same_sign, found["aggregate"].same_sign, found["retrieval"].same_sign) == (3, 2, 2)
     assert found["aggregate"].estimates == [-0.1, 0.05, -0.2] and found["primary"].readings == ["r", "r", "r"]
     (spread,) = score_spread(metrics)
-    assert (spread.task, spread.probe, spread.arm) == ("has_spa", "knn", "mtl") and spread.values == [0.5, 1.0, 0.75]
+    assert (spread.task, spread.probe, spread.arm) == ("has_spa", "knn", mtl) and spread.values == [0.5, 1.0, 0.75]
     text = markdown(table, [spread], [0, 1, 2])
     assert "| 2 of 3 |" in text and "+5.0% (a)" in text and "| 0.500 | 1.000 | 0.750 | 0.500 |" in text
+    assert "primary: `star_rating` linear, MTL embeddings - ImageNet transfer (accuracy)" in text
+    assert "MTL embeddings - `same_property` alone, recall@10" in text

@@ -22,8 +22,8 @@ from gallery.data.readers import PairRows
 from gallery.model.gallery_model import GalleryModel
 from gallery.model.metric import CosineClassifier, InBatchSoftmax, pair_keys
 from gallery.model.weightings import build_weighting
-from gallery.training.distributed import join, leave, master_port
-from gallery.training.engine import FitConfig, TrainData, fit
+from gallery.training.distributed import Ranks, join, leave, master_port
+from gallery.training.engine import FitConfig, FitOptions, TrainData, fit
 
 TASKS = [Task("b", "b", "binary"), Task("c", "c", "multiclass", classes=("x", "y", "z")),
          Task("r", "r", "regression"), Task("sparse", "s", "binary")]
@@ -74,8 +74,8 @@ def problem(encoder=LinearEncoder):
 def train(folder, name, ranks=None, encoder=LinearEncoder):
     model, data = problem(encoder)
     weighting = build_weighting(name, TASKS, STATS)
-    kwargs = {"ranks": ranks} if ranks is not None else {}
-    result = fit(model, weighting, data, SETTINGS, checkpoints=str(folder), log=lambda _: None, **kwargs)
+    options = FitOptions(checkpoints=str(folder), log=lambda _: None, ranks=ranks if ranks is not None else Ranks())
+    result = fit(model, weighting, data, SETTINGS, options)
     return result, {**model.state_dict(), **{f"weighting.{k}": v for k, v in weighting.state_dict().items()}}
 
 
@@ -120,8 +120,8 @@ def metric_only_problem():
 def train_metric(folder, ranks=None, problem_of=None):
     model, data = (problem_of or metric_problem)()
     weighting = build_weighting("pseudo_uniform", model.tasks, STATS)
-    kwargs = {"ranks": ranks} if ranks is not None else {}
-    result = fit(model, weighting, data, SETTINGS, checkpoints=str(folder), log=lambda _: None, **kwargs)
+    options = FitOptions(checkpoints=str(folder), log=lambda _: None, ranks=ranks if ranks is not None else Ranks())
+    result = fit(model, weighting, data, SETTINGS, options)
     return result, model.state_dict()
 
 

@@ -20,7 +20,8 @@ from gallery.model.gallery_model import GalleryModel, build_model
 from gallery.model.weightings import PseudoUniform, build_weighting
 from gallery.retrieval.embeddings import embed_galleries, pack_sign_bits
 from gallery.training.cache import trunk_features
-from gallery.training.engine import EarlyStopping, FitConfig, Objective, TrainData, fit, score
+from gallery.training.engine import (EarlyStopping, FitConfig, FitHooks, FitOptions, Objective, TrainData, Trainable,
+                                     fit, score)
 from test_losses import HostSyncs
 
 SIZE = 32
@@ -97,13 +98,28 @@ def test_early_stopping_watches_each_members_loss_relative_to_its_first_epoch():
 
 # ---------------------------------------------------------------- fit
 
+def test_fit_names_the_model_it_trains_and_takes_its_options_as_one_object(catalogue):
+    """The MTL model and a group of single-task models are both what `fit` relies on (Trainable); a plain
+    module is not. Where and how it runs is one typed FitOptions, its callbacks one FitHooks."""
+    from gallery.training.group import ModelGroup
+
+    cat, _ = catalogue
+    assert isinstance(seeded_model(cat), Trainable)
+    assert isinstance(ModelGroup([seeded_model(cat, [t]) for t in cat.tasks[:2]]), Trainable)
+    assert not isinstance(torch.nn.Linear(2, 2), Trainable)
+    options = FitOptions()
+    assert (options.checkpoints, options.resume_from, options.select, options.time_steps) == (None, None, True, False)
+    assert options.hooks == FitHooks() and options.ranks.world == 1
+
+
+
 def train_once(cat, features, weighting, settings, ckpt, resume_from=None, tasks=None):
     tasks = tasks or cat.tasks
     model = seeded_model(cat, tasks)
     w = build_weighting(weighting, tasks, cat.stats)
     data = TrainData.from_catalogue(cat.frame, tasks, features, from_features=True)
-    result = fit(model, w, data, FitConfig.of(settings), checkpoints=str(ckpt), resume_from=resume_from,
-                 log=lambda _: None)
+    result = fit(model, w, data, FitConfig.of(settings),
+                 FitOptions(checkpoints=str(ckpt), resume_from=resume_from, log=lambda _: None))
     return model, w, result
 
 
@@ -148,7 +164,7 @@ def test_training_under_bf16_autocast(catalogue, features, tmp_path):
     dtypes = []
     model.encoder.images.top.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     config = FitConfig(max_epochs=3, patience=1000, batch_galleries=8, lr=1e-2, precision="bf16")
-    result = fit(model, build_weighting("pseudo_uniform", cat.tasks, cat.stats), data, config, log=lambda _: None)
+    result = fit(model, build_weighting("pseudo_uniform", cat.tasks, cat.stats), data, config, FitOptions(log=lambda _: None))
     assert set(dtypes) == {torch.bfloat16}
     losses = [h.train_loss for h in result.history]
     assert losses[-1] < losses[0] and all(np.isfinite(losses)), losses
@@ -240,8 +256,8 @@ def test_valid_selects_the_epoch_and_test_only_reports_it():
     per_epoch = []
     result = fit(model, PseudoUniform([task], {}), data,
                  FitConfig(lr=3e-3, batch_galleries=50, max_epochs=6, patience=10, precision="fp32"),
-                 log=lambda _: None,
-                 on_epoch_end=lambda epoch: per_epoch.append(score(model, data, "test", 100).scores[:, 0]))
+                 FitOptions(log=lambda _: None, hooks=FitHooks(
+                     on_epoch_end=lambda epoch: per_epoch.append(score(model, data, "test", 100).scores[:, 0]))))
     reported = score(model, data, "test", 100).scores[:, 0]
     accuracy = [s.mean() for s in per_epoch]
     assert result.best_epoch == 0 and np.array_equal(reported, per_epoch[0])

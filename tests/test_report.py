@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gallery.config import Settings
+from gallery.config import EvalSettings, Settings
 from gallery.data.images import DataQuality, SkippedImage
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
+from gallery.evaluation.arms import END_TO_END_ARM, IMAGENET_ARM, EmbeddingArm, mtl_arm
 from gallery.evaluation.holdout import ArmResult, HoldoutResult, Row
 from gallery.evaluation.neighbours import BinaryVsFloat, CodeCurveRow
 from gallery.evaluation.render import lay_out
@@ -20,12 +21,15 @@ from gallery.evaluation.report import compare
 from gallery.evaluation.statistics import CONSISTENT, NOISE
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import HeldOutTask, ProbeScores, TransferResult
+from gallery.model.identity import ModelIdentity
 from gallery.training.engine import EpochRecord, GalleryScores, TrainResult
 
 N = 150
 TASKS = [Task("B1_chain", "b1", "binary"), Task("B2_pool", "b2", "binary"), Task("B3_bar", "b3", "binary"),
          Task("C1_type", "c1", "multiclass", classes=("hotel", "villa")), Task("R1_price", "r1", "regression")]
 IDS = [f"g{i}" for i in range(N)]
+PU, KENDALL = (ModelIdentity(w, "mean", 0, "efficientnet_lite0") for w in ("pseudo_uniform", "kendall"))
+MTL = mtl_arm(PU, PU)   # the exported model's arm (Settings(): pseudo-uniform, mean pooling, seed 0, lite0)
 
 
 def catalogue(rng) -> Catalogue:
@@ -47,10 +51,10 @@ def history(epochs: int) -> list[EpochRecord]:
                         1.0, 100.0, 20.0) for e in range(epochs)]
 
 
-def training(rng, shift: float) -> dict[str, TrainResult]:
+def training(rng, shift: float, seed: int = 0) -> dict[ModelIdentity, TrainResult]:
     """Two weightings; each test gallery's score per task (right/wrong; a squared error for R1)."""
     out = {}
-    for w, extra in (("pseudo_uniform", 0.0), ("kendall", 0.1)):
+    for w, extra in ((PU.with_seed(seed), 0.0), (KENDALL.with_seed(seed), 0.1)):
         scores = (rng.random((N, len(TASKS))) < 0.75 - extra + shift).astype(float)
         scores[:, 4] = rng.normal(1.5 + extra, 0.1, N) ** 2
         out[w] = TrainResult(history(3), [1], [False], test=GalleryScores("test", IDS, [t.name for t in TASKS], scores))
@@ -66,27 +70,28 @@ def optimal(rng) -> dict[str, TaskOptimalResult]:
     return out
 
 
-def holdout(rng, mtl_gain: float) -> HoldoutResult:
+def holdout(rng, mtl_gain: float, seed: int = 0) -> HoldoutResult:
     base = (rng.random(N) < 0.5).astype(float)
     better = np.maximum(base, rng.random(N) < mtl_gain).astype(float)
     labels = [("20% of one epoch", 0.2, None), ("100% of one epoch", 1.0, None), ("4 epochs", None, 4)]
 
-    def arm(name, scores):
+    def arm(which: EmbeddingArm, scores):
         rows = [Row(label, f, e, 10, float(scores.mean()), None, None, scores) for label, f, e in labels]
-        return ArmResult(name, rows, 2.0, 0.01, 200, 0.05 if name == "end_to_end" else None)
+        return ArmResult(which, rows, 2.0, 0.01, 200, 0.05 if which == END_TO_END_ARM else None)
 
-    arms = {"mtl": arm("mtl", better), "imagenet": arm("imagenet", base), "end_to_end": arm("end_to_end", base)}
+    arms = [arm(MTL.with_seed(seed), better), arm(IMAGENET_ARM, base), arm(END_TO_END_ARM, base)]
     return HoldoutResult("star_rating", "multiclass", "accuracy", 400, N, IDS, arms, 0.4)
 
 
-def transfer(rng, mtl_gain: float) -> TransferResult:
+def transfer(rng, mtl_gain: float, seed: int = 0) -> TransferResult:
     """The star rating's 2-layer head (Table 2) and a linear probe, for MTL and ImageNet (and end-to-end)."""
-    h = holdout(rng, mtl_gain)
-    scores = [ProbeScores("star_rating", "head", a, IDS, r.rows[-1].scores) for a, r in h.arms.items()]
-    scores += [ProbeScores("star_rating", "linear", a, IDS, h.arms[a].rows[-1].scores) for a in ("mtl", "imagenet")]
+    h = holdout(rng, mtl_gain, seed)
+    mtl = MTL.with_seed(seed)
+    scores = [ProbeScores("star_rating", "head", r.arm, IDS, r.rows[-1].scores) for r in h.arms]
+    scores += [ProbeScores("star_rating", "linear", a, IDS, h.of(a).rows[-1].scores) for a in (mtl, IMAGENET_ARM)]
     return TransferResult([HeldOutTask("star_rating", "multiclass", "accuracy", 400, N)],
-                          {"mtl": "MTL embeddings", "imagenet": "ImageNet transfer", "end_to_end": "End-to-end model"},
-                          scores, [h], {"head": 1.0, "linear": 0.5})
+                          [mtl, IMAGENET_ARM, END_TO_END_ARM], scores, [h], {"head": 1.0, "linear": 0.5},
+                          primary_task="star_rating")
 
 
 @pytest.fixture
@@ -101,20 +106,20 @@ def test_compare_reads_table2_from_the_paired_test_scores(data):
     ((h, rows),) = data.table2
     assert [r.row for r in rows] == ["20% of one epoch", "100% of one epoch", "4 epochs"]
     for r in rows:
-        diff = h.arms["mtl"].rows[0].scores.mean() - h.arms["imagenet"].rows[0].scores.mean()
-        assert r.versus["imagenet"].estimate == pytest.approx(diff) and r.versus["imagenet"].reading == CONSISTENT
+        diff = h.of(MTL).rows[0].scores.mean() - h.of(IMAGENET_ARM).rows[0].scores.mean()
+        assert r.against(IMAGENET_ARM).estimate == pytest.approx(diff) and r.against(IMAGENET_ARM).reading == CONSISTENT
     assert rows[0].paper == (0.574, 0.515, 0.543) and rows[2].paper == (0.631, 0.542, 0.598)
     assert data.splits == {"train": 0, "valid": 0, "test": N}
 
 
 def test_compare_gathers_figure5_and_6_and_sorts_the_findings(data):
-    table = data.per_task.set_index("task")
+    table = {r.task: r for r in data.per_task}
     for t in TASKS:  # each MTL error is 1 - mean score (classification) or the mean squared error
-        scores = data.training["pseudo_uniform"].test.scores[:, TASKS.index(t)]
+        scores = data.training[PU].test.scores[:, TASKS.index(t)]
         expected = scores.mean() if t.kind == "regression" else 1 - scores.mean()
-        assert table.loc[t.name, "error_pseudo_uniform"] == pytest.approx(expected)
-    assert data.vs_optimal["pseudo_uniform"].tasks == 5 and data.wins.tasks == 5
-    assert set(data.balance) == {"pseudo_uniform", "kendall"} and data.balance["kendall"].n == 3
+        assert table[t.name].of(PU).error == pytest.approx(expected)
+    assert data.vs_optimal[PU].tasks == 5 and data.wins.tasks == 5 and (data.wins.model, data.wins.against) == (PU, KENDALL)
+    assert set(data.balance) == {PU, KENDALL} and data.balance[KENDALL].n == 3
     # the scorecard's aggregates (MTL against ImageNet, and end-to-end); Table 2 after one epoch and after
     # all, two arms each; share worse + B1 + B3 per weighting; wins; baseline and balance per weighting
     assert len(data.findings) == 2 + 4 + 2 * 3 + 1 + 2 + 2
@@ -124,15 +129,18 @@ def test_compare_gathers_figure5_and_6_and_sorts_the_findings(data):
 def test_seeds_are_averaged_gallery_by_gallery_and_their_spread_kept():
     rng = np.random.default_rng(3)
     cat = catalogue(rng)
-    seeds = [(training(rng, s), transfer(rng, g), optimal(rng)) for s, g in ((0.0, 0.3), (0.05, 0.1))]
-    data = compare("run-2", Settings(), cat, DataQuality([], []), *map(list, zip(*seeds)))
-    finals = [t.holdouts[0].arms["mtl"].rows[-1].value for _, t, _ in seeds]
+    settings = Settings(evaluation=EvalSettings(seeds=2))
+    # each seed's models and arms carry their own seed; the averages are named by the first seed's
+    seeds = [(training(rng, s, seed), transfer(rng, g, seed), optimal(rng)) for seed, (s, g) in enumerate(((0.0, 0.3), (0.05, 0.1)))]
+    data = compare("run-2", settings, cat, DataQuality([], []), *map(list, zip(*seeds)))
+    finals = [t.holdouts[0].arms[0].rows[-1].value for _, t, _ in seeds]
     (spread,) = [s.spread for s in data.spread
-                 if (s.number.measure, s.number.task, s.number.probe, s.number.arm) == ("transfer_score", "star_rating", "head", "mtl")]
+                 if (s.number.measure, s.number.task, s.number.probe, s.number.arm) == ("transfer_score", "star_rating", "head", MTL)]
     assert spread.mean == pytest.approx(np.mean(finals)) and spread.sd == pytest.approx(np.std(finals, ddof=1))
-    mean_scores = (seeds[0][1].holdouts[0].arms["mtl"].rows[-1].scores + seeds[1][1].holdouts[0].arms["mtl"].rows[-1].scores) / 2
-    np.testing.assert_allclose(data.holdouts[0].arms["mtl"].rows[-1].scores, mean_scores)
-    np.testing.assert_allclose(data.transfer.get("star_rating", "linear", "mtl").scores, mean_scores)
+    mean_scores = (seeds[0][1].holdouts[0].arms[0].rows[-1].scores + seeds[1][1].holdouts[0].arms[0].rows[-1].scores) / 2
+    np.testing.assert_allclose(data.holdouts[0].of(MTL).rows[-1].scores, mean_scores)
+    np.testing.assert_allclose(data.transfer.get("star_rating", "linear", MTL).scores, mean_scores)
+    assert set(data.training) == {PU, KENDALL} and data.seeds == [0, 1]
 
 
 def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
@@ -164,12 +172,42 @@ def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
     transfer_csv = pd.read_csv(pd.io.common.BytesIO(report.files["transfer.csv"]))
     assert set(transfer_csv["row"]) == {"entry", "aggregate"} and len(transfer_csv) == len(data.scorecard.entries) + len(
         data.scorecard.aggregates)
-    assert metrics["training"]["kendall"] == {"epochs": 3, "best_epoch": 1, "stopped_early": False,
-                                              "best_valid_relative_loss": pytest.approx(0.9), "selected_on": "valid"}
-    row = metrics["holdout"][0]["arms"]["mtl"]["rows"][-1]
-    assert row["scores"] == data.holdouts[0].arms["mtl"].rows[-1].scores.tolist()
-    assert all(v is None or not (isinstance(v, float) and math.isnan(v))
-               for v in metrics["comparisons"]["class_balance"]["kendall"]["pearson"].values())
+    assert metrics["training"][1] == {"model": KENDALL.as_dict(), "epochs": 3, "best_epoch": 1, "stopped_early": False,
+                                      "best_valid_relative_loss": pytest.approx(0.9), "selected_on": "valid"}
+    (mtl,) = [a for a in metrics["holdout"][0]["arms"] if a["arm"]["kind"] == "mtl"]
+    assert mtl["rows"][-1]["scores"] == data.holdouts[0].of(MTL).rows[-1].scores.tolist()
+    kendall = next(b for b in metrics["comparisons"]["class_balance"]["models"] if b["model"]["weighting"] == "kendall")
+    assert all(v is None or not (isinstance(v, float) and math.isnan(v)) for v in kendall["pearson"].values())
+
+
+def test_models_and_arms_round_trip_through_metrics_json_as_fields(data):
+    """metrics.json names every trained model and every arm by its fields (never a name to split): they read
+    back into the same identities, and the labels beside them are made from those fields."""
+    from gallery.evaluation.arms import SPECIALISED, arm_label, baseline_arm
+    from gallery.evaluation.report import jsonable
+
+    metrics = json.loads(json.dumps(lay_out(data).metrics))
+    assert ModelIdentity.from_dict(metrics["reference_model"]) == PU and metrics["primary_task"] == "star_rating"
+    assert [ModelIdentity.from_dict(t["model"]) for t in metrics["training"]] == list(data.training) == [PU, KENDALL]
+    assert metrics["transfer"]["arms"][0] == {"kind": "mtl", "model": {"weighting": "pseudo_uniform", "pooling": "mean",
+                                                                       "seed": 0, "backbone": "efficientnet_lite0"},
+                                              "reference": True, "backbone": None, "task": None, "label": "MTL embeddings"}
+    arms = [EmbeddingArm.from_dict(a) for a in metrics["transfer"]["arms"]]
+    assert arms == data.transfer.arms and [a["label"] for a in metrics["transfer"]["arms"]] == [arm_label(a) for a in arms]
+    assert [(s["task"], s["probe"], EmbeddingArm.from_dict(s["arm"])) for s in metrics["transfer"]["scores"]] == [
+        (s.task, s.probe, s.arm) for s in data.transfer.scores]
+    primary = metrics["scorecard"]["primary"]
+    assert (EmbeddingArm.from_dict(primary["arm"]), EmbeddingArm.from_dict(primary["baseline"])) == (MTL, IMAGENET_ARM)
+    assert [[ModelIdentity.from_dict(m["model"]) for m in r["models"]] for r in metrics["per_task"]["rows"]] == [[PU, KENDALL]] * 5
+    found = metrics["comparisons"]["findings"]["findings"]
+    assert {ModelIdentity.from_dict(f["model"]) for f in found if f["model"]} == {PU, KENDALL}
+    assert {EmbeddingArm.from_dict(f["baseline"]) for f in found if f["baseline"]} == {IMAGENET_ARM, END_TO_END_ARM}
+    gem = ModelIdentity("kendall", "gem", 2, "vgg16")   # any arm, of any kind, reads back the same
+    for arm in (mtl_arm(gem, PU), baseline_arm("timm:resnet50"), EmbeddingArm(SPECIALISED, PU, task="same_property")):
+        assert EmbeddingArm.from_dict(json.loads(json.dumps(jsonable(arm)))) == arm
+    assert arm_label(mtl_arm(gem, PU)) == "MTL embeddings (kendall+gem)" and gem.folder(first_seed=0) == "kendall+gem-seed2"
+    with pytest.raises(TypeError, match="keyed by ModelIdentity"):   # an identity is never turned into a key's text
+        jsonable({PU: 1.0})
 
 
 @pytest.mark.flow  # a fresh process importing UMAP: ~25 s

@@ -9,12 +9,17 @@ from gallery.config import Settings
 from gallery.data.ingest import ingest
 from gallery.evaluation.render import retrieval_frames, retrieval_headline, retrieval_markdown
 from gallery.evaluation.report import relevance_metrics
-from gallery.evaluation.retrieval_suite import (BINARY, FLOAT, Arm, ArmIdentity, ground_truth, no_loss_reading,
+from gallery.evaluation.arms import ATTRIBUTES_ONLY, IMAGENET_ARM, SPECIALISED, EmbeddingArm, mtl_arm
+from gallery.evaluation.retrieval_suite import (BINARY, FLOAT, RetrievalArm, ground_truth, no_loss_reading,
                                                retrieval_suite)
+from gallery.model.identity import ModelIdentity
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect
 from gallery.retrieval.codes import fit_code
 
 N = 300
+PU = ModelIdentity("pseudo_uniform", "mean", 0, "efficientnet_lite0")
+UNIFIED, ATTRIBUTES = mtl_arm(PU, PU), EmbeddingArm(ATTRIBUTES_ONLY, PU)
+SAME, CO = (EmbeddingArm(SPECIALISED, PU, task=t) for t in ("same", "co"))
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,8 @@ def vectors(noise: float, seed: int) -> np.ndarray:
     return (np.repeat(walk, 2, 0) + noise * rng.normal(size=(N, 32))).astype(np.float32)
 
 
-def arm(name, made_by, values, train, task=None):
-    return Arm(ArmIdentity(name, made_by, task), values, fit_code(values[train], "itq16"))
+def arm(which, values, train):
+    return RetrievalArm(which, values, fit_code(values[train], "itq16"))
 
 
 def test_ground_truth_and_the_claims_on_known_embeddings(catalogue):
@@ -52,22 +57,22 @@ def test_ground_truth_and_the_claims_on_known_embeddings(catalogue):
     assert truth["co"][2].tolist() == [0, 4]  # g002 co-viewed with g000 and g004, whatever their split
     train = catalogue.frame["split"].to_numpy() == "train"
     good, poor = vectors(0.05, 0), vectors(3.0, 0)
-    arms = [arm("unified", "unified", good, train), arm("specialised_same", "specialised", poor, train, "same"),
-            arm("specialised_co", "specialised", poor, train, "co"), arm("imagenet", "imagenet", poor, train)]
+    arms = [arm(UNIFIED, good, train), arm(SAME, poor, train), arm(CO, poor, train), arm(IMAGENET_ARM, poor, train)]
     result = retrieval_suite(catalogue, ids, arms, rerank=N, code="itq16")
     assert result.queries == {"same": 120, "co": 60}  # valid and test galleries with something relevant (pairs join even rows only)
-    unified = result.row("unified", "same", FLOAT).means
-    assert unified["recall@1"] > 0.9 and result.row("imagenet", "same", FLOAT).means["recall@1"] < 0.5
+    unified = result.row(UNIFIED, "same", FLOAT).means
+    assert unified["recall@1"] > 0.9 and result.row(IMAGENET_ARM, "same", FLOAT).means["recall@1"] < 0.5
     # re-ranking every candidate by cosine: the binary search is the float one
-    assert result.row("unified", "co", BINARY).means == result.row("unified", "co", FLOAT).means
+    assert result.row(UNIFIED, "co", BINARY).means == result.row(UNIFIED, "co", FLOAT).means
     claims = {(c.claim, c.task, c.metric, c.baseline): c for c in result.claims}
-    beats = claims[("unified_beats_specialised", "same", "recall@10", "specialised_same")]
-    assert beats.effect.reading == CONSISTENT and beats.effect.low > 0
-    assert ("unified_beats_specialised", "same", "recall@10", "specialised_co") not in claims  # its own task only
-    assert claims[("binary_loses_nothing", "co", "mrr", "unified")].effect.estimate == 0
-    assert claims[("binary_loses_nothing", "co", "mrr", "unified")].effect.reading == CONSISTENT
+    beats = claims[("unified_beats_specialised", "same", "recall@10", SAME)]
+    assert beats.effect.reading == CONSISTENT and beats.effect.low > 0 and beats.arm == UNIFIED
+    assert ("unified_beats_specialised", "same", "recall@10", CO) not in claims  # its own task only
+    assert ("unified_beats_imagenet", "same", "recall@10", IMAGENET_ARM) in claims
+    assert claims[("binary_loses_nothing", "co", "mrr", UNIFIED)].effect.estimate == 0
+    assert claims[("binary_loses_nothing", "co", "mrr", UNIFIED)].effect.reading == CONSISTENT
     # with the arms swapped, the reading turns
-    swapped = [arm("unified", "unified", poor, train), arm("specialised_same", "specialised", good, train, "same")]
+    swapped = [arm(UNIFIED, poor, train), arm(SAME, good, train)]
     turned = retrieval_suite(catalogue, ids, swapped, rerank=10, code="itq16")
     assert next(c for c in turned.claims if c.claim == "unified_beats_specialised").effect.reading == OPPOSITE
 
@@ -81,19 +86,21 @@ def test_no_loss_is_read_against_its_margin():
 def test_the_report_shows_every_arm_and_claim_and_keeps_per_query_values_out_of_metrics(catalogue):
     ids = catalogue.frame["gallery_id"].tolist()
     train = catalogue.frame["split"].to_numpy() == "train"
-    arms = [arm("unified", "unified", vectors(0.5, 1), train), arm("attributes_only", "attributes_only",
-                                                                    vectors(1.0, 1), train)]
+    arms = [arm(UNIFIED, vectors(0.5, 1), train), arm(ATTRIBUTES, vectors(1.0, 1), train)]
     result = retrieval_suite(catalogue, ids, arms, rerank=20, code="itq16")
     text = retrieval_markdown(result)
-    assert "| attributes_only |" in text and "recall@100 binary" in text and "unified beats attributes only" in text
+    assert "| attribute tasks only |" in text and "recall@100 binary" in text and "unified beats attributes only" in text
+    assert "(MTL embeddings - attribute tasks only)" in text
     headline = retrieval_headline(result)  # no specialised arm here: the binarised claims only
     assert headline.startswith("**Retrieval** (recall@10") and headline.count("binarised loses nothing") == 2
     assert "specialised" not in headline
     means, claims = retrieval_frames(result)
     assert set(means["search"]) == {FLOAT, BINARY} and len(means) == 2 * 2 * 2 * 4  # arms x tasks x searches x metrics
-    row = means[(means.arm == "unified") & (means.task == "same") & (means.search == FLOAT) & (means.metric == "mrr")]
-    assert row["mean"].item() == pytest.approx(result.row("unified", "same", FLOAT).scores.reciprocal_rank.mean())
+    row = means[(means.arm == "MTL embeddings") & (means.task == "same") & (means.search == FLOAT) & (means.metric == "mrr")]
+    assert row["mean"].item() == pytest.approx(result.row(UNIFIED, "same", FLOAT).scores.reciprocal_rank.mean())
     numbers = relevance_metrics(result)
     assert numbers["queries"] == {"same": 120, "co": 60} and len(numbers["rows"]) == 8
     assert all(set(r) == {"arm", "task", "search", "recall@1", "recall@10", "recall@100", "mrr"} for r in numbers["rows"])
+    assert [EmbeddingArm.from_dict(a) for a in numbers["arms"]] == [UNIFIED, ATTRIBUTES]  # fields, with their labels
+    assert [a["label"] for a in numbers["arms"]] == ["MTL embeddings", "attribute tasks only"]
     assert Settings().evaluation.retrieval_arms

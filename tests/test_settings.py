@@ -112,6 +112,33 @@ def test_a_file_that_is_not_json():
         settings_json('{"name": "x",}')
 
 
+def test_the_primary_held_out_task_is_a_setting_resolved_in_one_place():
+    """evaluation.primary_task: the paper's star rating where the catalogue holds it out, else the first
+    held-out task; a task the catalogue does not hold out fails with the ones it does."""
+    from gallery.config import primary_task
+
+    assert primary_task(Settings(), ["has_spa", "star_rating"]) == "star_rating"
+    assert primary_task(Settings(), ["has_spa", "decor_style"]) == "has_spa" and primary_task(Settings(), []) is None
+    chosen = settings_from_dict({"evaluation": {"primary_task": "stars"}})
+    assert primary_task(chosen, ["star_rating", "stars"]) == "stars"
+    with pytest.raises(SettingsError, match=r'evaluation.primary_task = "stars": not a held-out task.*allowed: has_spa'):
+        primary_task(chosen, ["has_spa"])
+
+
+def test_the_trained_models_are_identities_made_from_the_settings():
+    """Every weighting x pooling (the preset's pooling first), with a seed; the reference model among them."""
+    from gallery.config import preset_models, reference_model, trained_models
+    from gallery.model.identity import ModelIdentity
+
+    study = load_settings("study")
+    models = trained_models(study, seed=3)
+    assert len(models) == len(study.train.weightings) * (1 + len(study.train.poolings)) and len(set(models)) == len(models)
+    assert {m.seed for m in models} == {3} and models[0] == ModelIdentity(
+        study.train.weightings[0], study.model.pooling, 3, study.model.backbone)
+    assert [m.pooling for m in preset_models(study)] == [study.model.pooling] * len(study.train.weightings)
+    assert reference_model(study) in preset_models(study) and reference_model(study).seed == study.train.seed
+
+
 def test_the_presets_are_valid_and_replace_checks_new_values():
     for name in ("smoke", "default", "study", "paper"):
         assert load_settings(name).name == name

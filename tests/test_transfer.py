@@ -14,12 +14,17 @@ from gallery.data.ingest import Catalogue, ingest
 from gallery.data.labels import LabelStats
 from gallery.data.packed import PackedGalleries
 from gallery.data.tasks import Task
+from gallery.evaluation.arms import END_TO_END_ARM, IMAGENET_ARM, baseline_arm, mtl_arm
 from gallery.evaluation.holdout import vectors_as_galleries
 from gallery.evaluation.probes import Candidates, folds_of, knn_candidates, linear_candidates, out_of_fold
 from gallery.evaluation.scorecard import scorecard
 from gallery.evaluation.statistics import CONSISTENT, OPPOSITE
 from gallery.evaluation.transfer import HeldOutTask, TransferResult, probe_scores, transfer_suite
+from gallery.model.identity import ModelIdentity
 from gallery.training.cache import trunk_features
+
+PU = ModelIdentity("pseudo_uniform", "mean", 0, "efficientnet_lite0")
+MTL = mtl_arm(PU, PU)
 
 
 def test_out_of_fold_choice_never_reads_the_scored_folds_labels():
@@ -79,7 +84,7 @@ def known_catalogue(n=900, seed=0):
 
     mtl = np.column_stack([z_task, weak(z_pixel), rng.normal(size=(n, 6))])
     imagenet = np.column_stack([weak(z_task), z_pixel, rng.normal(size=(n, 6))])
-    arms = {"mtl": vectors_as_galleries(ids, mtl), "imagenet": vectors_as_galleries(ids, imagenet)}
+    arms = {MTL: vectors_as_galleries(ids, mtl), IMAGENET_ARM: vectors_as_galleries(ids, imagenet)}
     return Catalogue("m", "t", [], tasks, frame, stats), arms
 
 
@@ -90,18 +95,18 @@ def test_the_scorecard_reads_known_answers():
     scores = [s for task in catalogue.holdout for arm, store in arms.items()
               for s in probe_scores(task, catalogue, arm, store, {})]
     result = TransferResult([HeldOutTask(t.name, t.kind, "accuracy", 540, 360) for t in catalogue.holdout],
-                            {"mtl": "MTL", "imagenet": "ImageNet"}, scores, [])
+                            [MTL, IMAGENET_ARM], scores, [])
     card = scorecard(result, set(catalogue.frame.query("split == 'test'")["gallery_id"]))
     readings = {(e.task, e.probe): e.difference.reading for e in card.entries}
     assert readings == {("from_tasks", "linear"): CONSISTENT, ("from_tasks", "knn"): CONSISTENT,
                         ("from_pixels", "linear"): OPPOSITE, ("from_pixels", "knn"): OPPOSITE}
     for e in card.entries:  # the paired difference is the mean of the per-gallery differences
-        mtl, imagenet = result.get(e.task, e.probe, "mtl").scores, result.get(e.task, e.probe, "imagenet").scores
+        mtl, imagenet = result.get(e.task, e.probe, MTL).scores, result.get(e.task, e.probe, IMAGENET_ARM).scores
         assert e.difference.estimate == pytest.approx(mtl.mean() - imagenet.mean())
         assert e.error_change.estimate == pytest.approx((1 - mtl.mean()) / (1 - imagenet.mean()) - 1)
         assert e.n == 360  # every valid and test gallery, none of the train ones
     linear_only = next(a for a in card.aggregates if a.probe == "linear")
-    ratios = [(1 - result.get(e.task, "linear", "mtl").value) / (1 - result.get(e.task, "linear", "imagenet").value)
+    ratios = [(1 - result.get(e.task, "linear", MTL).value) / (1 - result.get(e.task, "linear", IMAGENET_ARM).value)
               for e in card.entries if e.probe == "linear"]
     assert linear_only.effect.estimate == pytest.approx(np.prod(ratios) ** (1 / len(ratios)) - 1)  # geometric mean
     assert linear_only.effect.low < linear_only.effect.estimate < linear_only.effect.high
@@ -149,10 +154,10 @@ def test_no_probe_is_scored_on_a_gallery_its_model_trained_on_or_whose_label_it_
     fitted, scored = [], []
     real_fit = engine.fit
 
-    def watched_fit(model, weighting, data, config, **kwargs):
+    def watched_fit(model, weighting, data, config, options):
         fitted.append([data.source.gallery_ids[r] for r in data.train_rows])
         scored.append([data.source.gallery_ids[r] for r in data.test_rows])
-        return real_fit(model, weighting, data, config, **kwargs)
+        return real_fit(model, weighting, data, config, options)
 
     monkeypatch.setattr("gallery.evaluation.holdout.fit", watched_fit)
     for name in ("linear_candidates", "knn_candidates"):
@@ -163,8 +168,8 @@ def test_no_probe_is_scored_on_a_gallery_its_model_trained_on_or_whose_label_it_
             return real(kind, train, labels, scored_x)
         monkeypatch.setattr(transfer, name, spy)
     rng = np.random.default_rng(0)
-    arms = {"mtl": vectors_as_galleries(pixels.gallery_ids, rng.normal(size=(len(pixels), 8))),
-            "imagenet": vectors_as_galleries(pixels.gallery_ids, rng.normal(size=(len(pixels), 8)))}
+    arms = {MTL: vectors_as_galleries(pixels.gallery_ids, rng.normal(size=(len(pixels), 8))),
+            IMAGENET_ARM: vectors_as_galleries(pixels.gallery_ids, rng.normal(size=(len(pixels), 8)))}
     result = transfer_suite(cat, settings, arms, features, pixels, log=lambda _: None)
 
     assert {t.kind for t in result.tasks} == {"binary", "multiclass", "regression"} and len(result.tasks) >= 4
@@ -177,7 +182,8 @@ def test_no_probe_is_scored_on_a_gallery_its_model_trained_on_or_whose_label_it_
     labelled_train = {t.name: t.train_labelled for t in result.tasks}
     assert sorted(set(train_sizes)) == sorted(set(labelled_train.values()))  # the probes saw train labels only
     assert {(s.probe, s.arm) for s in result.scores} == {(p, a) for p in ("head", "linear", "knn")
-                                                         for a in ("mtl", "imagenet")} | {("head", "end_to_end")}
+                                                         for a in (MTL, IMAGENET_ARM)} | {("head", END_TO_END_ARM)}
+    assert result.arms == [MTL, IMAGENET_ARM, END_TO_END_ARM] and result.primary_task == "star_rating"
 
 
 def test_a_pretrained_baseline_is_its_mean_pooled_features_or_a_note(small_catalogue, tmp_path):
@@ -198,7 +204,7 @@ def test_a_pretrained_baseline_is_its_mean_pooled_features_or_a_note(small_catal
     source = shard_source([shard], settings)
     notes = []
     arms, said = baseline_arms(source, settings, log=notes.append)
-    assert list(arms) == ["baseline:efficientnet_lite1"] and said == notes and len(notes) == 1
+    assert list(arms) == [baseline_arm("efficientnet_lite1")] and said == notes and len(notes) == 1
     assert "`torchvision:resnet18` was not run" in notes[0] and "not on this machine" in notes[0]
     lite1 = build_backbone("efficientnet_lite1", "imagenet", 0, 32).eval()
     pixels = ShardSource(source.index, features=False)  # the stored (re-encoded) photos every step reads
@@ -206,7 +212,7 @@ def test_a_pretrained_baseline_is_its_mean_pooled_features_or_a_note(small_catal
         x, _ = pixels.gather([row])
         with torch.no_grad():
             expected = lite1(x).mean(0)
-        np.testing.assert_allclose(arms["baseline:efficientnet_lite1"].data[row], expected.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(arms[baseline_arm("efficientnet_lite1")].data[row], expected.numpy(), rtol=2e-3, atol=2e-3)
 
 
 def test_each_fold_is_scored_by_the_grid_point_chosen_on_the_other_folds_in_every_row():
@@ -254,12 +260,12 @@ def test_every_arm_is_tuned_on_one_grid_and_the_scale_of_its_features_does_not_m
     settings = replace(settings, evaluation=replace(settings.evaluation, head_lrs=(1e-3, 3e-2), head_weight_decays=(0.0, 0.1)))
     task = next(t for t in cat.holdout if t.kind == "binary")
     x = np.random.default_rng(5).normal(size=(len(pixels), 8)) + cat.frame[task.column].fillna(0).to_numpy(float)[:, None]
-    arms = {"mtl": vectors_as_galleries(pixels.gallery_ids, x), "imagenet": vectors_as_galleries(pixels.gallery_ids, 100 * x)}
+    arms = {MTL: vectors_as_galleries(pixels.gallery_ids, x), IMAGENET_ARM: vectors_as_galleries(pixels.gallery_ids, 100 * x)}
     trained, real_fit = [], engine.fit
 
-    def counted_fit(model, weighting, data, config, **kwargs):
+    def counted_fit(model, weighting, data, config, options):
         trained.append((config.lr, config.weight_decay))
-        return real_fit(model, weighting, data, config, **kwargs)
+        return real_fit(model, weighting, data, config, options)
 
     monkeypatch.setattr("gallery.evaluation.holdout.fit", counted_fit)
     result = evaluate_holdout(cat, task, settings, arms, features, pixels, log=lambda _: None)
@@ -271,8 +277,8 @@ def test_every_arm_is_tuned_on_one_grid_and_the_scale_of_its_features_does_not_m
     timed = 1 if settings.train.use_cache else 0  # end-to-end from the cache: one more fit, timed from pixels
     assert set(per_point) == {(g.lr, g.weight_decay) for g in grid} and len(trained) == 3 * len(grid) + timed
     assert all(per_point[(g.lr, g.weight_decay)] >= 3 for g in grid)  # three arms, each once per grid point
-    mtl, scaled = result.arms["mtl"], result.arms["imagenet"]
+    mtl, scaled = result.of(MTL), result.of(IMAGENET_ARM)
     assert mtl.chosen == scaled.chosen and len(mtl.chosen) == len(set(folds_of(result.scored_ids)))
-    assert all(c in grid for arm in result.arms.values() for c in arm.chosen)
+    assert all(c in grid for arm in result.arms for c in arm.chosen)
     for a, b in zip(mtl.rows, scaled.rows):
         np.testing.assert_allclose(a.scores, b.scores)

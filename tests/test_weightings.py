@@ -14,7 +14,7 @@ from gallery.data.tasks import Task
 from gallery.model.gallery_model import GalleryModel
 from gallery.model.weightings import (DWA, FAMO, IMTLG, RLW, SI, WEIGHTINGS, Kendall, PseudoUniform, Weighting,
                                       build_weighting, imtl_g_weights)
-from gallery.training.engine import FitConfig, TrainData, fit
+from gallery.training.engine import FitConfig, FitOptions, TrainData, fit
 
 TASKS = [Task("b", "b", "binary"), Task("c", "c", "multiclass", classes=("x", "y")), Task("r", "r", "regression")]
 STATS = {"r": LabelStats("regression", {"train": 5}, mean=3.0, variance=4.0)}
@@ -133,7 +133,7 @@ def test_a_new_weighting_needs_no_change_to_the_loop(monkeypatch):
     model = GalleryModel(VectorInput(4), TASKS, 8, STATS)
     weighting = build_weighting("recording", TASKS, STATS)
     fit(model, weighting, data, FitConfig(lr=1e-2, batch_galleries=10, max_epochs=2, patience=5, precision="fp32"),
-        log=lambda _: None)
+        FitOptions(log=lambda _: None))
     steps = [c for c in weighting.calls if c[0] == "after_step"]
     epochs = [c for c in weighting.calls if c[0] == "on_epoch_end"]
     assert len(steps) == 6 and all(c[1] == (3,) and c[2] == torch.bool for c in steps)

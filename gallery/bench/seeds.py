@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gallery.config import PRESETS_DIR
+from gallery.evaluation.arms import EmbeddingArm, arm_label
+
 
 @dataclass(frozen=True)
 class ReadingId:
@@ -24,9 +26,22 @@ class ReadingId:
     kind: str                      # primary | aggregate | retrieval
     task: str | None = None
     probe: str | None = None
-    arm: str | None = None
-    baseline: str | None = None
+    arm: EmbeddingArm | None = None
+    baseline: EmbeddingArm | None = None
     metric: str | None = None
+
+    def of_any_seed(self) -> "ReadingId":
+        """The same reading of a run with another train.seed: its arms' models' seeds left out (as 0)."""
+        return replace(self, arm=_unseeded(self.arm), baseline=_unseeded(self.baseline))
+
+
+def _unseeded(arm: EmbeddingArm | None) -> EmbeddingArm | None:
+    return None if arm is None else arm.with_seed(0)
+
+
+def _arm(d: dict | None) -> EmbeddingArm | None:
+    """An arm as metrics.json holds it (its fields: gallery.evaluation.report.metrics)."""
+    return None if d is None else EmbeddingArm.from_dict(d)
 
 
 @dataclass
@@ -58,7 +73,7 @@ class Spread:
 
     task: str
     probe: str
-    arm: str
+    arm: EmbeddingArm
     values: list[float]
 
 
@@ -73,13 +88,15 @@ def readings_of(metrics: dict, seed: int) -> list[Measured]:
     card = metrics["scorecard"]
     if card.get("primary"):
         p = card["primary"]
-        add(ReadingId("primary", p["task"], p["probe"], p["arm"], p["baseline"], p["metric"]), p["difference"])
+        add(ReadingId("primary", p["task"], p["probe"], _arm(p["arm"]), _arm(p["baseline"]), p["metric"]),
+            p["difference"])
     for a in card["aggregates"]:
-        add(ReadingId("aggregate", None, a["probe"], a["arm"], a["baseline"], "error_change"), a["effect"])
+        add(ReadingId("aggregate", None, a["probe"], _arm(a["arm"]), _arm(a["baseline"]), "error_change"), a["effect"])
     relevance = metrics.get("retrieval_against_relevance") or {}
     for c in relevance.get("claims", []):
         if c["claim"] == "unified_beats_specialised":
-            add(ReadingId("retrieval", c["task"], c["search"], c["arm"], c["baseline"], c["metric"]), c["effect"])
+            add(ReadingId("retrieval", c["task"], c["search"], _arm(c["arm"]), _arm(c["baseline"]), c["metric"]),
+                c["effect"])
     return out
 
 
@@ -92,7 +109,7 @@ def agreement(per_run: list[list[Measured]]) -> list[Agreement]:
     estimate has the majority's sign (0 counts as its own sign)."""
     out = []
     for first in per_run[0]:
-        found = [next((m for m in run if m.of == first.of), None) for run in per_run]
+        found = [next((m for m in run if m.of.of_any_seed() == first.of.of_any_seed()), None) for run in per_run]
         estimates = [m.estimate if m else math.nan for m in found]
         signs = [(e > 0) - (e < 0) for e in estimates if not math.isnan(e)]
         same = Counter(signs).most_common(1)[0][1] if signs else 0
@@ -101,10 +118,14 @@ def agreement(per_run: list[list[Measured]]) -> list[Agreement]:
 
 
 def score_spread(metrics_per_run: list[dict]) -> list[Spread]:
-    """Every held-out score (task x probe x arm) across the runs."""
-    keyed = [{(s["task"], s["probe"], s["arm"]): _mean(s["scores"]) for s in m["transfer"]["scores"]}
-             for m in metrics_per_run]
-    return [Spread(*key, [k.get(key, math.nan) for k in keyed]) for key in keyed[0]]
+    """Every held-out score (task x probe x arm) across the runs (an arm of a trained model: that model's
+    repetition in each run, whatever its seed)."""
+    def key(score: dict) -> tuple:
+        return score["task"], score["probe"], _unseeded(_arm(score["arm"]))
+
+    keyed = [{key(s): _mean(s["scores"]) for s in m["transfer"]["scores"]} for m in metrics_per_run]
+    first = metrics_per_run[0]["transfer"]["scores"]
+    return [Spread(s["task"], s["probe"], _arm(s["arm"]), [k.get(key(s), math.nan) for k in keyed]) for s in first]
 
 
 def _mean(values) -> float:
@@ -114,11 +135,12 @@ def _mean(values) -> float:
 
 def label(of: ReadingId) -> str:
     """A reading as a reader reads it."""
+    arm, baseline = (arm_label(a) if a is not None else "-" for a in (of.arm, of.baseline))
     if of.kind == "primary":
-        return f"primary: `{of.task}` {of.probe}, {of.arm} - {of.baseline} ({of.metric})"
+        return f"primary: `{of.task}` {of.probe}, {arm} - {baseline} ({of.metric})"
     if of.kind == "aggregate":
-        return f"aggregate ({of.probe} probe{'s' if of.probe == 'all' else ''}): {of.arm} vs {of.baseline}, change of errors"
-    return f"retrieval `{of.task}` ({of.probe}): {of.arm} - {of.baseline}, {of.metric}"
+        return f"aggregate ({of.probe} probe{'s' if of.probe == 'all' else ''}): {arm} vs {baseline}, change of errors"
+    return f"retrieval `{of.task}` ({of.probe}): {arm} - {baseline}, {of.metric}"
 
 
 def markdown(table: list[Agreement], spread: list[Spread], seeds: list[int]) -> str:
@@ -130,7 +152,7 @@ def markdown(table: list[Agreement], spread: list[Spread], seeds: list[int]) -> 
         lines.append(f"| {label(a.of)} | " + " | ".join(cells) + f" | {a.same_sign} of {a.runs} |")
     lines += ["", f"| held-out task | probe | arm | {heads} | range |", "|" + " --- |" * (len(seeds) + 4)]
     for s in spread:
-        lines.append(f"| `{s.task}` | {s.probe} | {s.arm} | " + " | ".join(f"{v:.3f}" for v in s.values)
+        lines.append(f"| `{s.task}` | {s.probe} | {arm_label(s.arm)} | " + " | ".join(f"{v:.3f}" for v in s.values)
                      + f" | {max(s.values) - min(s.values):.3f} |")
     return "\n".join(lines)
 

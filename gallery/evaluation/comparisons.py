@@ -14,17 +14,18 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.evaluation.holdout import ARMS, HoldoutResult, Row
+from gallery.evaluation.arms import EmbeddingArm, paper_arms, reference_arm
+from gallery.evaluation.holdout import HoldoutResult, Row
 from gallery.evaluation.scorecard import Scorecard, scorecard
 from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, paired_difference,
                                            relative_increase, sign_test)
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import TransferResult
+from gallery.model.identity import ModelIdentity
 from gallery.training.engine import TrainResult
 
 # Table 2 of the paper (star rating accuracy on 250k properties), by row meaning: a fraction of one
@@ -45,12 +46,26 @@ def paper_row(row: Row):
     return PAPER_TABLE2.get(key)
 
 
+def beside_the_paper(holdout: HoldoutResult, primary_task: str | None) -> bool:
+    """Whether the paper's Table 2 figures (star rating accuracy) are shown beside this holdout's rows: the
+    primary held-out task (gallery.config.primary_task), measured by accuracy."""
+    return holdout.task == primary_task and holdout.metric == "accuracy"
+
+
 def errors_of(kind: str, scores: np.ndarray) -> np.ndarray:
     """Per-gallery errors from per-gallery scores (1/0 right, or the squared error)."""
     return scores if kind == "regression" else 1.0 - scores
 
 
 # ---------------------------------------------------------------- Table 2
+
+@dataclass
+class Versus:
+    """The reference MTL arm minus another arm, on the same galleries."""
+
+    arm: EmbeddingArm
+    effect: Effect
+
 
 @dataclass
 class Table2Comparison:
@@ -60,18 +75,25 @@ class Table2Comparison:
     row: str
     fraction: float | None
     paper: tuple[float, float, float] | None
-    versus: dict[str, Effect]   # other arm -> MTL - that arm
+    versus: list[Versus]   # each other arm of Table 2 (ImageNet transfer, end-to-end), in its column order
+
+    def against(self, arm: EmbeddingArm) -> Effect:
+        return next(v.effect for v in self.versus if v.arm == arm)
 
 
-def table2_comparisons(holdout: HoldoutResult, seed: int = 0) -> list[Table2Comparison]:
+def table2_comparisons(holdout: HoldoutResult, primary_task: str | None, seed: int = 0) -> list[Table2Comparison]:
     """Per row: MTL - ImageNet and MTL - end-to-end on the same test galleries, with the reading
-    against the paper's claim that MTL embeddings transfer best (higher accuracy, lower MSE)."""
+    against the paper's claim that MTL embeddings transfer best (higher accuracy, lower MSE); the paper's
+    figures beside the primary task's rows (`beside_the_paper`)."""
     better = 1 if holdout.metric == "accuracy" else -1
+    arms = [a.arm for a in holdout.arms]
+    mtl = holdout.of(reference_arm(arms))
+    others = [a for a in paper_arms(arms) if a != mtl.arm]
     out = []
-    for i, row in enumerate(holdout.arms["mtl"].rows):
-        paper = paper_row(row) if holdout.task == "star_rating" and better == 1 else None
-        versus = {other: paired_difference(row.scores, holdout.arms[other].rows[i].scores, seed).read(better)
-                  for other in ARMS if other != "mtl"}
+    for i, row in enumerate(mtl.rows):
+        paper = paper_row(row) if beside_the_paper(holdout, primary_task) else None
+        versus = [Versus(other, paired_difference(row.scores, holdout.of(other).rows[i].scores, seed).read(better))
+                  for other in others]
         out.append(Table2Comparison(row.label, row.fraction, paper, versus))
     return out
 
@@ -89,44 +111,63 @@ def baseline_scores(task: Task, stats: LabelStats, labels: np.ndarray) -> np.nda
     return (labels == int(np.argmax(stats.class_counts))).astype(float)
 
 
-def per_task(catalogue: Catalogue, training: dict[str, TrainResult], optimal: dict[str, TaskOptimalResult],
-             seed: int = 0) -> pd.DataFrame:
-    """One row per MTL task: test errors of each weighting, its task-optimal model and the baseline, and
-    each weighting's relative error increase over the task-optimal model with its paired interval."""
+@dataclass
+class ModelOnTask:
+    """One trained model on one MTL task (test): its error, against its task-optimal model and the baseline."""
+
+    model: ModelIdentity
+    error: float                    # 1 - accuracy, or MSE
+    relative_error_increase: Effect  # (err_MTL - err_opt) / err_opt, paired bootstrap (< 0: MTL better)
+    baseline_minus: Effect          # the majority/mean baseline's error - the model's (> 0: MTL better)
+
+
+@dataclass
+class TaskRow:
+    """One MTL task of Figure 5: its task-optimal model, its baseline, and every trained model."""
+
+    task: str
+    kind: str
+    minority_fraction: float
+    test_labelled: int
+    error_task_optimal: float
+    error_baseline: float
+    task_optimal_epochs: float
+    models: list[ModelOnTask]
+
+    def of(self, model: ModelIdentity) -> ModelOnTask:
+        return next(m for m in self.models if m.model == model)
+
+
+def per_task(catalogue: Catalogue, training: dict[ModelIdentity, TrainResult], optimal: dict[str, TaskOptimalResult],
+             seed: int = 0) -> list[TaskRow]:
+    """One row per MTL task: test errors of each trained model, its task-optimal model and the baseline, and
+    each model's relative error increase over the task-optimal model with its paired interval."""
     labels = catalogue.frame.set_index("gallery_id")
     rows = []
     for task in catalogue.tasks:
         opt = optimal[task.name]
-        row = {"task": task.name, "kind": task.kind, "minority_fraction": catalogue.stats[task.name].minority_fraction,
-               "test_labelled": opt.test_labelled, "error_task_optimal": opt.error,
-               "error_baseline": opt.baseline_error, "task_optimal_epochs": opt.epochs}
         optimal_scores = _scores_by_id(opt.test_ids, opt.test_scores)
-        for weighting, result in training.items():
+        models = []
+        for model, result in training.items():
             mtl_scores = _scores_by_id(*result.test.task(task.name))
             common = [g for g in mtl_scores if g in optimal_scores]
             mtl = np.array([mtl_scores[g] for g in common])
-            row[f"error_{weighting}"] = float(errors_of(task.kind, mtl).mean()) if len(mtl) else math.nan
-            effect = relative_increase(errors_of(task.kind, mtl),
-                                       errors_of(task.kind, np.array([optimal_scores[g] for g in common])), seed)
-            row[f"relative_error_increase_{weighting}"] = effect.estimate
-            row[f"relative_error_increase_{weighting}_low"] = effect.low
-            row[f"relative_error_increase_{weighting}_high"] = effect.high
+            increase = relative_increase(errors_of(task.kind, mtl),
+                                         errors_of(task.kind, np.array([optimal_scores[g] for g in common])), seed)
             base = baseline_scores(task, catalogue.stats[task.name], labels.loc[common, task.name].to_numpy(float))
             versus = paired_difference(errors_of(task.kind, base), errors_of(task.kind, mtl), seed)
-            row[f"baseline_minus_{weighting}"], row[f"baseline_minus_{weighting}_low"] = versus.estimate, versus.low
-            row[f"baseline_minus_{weighting}_high"] = versus.high
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _effect(row, column: str) -> Effect:
-    return Effect(row[column], row[f"{column}_low"], row[f"{column}_high"])
+            models.append(ModelOnTask(model, float(errors_of(task.kind, mtl).mean()) if len(mtl) else math.nan,
+                                      increase, versus))
+        rows.append(TaskRow(task.name, task.kind, catalogue.stats[task.name].minority_fraction, opt.test_labelled,
+                            opt.error, opt.baseline_error, opt.epochs, models))
+    return rows
 
 
 @dataclass
 class VersusOptimal:
     """How the tasks split between MTL and the task-optimal models, by their intervals."""
 
+    model: ModelIdentity
     clearly_worse: int
     clearly_better: int
     not_distinguishable: int
@@ -135,15 +176,20 @@ class VersusOptimal:
     paper_named_tasks: dict[str, Effect]  # B1, B3, B11: the paper finds them better under MTL
 
 
-def mtl_vs_optimal(table: pd.DataFrame, weighting: str) -> VersusOptimal:
+def paper_code(task: str) -> str:
+    """The paper's code of a task of its Table 1 (`B1` of `B1_breakfast`): the spec's names begin with it."""
+    return task.split("_")[0]
+
+
+def mtl_vs_optimal(rows: list[TaskRow], model: ModelIdentity) -> VersusOptimal:
     """How the tasks split: MTL clearly worse (interval above 0), clearly better, or not distinguishable;
     the share of tasks where MTL's error is higher, with a sign test (the paper: worse on most tasks),
     and the paper's named tasks (B1, B3, B11 better under MTL)."""
-    effects = [(r["task"], _effect(r, f"relative_error_increase_{weighting}")) for _, r in table.iterrows()]
+    effects = [(r.task, r.of(model).relative_error_increase) for r in rows]
     decided = [e for _, e in effects if not math.isnan(e.estimate)]
     worse = sign_test(sum(e.estimate > 0 for e in decided), sum(e.estimate < 0 for e in decided))
-    named = {name: e.read(-1) for name, e in effects if name.split("_")[0] in PAPER_MTL_BETTER}
-    return VersusOptimal(sum(e.side() == 1 for e in decided), sum(e.side() == -1 for e in decided),
+    named = {name: e.read(-1) for name, e in effects if paper_code(name) in PAPER_MTL_BETTER}
+    return VersusOptimal(model, sum(e.side() == 1 for e in decided), sum(e.side() == -1 for e in decided),
                          sum(e.side() == 0 for e in decided), len(decided), worse.read(+1, null=0.5), named)
 
 
@@ -151,6 +197,8 @@ def mtl_vs_optimal(table: pd.DataFrame, weighting: str) -> VersusOptimal:
 class WeightingWins:
     """Pseudo-uniform against Kendall: tasks where each has the lower error."""
 
+    model: ModelIdentity     # the pseudo-uniform model
+    against: ModelIdentity   # the Kendall model
     wins: int
     losses: int
     ties: int
@@ -158,36 +206,44 @@ class WeightingWins:
     share: Effect   # share of decided tasks pseudo-uniform wins (sign test)
 
 
-def weighting_wins(table: pd.DataFrame) -> WeightingWins:
+def weighting_wins(rows: list[TaskRow], pseudo_uniform: ModelIdentity, kendall: ModelIdentity) -> WeightingWins:
     """Pseudo-uniform against Kendall: tasks with the lower error, a sign test over the decided ones."""
-    pu, kendall = table["error_pseudo_uniform"], table["error_kendall"]
-    wins, losses = int((pu < kendall).sum()), int((pu > kendall).sum())
-    return WeightingWins(wins, losses, len(table) - wins - losses, len(table), sign_test(wins, losses).read(+1, null=0.5))
+    pu, other = np.array([r.of(pseudo_uniform).error for r in rows]), np.array([r.of(kendall).error for r in rows])
+    wins, losses = int((pu < other).sum()), int((pu > other).sum())
+    return WeightingWins(pseudo_uniform, kendall, wins, losses, len(rows) - wins - losses, len(rows),
+                         sign_test(wins, losses).read(+1, null=0.5))
+
+
+def paper_pair(models: list[ModelIdentity]) -> tuple[ModelIdentity, ModelIdentity] | None:
+    """The paper's two weightings among `models` (of one pooling), pseudo-uniform first, when both are there."""
+    found = {m.weighting: m for m in models}
+    return (found[PAPER_WEIGHTINGS[0]], found[PAPER_WEIGHTINGS[1]]) if set(PAPER_WEIGHTINGS) <= set(found) else None
 
 
 @dataclass
 class VersusBaseline:
+    model: ModelIdentity
     tasks: int
     clearly_better: int
     clearly_worse: int
     reading: str
 
 
-def mtl_vs_baseline(table: pd.DataFrame, weighting: str) -> VersusBaseline:
+def mtl_vs_baseline(rows: list[TaskRow], model: ModelIdentity) -> VersusBaseline:
     """MTL against the majority/mean baseline per task (the paper: better on every single task)."""
-    effects = [_effect(r, f"baseline_minus_{weighting}") for _, r in table.iterrows()]
-    decided = [e for e in effects if not math.isnan(e.estimate)]
+    decided = [e for e in (r.of(model).baseline_minus for r in rows) if not math.isnan(e.estimate)]
     better, against = sum(e.side() == 1 for e in decided), sum(e.side() == -1 for e in decided)
     verdict = CONSISTENT if decided and better == len(decided) else OPPOSITE if against else NOISE
-    return VersusBaseline(len(decided), better, against, verdict)
+    return VersusBaseline(model, len(decided), better, against, verdict)
 
 
 # ---------------------------------------------------------------- Figure 6
 
 @dataclass
 class ClassBalance:
-    """Figure 6 for one weighting: minority-class fraction against relative error increase."""
+    """Figure 6 for one model: minority-class fraction against relative error increase."""
 
+    model: ModelIdentity
     n: int
     pearson: Effect     # with the reading against the paper's r > 0
     spearman: Effect
@@ -196,19 +252,24 @@ class ClassBalance:
     reading: str
 
 
-def class_balance(table: pd.DataFrame, weightings, seed: int = 0) -> dict[str, ClassBalance]:
+def balance_points(rows: list[TaskRow], model: ModelIdentity) -> tuple[np.ndarray, np.ndarray]:
+    """Binary tasks with both numbers: minority-class fractions and the model's relative error increases."""
+    pairs = [(r.minority_fraction, r.of(model).relative_error_increase.estimate) for r in rows if r.kind == "binary"]
+    pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
+    return np.array([x for x, _ in pairs], float), np.array([y for _, y in pairs], float)
+
+
+def class_balance(rows: list[TaskRow], models, seed: int = 0) -> dict[ModelIdentity, ClassBalance]:
     """Binary tasks: minority-class fraction against relative error increase: Pearson and Spearman
     with intervals, the least-squares line for the figure, and the reading against the paper's r > 0."""
     out = {}
-    binary = table[table["kind"] == "binary"]
-    for weighting in weightings:
-        pairs = binary[["minority_fraction", f"relative_error_increase_{weighting}"]].dropna()
-        x, y = pairs.iloc[:, 0].to_numpy(float), pairs.iloc[:, 1].to_numpy(float)
+    for model in models:
+        x, y = balance_points(rows, model)
         found = correlations(x, y, seed)
         slope, intercept = np.polyfit(x, y, 1) if len(x) >= 2 and np.ptp(x) > 0 else (math.nan, math.nan)
         pearson = found["pearson"].read(+1)
-        out[weighting] = ClassBalance(len(pairs), pearson, found["spearman"], float(slope), float(intercept),
-                                      pearson.reading)
+        out[model] = ClassBalance(model, len(x), pearson, found["spearman"], float(slope), float(intercept),
+                                  pearson.reading)
     return out
 
 
@@ -228,15 +289,15 @@ HELPS_IMBALANCED = "helps_most_where_imbalanced"
 class Finding:
     """One of the paper's claims tested by this run: what was measured (an effect with its interval, or a
     count read by a test), the reading, and the paper's figure where it gives one. Who it is about are
-    fields: the weighting, the held-out task, the baseline arm, the Table 2 row."""
+    fields: the model, the held-out task, the baseline arm, the Table 2 row."""
 
     claim: str                     # one of the identifiers above
     reading: str
     effect: Effect                 # the measured effect and its 95% interval
     paper: tuple[float, ...] | None = None   # the paper's figure(s): Table 2 (MTL, other arm), a share, an r
-    weighting: str | None = None
+    model: ModelIdentity | None = None       # the trained model a claim about one weighting is about
     task: str | None = None
-    baseline: str | None = None    # the other arm (transfer suite arm names)
+    baseline: EmbeddingArm | None = None     # the other arm
     row: str | None = None         # Table 2's row label
     pairs: int | None = None       # task x probe pairs an aggregate covers
     probes: tuple[str, ...] = ()   # the probes an effect rests on (gallery.evaluation.probes.PROBES)
@@ -246,39 +307,41 @@ class Finding:
 
 
 def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Table2Comparison]]],
-             optimal: dict[str, VersusOptimal], wins: WeightingWins | None, baseline: dict[str, VersusBaseline],
-             balance: dict[str, ClassBalance]) -> list[Finding]:
+             optimal: dict[ModelIdentity, VersusOptimal], wins: WeightingWins | None,
+             baseline: dict[ModelIdentity, VersusBaseline], balance: dict[ModelIdentity, ClassBalance]) -> list[Finding]:
     """Each of the paper's claims with this run's effect and the reading of its test: the list the report
     sorts into reproduced, not resolved and contradicted. `card`: the transfer scorecard (its aggregates
-    over every held-out task and probe); `optimal`, `baseline`, `balance`: per weighting; only the paper's
-    two weightings have findings (its claims are about them), any other trained weighting is compared in
-    the report's tables, not here."""
-    optimal, baseline, balance = ({w: v for w, v in d.items() if w in PAPER_WEIGHTINGS}
+    over every held-out task and probe, of the reference MTL arm); `optimal`, `baseline`, `balance`: per
+    model; only the paper's two weightings have findings (its claims are about them), any other trained
+    weighting is compared in the report's tables, not here."""
+    optimal, baseline, balance = ({m: v for m, v in d.items() if m.weighting in PAPER_WEIGHTINGS}
                                   for d in (optimal, baseline, balance))
+    mtl = [a for a in (card.aggregates if card else []) if a.arm is not None and a.arm.reference and a.probe == "all"]
     out = [Finding(TRANSFER_BEATS, a.effect.reading, a.effect, baseline=a.baseline, pairs=a.entries,
-                   probes=tuple(dict.fromkeys(e.probe for e in card.entries if (e.arm, e.baseline) == ("mtl", a.baseline))))
-           for a in (card.aggregates if card else []) if a.arm == "mtl" and a.probe == "all"]
+                   probes=tuple(dict.fromkeys(e.probe for e in card.entries if (e.arm, e.baseline) == (a.arm, a.baseline))))
+           for a in mtl]
     for holdout, rows in holdouts:
         one_epoch = [r for r in rows[:-1] if r.fraction == 1.0]
         for row in one_epoch[-1:] + rows[-1:]:   # after one epoch of the labelled data, and after all epochs
-            for k, other in ((1, "imagenet"), (2, "end_to_end")):
-                e = row.versus[other]
+            for k, versus in enumerate(row.versus, start=1):   # the paper's columns: ImageNet, end-to-end
+                e = versus.effect
                 out.append(Finding(TABLE2_BEATS, e.reading, e, (row.paper[0], row.paper[k]) if row.paper else None,
-                                   task=holdout.task, baseline=other, row=row.row, probes=("head",),
+                                   task=holdout.task, baseline=versus.arm, row=row.row, probes=("head",),
                                    metric=holdout.metric))
-    for w, o in optimal.items():
-        out.append(Finding(WORSE_THAN_OPTIMAL, o.share_worse.reading, o.share_worse, weighting=w,
+    for m, o in optimal.items():
+        out.append(Finding(WORSE_THAN_OPTIMAL, o.share_worse.reading, o.share_worse, model=m,
                            clearly_for=o.clearly_worse, clearly_against=o.clearly_better))
-        out += [Finding(NAMED_TASK_BETTER, e.reading, e, weighting=w, task=task) for task, e in o.paper_named_tasks.items()]
+        out += [Finding(NAMED_TASK_BETTER, e.reading, e, model=m, task=task) for task, e in o.paper_named_tasks.items()]
     if wins:
         out.append(Finding(PU_BEATS_KENDALL, wins.share.reading, wins.share, (PAPER_PU_WINS[0] / PAPER_PU_WINS[1],),
                            clearly_for=wins.wins, clearly_against=wins.losses))
-    for w, b in baseline.items():
+    for m, b in baseline.items():
         share = Effect(b.clearly_better / b.tasks if b.tasks else math.nan, math.nan, math.nan, None, b.tasks,
                        "tasks whose interval excludes no effect on MTL's side")
-        out.append(Finding(BEATS_MAJORITY, b.reading, share, weighting=w, clearly_for=b.clearly_better,
+        out.append(Finding(BEATS_MAJORITY, b.reading, share, model=m, clearly_for=b.clearly_better,
                            clearly_against=b.clearly_worse))
-    out += [Finding(HELPS_IMBALANCED, b.reading, b.pearson, (PAPER_BALANCE_R[w],), weighting=w) for w, b in balance.items()]
+    out += [Finding(HELPS_IMBALANCED, b.reading, b.pearson, (PAPER_BALANCE_R[m.weighting],), model=m)
+            for m, b in balance.items()]
     return out
 
 
@@ -290,32 +353,37 @@ class HeadlineNumber:
     value: float                   # class_balance_pearson | tasks_pseudo_uniform_beats_kendall
     task: str | None = None
     probe: str | None = None
-    arm: str | None = None
-    baseline: str | None = None
-    weighting: str | None = None
+    arm: EmbeddingArm | None = None
+    baseline: EmbeddingArm | None = None
+    model: ModelIdentity | None = None
 
     @property
     def identity(self) -> tuple:
-        return (self.measure, self.task, self.probe, self.arm, self.baseline, self.weighting)
+        """What the number is of, its seed left out: the same number of every seed's repetition."""
+        unseeded = lambda x: None if x is None else x.with_seed(0)  # noqa: E731
+        return (self.measure, self.task, self.probe, unseeded(self.arm), unseeded(self.baseline), unseeded(self.model))
 
 
-def headline_numbers(catalogue: Catalogue, training: dict[str, TrainResult], transfer: TransferResult,
-                     optimal: dict[str, TaskOptimalResult], seed: int = 0) -> list[HeadlineNumber]:
-    """One seed's headline numbers, for their spread across seeds (gallery.evaluation.statistics.spread)."""
+def headline_numbers(catalogue: Catalogue, training: dict[ModelIdentity, TrainResult], transfer: TransferResult,
+                     optimal: dict[str, TaskOptimalResult], pooling: str, seed: int = 0) -> list[HeadlineNumber]:
+    """One seed's headline numbers, for their spread across seeds (gallery.evaluation.statistics.spread);
+    `pooling`: the preset's (pseudo-uniform against Kendall compares its two models)."""
+    paper = paper_arms(transfer.arms)
     numbers = [HeadlineNumber("transfer_score", s.value, task=s.task, probe=s.probe, arm=s.arm)
-               for s in transfer.scores if s.arm in ARMS]
+               for s in transfer.scores if s.arm in paper]
     test_ids = set(catalogue.frame.loc[catalogue.frame["split"] == "test", "gallery_id"])
     numbers += [HeadlineNumber("transfer_error_change", a.effect.estimate, arm=a.arm, baseline=a.baseline, probe=a.probe)
-                for a in scorecard(transfer, test_ids, seed).aggregates if a.arm == "mtl"]
-    table = per_task(catalogue, training, optimal)
-    binary = table[table["kind"] == "binary"]
-    for w in training:
+                for a in scorecard(transfer, test_ids, seed).aggregates if a.arm is not None and a.arm.reference]
+    rows = per_task(catalogue, training, optimal)
+    for m in training:
+        increases = [e for e in (r.of(m).relative_error_increase.estimate for r in rows) if not math.isnan(e)]
         numbers.append(HeadlineNumber("median_relative_error_increase",
-                                      float(table[f"relative_error_increase_{w}"].median()), weighting=w))
-        pairs = binary[["minority_fraction", f"relative_error_increase_{w}"]].dropna()
-        numbers.append(HeadlineNumber("class_balance_pearson", float(np.corrcoef(pairs.iloc[:, 0], pairs.iloc[:, 1])[0, 1])
-                                      if len(pairs) > 2 else math.nan, weighting=w))
-    if {"pseudo_uniform", "kendall"} <= set(training):
+                                      float(np.median(increases)) if increases else math.nan, model=m))
+        x, y = balance_points(rows, m)
+        numbers.append(HeadlineNumber("class_balance_pearson", float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 else math.nan,
+                                      model=m))
+    pair = paper_pair([m for m in training if m.pooling == pooling])
+    if pair:
         numbers.append(HeadlineNumber("tasks_pseudo_uniform_beats_kendall",
-                                      float((table["error_pseudo_uniform"] < table["error_kendall"]).sum())))
+                                      float(sum(r.of(pair[0]).error < r.of(pair[1]).error for r in rows))))
     return numbers

@@ -34,29 +34,16 @@ from gallery.data.ingest import Catalogue
 from gallery.data.packed import PackedGalleries
 from gallery.data.readers import batches_of
 from gallery.data.tasks import Task
+from gallery.evaluation.arms import END_TO_END_ARM, EmbeddingArm, arm_label
 from gallery.evaluation.probes import chosen_out_of_fold, folds_of, scaler
 from gallery.evaluation.task_optimal import baseline
 from gallery.model.gallery_model import GalleryModel, build_model
 from gallery.model.weightings import PseudoUniform
-from gallery.training.engine import FitConfig, TrainData, fit, score
+from gallery.training.engine import FitConfig, FitHooks, FitOptions, TrainData, fit, score
 
-ARMS = {"mtl": "MTL embeddings", "imagenet": "ImageNet transfer", "end_to_end": "End-to-end model"}  # the paper's
 SCORED_SPLITS = ("valid", "test")  # the galleries no embedding model trained on
-
-
-def arm_label(arm: str) -> str:
-    """`mtl`, `mtl:<weighting>`, `imagenet`, `baseline:<backbone>`, `end_to_end` as a reader reads them."""
-    if arm in ARMS:
-        return ARMS[arm]
-    kind, _, name = arm.partition(":")
-    return f"MTL embeddings ({name})" if kind == "mtl" else f"{name} ImageNet features"
 PIXEL_TIMING_STEPS = 5
 SCORING_GALLERIES = 256  # galleries per scoring batch: eval mode, so the rows' scores do not depend on it
-
-
-def paper_task(tasks: list[str]) -> str | None:
-    """The held-out task Table 2 shows: the paper's star rating, else the first held-out task."""
-    return "star_rating" if "star_rating" in tasks else tasks[0] if tasks else None
 
 
 class VectorInput(nn.Module):
@@ -105,7 +92,7 @@ class HeadSetting:
 
 @dataclass
 class ArmResult:
-    arm: str
+    arm: EmbeddingArm
     rows: list[Row]
     train_seconds: float          # every grid point's training, summed: what tuning cost
     seconds_per_instance: float   # one training's, averaged over the grid
@@ -125,12 +112,18 @@ class HoldoutResult:
     train_galleries: int
     scored_galleries: int
     scored_ids: list[str]
-    arms: dict[str, ArmResult]
+    arms: list[ArmResult]         # each arm's, in the suite's order (end-to-end last)
     baseline: float               # majority class (accuracy) or train mean (MSE), on the scored galleries
     grid: list[HeadSetting] = field(default_factory=list)
     split: str = "+".join(SCORED_SPLITS)
     selected_on: str = ("the learning rate and weight decay, per arm, on the other folds of the scored galleries "
                         "(after all epochs); every row is a fixed budget")
+
+    def of(self, arm: EmbeddingArm) -> ArmResult:
+        return next(a for a in self.arms if a.arm == arm)
+
+    def has(self, arm: EmbeddingArm) -> bool:
+        return any(a.arm == arm for a in self.arms)
 
 
 def _row(label: str, seen: int, scores: np.ndarray, kind: str, fraction=None, epochs=None) -> Row:
@@ -182,7 +175,8 @@ def progressive_training(model: GalleryModel, data: TrainData, config: FitConfig
             fraction, _ = marks.pop(0)
             kept.append(((f"{fraction:.0%} of one epoch", info.galleries_seen, fraction, None), trained_state(model)))
 
-    fit(model, PseudoUniform(model.tasks, stats), data, config, log=log, on_step=on_step, time_steps=True, select=False)
+    fit(model, PseudoUniform(model.tasks, stats), data, config,
+        options=FitOptions(log=log, hooks=FitHooks(on_step=on_step), time_steps=True, select=False))
     final = scores()
     kept.append(((f"{config.max_epochs} epochs", timed["galleries"], None, config.max_epochs), None))
 
@@ -201,9 +195,9 @@ def seconds_per_instance_from_pixels(model: GalleryModel, data: TrainData, confi
     rows = np.concatenate(batches_of(data.train_rows, config.batch_galleries)[:PIXEL_TIMING_STEPS + 1])
     few = TrainData(data.source, data.targets, rows, rows[:0], rows[:0], False, data.workers)
     timed = []
+    on_step = lambda info: timed.append((info.seconds, info.galleries)) if info.step else None  # noqa: E731
     fit(model, PseudoUniform(model.tasks, stats), few, replace(config, max_epochs=1),
-        log=lambda _: None, time_steps=True, select=False,
-        on_step=lambda info: timed.append((info.seconds, info.galleries)) if info.step else None)
+        options=FitOptions(log=lambda _: None, hooks=FitHooks(on_step=on_step), time_steps=True, select=False))
     return sum(s for s, _ in timed) / max(sum(g for _, g in timed), 1)
 
 
@@ -234,7 +228,7 @@ def tuned_rows(kind: str, runs: list[GridRun], folds: np.ndarray) -> tuple[list[
     return rows, [int(best[folds == f][0]) for f in np.unique(folds)]
 
 
-def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms: dict[str, PackedGalleries],
+def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms: dict[EmbeddingArm, PackedGalleries],
                      shards, pixels, log=print, time_from_pixels: bool = True) -> HoldoutResult:
     """The 2-layer head on every vector arm (`arms`: one vector per gallery, the same galleries in the
     same order) and end-to-end from `shards` (the preprocessed galleries as the preset trains: features
@@ -244,9 +238,9 @@ def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms:
     config = FitConfig.of(settings.train, batch_galleries=ev.batch_galleries, max_epochs=ev.holdout_epochs,
                           patience=None)
     grid = [HeadSetting(lr, wd) for lr in ev.head_lrs for wd in ev.head_weight_decays]
-    results, ids, data = {}, None, None
-    for arm, store in [*arms.items(), ("end_to_end", shards)]:
-        end_to_end = arm == "end_to_end"
+    results, ids, data = [], None, None
+    for arm, store in [*arms.items(), (END_TO_END_ARM, shards)]:
+        end_to_end = arm == END_TO_END_ARM
         from_features = settings.train.use_cache if end_to_end else True
         workers = settings.data.loader_workers if end_to_end else 0
         data = scored_rows(TrainData.from_catalogue(catalogue.frame, [task], store, from_features, workers).labelled())
@@ -254,7 +248,7 @@ def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms:
             data = replace(data, source=standardised(store, data.train_rows))
         scored = [store.gallery_ids[r] for r in data.test_rows]
         if ids is not None and scored != ids:
-            raise ValueError(f"held-out arms disagree on the scored galleries ({arm}); they must be paired")
+            raise ValueError(f"held-out arms disagree on the scored galleries ({arm_label(arm)}); they must be paired")
         ids = scored
 
         def model():
@@ -276,7 +270,7 @@ def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms:
                 result.seconds_per_instance_from_pixels = seconds_per_instance_from_pixels(
                     model(), replace(data, source=pixels, from_features=False),
                     replace(config, lr=chosen.lr, weight_decay=chosen.weight_decay), stats)
-        results[arm] = result
+        results.append(result)
         log(f"held-out {task.name} / {arm_label(arm)}, 2-layer head: {metric_name(task)} {result.rows[-1].value:.4f} "
             f"after {ev.holdout_epochs} epochs (tuned on {len(grid)} settings: {chosen_text(result.chosen)}), "
             f"{result.seconds_per_instance * 1000:.2f} ms per instance")

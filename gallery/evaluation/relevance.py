@@ -86,11 +86,9 @@ class RankingScores:
 
     def values(self, metric: str) -> np.ndarray:
         """The per-query values of "recall@<k>" or "mrr" (reciprocal ranks, whose mean is the MRR)."""
-        if metric == "mrr":
-            return self.reciprocal_rank
-        k = metric.removeprefix("recall@")
-        if metric.startswith("recall@") and k.isdigit() and int(k) in self.recall:
-            return self.recall[int(k)]
+        named = {**{f"recall@{k}": values for k, values in self.recall.items()}, "mrr": self.reciprocal_rank}
+        if metric in named:   # names made from the k's, looked up: never read back into a k
+            return named[metric]
         raise ValueError(f"no metric {metric!r} here: one of {', '.join(self.metrics)}")
 
 

@@ -16,39 +16,43 @@ import pandas as pd  # noqa: E402
 import gallery.storage as storage  # noqa: E402
 from gallery.data.images import DataQuality  # noqa: E402
 import gallery.evaluation.comparisons as comparisons  # noqa: E402
+from gallery.evaluation.arms import END_TO_END_ARM, IMAGENET_ARM, MTL, EmbeddingArm, arm_label, paper_arms  # noqa: E402
 from gallery.evaluation.comparisons import (PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE,  # noqa: E402
-                                            ClassBalance, Finding, HeadlineNumber, Table2Comparison, VersusBaseline,
-                                            VersusOptimal, WeightingWins, paper_row)
-from gallery.evaluation.holdout import ARMS, HoldoutResult, arm_label, chosen_text  # noqa: E402
+                                            ClassBalance, Finding, HeadlineNumber, Table2Comparison, TaskRow,
+                                            VersusBaseline, VersusOptimal, WeightingWins, beside_the_paper, paper_code,
+                                            paper_row)
+from gallery.evaluation.holdout import HoldoutResult, chosen_text  # noqa: E402
 from gallery.evaluation.neighbours import SEARCHES, BinaryVsFloat  # noqa: E402
 from gallery.evaluation.probes import PROBES  # noqa: E402
 from gallery.evaluation.projection import projection_figure  # noqa: E402
 from gallery.evaluation.report import ReportData, SeedSpread, metrics  # noqa: E402
 from gallery.evaluation.retrieval_examples import retrieval_figure  # noqa: E402
-from gallery.evaluation.retrieval_suite import BINARY, FLOAT, NON_INFERIORITY, RetrievalResult  # noqa: E402
+from gallery.evaluation.retrieval_suite import (BINARY, FLOAT, LOSES_NOTHING, NON_INFERIORITY,  # noqa: E402
+                                               RetrievalResult)
 from gallery.evaluation.scorecard import Scorecard  # noqa: E402
 from gallery.evaluation.study import BETTER, STUDY_PROBES, CellRanking  # noqa: E402
 from gallery.evaluation.transfer import TransferResult  # noqa: E402
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect, effect_text  # noqa: E402
+from gallery.model.identity import ModelIdentity  # noqa: E402
 from gallery.training.engine import TrainResult  # noqa: E402
 
 
-def training_curves(training: dict[str, TrainResult]):
-    """Per weighting, train and validation loss per epoch, each task's loss relative to its first epoch
+def training_curves(training: dict[ModelIdentity, TrainResult]):
+    """Per model, train and validation loss per epoch, each task's loss relative to its first epoch
     and averaged over tasks: unweighted, so the weightings' curves compare (valid: what early stopping watches)."""
     columns = min(len(training), 4)
     rows = -(-len(training) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.5 * rows), squeeze=False)
     for ax in axes.flat[len(training):]:
         ax.set_visible(False)
-    for ax, (weighting, result) in zip(axes.flat, training.items()):
+    for ax, (model, result) in zip(axes.flat, training.items()):
         epochs = [h.epoch + 1 for h in result.history]
         first = np.array(list(result.history[0].train_task_losses.values()), float)
         train = [np.nanmean(np.array(list(h.train_task_losses.values()), float) / first) for h in result.history]
         ax.plot(epochs, train, marker="o", label="train")
         ax.plot(epochs, [h.valid_criterion[0] for h in result.history], marker="o", label="valid")
         ax.axvline(result.best_epoch + 1, color="grey", linestyle=":", label="selected (valid)")
-        ax.set(title=weighting, xlabel="epoch", ylabel="mean task loss / first epoch's")
+        ax.set(title=model.label(), xlabel="epoch", ylabel="mean task loss / first epoch's")
         ax.legend()
     fig.tight_layout()
     return fig
@@ -67,11 +71,11 @@ def quality_markdown(quality: DataQuality, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def training_markdown(training: dict[str, TrainResult]) -> str:
+def training_markdown(training: dict[ModelIdentity, TrainResult]) -> str:
     lines = ["| weighting | epochs | selected epoch (valid) | valid relative loss there | stopped early | "
              "galleries/s (last epoch) |", "| --- | --- | --- | --- | --- | --- |"]
-    for weighting, r in training.items():
-        lines.append(f"| {weighting} | {len(r.history)} | {r.best_epoch + 1} | {r.best_criterion:.4f} | "
+    for model, r in training.items():
+        lines.append(f"| {model.label()} | {len(r.history)} | {r.best_epoch + 1} | {r.best_criterion:.4f} | "
                      f"{'yes' if r.stopped_early[0] else 'no'} | {r.history[-1].galleries_per_s:,.1f} |")
     return "\n".join(lines)
 
@@ -106,32 +110,44 @@ class Report:
         return "\n\n".join(f"![{c}]({c})" if kind == "png" else c for kind, c in self.blocks) + "\n"
 
 
+def arm_columns(arm: EmbeddingArm | None, prefix: str = "arm") -> dict:
+    """An arm in a CSV row: its label, and its fields beside it (so a table is filtered by fields, not by label)."""
+    if arm is None:
+        return {prefix: None}
+    model = arm.model
+    return {prefix: arm_label(arm), f"{prefix}_kind": arm.kind, f"{prefix}_reference": arm.reference,
+            f"{prefix}_weighting": model.weighting if model else None, f"{prefix}_pooling": model.pooling if model else None,
+            f"{prefix}_backbone": model.backbone if model else arm.backbone, f"{prefix}_task": arm.task}
+
+
 def fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
 def table2_frame(holdout: HoldoutResult) -> pd.DataFrame:
     """Long format: one row per (row label, arm), plus the baseline."""
-    rows = [{"holdout_task": holdout.task, "row": r.label, "arm": arm, "metric": holdout.metric, "split": holdout.split,
-             "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high, "galleries_seen": r.galleries_seen}
-            for arm, result in holdout.arms.items() for r in result.rows]
+    rows = [{"holdout_task": holdout.task, "row": r.label, **arm_columns(result.arm), "metric": holdout.metric,
+             "split": holdout.split, "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
+             "galleries_seen": r.galleries_seen}
+            for result in holdout.arms for r in result.rows]
     rows.append({"holdout_task": holdout.task, "row": "baseline", "arm": "majority" if holdout.metric == "accuracy"
                  else "mean", "metric": holdout.metric, "split": holdout.split, "value": holdout.baseline, "ci_low": None,
                  "ci_high": None, "galleries_seen": holdout.train_galleries})
     return pd.DataFrame(rows)
 
 
-def table2_markdown(holdout: HoldoutResult) -> str:
+def table2_markdown(holdout: HoldoutResult, primary_task: str | None) -> str:
     """The arms' metric per row with 95% intervals; the paper's column only beside rows that mean what
-    its rows mean (a fraction of the first epoch, or 4 epochs) and only for the star-rating accuracy."""
-    arms = [a for a in ARMS if a in holdout.arms]  # the paper's three
-    paper = holdout.task == "star_rating" and holdout.metric == "accuracy"
-    head = "| data seen | " + " | ".join(ARMS[a] for a in arms) + (" | paper (MTL / ImageNet / end-to-end) |" if paper else " |")
+    its rows mean (a fraction of the first epoch, or 4 epochs) and only for the primary task's accuracy
+    (gallery.evaluation.comparisons.beside_the_paper)."""
+    arms = paper_arms([a.arm for a in holdout.arms])  # the paper's three
+    paper = beside_the_paper(holdout, primary_task)
+    head = "| data seen | " + " | ".join(arm_label(a) for a in arms) + (" | paper (MTL / ImageNet / end-to-end) |" if paper else " |")
     lines = [head, "|" + " --- |" * (len(arms) + 1 + paper)]
-    for i, first in enumerate(holdout.arms[arms[0]].rows):
+    for i, first in enumerate(holdout.of(arms[0]).rows):
         cells = [f"{first.label} ({first.galleries_seen} galleries)"]
         for arm in arms:
-            r = holdout.arms[arm].rows[i]
+            r = holdout.of(arm).rows[i]
             ci = f" [{fmt(r.ci_low, 2)}, {fmt(r.ci_high, 2)}]" if r.ci_low is not None else ""
             cells.append(f"{fmt(r.value)}{ci}")
         if paper:
@@ -142,14 +158,14 @@ def table2_markdown(holdout: HoldoutResult) -> str:
     base = "majority class" if holdout.metric == "accuracy" else "train mean"
     lines.append(f"| {base} baseline | " + " | ".join(fmt(holdout.baseline) for _ in arms) + end)
     lines.append("| training time per instance, training steps as the arm runs them | " + " | ".join(
-        _ms(holdout.arms[a].seconds_per_instance) for a in arms)
+        _ms(holdout.of(a).seconds_per_instance) for a in arms)
         + (f" | {PAPER_TIME_PER_INSTANCE['mtl']} / - / {PAPER_TIME_PER_INSTANCE['end_to_end']} |" if paper else " |"))
     lines.append("| training time per instance from pixels, every layer of the model | - | - | "
-                 + _ms(holdout.arms["end_to_end"].seconds_per_instance_from_pixels) + end)
+                 + _ms(holdout.of(END_TO_END_ARM).seconds_per_instance_from_pixels) + end)
     lines.append(f"| total training time, all {len(holdout.grid)} grid points | "
-                 + " | ".join(f"{holdout.arms[a].train_seconds:.1f} s" for a in arms)
+                 + " | ".join(f"{holdout.of(a).train_seconds:.1f} s" for a in arms)
                  + (" | 4 h (CPU) / - / 40 h (GPU) |" if paper else " |"))
-    lines.append("| learning rate, weight decay chosen (folds) | " + " | ".join(chosen_text(holdout.arms[a].chosen)
+    lines.append("| learning rate, weight decay chosen (folds) | " + " | ".join(chosen_text(holdout.of(a).chosen)
                                                                           for a in arms) + end)
     return "\n".join(lines)
 
@@ -161,13 +177,13 @@ def tuning_markdown(holdouts: list[HoldoutResult]) -> str:
         return ""
     grid = holdouts[0].grid
     lrs, decays = (sorted({getattr(g, k) for g in grid}) for k in ("lr", "weight_decay"))
-    arms = list(holdouts[0].arms)
+    arms = [a.arm for a in holdouts[0].arms]
     lines = [f"Every arm's 2-layer head, and the end-to-end model, trained once per learning rate "
              f"({', '.join(f'{v:g}' for v in lrs)}) x weight decay ({', '.join(f'{v:g}' for v in decays)}), "
              "inputs standardised on the train galleries; each fold of the scored galleries is scored, in every "
              "row, with the point that did best after all epochs on the other folds. Chosen (folds):", "",
              "| held-out task | " + " | ".join(arm_label(a) for a in arms) + " |", "|" + " --- |" * (1 + len(arms))]
-    lines += [f"| `{h.task}` | " + " | ".join(chosen_text(h.arms[a].chosen) if a in h.arms else "-" for a in arms) + " |"
+    lines += [f"| `{h.task}` | " + " | ".join(chosen_text(h.of(a).chosen) if h.has(a) else "-" for a in arms) + " |"
               for h in holdouts]
     return "\n".join(lines)
 
@@ -181,47 +197,65 @@ def paired_markdown(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str
     bootstrap interval, McNemar's p (right/wrong answers) and the reading against the paper."""
     lines = ["| data seen | MTL - ImageNet transfer | reading | MTL - end-to-end | reading |", "|" + " --- |" * 5]
     for r in rows:
-        a, b = r.versus["imagenet"], r.versus["end_to_end"]
+        a, b = r.against(IMAGENET_ARM), r.against(END_TO_END_ARM)
         lines.append(f"| {r.row} | {effect_text(a)} | {a.reading} | {effect_text(b)} | {b.reading} |")
     better = "higher" if holdout.metric == "accuracy" else "lower"
-    method = rows[-1].versus["imagenet"].method if rows else ""
+    method = rows[-1].against(IMAGENET_ARM).method if rows else ""
     return "\n".join(lines) + (f"\n\nDifferences in {holdout.metric} with 95% intervals ({method}); "
                                f"the paper's direction: MTL {better}.")
 
 
-def table2_reading(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str:
-    final = rows[-1].versus
-    text = (f"After all epochs, MTL - ImageNet transfer = {effect_text(final['imagenet'])}: "
-            f"{final['imagenet'].reading}; MTL - end-to-end = {effect_text(final['end_to_end'])}: "
-            f"{final['end_to_end'].reading}.")
-    if holdout.task == "star_rating" and holdout.metric == "accuracy":
+def table2_reading(holdout: HoldoutResult, rows: list[Table2Comparison], primary_task: str | None) -> str:
+    imagenet, end_to_end = rows[-1].against(IMAGENET_ARM), rows[-1].against(END_TO_END_ARM)
+    text = (f"After all epochs, MTL - ImageNet transfer = {effect_text(imagenet)}: "
+            f"{imagenet.reading}; MTL - end-to-end = {effect_text(end_to_end)}: "
+            f"{end_to_end.reading}.")
+    if beside_the_paper(holdout, primary_task):
         text += (" The paper (star rating, 250k properties, 4 epochs): MTL 0.631, ImageNet 0.542, end-to-end 0.598; "
                  f"here {holdout.scored_galleries} labelled galleries no model trained on decide it.")
     return text
 
 
-def _interval(row, column: str) -> Effect:
-    return Effect(row[column], row[f"{column}_low"], row[f"{column}_high"])
+def _interval(effect: Effect) -> Effect:
+    """An interval as the per-task table shows it: the estimate and its bounds."""
+    return Effect(effect.estimate, effect.low, effect.high)
 
 
-def per_task_markdown(table: pd.DataFrame, weightings) -> str:
+def per_task_markdown(table: list[TaskRow], models: list[ModelIdentity]) -> str:
     cols = ["task", "kind", "test labelled", "baseline error", "task-optimal error (epochs)"]
-    cols += [f"{w} error" for w in weightings] + [f"{w} relative error increase [95% CI]" for w in weightings]
+    cols += [f"{m.label()} error" for m in models] + [f"{m.label()} relative error increase [95% CI]" for m in models]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for _, r in table.iterrows():
-        cells = [r["task"], r["kind"], str(r["test_labelled"]), fmt(r["error_baseline"]),
-                 f"{fmt(r['error_task_optimal'])} ({fmt(r['task_optimal_epochs'], 0)})"]
-        cells += [fmt(r[f"error_{w}"]) for w in weightings]
-        cells += [effect_text(_interval(r, f"relative_error_increase_{w}"), 2) for w in weightings]
+    for r in table:
+        cells = [r.task, r.kind, str(r.test_labelled), fmt(r.error_baseline),
+                 f"{fmt(r.error_task_optimal)} ({fmt(r.task_optimal_epochs, 0)})"]
+        cells += [fmt(r.of(m).error) for m in models]
+        cells += [effect_text(_interval(r.of(m).relative_error_increase), 2) for m in models]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def figure5_markdown(vs_optimal: dict[str, VersusOptimal], wins: WeightingWins | None,
-                     vs_baseline: dict[str, VersusBaseline]) -> str:
+def per_task_frame(table: list[TaskRow]) -> pd.DataFrame:
+    """per_task.csv: one row per MTL task; each model's columns named by its label (made from its fields)."""
+    rows = []
+    for r in table:
+        row = {"task": r.task, "kind": r.kind, "minority_fraction": r.minority_fraction, "test_labelled": r.test_labelled,
+               "error_task_optimal": r.error_task_optimal, "error_baseline": r.error_baseline,
+               "task_optimal_epochs": r.task_optimal_epochs}
+        for m in r.models:
+            name = m.model.label()
+            row[f"error_{name}"] = m.error
+            for column, e in ((f"relative_error_increase_{name}", m.relative_error_increase),
+                              (f"baseline_minus_{name}", m.baseline_minus)):
+                row[column], row[f"{column}_low"], row[f"{column}_high"] = e.estimate, e.low, e.high
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def figure5_markdown(vs_optimal: dict[ModelIdentity, VersusOptimal], wins: WeightingWins | None,
+                     vs_baseline: dict[ModelIdentity, VersusBaseline]) -> str:
     lines = []
-    for w, o in vs_optimal.items():
-        s = o.share_worse
+    for m, o in vs_optimal.items():
+        w, s = m.label(), o.share_worse
         lines.append(f"MTL ({w}) has the higher error on {effect_text(s, percent=True)} of the {s.n} tasks where the "
                      f"errors differ (sign test; the paper: worse on most tasks): {s.reading}. Intervals: clearly worse "
                      f"on {o.clearly_worse}, clearly better on {o.clearly_better}, not distinguishable on "
@@ -232,25 +266,27 @@ def figure5_markdown(vs_optimal: dict[str, VersusOptimal], wins: WeightingWins |
         lines.append(f"Pseudo-uniform has the lower error on {wins.wins} tasks, Kendall on {wins.losses} ({wins.ties} "
                      f"ties); share {effect_text(wins.share, percent=True)} (sign test; the paper: {PAPER_PU_WINS[0]} of "
                      f"{PAPER_PU_WINS[1]}, 71%): {wins.share.reading}.")
-    for w, b in vs_baseline.items():
-        lines.append(f"MTL ({w}) against the majority/mean baseline: clearly better on {b.clearly_better} of "
+    for m, b in vs_baseline.items():
+        lines.append(f"MTL ({m.label()}) against the majority/mean baseline: clearly better on {b.clearly_better} of "
                      f"{b.tasks} tasks, clearly worse on {b.clearly_worse} (the paper: better on every task): {b.reading}.")
     return "\n".join(f"- {line}" for line in lines)
 
 
-def figure6_markdown(balance: dict[str, ClassBalance]) -> str:
-    def paper(w: str) -> str:
-        return f"the paper: r = {PAPER_BALANCE_R[w]:.2f}, p < .001" if w in PAPER_BALANCE_R else "not in the paper"
+def figure6_markdown(balance: dict[ModelIdentity, ClassBalance]) -> str:
+    def paper(m: ModelIdentity) -> str:
+        return (f"the paper: r = {PAPER_BALANCE_R[m.weighting]:.2f}, p < .001" if m.weighting in PAPER_BALANCE_R
+                else "not in the paper")
 
     return "\n".join(
-        f"- {w}: Pearson r = {effect_text(b.pearson, 2)}; Spearman rho = {effect_text(b.spearman, 2)}; over "
-        f"{b.n} binary tasks ({paper(w)}): {b.reading}."
-        for w, b in balance.items())
+        f"- {m.label()}: Pearson r = {effect_text(b.pearson, 2)}; Spearman rho = {effect_text(b.spearman, 2)}; over "
+        f"{b.n} binary tasks ({paper(m)}): {b.reading}."
+        for m, b in balance.items())
 
 
 def finding_sentence(f: Finding) -> tuple[str, str, str]:
     """A finding in words: the claim, what this run measured, and what the paper says."""
-    arm = {"imagenet": "ImageNet transfer", "end_to_end": "an end-to-end model"}.get(f.baseline, arm_label(f.baseline or ""))
+    arm = "" if f.baseline is None else "an end-to-end model" if f.baseline == END_TO_END_ARM else arm_label(f.baseline)
+    model = f.model.label() if f.model else ""
     if f.claim == comparisons.TRANSFER_BEATS:
         return (f"Across the held-out tasks, MTL embeddings transfer better than {arm_label(f.baseline)}",
                 f"errors change by {effect_text(f.effect, change=True)} over {f.pairs} task x probe pairs "
@@ -263,12 +299,12 @@ def finding_sentence(f: Finding) -> tuple[str, str, str]:
                 f"test {f.metric} difference {effect_text(f.effect)} ({', '.join(PROBES[p] for p in f.probes)})", paper)
     if f.claim == comparisons.WORSE_THAN_OPTIMAL:
         e = f.effect
-        return (f"MTL ({f.weighting}) is worse than task-optimal models on most tasks",
+        return (f"MTL ({model}) is worse than task-optimal models on most tasks",
                 f"worse on {e.estimate:.0%} [{e.low:.0%}, {e.high:.0%}] of {e.n} tasks; clearly worse on "
                 f"{f.clearly_for}, clearly better on {f.clearly_against}",
                 "\"most tasks understandably show inferior predictive performance\" (§4.2)")
     if f.claim == comparisons.NAMED_TASK_BETTER:
-        return (f"`{f.task}` does better under MTL ({f.weighting}) than its task-optimal model",
+        return (f"`{f.task}` does better under MTL ({model}) than its task-optimal model",
                 f"relative error increase {effect_text(f.effect, 2)}",
                 "\"tasks B1, B3 and B11 perform better than the optimal models\" (§4.2)")
     if f.claim == comparisons.PU_BEATS_KENDALL:
@@ -276,11 +312,11 @@ def finding_sentence(f: Finding) -> tuple[str, str, str]:
                 f"{f.clearly_for} of {f.clearly_for + f.clearly_against} decided tasks ({effect_text(f.effect, percent=True)}; sign test)",
                 f"{PAPER_PU_WINS[0]} out of {PAPER_PU_WINS[1]} tasks ({f.paper[0]:.0%}) (§4.2)")
     if f.claim == comparisons.BEATS_MAJORITY:
-        return (f"MTL ({f.weighting}) beats the majority/mean baseline on every task",
+        return (f"MTL ({model}) beats the majority/mean baseline on every task",
                 f"clearly better on {f.clearly_for} of {f.effect.n} tasks, clearly worse on {f.clearly_against}",
                 "\"significantly outperform basic benchmarks ... across every single task\" (§4.2)")
     if f.claim == comparisons.HELPS_IMBALANCED:
-        return (f"MTL ({f.weighting}) helps most where classes are most imbalanced",
+        return (f"MTL ({model}) helps most where classes are most imbalanced",
                 f"r = {effect_text(f.effect, 2)} over {f.effect.n} binary tasks",
                 f"Pearson's r = {f.paper[0]:.2f} (p < .001) (Figure 6)")
     raise ValueError(f"no words for the finding {f.claim!r}")
@@ -315,8 +351,8 @@ def headline_label(n: HeadlineNumber) -> str:
         parts.append("all probes" if n.probe == "all" else PROBES[n.probe])
     if n.arm:
         parts.append(arm_label(n.arm) + (f" vs {arm_label(n.baseline)}" if n.baseline else ""))
-    if n.weighting:
-        parts.append(n.weighting)
+    if n.model:
+        parts.append(n.model.label())
     return ", ".join(parts)
 
 
@@ -402,35 +438,36 @@ def code_curve_frame(b: BinaryVsFloat) -> pd.DataFrame:
                          for r in b.curve if not r.skipped for kind in SEARCHES])
 
 
-def relative_error_figure(table: pd.DataFrame, weightings):
-    """Figure 5: relative error increase per task and weighting, with its 95% interval."""
+def relative_error_figure(table: list[TaskRow], models: list[ModelIdentity]):
+    """Figure 5: relative error increase per task and model, with its 95% interval."""
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(table)), 4))
     x = np.arange(len(table))
-    width = 0.8 / len(weightings)
-    for k, w in enumerate(weightings):
-        column = f"relative_error_increase_{w}"
-        estimate = table[column].to_numpy(float)
-        low, high = table[f"{column}_low"].to_numpy(float), table[f"{column}_high"].to_numpy(float)
-        ax.bar(x + k * width, estimate, width, label=w)
+    width = 0.8 / len(models)
+    for k, m in enumerate(models):
+        effects = [r.of(m).relative_error_increase for r in table]
+        estimate = np.array([e.estimate for e in effects], float)
+        low, high = np.array([e.low for e in effects], float), np.array([e.high for e in effects], float)
+        ax.bar(x + k * width, estimate, width, label=m.label())
         ax.errorbar(x + k * width, estimate, yerr=[np.clip(estimate - low, 0, None), np.clip(high - estimate, 0, None)],
                     fmt="none", ecolor="black", elinewidth=0.6, capsize=1.5)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x + width * (len(weightings) - 1) / 2, [t.split("_")[0] for t in table["task"]], rotation=90, fontsize=7)
+    ax.set_xticks(x + width * (len(models) - 1) / 2, [paper_code(r.task) for r in table], rotation=90, fontsize=7)
     ax.set(ylabel="relative error increase vs task-optimal", title="MTL vs task-optimal models (below 0: MTL better; 95% CI)")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def class_balance_figure(table: pd.DataFrame, balance: dict[str, ClassBalance]):
+def class_balance_figure(table: list[TaskRow], balance: dict[ModelIdentity, ClassBalance]):
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    binary = table[table["kind"] == "binary"]
-    for w, fit in balance.items():
+    binary = [r for r in table if r.kind == "binary"]
+    minority = np.array([r.minority_fraction for r in binary], float)
+    for m, fit in balance.items():
         r = fit.pearson
-        points = ax.scatter(binary["minority_fraction"], binary[f"relative_error_increase_{w}"], s=18,
-                            label=f"{w} (r={fmt(r.estimate, 2)} [{fmt(r.low, 2)}, {fmt(r.high, 2)}])")
+        points = ax.scatter(minority, [row.of(m).relative_error_increase.estimate for row in binary], s=18,
+                            label=f"{m.label()} (r={fmt(r.estimate, 2)} [{fmt(r.low, 2)}, {fmt(r.high, 2)}])")
         if not np.isnan(fit.slope):
-            xs = np.linspace(binary["minority_fraction"].min(), binary["minority_fraction"].max(), 10)
+            xs = np.linspace(np.nanmin(minority), np.nanmax(minority), 10)
             ax.plot(xs, fit.intercept + fit.slope * xs, color=points.get_facecolor()[0])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(xlabel="class balance (minority-class fraction)", ylabel="relative error increase (test)",
@@ -450,19 +487,20 @@ COST_PARTS = {"head": "2-layer heads (training, every grid point)", "end_to_end"
 def scorecard_markdown(card: Scorecard, transfer: TransferResult) -> str:
     """Per held-out task and probe: each arm's metric, then MTL minus ImageNet (and the other baselines)
     with interval and reading; the aggregates over tasks; what each part cost."""
-    baselines = [a for a in transfer.arms if a != "mtl" and not a.startswith("mtl:")]
+    baselines = [a for a in transfer.arms if a.kind != MTL]
+    mtl = transfer.reference
     head = ("| held-out task | probe | n | " + " | ".join(arm_label(a) for a in transfer.arms)
             + " | " + " | ".join(f"MTL - {arm_label(b)}: difference [95% CI], reading" for b in baselines) + " |")
     lines = [head, "|" + " --- |" * (3 + len(transfer.arms) + len(baselines))]
     for task in transfer.tasks:
         for probe in PROBES:
             here = {a: transfer.get(task.name, probe, a) for a in transfer.arms}
-            if here.get("mtl") is None:
+            if here.get(mtl) is None:
                 continue
-            cells = [f"`{task.name}` ({task.metric})", PROBES[probe], str(len(here["mtl"].scores))]
+            cells = [f"`{task.name}` ({task.metric})", PROBES[probe], str(len(here[mtl].scores))]
             cells += [fmt(s.value) if s is not None else "-" for s in here.values()]
             for b in baselines:
-                e = next((e for e in card.entries if (e.task, e.probe, e.arm, e.baseline) == (task.name, probe, "mtl", b)), None)
+                e = next((e for e in card.entries if (e.task, e.probe, e.arm, e.baseline) == (task.name, probe, mtl, b)), None)
                 cells.append(f"{effect_text(e.difference)}: {e.difference.reading}" if e else "-")
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| MTL arm | against | probes | task x probe pairs | change of errors (geometric mean) [95% CI] | reading |",
@@ -487,7 +525,8 @@ CLAIMS = {"unified_beats_specialised": "unified beats the specialised model",
           "unified_beats_attributes_only": "unified beats attributes only",
           "unified_beats_imagenet": "unified beats ImageNet features",
           "unified_beats_pretrained": "unified beats a pretrained backbone",
-          "binary_loses_nothing": "binarised loses nothing"}
+          "unified_beats_another_mtl_model": "unified beats another MTL model",
+          LOSES_NOTHING: "binarised loses nothing"}
 
 
 def retrieval_markdown(result: RetrievalResult) -> str:
@@ -501,12 +540,16 @@ def retrieval_markdown(result: RetrievalResult) -> str:
                   + " | ".join(f"{m} binary" for m in metrics) + " |",
                   "|" + " --- |" * (1 + 2 * len(metrics))]
         for arm in result.arms:
-            cells = [fmt(result.row(arm.name, task, search).means[m]) for search in (FLOAT, BINARY) for m in metrics]
-            lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+            cells = [fmt(result.row(arm, task, search).means[m]) for search in (FLOAT, BINARY) for m in metrics]
+            lines.append(f"| {arm_label(arm)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["| claim (Pinterest) | task | metric | difference [95% CI] | reading |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {CLAIMS[c.claim]} ({f'{c.arm}: binary - float' if c.claim == 'binary_loses_nothing' else f'{c.arm} - {c.baseline}'})"
-              f" | `{c.task}` | {c.metric} | {effect_text(c.effect)} | {c.effect.reading} |" for c in result.claims]
+    def terms(c) -> str:
+        return (f"{arm_label(c.arm)}: binary - float" if c.claim == LOSES_NOTHING
+                else f"{arm_label(c.arm)} - {arm_label(c.baseline)}")
+
+    lines += [f"| {CLAIMS[c.claim]} ({terms(c)}) | `{c.task}` | {c.metric} | {effect_text(c.effect)} | {c.effect.reading} |"
+              for c in result.claims]
     return "\n".join(lines)
 
 
@@ -514,15 +557,16 @@ def retrieval_headline(result: RetrievalResult) -> str:
     """The scorecard's summary line for retrieval: unified against specialised, and binarised, at recall@10."""
     parts = [f"`{c.task}` {CLAIMS[c.claim]} {effect_text(c.effect)} ({c.effect.reading})"
              for c in result.claims if c.metric == "recall@10"
-             and c.claim in ("unified_beats_specialised", "binary_loses_nothing")]
+             and c.claim in ("unified_beats_specialised", LOSES_NOTHING)]
     return "**Retrieval** (recall@10, paired over the same queries): " + "; ".join(parts) + "." if parts else ""
 
 
 def retrieval_frames(result: RetrievalResult) -> tuple[pd.DataFrame, pd.DataFrame]:
     """retrieval.csv (arm x task x search x metric means) and retrieval_claims.csv."""
-    means = pd.DataFrame([{"arm": r.arm, "task": r.task, "search": r.search, "queries": result.queries[r.task],
+    means = pd.DataFrame([{**arm_columns(r.arm), "task": r.task, "search": r.search, "queries": result.queries[r.task],
                            "metric": m, "mean": v} for r in result.rows for m, v in r.means.items()])
-    claims = pd.DataFrame([{"claim": c.claim, "task": c.task, "metric": c.metric, "arm": c.arm, "baseline": c.baseline,
+    claims = pd.DataFrame([{"claim": c.claim, "task": c.task, "metric": c.metric, **arm_columns(c.arm),
+                            **arm_columns(c.baseline, "baseline"),
                             "search": c.search, **vars(c.effect)} for c in result.claims])
     return means, claims
 
@@ -530,7 +574,7 @@ def retrieval_frames(result: RetrievalResult) -> tuple[pd.DataFrame, pd.DataFram
 def scorecard_figure(card: Scorecard):
     """The change of the MTL embeddings' errors against each baseline, per held-out task and probe,
     with 95% intervals, and the aggregates (diamonds), on a log-ratio axis."""
-    entries = [e for e in card.entries if e.arm == "mtl"]
+    entries = [e for e in card.entries if e.arm.reference]
     baselines = list(dict.fromkeys(e.baseline for e in entries))
     rows = list(dict.fromkeys((e.task, e.probe) for e in entries))
     fig, ax = plt.subplots(figsize=(7.5, 0.3 * (len(rows) + len(baselines)) + 1.5))
@@ -543,7 +587,8 @@ def scorecard_figure(card: Scorecard):
         low = np.clip(estimate - np.array([e.low for e in effects]), 0, None)
         high = np.clip(np.array([e.high for e in effects]) - estimate, 0, None)
         ax.errorbar(estimate, ys, xerr=[low, high], fmt="o", markersize=3, capsize=2, label=arm_label(baseline))
-        overall = next((a for a in card.aggregates if a.arm == "mtl" and a.baseline == baseline and a.probe == "all"), None)
+        overall = next((a for a in card.aggregates if a.arm is not None and a.arm.reference and a.baseline == baseline
+                        and a.probe == "all"), None)
         if overall is not None:
             y = len(rows) + 0.5 + offset
             ax.errorbar([overall.effect.estimate], [y], xerr=[[max(overall.effect.estimate - overall.effect.low, 0)],
@@ -564,13 +609,14 @@ def scorecard_figure(card: Scorecard):
 
 def transfer_frame(card: Scorecard) -> pd.DataFrame:
     """transfer.csv: one row per scorecard entry and per aggregate."""
-    rows = [{"row": "entry", "task": e.task, "kind": e.kind, "metric": e.metric, "probe": e.probe, "arm": e.arm,
-             "baseline": e.baseline, "n": e.n, "value": e.value, "baseline_value": e.baseline_value,
+    rows = [{"row": "entry", "task": e.task, "kind": e.kind, "metric": e.metric, "probe": e.probe, **arm_columns(e.arm),
+             **arm_columns(e.baseline, "baseline"), "n": e.n, "value": e.value, "baseline_value": e.baseline_value,
              **{f"{name}_{k}": getattr(effect, k) for name, effect in (("difference", e.difference),
                                                                      ("error_change", e.error_change),
                                                                      ("difference_on_test", e.difference_on_test))
                 for k in ("estimate", "low", "high", "p", "reading")}} for e in card.entries]
-    rows += [{"row": "aggregate", "probe": a.probe, "arm": a.arm, "baseline": a.baseline, "n": a.effect.n,
+    rows += [{"row": "aggregate", "probe": a.probe, **arm_columns(a.arm), **arm_columns(a.baseline, "baseline"),
+              "n": a.effect.n,
               **{f"error_change_{k}": getattr(a.effect, k) for k in ("estimate", "low", "high", "reading")}}
              for a in card.aggregates]
     return pd.DataFrame(rows)
@@ -584,10 +630,10 @@ def study_markdown(cells: list[CellRanking]) -> str:
     lines = ["| weighting | pooling | epochs | change of errors, MTL tasks (test) | held-out transfer: "
              "change of errors (linear and k-NN probes) | reading of the transfer | time per epoch vs the paper's |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {c.weighting} | {c.pooling} | {c.epochs} | {effect_text(c.per_task, change=True)} | "
+    lines += [f"| {c.model.weighting} | {c.model.pooling} | {c.epochs} | {effect_text(c.per_task, change=True)} | "
               f"{effect_text(c.transfer, change=True)} | "
               f"{c.reading} | {c.time_ratio:.2f}x |" for c in cells]
-    better = [c.cell for c in cells if c.reading == BETTER]
+    better = [c.model.label() for c in cells if c.reading == BETTER]
     return "\n".join(lines) + ("\n\n" + (f"Better than the paper's configuration on held-out transfer here: "
                                           f"{', '.join(better)}." if better else
                                           "Nothing beats the paper's configuration on held-out transfer here."))
@@ -601,7 +647,7 @@ def lay_out(data: ReportData) -> Report:
     s, seeds = data.settings, len(data.seeds)
     r = Report()
     r.text(f"# Gallery embedding report — run {data.run_id}\n\nPreset `{s.name}`: {s.model.backbone} at "
-           f"{s.model.image_size} px, {s.model.pooling} pooling, weightings {', '.join(data.weightings)}, "
+           f"{s.model.image_size} px, {s.model.pooling} pooling, weightings {', '.join(m.label() for m in data.models)}, "
            f"{seeds} seed{'s' if seeds > 1 else ''} ({', '.join(map(str, data.seeds))}). Every number below was "
            "measured in this run; the paper's figures are shown beside ours, never in our columns. "
            f"**`train` fits ({data.splits['train']} galleries), `valid` selects each model's best epoch "
@@ -629,9 +675,9 @@ def lay_out(data: ReportData) -> Report:
                "gallery of the catalogue by cosine (float) and by the binary code as search does (the "
                f"{rel.rerank} nearest by Hamming distance re-ranked by cosine; `{rel.code}`, fitted on each arm's "
                "train galleries). Recall@k: the share of the query's relevant galleries in its top k; MRR: the mean "
-               "reciprocal rank of the first relevant one. Arms: `unified` (the exported model, attribute and "
-               "metric tasks), `attributes_only` (the same training on the attribute tasks alone), "
-               "`specialised_<task>` (that metric task alone, through the same engine), ImageNet features. Pinterest's "
+               "reciprocal rank of the first relevant one. Arms: the MTL embeddings, *unified* (the exported model, "
+               "attribute and metric tasks), the same training on the attribute tasks only, each metric task alone "
+               "(through the same engine), ImageNet features. Pinterest's "
                "claims, paired on the same queries (bootstrap over queries): *unified beats specialised*, read "
                f"like the scorecard; *binarised loses nothing*, consistent when the interval stays above "
                f"-{NON_INFERIORITY}.\n\n" + retrieval_markdown(rel)
@@ -644,7 +690,7 @@ def lay_out(data: ReportData) -> Report:
     r.text("## Training\nEarly stopping and the selected epoch come from the validation loss of each task "
            "relative to its first epoch, averaged over tasks (unweighted: learned loss weights do not move it).\n\n"
            + training_markdown(data.training))
-    r.figure("training_curves.png", training_curves({w: data.training[w] for w in data.weightings}),
+    r.figure("training_curves.png", training_curves({m: data.training[m] for m in data.models}),
              "Train and validation loss per epoch, each task's relative to its first epoch, averaged over tasks.")
 
     for h, rows in data.table2:
@@ -653,15 +699,16 @@ def lay_out(data: ReportData) -> Report:
                f"({h.train_galleries} train); every row is a fixed training budget, at the learning rate and "
                "weight decay each arm chose out of fold (the scorecard's tuning)"
                + ("; 95% Clopper-Pearson intervals in brackets" if seeds == 1 and h.metric == "accuracy" else "")
-               + ".\n\n" + table2_markdown(h) + "\n\n" + paired_markdown(h, rows) + "\n\n" + table2_reading(h, rows))
+               + ".\n\n" + table2_markdown(h, data.primary_task) + "\n\n" + paired_markdown(h, rows) + "\n\n"
+               + table2_reading(h, rows, data.primary_task))
     r.table("table2.csv", pd.concat([table2_frame(h) for h in data.holdouts]) if data.holdouts else pd.DataFrame())
     r.table("table2_comparisons.csv", pd.DataFrame([
-        {"holdout_task": h.task, "row": row.row, "comparison": f"mtl_vs_{other}", "split": h.split,
-         **{k: v for k, v in vars(effect).items()}}
-        for h, rows in data.table2 for row in rows for other, effect in row.versus.items()]))
+        {"holdout_task": h.task, "row": row.row, "comparison": f"mtl_vs_{v.arm.kind}", "split": h.split,
+         **{k: value for k, value in vars(v.effect).items()}}
+        for h, rows in data.table2 for row in rows for v in row.versus]))
 
     epochs = [o.epochs for o in data.optimal.values() if o.epochs]
-    ran = ", ".join(f"{w} {len(t.history)}" for w, t in data.training.items())
+    ran = ", ".join(f"{m.label()} {len(t.history)}" for m, t in data.training.items())
     r.text("## MTL vs task-optimal models (Figure 5)\nError is 1 - accuracy (classification) or MSE (regression) on "
            "the test split, each model at the epoch its validation loss selected; relative error increase = "
            "(err_MTL - err_opt) / err_opt, below 0 when MTL does better, with a paired bootstrap interval over the "
@@ -669,9 +716,9 @@ def lay_out(data: ReportData) -> Report:
            f"{s.train.patience} (they ran {ran}); each task-optimal model the same budget, on the MTL model's "
            f"batches, with its own early stopping (they ran {np.mean(epochs) if epochs else math.nan:.1f} epochs on "
            f"average, {min(epochs, default=0):.0f} to {max(epochs, default=0):.0f}).\n\n"
-           + per_task_markdown(data.per_task, data.weightings))
-    r.table("per_task.csv", data.per_task)
-    r.figure("relative_error.png", relative_error_figure(data.per_task, data.weightings),
+           + per_task_markdown(data.per_task, data.models))
+    r.table("per_task.csv", per_task_frame(data.per_task))
+    r.figure("relative_error.png", relative_error_figure(data.per_task, data.models),
              "Relative error increase per task on test, with 95% intervals.")
     r.text(figure5_markdown(data.vs_optimal, data.wins, data.vs_baseline))
 
@@ -679,9 +726,9 @@ def lay_out(data: ReportData) -> Report:
            "increase. The paper finds a positive r: MTL helps most where classes are most imbalanced.\n\n"
            + figure6_markdown(data.balance))
     r.table("class_balance.csv", pd.DataFrame([
-        {"weighting": w, "n": b.n, "slope": b.slope, "intercept": b.intercept, "reading": b.reading,
+        {"weighting": m.weighting, "pooling": m.pooling, "n": b.n, "slope": b.slope, "intercept": b.intercept, "reading": b.reading,
          **{f"{kind}_{k}": getattr(getattr(b, kind), k) for kind in ("pearson", "spearman")
-            for k in ("estimate", "low", "high", "p")}} for w, b in data.balance.items()]))
+            for k in ("estimate", "low", "high", "p")}} for m, b in data.balance.items()]))
     r.figure("class_balance.png", class_balance_figure(data.per_task, data.balance),
              "Minority-class fraction against relative error increase, with least-squares lines.")
     if data.study:
@@ -692,7 +739,7 @@ def lay_out(data: ReportData) -> Report:
                "test), with paired bootstrap intervals; training time per epoch as measured side by side.\n\n"
                + study_markdown(data.study))
         r.table("study.csv", pd.DataFrame([
-            {"weighting": c.weighting, "pooling": c.pooling, "epochs": c.epochs, "seconds_per_epoch": c.seconds_per_epoch,
+            {"weighting": c.model.weighting, "pooling": c.model.pooling, "epochs": c.epochs, "seconds_per_epoch": c.seconds_per_epoch,
              "time_ratio": c.time_ratio, "reading": c.reading,
              **{f"{name}_{k}": getattr(e, k) for name, e in (("per_task", c.per_task), ("transfer", c.transfer))
                 for k in ("estimate", "low", "high")}} for c in data.study]))

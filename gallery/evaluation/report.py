@@ -14,14 +14,16 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 import numpy as np
 import pandas as pd
 
-from gallery.config import Settings, cells, preset_cells
+from gallery.config import Settings, preset_models, reference_model
 from gallery.data.images import DataQuality
 from gallery.data.ingest import Catalogue, describe
 from gallery.data.tasks import Task
-from gallery.evaluation.comparisons import (ClassBalance, Finding, HeadlineNumber, Table2Comparison, VersusBaseline,
-                                            VersusOptimal, WeightingWins, class_balance, findings, headline_numbers,
-                                            mtl_vs_baseline, mtl_vs_optimal, per_task, table2_comparisons, weighting_wins)
-from gallery.evaluation.holdout import HoldoutResult, paper_task
+from gallery.evaluation.arms import arm_label
+from gallery.evaluation.comparisons import (ClassBalance, Finding, HeadlineNumber, Table2Comparison, TaskRow,
+                                            VersusBaseline, VersusOptimal, WeightingWins, class_balance, findings,
+                                            headline_numbers, mtl_vs_baseline, mtl_vs_optimal, paper_pair, per_task,
+                                            table2_comparisons, weighting_wins)
+from gallery.evaluation.holdout import HoldoutResult
 from gallery.evaluation.neighbours import BinaryVsFloat, binary_vs_float
 from gallery.evaluation.projection import gallery_map, projection_attributes
 from gallery.evaluation.retrieval_examples import RetrievalExample, retrieval_examples
@@ -32,6 +34,7 @@ from gallery.evaluation.statistics import Spread, spread
 from gallery.evaluation.study import CellRanking, rank_cells
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import TransferResult
+from gallery.model.identity import ModelIdentity
 from gallery.retrieval.embeddings import embedding_matrix, embeddings_code, photo_weights_of, read_embeddings
 from gallery.training.checkpoints import load_trained
 from gallery.training.engine import TrainResult
@@ -69,16 +72,17 @@ class ReportData:
     splits: dict[str, int]                 # galleries per split
     catalogue_text: str
     quality: DataQuality
-    training: dict[str, TrainResult]       # per weighting (test scores averaged over seeds)
+    training: dict[ModelIdentity, TrainResult]   # per trained model, named by its first seed's identity (test
+    #                                              scores averaged over the seeds)
     transfer: TransferResult               # every held-out task x probe x arm (scores averaged over seeds)
     scorecard: Scorecard
     table2: list[tuple[HoldoutResult, list[Table2Comparison]]]   # the paper's view: its arms, per row
-    per_task: pd.DataFrame
+    per_task: list[TaskRow]
     optimal: dict[str, TaskOptimalResult]
-    vs_optimal: dict[str, VersusOptimal]
+    vs_optimal: dict[ModelIdentity, VersusOptimal]
     wins: WeightingWins | None
-    vs_baseline: dict[str, VersusBaseline]
-    balance: dict[str, ClassBalance]
+    vs_baseline: dict[ModelIdentity, VersusBaseline]
+    balance: dict[ModelIdentity, ClassBalance]
     findings: list[Finding]
     spread: list[SeedSpread] = field(default_factory=list)
     study: list[CellRanking] = field(default_factory=list)   # every other trained model against the paper's
@@ -89,23 +93,32 @@ class ReportData:
     relevance: RetrievalResult | None = None   # retrieval against the metric tasks' relevance
 
     @property
-    def weightings(self) -> list[str]:
+    def models(self) -> list[ModelIdentity]:
         """The trained models of the preset's pooling (a study's other poolings are in `study`)."""
-        return preset_cells(self.settings)
+        return preset_models(self.settings)
+
+    @property
+    def reference(self) -> ModelIdentity:
+        """The exported model."""
+        return reference_model(self.settings)
+
+    @property
+    def primary_task(self) -> str | None:
+        """Table 2's held-out task and the primary comparison's (gallery.config.primary_task)."""
+        return self.transfer.primary_task
 
     @property
     def holdouts(self) -> list[HoldoutResult]:
         return self.transfer.holdouts
 
 
-def paper_view(holdouts: list[HoldoutResult]) -> list[HoldoutResult]:
-    """The held-out task Table 2 shows (gallery.evaluation.holdout.paper_task)."""
-    task = paper_task([h.task for h in holdouts])
-    return [h for h in holdouts if h.task == task]
+def paper_view(transfer: TransferResult) -> list[HoldoutResult]:
+    """The held-out task Table 2 shows: the primary one (gallery.config.primary_task)."""
+    return [h for h in transfer.holdouts if h.task == transfer.primary_task]
 
 
 def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
-            training_by_seed: list[dict[str, TrainResult]], transfer_by_seed: list[TransferResult],
+            training_by_seed: list[dict[ModelIdentity, TrainResult]], transfer_by_seed: list[TransferResult],
             optimal_by_seed: list[dict[str, TaskOptimalResult]]) -> ReportData:
     """Every comparison with the paper as an effect, its interval and the reading its test allows
     (gallery.evaluation.comparisons), and the transfer scorecard (gallery.evaluation.scorecard). With
@@ -116,22 +129,23 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
                                    mean_transfer(transfer_by_seed))
     test_ids = set(catalogue.frame.loc[catalogue.frame["split"] == "test", "gallery_id"])
     card = scorecard(transfer, test_ids, seed)
-    weightings = preset_cells(settings)
+    models = preset_models(settings)
     table = per_task(catalogue, training, optimal, seed)
-    table2 = [(h, table2_comparisons(h, seed)) for h in paper_view(transfer.holdouts)]
-    vs_optimal = {w: mtl_vs_optimal(table, w) for w in weightings}
-    vs_baseline = {w: mtl_vs_baseline(table, w) for w in weightings}
-    wins = weighting_wins(table) if {"pseudo_uniform", "kendall"} <= set(weightings) else None
-    balance = class_balance(table, weightings, seed)
+    table2 = [(h, table2_comparisons(h, transfer.primary_task, seed)) for h in paper_view(transfer)]
+    vs_optimal = {m: mtl_vs_optimal(table, m) for m in models}
+    vs_baseline = {m: mtl_vs_baseline(table, m) for m in models}
+    pair = paper_pair(models)
+    wins = weighting_wins(table, *pair) if pair else None
+    balance = class_balance(table, models, seed)
     found = findings(card, table2, vs_optimal, wins, vs_baseline, balance)
     spreads = []
     if len(training_by_seed) > 1:
-        per_seed = [headline_numbers(catalogue, t, h, o, seed)
+        per_seed = [headline_numbers(catalogue, t, h, o, settings.model.pooling, seed)
                     for t, h, o in zip(training_by_seed, transfer_by_seed, optimal_by_seed)]
         values = [{n.identity: n.value for n in numbers} for numbers in per_seed]
         spreads = [SeedSpread(n, spread([v.get(n.identity) for v in values])) for n in per_seed[0]]
     splits = {s: int((catalogue.frame["split"] == s).sum()) for s in ("train", "valid", "test")}
-    study = rank_cells(catalogue, training, transfer, settings.train.reference_weighting, cells(settings), seed)
+    study = rank_cells(catalogue, training, transfer, reference_model(settings), seed)
     return ReportData(run_id, settings, seeds_of(settings), splits, describe(catalogue), quality, training, transfer,
                       card, table2, table, optimal, vs_optimal, wins, vs_baseline, balance, found, spreads, study)
 
@@ -146,7 +160,7 @@ def binary_codes(catalogue: Catalogue, settings: Settings, embeddings_location: 
 
 
 def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
-                 training_by_seed: list[dict[str, TrainResult]], transfer_by_seed: list[TransferResult],
+                 training_by_seed: list[dict[ModelIdentity, TrainResult]], transfer_by_seed: list[TransferResult],
                  optimal_by_seed: list[dict[str, TaskOptimalResult]], binary: BinaryVsFloat | None,
                  embeddings_location: str, reference_checkpoints: str, relevance: RetrievalResult | None = None,
                  log=print) -> ReportData:
@@ -163,7 +177,7 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
         found = gallery_map(embeddings_location, settings.evaluation.projection_points, settings.train.seed, log)
         frame = catalogue.frame.set_index("gallery_id").loc[[ids[i] for i in found.rows]]
         data.projection = Projection(found.rows, found.xy, [(t, frame[t.name].to_numpy()) for t in attributes])
-    model = load_trained(catalogue.trained, catalogue.stats, settings, reference_checkpoints)
+    model = load_trained(reference_checkpoints)
     data.retrieval = retrieval_examples(model.encoder, catalogue.frame, ids, embeddings, settings.model.image_size,
                                         settings.evaluation.retrieval_examples, settings.train.seed,
                                         photo_weights=photo_weights_of(table))
@@ -173,12 +187,16 @@ def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality:
 
 
 def jsonable(value):
-    """Dataclasses, arrays, tables and NaN as JSON (NaN and infinities become null)."""
+    """Dataclasses, arrays, tables and NaN as JSON (NaN and infinities become null). An identity (a model's,
+    an arm's) is written as its fields, never as a name: a dict keyed by one is refused (results keep such
+    things in lists, each item naming its own)."""
     if isinstance(value, Task):
         return value.name
     if is_dataclass(value) and not isinstance(value, type):
         return jsonable(asdict(value))
     if isinstance(value, dict):
+        if not all(isinstance(k, (str, int, float, bool)) for k in value):
+            raise TypeError(f"a dict keyed by {type(next(iter(value))).__name__} is no JSON object; list its items")
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
@@ -193,32 +211,43 @@ def jsonable(value):
     return value
 
 
+def labelled(arms) -> list[dict]:
+    """Arms as metrics.json lists them: each one's fields, and its label in the report's tables."""
+    return [{**arm.as_dict(), "label": arm_label(arm)} for arm in arms]
+
+
 def metrics(data: ReportData) -> dict:
-    """Every number of the report, each block saying the split it was measured on and what selected it."""
+    """Every number of the report, each block saying the split it was measured on and what selected it.
+    Models and arms are their fields (gallery.model.identity, gallery.evaluation.arms), never names."""
     test = {"measured_on": "test", "selected_on": "valid"}
     return jsonable({
         "run_id": data.run_id, "preset": data.settings.name, "seeds": data.seeds,
+        "reference_model": data.reference.as_dict(), "primary_task": data.primary_task,
         "protocol": PROTOCOL, "galleries_per_split": data.splits, "exported_galleries": data.exported_galleries,
         "data_quality": {"skipped_images": len(data.quality.skipped), "excluded_galleries": len(data.quality.excluded),
                          "reasons": [{"reason": r, "images": n} for r, n in data.quality.reasons().items()]},
-        "training": {w: {"epochs": len(t.history), "best_epoch": t.best_epoch, "stopped_early": t.stopped_early[0],
-                         "best_valid_relative_loss": t.best_criterion, "selected_on": "valid"}
-                     for w, t in data.training.items()},
+        "training": [{"model": m.as_dict(), "epochs": len(t.history), "best_epoch": t.best_epoch,
+                      "stopped_early": t.stopped_early[0], "best_valid_relative_loss": t.best_criterion,
+                      "selected_on": "valid"} for m, t in data.training.items()],
         "transfer": {"measured_on": "valid+test (galleries no model trained on)",
                      "selected_on": "train (probes fitted), other folds (linear and k-NN hyperparameters)",
-                     "tasks": data.transfer.tasks, "arms": data.transfer.arms, "notes": data.transfer.notes,
+                     "tasks": data.transfer.tasks, "primary_task": data.transfer.primary_task,
+                     "arms": labelled(data.transfer.arms), "notes": data.transfer.notes,
                      "seconds": data.transfer.seconds, "scores": data.transfer.scores},
         "scorecard": data.scorecard,
         "study": {"per_task_measured_on": "test", "transfer_measured_on": "valid+test", "selected_on": "valid",
-                  "against": "pseudo_uniform with mean pooling (the paper's)", "cells": data.study},
+                  "against": "pseudo_uniform with mean pooling (the paper's)",
+                  "cells": [{**jsonable(c), "reading": c.reading} for c in data.study]},
         "holdout": data.holdouts,
         "per_task": {**test, "rows": data.per_task},
         "task_optimal": {**test, "models": data.optimal},
         "comparisons": {
             "table2": {h.task: {"measured_on": h.split, "selected_on": h.selected_on, "rows": rows}
                        for h, rows in data.table2},
-            "mtl_vs_task_optimal": {**test, **data.vs_optimal}, "mtl_vs_baseline": {**test, **data.vs_baseline},
-            "pseudo_uniform_wins": {**test, "wins": data.wins}, "class_balance": {**test, **data.balance},
+            "mtl_vs_task_optimal": {**test, "models": list(data.vs_optimal.values())},
+            "mtl_vs_baseline": {**test, "models": list(data.vs_baseline.values())},
+            "pseudo_uniform_wins": {**test, "wins": data.wins},
+            "class_balance": {**test, "models": list(data.balance.values())},
             "findings": {**test, "findings": data.findings}, "seeds": data.spread},
         "binary_vs_float": {"measured_on": "test (queries)", "selected_on": "train (codes fitted)",
                             "result": data.binary},
@@ -232,6 +261,6 @@ def relevance_metrics(result: RetrievalResult) -> dict:
     per-query values stay out: they are as many as the queries)."""
     return {"measured_on": "valid+test (queries: galleries no model trained on, nor on their pairs)",
             "candidates": "every other gallery of the catalogue", "code": result.code, "rerank": result.rerank,
-            "queries": result.queries, "arms": result.arms,
+            "queries": result.queries, "arms": labelled(result.arms),
             "rows": [{"arm": r.arm, "task": r.task, "search": r.search, **r.means} for r in result.rows],
             "claims": result.claims, "seconds": result.seconds}

@@ -9,9 +9,10 @@ does (the `retrieval.rerank` nearest by Hamming distance ordered by exact cosine
 arm's train galleries, as the export fits it): recall@1/10/100 and the reciprocal rank of the first
 relevant gallery (gallery.evaluation.relevance).
 
-Arms: `unified` (the exported model: attribute and metric tasks), `attributes_only` (the same weighting on
-the attribute tasks alone: today's MTL), `specialised` (one model per metric task, that task alone, through
-the same engine), `imagenet` and any `evaluation.baselines` (pretrained features, mean-pooled). Pinterest's
+Arms (gallery.evaluation.arms.EmbeddingArm): the reference MTL arm, *unified* (the exported model: attribute
+and metric tasks), `attributes_only` (the same weighting on the attribute tasks alone: today's MTL),
+`specialised` (one model per metric task, that task alone, through the same engine), `imagenet` and any
+`evaluation.baselines` (pretrained features, mean-pooled). Pinterest's
 claims are read on the same queries with paired bootstrap intervals: the unified embedding retrieves better
 than the specialised one of each task, and binarised it loses nothing (read against a margin: a loss of at
 most `NON_INFERIORITY` is "nothing").
@@ -25,33 +26,25 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gallery.data.ingest import Catalogue
+from gallery.evaluation.arms import ATTRIBUTES_ONLY, BASELINE, IMAGENET, MTL, SPECIALISED, EmbeddingArm, reference_arm
 from gallery.evaluation.relevance import RankingScores, compare_rankings, queries, ranking_scores, relevant_sets, summary
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect
 from gallery.retrieval.codes import BinaryCode
 
-UNIFIED, ATTRIBUTES_ONLY, SPECIALISED, IMAGENET = "unified", "attributes_only", "specialised", "imagenet"
 FLOAT, BINARY = "float", "binary"
 CLAIM_METRICS = ("recall@10", "mrr")     # recall@10 is the headline, as in the paper
 NON_INFERIORITY = 0.02                   # "binarised loses nothing": the interval's low end above -0.02
-
-
-MADE_BY = (UNIFIED, ATTRIBUTES_ONLY, SPECIALISED, IMAGENET, "pretrained")
-
-
-@dataclass(frozen=True)
-class ArmIdentity:
-    """What an arm is: its name in tables, what made it (one of MADE_BY) and, specialised, its task."""
-
-    name: str
-    made_by: str
-    task: str | None = None
+BEATS = {ATTRIBUTES_ONLY: "unified_beats_attributes_only", SPECIALISED: "unified_beats_specialised",
+         IMAGENET: "unified_beats_imagenet", BASELINE: "unified_beats_pretrained",
+         MTL: "unified_beats_another_mtl_model"}   # the claim against each kind of arm
+LOSES_NOTHING = "binary_loses_nothing"
 
 
 @dataclass(frozen=True)
-class Arm:
-    """An embedding retrieval compares: who it is, its vectors (in the embedded galleries' order) and its code."""
+class RetrievalArm:
+    """An embedding retrieval compares: which arm, its vectors (in the embedded galleries' order) and its code."""
 
-    identity: ArmIdentity
+    arm: EmbeddingArm
     vectors: np.ndarray
     code: BinaryCode
 
@@ -60,7 +53,7 @@ class Arm:
 class ArmRetrieval:
     """One arm's ranking quality on one metric task's queries, by one search."""
 
-    arm: str
+    arm: EmbeddingArm
     task: str
     search: str                        # float or binary
     means: dict[str, float]            # metric -> mean over the queries ("recall@10", "mrr", ...)
@@ -71,11 +64,11 @@ class ArmRetrieval:
 class RetrievalClaim:
     """A paired comparison on the same queries and its reading against Pinterest's claim."""
 
-    claim: str        # unified_beats_<made_by of the baseline> (MADE_BY), or binary_loses_nothing
+    claim: str        # BEATS[the baseline's kind], or LOSES_NOTHING
     task: str
     metric: str
-    arm: str          # the first term of the difference
-    baseline: str     # the second
+    arm: EmbeddingArm       # the first term of the difference
+    baseline: EmbeddingArm  # the second
     search: str       # both terms' search, or "binary - float"
     effect: Effect
 
@@ -84,14 +77,14 @@ class RetrievalClaim:
 class RetrievalResult:
     tasks: list[str]
     queries: dict[str, int]            # metric task -> its queries
-    arms: list[ArmIdentity]
+    arms: list[EmbeddingArm]
     code: str                          # the binary code's name (each arm's own fit)
     rerank: int
     rows: list[ArmRetrieval]
     claims: list[RetrievalClaim]
     seconds: float = 0.0
 
-    def row(self, arm: str, task: str, search: str) -> ArmRetrieval:
+    def row(self, arm: EmbeddingArm, task: str, search: str) -> ArmRetrieval:
         return next(r for r in self.rows if (r.arm, r.task, r.search) == (arm, task, search))
 
 
@@ -112,7 +105,7 @@ def ground_truth(catalogue: Catalogue, gallery_ids: list[str]) -> dict[str, list
     return out
 
 
-def retrieval_suite(catalogue: Catalogue, gallery_ids: list[str], arms: list[Arm], rerank: int, code: str,
+def retrieval_suite(catalogue: Catalogue, gallery_ids: list[str], arms: list[RetrievalArm], rerank: int, code: str,
                     seed: int = 0) -> RetrievalResult:
     """Every arm's recall@k and reciprocal rank on every metric task's queries, by float and by binary
     search, and the claims' paired comparisons. Cost: O(arms x queries x galleries x dimension)."""
@@ -125,8 +118,8 @@ def retrieval_suite(catalogue: Catalogue, gallery_ids: list[str], arms: list[Arm
         for arm in arms:
             for search, code_of in ((FLOAT, None), (BINARY, arm.code)):
                 scores = ranking_scores(arm.vectors, asked[task], relevant, code=code_of, rerank=rerank)
-                rows.append(ArmRetrieval(arm.identity.name, task, search, summary(scores), scores))
-    result = RetrievalResult(list(truth), {t: len(q) for t, q in asked.items()}, [a.identity for a in arms], code,
+                rows.append(ArmRetrieval(arm.arm, task, search, summary(scores), scores))
+    result = RetrievalResult(list(truth), {t: len(q) for t, q in asked.items()}, [a.arm for a in arms], code,
                              rerank, rows, [])
     result.claims = claims(result, seed)
     result.seconds = time.perf_counter() - start
@@ -137,20 +130,19 @@ def claims(result: RetrievalResult, seed: int = 0) -> list[RetrievalClaim]:
     """Unified against each other arm on every task (float search), and binary against float for the
     unified arm, each on `CLAIM_METRICS`; tasks without a query have none."""
     out = []
-    unified_arm = next((a for a in result.arms if a.made_by == UNIFIED), None)
+    unified_arm = reference_arm(result.arms)
     for task in result.tasks:
         if not result.queries[task] or unified_arm is None:
             continue
         for metric in CLAIM_METRICS:
-            unified = result.row(unified_arm.name, task, FLOAT).scores
+            unified = result.row(unified_arm, task, FLOAT).scores
             for other in result.arms:
-                if other == unified_arm or (other.made_by == SPECIALISED and other.task != task):
+                if other == unified_arm or (other.kind == SPECIALISED and other.task != task):
                     continue  # a specialised model is compared on its own task only
-                effect = compare_rankings(unified, result.row(other.name, task, FLOAT).scores, metric, seed).read(+1)
-                out.append(RetrievalClaim(f"unified_beats_{other.made_by}", task, metric, unified_arm.name, other.name,
-                                          FLOAT, effect))
-            binary = compare_rankings(result.row(unified_arm.name, task, BINARY).scores, unified, metric, seed)
-            out.append(RetrievalClaim("binary_loses_nothing", task, metric, unified_arm.name, unified_arm.name,
+                effect = compare_rankings(unified, result.row(other, task, FLOAT).scores, metric, seed).read(+1)
+                out.append(RetrievalClaim(BEATS[other.kind], task, metric, unified_arm, other, FLOAT, effect))
+            binary = compare_rankings(result.row(unified_arm, task, BINARY).scores, unified, metric, seed)
+            out.append(RetrievalClaim(LOSES_NOTHING, task, metric, unified_arm, unified_arm,
                                       "binary - float", replace(binary, reading=no_loss_reading(binary))))
     return out
 

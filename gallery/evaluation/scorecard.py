@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gallery.evaluation.arms import IMAGENET_ARM, MTL, EmbeddingArm, arm_label
 from gallery.evaluation.statistics import CONFIDENCE, RESAMPLES, Effect, paired_difference
 from gallery.evaluation.transfer import ProbeScores, TransferResult
 
-PRIMARY = ("star_rating", "linear", "imagenet")  # the Table 2 question, asked of the lowest-variance probe
+# The primary comparison: the Table 2 question (the reference MTL arm against ImageNet transfer on the primary
+# held-out task, gallery.config.primary_task), asked of the lowest-variance probe
+PRIMARY_PROBE, PRIMARY_BASELINE = "linear", IMAGENET_ARM
 
 
 def errors_of(kind: str, scores: np.ndarray) -> np.ndarray:
@@ -35,8 +38,8 @@ class ScoreEntry:
     kind: str
     metric: str
     probe: str
-    arm: str
-    baseline: str
+    arm: EmbeddingArm
+    baseline: EmbeddingArm
     n: int
     value: float           # the MTL arm's accuracy or MSE
     baseline_value: float
@@ -50,8 +53,8 @@ class Aggregate:
     """How much an MTL arm's errors change against a baseline's, over tasks (and probes): the geometric
     mean of the error ratios, minus 1 (`error_change`; < 0: the MTL arm errs less)."""
 
-    arm: str
-    baseline: str
+    arm: EmbeddingArm | None
+    baseline: EmbeddingArm | None
     probe: str             # one probe, or "all"
     entries: int
     effect: Effect
@@ -61,7 +64,7 @@ class Aggregate:
 class Scorecard:
     entries: list[ScoreEntry]
     aggregates: list[Aggregate]
-    primary: ScoreEntry | None    # PRIMARY, for the reference MTL arm
+    primary: ScoreEntry | None    # PRIMARY_PROBE on the primary task, the reference MTL arm against PRIMARY_BASELINE
     split: str = "valid+test"
 
 
@@ -70,7 +73,7 @@ def _on_test(a: ProbeScores, b: ProbeScores, test_ids: set, seed: int) -> Effect
     return paired_difference(a.scores[keep], b.scores[keep], seed)
 
 
-def compare_arms(result: TransferResult, arm: str, baseline: str, test_ids: set, seed: int = 0) -> list[ScoreEntry]:
+def compare_arms(result: TransferResult, arm: EmbeddingArm, baseline: EmbeddingArm, test_ids: set, seed: int = 0) -> list[ScoreEntry]:
     """Every task x probe the two arms share, as a ScoreEntry."""
     out = []
     for task in result.tasks:
@@ -80,7 +83,8 @@ def compare_arms(result: TransferResult, arm: str, baseline: str, test_ids: set,
             if a is None or b is None:
                 continue
             if a.gallery_ids != b.gallery_ids:
-                raise ValueError(f"{task.name}/{probe}: {arm} and {baseline} were scored on different galleries")
+                raise ValueError(f"{task.name}/{probe}: {arm_label(arm)} and {arm_label(baseline)} were scored on "
+                                 "different galleries")
             change = error_change([(task.kind, a.gallery_ids, a.scores, b.scores)], seed, "task x probe")
             out.append(ScoreEntry(task.name, task.kind, task.metric, probe, arm, baseline, len(a.scores), a.value,
                                   b.value, paired_difference(a.scores, b.scores, seed).read(better), change.read(-1),
@@ -137,15 +141,15 @@ def aggregate(entries: list[ScoreEntry], result: TransferResult, probe: str = "a
         a, b = result.get(e.task, e.probe, e.arm), result.get(e.task, e.probe, e.baseline)
         pairs.append((e.kind, a.gallery_ids, a.scores, b.scores))
     effect = error_change(pairs, seed)
-    return Aggregate(entries[0].arm if entries else "", entries[0].baseline if entries else "", probe,
+    return Aggregate(entries[0].arm if entries else None, entries[0].baseline if entries else None, probe,
                      len(entries), effect.read(-1))
 
 
 def scorecard(result: TransferResult, test_ids: set, seed: int = 0) -> Scorecard:
     """Every MTL arm against every baseline arm (ImageNet, other backbones, and end-to-end for the
     2-layer head), per task and probe, with aggregates over tasks per probe and over all."""
-    mtl = [a for a in result.arms if a == "mtl" or a.startswith("mtl:")]
-    baselines = [a for a in result.arms if a not in mtl]
+    mtl = [a for a in result.arms if a.kind == MTL]
+    baselines = [a for a in result.arms if a.kind != MTL]
     entries, aggregates = [], []
     for arm in mtl:
         for baseline in baselines:
@@ -158,5 +162,6 @@ def scorecard(result: TransferResult, test_ids: set, seed: int = 0) -> Scorecard
                 chosen = [e for e in found if e.probe == probe]
                 if chosen:
                     aggregates.append(aggregate(chosen, result, probe, seed))
-    primary = next((e for e in entries if (e.task, e.probe, e.baseline) == PRIMARY and e.arm == "mtl"), None)
+    primary = next((e for e in entries if (e.task, e.probe, e.arm, e.baseline)
+                    == (result.primary_task, PRIMARY_PROBE, result.reference, PRIMARY_BASELINE)), None)
     return Scorecard(entries, aggregates, primary)

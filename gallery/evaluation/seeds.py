@@ -13,9 +13,11 @@ from dataclasses import replace
 
 import numpy as np
 
+from gallery.evaluation.arms import arm_label
 from gallery.evaluation.holdout import HoldoutResult
 from gallery.evaluation.task_optimal import TaskOptimalResult
 from gallery.evaluation.transfer import TransferResult
+from gallery.model.identity import ModelIdentity
 from gallery.training.engine import TrainResult
 
 
@@ -30,10 +32,15 @@ def with_seed(settings, seed: int):
     return replace(settings, train=replace(settings.train, seed=seed))
 
 
-def seeded(name: str, seed: int, settings) -> str:
-    """A model's folder name: `name` for the preset's own seed (what the embed flow and `gallery search`
-    load), `name-seed<k>` for the repetitions."""
-    return name if seed == settings.train.seed else f"{name}-seed{seed}"
+def task_optimal_folder(task: str, seed: int, settings) -> str:
+    """A task-optimal model's folder name, made from its task and seed (never read back): the task's name for
+    the run's first seed, `<task>-seed<k>` for the repetitions."""
+    return task if seed == settings.train.seed else f"{task}-seed{seed}"
+
+
+def _but_seed(a, b) -> bool:
+    """Whether two arms or model identities are the same but for their seed: one configuration's repetitions."""
+    return a.with_seed(0) == b.with_seed(0)
 
 
 def mean_holdout(per_seed: list[HoldoutResult]) -> HoldoutResult:
@@ -42,9 +49,9 @@ def mean_holdout(per_seed: list[HoldoutResult]) -> HoldoutResult:
         return per_seed[0]
     if any(h.scored_ids != per_seed[0].scored_ids for h in per_seed):
         raise ValueError("seeds evaluated different galleries; their scores cannot be paired")
-    arms = {}
-    for name, first in per_seed[0].arms.items():
-        runs = [h.arms[name] for h in per_seed]
+    arms = []
+    for first in per_seed[0].arms:
+        runs = [next(a for a in h.arms if _but_seed(a.arm, first.arm)) for h in per_seed]
         rows = []
         for i, row in enumerate(first.rows):
             scores = np.mean([r.rows[i].scores for r in runs], axis=0)
@@ -52,24 +59,25 @@ def mean_holdout(per_seed: list[HoldoutResult]) -> HoldoutResult:
             rows.append(replace(row, scores=scores, value=float(np.mean(scores)) if len(scores) else math.nan,
                                 ci_low=None, ci_high=None))
         pixels = [r.seconds_per_instance_from_pixels for r in runs if r.seconds_per_instance_from_pixels is not None]
-        arms[name] = replace(first, rows=rows, train_seconds=float(np.mean([r.train_seconds for r in runs])),
-                             seconds_per_instance=float(np.mean([r.seconds_per_instance for r in runs])),
-                             seconds_per_instance_from_pixels=float(np.mean(pixels)) if pixels else None,
-                             chosen=[c for r in runs for c in r.chosen])
+        arms.append(replace(first, rows=rows, train_seconds=float(np.mean([r.train_seconds for r in runs])),
+                            seconds_per_instance=float(np.mean([r.seconds_per_instance for r in runs])),
+                            seconds_per_instance_from_pixels=float(np.mean(pixels)) if pixels else None,
+                            chosen=[c for r in runs for c in r.chosen]))
     return replace(per_seed[0], arms=arms)
 
 
-def mean_training(per_seed: list[dict[str, TrainResult]]) -> dict[str, TrainResult]:
-    """Per weighting, the first seed's history with each test gallery's task scores averaged over seeds."""
+def mean_training(per_seed: list[dict[ModelIdentity, TrainResult]]) -> dict[ModelIdentity, TrainResult]:
+    """Per trained model (named by its first seed's identity), the first seed's history with each test
+    gallery's task scores averaged over the seeds' repetitions of it."""
     out = {}
-    for weighting, first in per_seed[0].items():
-        tests = [seed[weighting].test for seed in per_seed]
+    for model, first in per_seed[0].items():
+        tests = [next(r for m, r in seed.items() if _but_seed(m, model)).test for seed in per_seed]
         if any(t.gallery_ids != first.test.gallery_ids for t in tests):
             raise ValueError("seeds evaluated different test galleries; their scores cannot be paired")
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a gallery without a task's label: NaN stays NaN
             scores = np.nanmean([t.scores for t in tests], 0)
-        out[weighting] = replace(first, test=replace(first.test, scores=scores))
+        out[model] = replace(first, test=replace(first.test, scores=scores))
     return out
 
 
@@ -93,9 +101,10 @@ def mean_transfer(per_seed: list[TransferResult]) -> TransferResult:
         return first
     scores = []
     for entry in first.scores:
-        runs = [seed.get(entry.task, entry.probe, entry.arm) for seed in per_seed]
+        runs = [next((s for s in seed.scores if (s.task, s.probe) == (entry.task, entry.probe)
+                      and _but_seed(s.arm, entry.arm)), None) for seed in per_seed]
         if any(r is None or r.gallery_ids != entry.gallery_ids for r in runs):
-            raise ValueError(f"seeds scored {entry.task}/{entry.probe}/{entry.arm} on different galleries")
+            raise ValueError(f"seeds scored {entry.task}/{entry.probe}/{arm_label(entry.arm)} on different galleries")
         scores.append(replace(entry, scores=np.mean([r.scores for r in runs], axis=0),
                               chosen=[c for r in runs for c in r.chosen]))
     holdouts = [mean_holdout([seed.holdouts[i] for seed in per_seed]) for i in range(len(first.holdouts))]

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from gallery.data.ingest import Catalogue
+from gallery.evaluation.arms import mtl_arm
 from gallery.evaluation.scorecard import error_change
 from gallery.evaluation.statistics import Effect
-from gallery.evaluation.transfer import TransferResult, transfer_arm
+from gallery.evaluation.transfer import TransferResult
+from gallery.model.identity import ModelIdentity
 from gallery.training.engine import TrainResult
 
 PAPER = ("pseudo_uniform", "mean")
@@ -30,9 +32,7 @@ BETTER, WORSE, UNDECIDED = "better than the paper's", "worse than the paper's", 
 
 @dataclass
 class CellRanking:
-    cell: str
-    weighting: str
-    pooling: str
+    model: ModelIdentity      # the cell: its weighting and pooling (the run's first seed)
     per_task: Effect          # error change over the MTL tasks vs the paper's cell (test; < 0: fewer errors)
     transfer: Effect          # error change over held-out tasks x probes vs the paper's cell
     seconds_per_epoch: float
@@ -49,25 +49,25 @@ def _seconds_per_epoch(result: TrainResult) -> float:
     return float(np.mean([h.seconds for h in result.history])) if result.history else math.nan
 
 
-def rank_cells(catalogue: Catalogue, training: dict[str, TrainResult], transfer: TransferResult, reference: str,
-               cells: dict[str, tuple[str, str]], seed: int = 0) -> list[CellRanking]:
-    """Every trained cell (`cells`: name -> (weighting, pooling), gallery.config.cells) but the paper's against
-    the paper's, best held-out transfer first. `reference`: the exported model (the transfer suite's `mtl`
-    arm). Empty when the paper's cell was not trained."""
-    paper = next((name for name, parts in cells.items() if parts == PAPER), None)
-    if paper not in training:
+def rank_cells(catalogue: Catalogue, training: dict[ModelIdentity, TrainResult], transfer: TransferResult,
+               reference: ModelIdentity, seed: int = 0) -> list[CellRanking]:
+    """Every trained cell (`training`: each weighting-and-pooling model) but the paper's against the paper's,
+    best held-out transfer first. `reference`: the exported model (the transfer suite's reference arm).
+    Empty when the paper's cell was not trained."""
+    paper = next((m for m in training if (m.weighting, m.pooling) == PAPER), None)
+    if paper is None:
         return []
-    paper_arm, base_seconds = transfer_arm(paper, reference), _seconds_per_epoch(training[paper])
+    paper_arm, base_seconds = mtl_arm(paper, reference), _seconds_per_epoch(training[paper])
     out = []
-    for name, result in training.items():
-        if name == paper:
+    for model, result in training.items():
+        if model == paper:
             continue
         per_task = [(t.kind, *_paired(result, training[paper], t.name)) for t in catalogue.tasks]
-        arm = transfer_arm(name, reference)
+        arm = mtl_arm(model, reference)
         held_out = [(t.kind, a.gallery_ids, a.scores, b.scores) for t in transfer.tasks for p in STUDY_PROBES
                     if (a := transfer.get(t.name, p, arm)) is not None and (b := transfer.get(t.name, p, paper_arm)) is not None]
         seconds = _seconds_per_epoch(result)
-        out.append(CellRanking(name, *cells[name],
+        out.append(CellRanking(model,
                                error_change(per_task, seed, "MTL tasks"),
                                error_change(held_out, seed, "held-out task x probe pairs"),
                                seconds, seconds / base_seconds, len(result.history)))

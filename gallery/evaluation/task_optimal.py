@@ -18,7 +18,7 @@ from gallery.data.ingest import Catalogue
 from gallery.data.tasks import Task
 from gallery.model.gallery_model import build_model
 from gallery.model.weightings import PseudoUniform
-from gallery.training.engine import FitConfig, TrainData, fit, score
+from gallery.training.engine import FitConfig, FitHooks, FitOptions, TrainData, fit, score
 from gallery.training.group import ModelGroup
 
 RESULT = "result.json"
@@ -125,5 +125,6 @@ def _train(catalogue: Catalogue, tasks: list[Task], source, settings: Settings, 
                 f"{outcome.epochs} (selected on valid)")
             outcomes[task.name] = outcome
 
-    fit(group, PseudoUniform(tasks, catalogue.stats), data, config, log=log, on_members_done=done)
+    fit(group, PseudoUniform(tasks, catalogue.stats), data, config,
+        options=FitOptions(log=log, hooks=FitHooks(on_members_done=done)))
     return outcomes

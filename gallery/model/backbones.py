@@ -16,7 +16,7 @@ tests; nothing is downloaded at run time, and missing weights fail with how to p
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 from torch import nn
@@ -87,20 +87,38 @@ BACKBONES = {
 LIBRARIES = {"torchvision": torchvision_backbones, "timm": timm_backbones}  # "<library>:<model name>"
 
 
+@dataclass(frozen=True)
+class BackboneName:
+    """A backbone setting read into its parts: a built-in (`library` None) or `<library>:<model>`."""
+
+    library: str | None
+    model: str
+
+    @staticmethod
+    def of(name: str) -> "BackboneName":
+        """The one place a backbone's name is read (settings validation and building both come here)."""
+        if name in BACKBONES:
+            return BackboneName(None, name)
+        library, _, model = name.partition(":")
+        return BackboneName(library, model)
+
+    @property
+    def known(self) -> bool:
+        return self.library is None or (self.library in LIBRARIES and bool(self.model))
+
+
 def known_backbone(name: str) -> bool:
     """A built-in name, or `<library>:<model>` naming a model the library has (torchvision: of a family
     that can be cut). Whether a timm model's layout can be cut shows only when it is built."""
-    if name in BACKBONES:
-        return True
-    library, _, model = name.partition(":")
-    return library in LIBRARIES and bool(model) and LIBRARIES[library].known(model)
+    parts = BackboneName.of(name)
+    return parts.known and (parts.library is None or LIBRARIES[parts.library].known(parts.model))
 
 
 def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int = 1, image_size: int = 224) -> ImageEncoder:
-    if name in BACKBONES:
+    parts = BackboneName.of(name)
+    if parts.library is None:
         return BACKBONES[name](weights=weights, trainable_blocks=trainable_blocks, image_size=image_size)
-    library, _, model = name.partition(":")
-    if library not in LIBRARIES or not model:
+    if not parts.known:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, "
                          "torchvision:<model name> or timm:<model name>")
-    return split(name, LIBRARIES[library].layout(model, weights, image_size), trainable_blocks, image_size)
+    return split(name, LIBRARIES[parts.library].layout(parts.model, weights, image_size), trainable_blocks, image_size)

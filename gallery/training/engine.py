@@ -27,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -37,6 +39,7 @@ from torch import nn
 import gallery.storage as storage
 from gallery.data.labels import label_matrix
 from gallery.data.readers import PairedLabels, PairRows, batches_of, stream, with_pairs
+from gallery.model.heads import HeadLayout
 from gallery.model.losses import TaskSums, task_metrics
 from gallery.model.weightings import Weighting
 from gallery.progress import Progress
@@ -44,6 +47,71 @@ from gallery.training.device import autocast, fast_layout, pick_device
 from gallery.training.distributed import Ranks
 
 SPLITS = ("train", "valid", "test")
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What `fit` (and `validate`, `score`, `predict`) rely on in the model they train: a
+    gallery.model.gallery_model.GalleryModel, or a gallery.training.group.ModelGroup of single-task models.
+    Besides these, the torch module's own: `to`, `train`, `eval`, `training`, `parameters`, `buffers`,
+    `state_dict` and `load_state_dict`."""
+
+    layout: HeadLayout   # which output columns are which task's (`layout.tasks`: the model's tasks, in order)
+    training: bool       # the torch module's mode
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, n: int,
+                 from_features: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """A packed batch -> (gallery representation, or None; head outputs laid out by `layout`)."""
+
+    def losses(self, outputs: torch.Tensor, targets: torch.Tensor, representation: torch.Tensor | None,
+               ranks: Ranks) -> TaskSums:
+        """Per-task loss sums and label counts of a batch (gallery.model.losses.TaskLosses)."""
+
+    def members(self) -> list[tuple[str, list[int]]]:
+        """The parts early stopping selects apart: (state-dict prefix, their task columns) each."""
+
+    def set_active(self, members: list[int]) -> None:
+        """Run only these members (the others are done)."""
+
+    def to(self, *args, **kwargs) -> "Trainable": ...
+
+    def train(self, mode: bool = True) -> "Trainable": ...
+
+    def eval(self) -> "Trainable": ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def buffers(self) -> Iterator[torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict, strict: bool = True): ...
+
+
+@dataclass(frozen=True)
+class FitHooks:
+    """Callbacks of `fit`: `on_step(StepInfo)` after each optimiser step; `on_epoch_end(epoch)` after each
+    epoch's checkpoint (with that epoch's weights); `on_members_done(members, result)` when members finish
+    (their best weights loaded)."""
+
+    on_step: Callable[["StepInfo"], None] | None = None
+    on_epoch_end: Callable[[int], None] | None = None
+    on_members_done: Callable[[list[int], "TrainResult"], None] | None = None
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Where and how `fit` runs, beside what it trains (FitConfig): checkpoints, resuming, the device and
+    data-parallel group, logging, hooks, and whether steps are timed and epochs selected on `valid`."""
+
+    checkpoints: str | None = None     # a store folder for last.pt / best.pt, or None to keep nothing on disk
+    resume_from: str | None = None     # a checkpoints folder holding a last.pt to continue from
+    device: torch.device | str | None = None   # None: gallery.training.device.pick_device's choice
+    ranks: Ranks = Ranks()             # the data-parallel group (every rank calls fit alike)
+    log: Callable[[str], None] = print
+    hooks: FitHooks = FitHooks()
+    time_steps: bool = False           # synchronise the device after each step, for StepInfo.seconds
+    select: bool = True                # False: a fixed budget, no validation, the last epoch's weights kept
 
 
 @dataclass
@@ -272,7 +340,7 @@ class Objective(nn.Module):
     the ranks' losses average to them: `Weighting.batch_means`). Per-rank means would halve a sparse
     task's gradient whenever its few labels all fall on one rank."""
 
-    def __init__(self, model: nn.Module, weighting: Weighting, from_features: bool, precision: str,
+    def __init__(self, model: Trainable, weighting: Weighting, from_features: bool, precision: str,
                  ranks: Ranks = Ranks()):
         super().__init__()
         self.model, self.weighting = model, weighting
@@ -323,7 +391,7 @@ class StepInfo:
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def predict(model: nn.Module, data: TrainData, rows, batch_galleries: int, device,
+def predict(model: Trainable, data: TrainData, rows, batch_galleries: int, device,
             precision: str = "fp32") -> tuple[torch.Tensor | None, torch.Tensor]:
     """Representations and head outputs of galleries `rows` on the CPU, in eval mode (restored after)."""
     was_training = model.training
@@ -359,7 +427,7 @@ def gallery_scores(layout, outputs: torch.Tensor, targets: torch.Tensor) -> np.n
     return out
 
 
-def score(model: nn.Module, data: TrainData, split: str, batch_galleries: int, device=None,
+def score(model: Trainable, data: TrainData, split: str, batch_galleries: int, device=None,
           precision: str = "fp32") -> GalleryScores:
     """Every gallery of `split` scored on every task by the model as it is (after `fit`: as selected)."""
     device = pick_device(device)
@@ -370,7 +438,7 @@ def score(model: nn.Module, data: TrainData, split: str, batch_galleries: int, d
 
 
 @torch.no_grad()
-def validate(model: nn.Module, data: TrainData, batch_galleries: int, device, precision: str = "fp32",
+def validate(model: Trainable, data: TrainData, batch_galleries: int, device, precision: str = "fp32",
              ranks: Ranks = Ranks()):
     """Whole-valid-split task losses (NaN where a task has no valid label) and per-task metrics. Each
     rank evaluates its share of the valid galleries; one all-reduce adds the sums up."""
@@ -398,7 +466,7 @@ def validate(model: nn.Module, data: TrainData, batch_galleries: int, device, pr
     return losses.cpu().double().numpy(), task_metrics(sums, model.layout)
 
 
-def weights_digest(model: nn.Module) -> str:
+def weights_digest(model: Trainable) -> str:
     digest = hashlib.sha1()
     for name, value in model.state_dict().items():
         digest.update(name.encode())
@@ -441,22 +509,22 @@ class BestWeights:
                 for part in ("model", "weighting")}
 
 
-def fit(model: nn.Module, weighting: Weighting, data: TrainData, config: FitConfig, *, checkpoints: str | None = None,
-        resume_from: str | None = None, device=None, ranks: Ranks = Ranks(), log=print, on_step=None,
-        on_epoch_end=None, on_members_done=None, time_steps: bool = False, select: bool = True) -> TrainResult:
-    """Train `model` (a GalleryModel, or a ModelGroup of single-task models) until every member stops
-    improving on `valid` or `config.max_epochs`; leaves each member's best weights in `model`.
+def fit(model: Trainable, weighting: Weighting, data: TrainData, config: FitConfig,
+        options: FitOptions = FitOptions()) -> TrainResult:
+    """Train `model` (a GalleryModel, or a ModelGroup of single-task models: what `Trainable` names) until
+    every member stops improving on `valid` or `config.max_epochs`; leaves each member's best weights in `model`.
 
-    `checkpoints` (a folder in the store, or None to keep nothing on disk) gets `last.pt` after every
-    epoch (everything needed to resume) and `best.pt` when a member improved. With `resume_from` (a
+    `options.checkpoints` (a folder in the store, or None to keep nothing on disk) gets `last.pt` after every
+    epoch (everything needed to resume) and `best.pt` when a member improved. With `options.resume_from` (a
     checkpoints folder holding a last.pt, e.g. the failed origin run's), training continues at the next
-    epoch with optimiser, weighting, early-stopping state and history restored. Hooks:
-    `on_step(StepInfo)` after each optimiser step, `on_epoch_end(epoch)` after each epoch's checkpoint (with the epoch's
-    weights), then `on_members_done(members, result)` when members finish (their best weights loaded). With `ranks` of a
-    data-parallel group, every rank runs this with the same arguments. `select` False trains a fixed
-    budget: no validation pass, the last epoch's weights are kept.
+    epoch with optimiser, weighting, early-stopping state and history restored. `options.hooks` (FitHooks)
+    are called after each step, each epoch and when members finish. With `options.ranks` of a data-parallel
+    group, every rank runs this with the same arguments. `options.select` False trains a fixed budget: no
+    validation pass, the last epoch's weights are kept.
     """
-    device = pick_device(device)
+    checkpoints, resume_from, ranks, log, hooks = (options.checkpoints, options.resume_from, options.ranks,
+                                                   options.log, options.hooks)
+    device = pick_device(options.device)
     fast_layout(model.to(device), device)
     weighting.to(device).bind(ranks)
     objective = Objective(model, weighting, data.from_features, config.precision, ranks)
@@ -502,17 +570,17 @@ def fit(model: nn.Module, weighting: Weighting, data: TrainData, config: FitConf
         for k, batch in enumerate(data.stream(batches, device, paired)):
             step_start = time.perf_counter()
             total, losses, present = train_step(trainer, weighting, optimizer, batch, device)
-            if time_steps and device.type == "cuda":
+            if options.time_steps and device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - step_start if time_steps else None
+            seconds = time.perf_counter() - step_start if options.time_steps else None
             total_sum += total
             task_sum += losses * present
             task_batches += present
             galleries = min(config.batch_galleries, len(order) - k * config.batch_galleries)
             seen += galleries
             progress.update(len(batch.x), lambda: f"loss {total_sum.item() / (k + 1):.4f}")
-            if on_step is not None:
-                on_step(StepInfo(epoch, k, galleries, seen, seconds))
+            if hooks.on_step is not None:
+                hooks.on_step(StepInfo(epoch, k, galleries, seen, seconds))
         seconds = time.perf_counter() - started
         train_loss = ranks.all_reduce(total_sum / max(len(batches), 1)).item() / ranks.world
         train_losses = ranks.all_reduce(task_sum) / ranks.world / task_batches.clamp(min=1)
@@ -521,7 +589,7 @@ def fit(model: nn.Module, weighting: Weighting, data: TrainData, config: FitConf
         ranks.share_buffers(model)
 
         # ---- validation, early stopping, checkpoints
-        if select:
+        if options.select:
             valid_losses, metrics = validate(model, data, config.batch_galleries, device, config.precision, ranks)
             criterion, improved = stopping.update(epoch, valid_losses)
         else:  # a fixed budget: the last epoch is the one kept
@@ -534,7 +602,7 @@ def fit(model: nn.Module, weighting: Weighting, data: TrainData, config: FitConf
             metrics, criterion, seconds, n_train_images / seconds, len(order) / seconds))
         result.best_epochs, result.stopped_early = list(stopping.best_epoch), list(stopping.stopped)
         if len(members) == 1:
-            valid = f", valid relative loss {criterion[0]:.4f}{' (best)' if improved else ''}" if select else ""
+            valid = f", valid relative loss {criterion[0]:.4f}{' (best)' if improved else ''}" if options.select else ""
             log(f"epoch {epoch + 1}: train loss {train_loss:.4f}{valid}, {len(order) / seconds:,.1f} galleries/s")
         else:
             log(f"epoch {epoch + 1}: {len(active)} models trained in {seconds:.1f} s; {len(done)} done")
@@ -546,13 +614,13 @@ def fit(model: nn.Module, weighting: Weighting, data: TrainData, config: FitConf
                 "epoch": epoch, "stopping": asdict(stopping), "torch_rng": torch.get_rng_state(),
                 "result": result.as_dict()})
         ranks.barrier()  # the checkpoint is written before any rank goes on (or is killed)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
+        if hooks.on_epoch_end is not None:
+            hooks.on_epoch_end(epoch)
         if done:
             best.restore(done)
-            if on_members_done is not None:
+            if hooks.on_members_done is not None:
                 model.set_active(done)
-                on_members_done(done, result)
+                hooks.on_members_done(done, result)
         if len(members) == 1 and stopping.stopped[0]:
             log(f"early stop: the validation relative loss did not fall for {config.patience} epoch(s)")
 

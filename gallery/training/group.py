@@ -20,6 +20,9 @@ from gallery.model.losses import TaskLosses
 
 
 class ModelGroup(nn.Module):
+    """Single-task models as one gallery.training.engine.Trainable: its layout and masked losses are the
+    tasks', each model a member."""
+
     def __init__(self, models: list[GalleryModel]):
         super().__init__()
         if any(len(m.tasks) != 1 for m in models):
