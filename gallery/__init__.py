@@ -7,6 +7,7 @@ The names a user of a finished run needs, importable from the top (loaded on fir
     run = trained_run("latest")                      # a finished GalleryTrainFlow run
     table, meta = read_embeddings(run.embeddings_location)
     hits = search_embeddings(run.embeddings_location, images=["a.jpg"], model_run=run)
+    model = load_model("model/")                     # an exported model folder (`gallery export-model`)
 
 Layout (docs/design.md §2), imports flowing one way: data <- model <- config <- training <- retrieval <- evaluation
 <- steps / runs <- flows, cli, bench.
@@ -19,6 +20,7 @@ _PUBLIC = {
     "read_embeddings": "gallery.retrieval.embeddings",
     "search_embeddings": "gallery.retrieval.search",
     "load_settings": "gallery.config",
+    "load_model": "gallery.artifact.loaded",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -157,9 +157,12 @@ def served_run(tmp_path_factory):
     from gallery.data.ingest import ingest
     from gallery.data.synth import SynthSettings, generate
     from gallery.model.gallery_model import build_model
+    from gallery.model.identity import ModelIdentity
     from gallery.retrieval.codes import code_location, fit_code, save_code
     from gallery.retrieval.embeddings import embed_images, embeddings_table, write_embeddings
     from gallery.runs import TrainedRun
+    from gallery.training.checkpoints import save_config
+    from gallery.training.model_config import model_config
 
     out = tmp_path_factory.mktemp("served-run")
     manifest = generate(out / "catalogue", SynthSettings(galleries=40, seed=7, image_size=32, min_images=2, max_images=4),
@@ -174,6 +177,9 @@ def served_run(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(settings.model, catalogue.tasks, catalogue.stats).eval()
     storage.save_torch(str(out / "checkpoints" / "best.pt"), {"model": model.state_dict()})
+    save_config(str(out / "checkpoints"), model_config(ModelIdentity("pseudo_uniform", "mean", 0, "efficientnet_lite0"),
+                                                       settings.model, catalogue.tasks, catalogue.stats, model.encoder,
+                                                       "fixture"))
     ids, galleries, _ = load_galleries(catalogue.frame["gallery_id"], catalogue.frame["images"], 32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small inputs: on shared cores, two spinning threads made this 10x slower

@@ -15,12 +15,14 @@ STAGES = {
     "config": 3,  # settings name the model registries' backbones, poolings and weightings
     "training": 4,
     "retrieval": 5,
-    "evaluation": 6,
-    "steps": 7, "runs": 7,
-    "serve": 8,
-    "bench": 9,
-    "cli": 10,
-    "__main__": 11,
+    "artifact": 6,  # a model folder: weights, ONNX graphs, the retrieval code
+    "evaluation": 7,
+    "steps": 8, "runs": 8,
+    "compare": 9,   # reads finished runs' evaluations
+    "serve": 10,
+    "bench": 11,
+    "cli": 12,
+    "__main__": 13,
 }
 
 

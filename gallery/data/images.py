@@ -72,8 +72,7 @@ def decode(data: bytes, size: int) -> np.ndarray:
                 raise ImageProblem(f"decompression bomb ({img.width}x{img.height} pixels)")
             img.seek(0)  # GIF/WEBP/TIFF: the first frame
             img.load()
-            img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
+            return photo_array(img, size)
         except ImageProblem:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -82,7 +81,11 @@ def decode(data: bytes, size: int) -> np.ndarray:
             raise ImageProblem("not an image (unrecognised format)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageProblem(f"damaged image ({e})") from None
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def photo_array(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded image as the model sees it: EXIF orientation applied, RGB, bilinear-resized to size x size."""
+    return np.asarray(to_rgb(ImageOps.exif_transpose(img)).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def load_image(location, size: int) -> np.ndarray:

@@ -66,6 +66,7 @@ class Limits:
     settings: int = 1024**2          # a settings JSON, the same
     image: int = 64 * 1024**2        # a product photo (and a seed photo): a 50-megapixel JPEG is ~25 MB
     embeddings: int = 64 * 1024**3   # an embeddings file (and its code); read in ranges where it can be
+    model: int = 8 * 1024**3         # a file of an exported model folder (weights, ONNX graphs, config)
     timeout: float = 20.0            # seconds to connect, and the longest wait for the next bytes
     deadline: float = 600.0          # seconds for a whole remote read
 
@@ -111,7 +112,7 @@ def size_text(n: float) -> str:
 # ---------------------------------------------------------------- errors
 
 KIND_NAMES = {"manifest": "manifest", "tasks": "task spec", "settings": "settings file", "image": "image",
-              "embeddings": "embeddings file"}
+              "embeddings": "embeddings file", "model": "model file"}
 LIMIT_VARIABLES = {kind: f"GALLERY_MAX_{kind.upper()}_BYTES" for kind in KIND_NAMES}
 
 

@@ -19,6 +19,8 @@ from torch import nn
 
 def segment_sum(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     """(N, ...) rows summed per gallery -> (n, ...)."""
+    if torch.onnx.is_in_onnx_export():  # ONNX has no index_add: a product with the (n, N) membership matrix
+        return (membership(index, n).to(x.dtype) @ x.reshape(x.shape[0], -1)).view(n, *x.shape[1:])
     return x.new_zeros(n, *x.shape[1:]).index_add_(0, index, x)
 
 
@@ -30,8 +32,16 @@ def segment_mean(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def segment_max(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    if torch.onnx.is_in_onnx_export():  # ONNX's scatters cannot skip the initial value: a masked dense maximum
+        inside = membership(index, n)[(..., *[None] * (x.dim() - 1))]
+        return torch.where(inside, x[None], torch.finfo(x.dtype).min).amax(1)
     out = x.new_zeros(n, *x.shape[1:])
     return out.scatter_reduce(0, _expand(index, x), x, reduce="amax", include_self=False)
+
+
+def membership(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, N) bool: row g marks gallery g's photos. Dense, so only for exported graphs of a few galleries."""
+    return index[None, :] == torch.arange(n, device=index.device)[:, None]
 
 
 def segment_softmax(scores: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -128,7 +138,7 @@ class PMAPool(AttentionPooling):
     def pool_with_weights(self, x, index, n):
         k, h, w = self.seeds, self.heads, self.width
         q = self.query(self.seed).view(k, h, w // h)
-        keys, values = self.key_value(x).float().view(len(x), 2, h, w // h).unbind(1)
+        keys, values = self.key_value(x).float().view(-1, 2, h, w // h).unbind(1)
         scores = torch.einsum("nhd,khd->nkh", keys, q.float()) / math.sqrt(w // h)
         attention = segment_softmax(scores, index, n)                             # (N, k, h)
         mixed = segment_sum(attention[..., None] * values[:, None], index, n)     # (n, k, h, w/h)

@@ -152,6 +152,11 @@ def load_code(location: str) -> BinaryCode:
                         f"embeddings ({CODE_FILE}); keep it with the embeddings file that names it, or export again") from None
     except InputProblem as e:
         raise CodeError(f"binary code {e}") from None
+    return parse_code(data, location)
+
+
+def parse_code(data: bytes, location: str) -> BinaryCode:
+    """A code from the bytes save_code wrote (`location`: where they were read, for messages)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             return BinaryCode(str(f["name"]), f["thresholds"], f.get("center"), f.get("projection"), location)
