@@ -8,6 +8,7 @@ anything else is a 500 that is logged, and the process goes on.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Literal
 
 import anyio
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from gallery.data.images import ImageProblem, decode, read_image_bytes
 from gallery.errors import UserError
+from gallery.serve.compare import CompareView
 from gallery.serve.explorer import PLOTLY_ROUTE, SERVED_POLICY, explorer_data, plotly_js, served_page
 from gallery.serve.limits import BodySizeLimit, Limits, readable_location
 from gallery.serve.problems import Busy, NotAnImage, RequestProblem, TooLarge
@@ -110,8 +112,9 @@ def _rankings(rankings: list[Ranking]) -> list[dict]:
             for r in rankings]
 
 
-def create_app(service: Service, limits: Limits = Limits()) -> FastAPI:
-    """The app serving `service` within `limits` (its OpenAPI description at /openapi.json)."""
+def create_app(service: Service, limits: Limits = Limits(), comparison: CompareView | None = None) -> FastAPI:
+    """The app serving `service` within `limits` (its OpenAPI description at /openapi.json); with a comparison,
+    the explorer is the compare view of the service's embeddings and another's."""
     app = FastAPI(title="gallery", version="1", docs_url=None, redoc_url=None,  # their pages load scripts from a CDN
                   description="Search a training run's gallery embeddings: by gallery, by seed photos, by vector; "
                               "embed new galleries; browse photos and attributes; the explorer page at /.")
@@ -170,7 +173,7 @@ def create_app(service: Service, limits: Limits = Limits()) -> FastAPI:
 
     @app.get("/api/map", summary="the galleries' 2-D map (UMAP of the embeddings) with their attribute values")
     async def gallery_map() -> dict:
-        return await pool.run(explorer_data, service)
+        return await pool.run(partial(explorer_data, service, comparison=comparison))
 
     @app.get("/api/gallery", summary="a gallery's split, number of photos and attributes")
     async def gallery(id: str = Query(description="gallery id")) -> dict:
@@ -189,6 +192,11 @@ def create_app(service: Service, limits: Limits = Limits()) -> FastAPI:
                          where: list[str] = Query([], description="attribute=value filters, all must hold")):
         found = await pool.run(service.neighbours, id, k, _searches(search), _where(where))
         return {"gallery_id": id, "k": k, "results": _rankings(found)}
+
+    if comparison is not None:  # the compare view's: a server started with --compare
+        @app.get("/api/compare", summary="a gallery's top k under both compared embeddings, and their overlap")
+        async def compare(id: str = Query(description="gallery id")) -> dict:
+            return comparison.neighbours(id)
 
     @app.post("/api/search/vector", summary="the k nearest galleries to an embedding", response_model=SearchOut)
     async def search_vector(query: VectorQuery):
@@ -222,7 +230,7 @@ def create_app(service: Service, limits: Limits = Limits()) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def explorer() -> HTMLResponse:
         if "page" not in cached:
-            cached["page"] = await pool.run(served_page, service)
+            cached["page"] = await pool.run(partial(served_page, service, comparison=comparison))
         return HTMLResponse(cached["page"], headers={"Content-Security-Policy": SERVED_POLICY})
 
     @app.get(f"/{PLOTLY_ROUTE}", include_in_schema=False)
@@ -245,10 +253,11 @@ def one_thread_per_request() -> None:
     torch.set_num_threads(1)
 
 
-def run_server(service: Service, limits: Limits, host: str = "127.0.0.1", port: int = 8000) -> None:
+def run_server(service: Service, limits: Limits, host: str = "127.0.0.1", port: int = 8000,
+               comparison: CompareView | None = None) -> None:
     """Serve until interrupted."""
     import uvicorn
 
     one_thread_per_request()
-    uvicorn.run(create_app(service, limits), host=host, port=port, log_level="info", timeout_keep_alive=5,
+    uvicorn.run(create_app(service, limits, comparison), host=host, port=port, log_level="info", timeout_keep_alive=5,
                 limit_concurrency=limits.workers + limits.queue + 16)

@@ -246,3 +246,21 @@ def open_service(run: str | None = None, embeddings_location: str | None = None,
             found = replace(found, manifest_location=manifest, tasks_location=tasks or "")
         return service_from_run(found, embeddings_location, searches, with_model, log)
     return Service(embeddings_location, None, (manifest, tasks) if manifest else None, RetrievalSettings(), searches, log=log)
+
+
+def service_from_model(folder: str, embeddings_location: str, manifest: str | None = None, tasks: str | None = None,
+                       searches=SEARCHES, log=print) -> Service:
+    """The service of an exported model folder (gallery.artifact) and an embeddings file its model made: no
+    Metaflow run store needed. Seed photos are embedded by the folder's model, so the file must be its space."""
+    from gallery.artifact.loaded import load_model
+    from gallery.retrieval.search import SearchError
+
+    model = load_model(folder)
+    meta = read_embeddings_metadata(embeddings_location)
+    if int(meta["dimension"]) != model.dim or meta.get("run_id") not in (None, model.config.run_id):
+        raise SearchError(f"{embeddings_location} holds {meta.get('dimension')}-d embeddings of run {meta.get('run_id')}, "
+                          f"but {folder} is run {model.config.run_id}'s {model.dim}-d model: two models, two spaces. "
+                          "Serve the embeddings file its model made (its run's embeddings.parquet)")
+    embedder = Embedder(model.model.encoder, model.config.preprocessing.image_size, model.config.run_id or folder)
+    return Service(embeddings_location, embedder, (manifest, tasks) if manifest else None, RetrievalSettings(), searches,
+                   log=log)
