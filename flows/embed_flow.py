@@ -38,7 +38,7 @@ class GalleryEmbedFlow(FlowSpec):
         with as_input_error():
             model_run = trained_run(self.train_run)
         self.model_run_id, self.run_settings = model_run.run_id, model_run.settings
-        self.model_tasks, self.model_stats, self.checkpoints = model_run.tasks, model_run.stats, model_run.checkpoints
+        self.checkpoints = model_run.checkpoints  # the folder rebuilds the model alone (its config.json)
         self.model_embeddings_location = model_run.embeddings_location  # names the binary code the run fitted
         self.store_root = self.store or default_store_root()
         print(f"embedding {self.manifest} with the model of {model_run.run_id}")
@@ -78,7 +78,7 @@ class GalleryEmbedFlow(FlowSpec):
     def embed(self):
         """Every readable gallery through the training run's reference model -> embeddings Parquet."""
         self.embeddings_location = self.run_location("embeddings.parquet")
-        model = load_trained(self.model_tasks, self.model_stats, self.run_settings, self.checkpoints)
+        model = load_trained(self.checkpoints)
         self.embedded_galleries = export_embeddings(
             model, self.catalogue.frame, self.shard_list, self.run_settings, self.embeddings_location,
             {"run_id": self.model_run_id, "weighting": self.run_settings.train.reference_weighting,

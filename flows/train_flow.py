@@ -10,6 +10,7 @@ Each step loads its inputs, calls one gallery/ function and saves its outputs; l
 (shards, feature cache, checkpoints, embeddings) go to the run-scoped store, and the report to
 reports/<run id>/ (and the run's card).
 """
+import time
 from pathlib import Path
 
 from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resources, retry, step
@@ -115,7 +116,6 @@ class GalleryTrainFlow(FlowSpec):
         """MTL training of every loss weighting (with every pooling of a study, and every seed of
         evaluation.seeds) side by side, each by train.workers data-parallel processes (DDP), or several one
         after another per process (train.processes); a retry or a resume continues from the last checkpoint."""
-        from gallery.evaluation.seeds import seeded
         from gallery.steps import assigned, train_weighting
         from gallery.training.faults import kill_after_epoch
 
@@ -126,9 +126,9 @@ class GalleryTrainFlow(FlowSpec):
         recovering = current.origin_run_id is not None or current.retry_count > 0
         self.trained = {}
         for t in assigned(self.trainings, p.node_index, p.num_nodes, self.cfg.train.workers):
-            folder = seeded(t.name, t.seed, self.cfg)
+            folder = t.folder(self.cfg)
             checkpoints = self.run_location("checkpoints", folder)
-            result = train_weighting(self.catalogue, self.shard_list, t.settings(self.cfg), t.weighting, checkpoints,
+            result = train_weighting(self.catalogue, self.shard_list, t.settings(self.cfg), t.model.weighting, checkpoints,
                                      resume_from=checkpoints_to_resume(self.store_root, "checkpoints", folder),
                                      on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device,
                                      tasks=t.tasks(self.catalogue))
@@ -139,34 +139,40 @@ class GalleryTrainFlow(FlowSpec):
     def join_train(self, inputs):
         """Keep every model's history, per seed; the reference model is the preset's (pseudo-uniform, as in
         the paper, with model.pooling) trained with the preset's seed: the one exported."""
+        from gallery.config import reference_model
+        from gallery.evaluation.arms import MTL
         from gallery.evaluation.seeds import seeds_of
-        from gallery.steps import UNIFIED
 
         self.merge_artifacts(inputs, exclude=["trained", "rank"])
         trained = {t: done for i in inputs if i.rank == 0 for t, done in i.trained.items()}
-        self.compared = {t: trained[t][1] for t in self.trainings if t.role != UNIFIED}  # retrieval's other arms
-        by_seed = [[t for t in self.trainings if t.seed == seed and t.role == UNIFIED] for seed in seeds_of(self.cfg)]
-        self.training_by_seed = [{t.name: trained[t][0] for t in seed} for seed in by_seed]
-        self.checkpoints_by_seed = [{t.name: trained[t][1] for t in seed} for seed in by_seed]
+        self.compared = {t: trained[t][1] for t in self.trainings if t.role != MTL}  # retrieval's other arms
+        by_seed = [[t for t in self.trainings if t.model.seed == seed and t.role == MTL] for seed in seeds_of(self.cfg)]
+        self.training_by_seed = [{t.model: trained[t][0] for t in seed} for seed in by_seed]   # by ModelIdentity
+        self.checkpoints_by_seed = [{t.model: trained[t][1] for t in seed} for seed in by_seed]
         self.training, self.checkpoint_locations = self.training_by_seed[0], self.checkpoints_by_seed[0]
-        self.reference = self.cfg.train.reference_weighting  # one of the trained weightings (checked in the settings)
+        self.reference = reference_model(self.cfg)  # a ModelIdentity: one of the trained (checked in the settings)
         self.next(self.export)
 
     @retry(times=settings.resources.retries)
     @resources(**settings.resources.export)
     @step
     def export(self):
-        """Embeddings of every readable gallery with the reference model -> Parquet and its binary code; fan
+        """Embeddings of every readable gallery with the reference model -> Parquet and its binary code, and
+        the model as a folder to ship (weights, ONNX graphs, code, card: gallery.artifact); fan
         out the evaluations side by side: the transfer suite, and the task-optimal models by groups of tasks."""
         from gallery.evaluation.task_optimal import group_tasks
-        from gallery.steps import export_embeddings
+        from gallery.steps import export_embeddings, export_model_folder
         from gallery.training.checkpoints import load_trained
 
         self.embeddings_location = self.run_location("embeddings.parquet")
-        model = load_trained(self.catalogue.trained, self.catalogue.stats, self.cfg, self.checkpoint_locations[self.reference])
+        model = load_trained(self.checkpoint_locations[self.reference])
+        started = time.perf_counter()
         self.exported_galleries = export_embeddings(model, self.catalogue.frame, self.shard_list, self.cfg,
                                                     self.embeddings_location,
-                                                    {"run_id": current.run_id, "weighting": self.reference})
+                                                    {"run_id": current.run_id, "weighting": self.reference.weighting})
+        self.embedding_seconds_per_gallery = (time.perf_counter() - started) / max(self.exported_galleries, 1)
+        self.model_location = export_model_folder(self.checkpoint_locations[self.reference], self.embeddings_location,
+                                                  self.run_location("model"), current.run_id)
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
         self.evaluations = ([TRANSFER, EXPLORER] + ([RETRIEVAL] if self.catalogue.metric else [])
                             + group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups))
@@ -215,19 +221,25 @@ class GalleryTrainFlow(FlowSpec):
     def report(self, inputs):
         """Tables, figures and a reading of the results -> reports/<run id>/, the run's store and its card."""
         from gallery.evaluation.render import lay_out, write_report  # only here: matplotlib and the statistics
+        from gallery.artifact.folder import add_evaluation
         from gallery.evaluation.report import build_report
+        from gallery.steps import card_evaluation
 
         self.merge_artifacts(inputs, exclude=["transfer_by_seed", "binary", "explorer_location", "optimal", "retrieval"])
         transfer = next(i for i in inputs if i.input == TRANSFER)
         explorer = next(i for i in inputs if i.input == EXPLORER)
         retrieval = next((i.retrieval for i in inputs if i.input == RETRIEVAL), None)
+        self.retrieval_result = retrieval  # what `gallery compare` pairs between runs
         self.transfer_by_seed = transfer.transfer_by_seed
         self.optimal_by_seed = [{name: result for i in inputs if i.input not in (TRANSFER, EXPLORER, RETRIEVAL)
                                  for name, result in i.optimal[k].items()}
                                 for k in range(self.cfg.evaluation.seeds)]
-        r = lay_out(build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
-                                 self.transfer_by_seed, self.optimal_by_seed, transfer.binary,
-                                 self.embeddings_location, self.checkpoint_locations[self.reference], retrieval))
+        data = build_report(current.run_id, self.cfg, self.catalogue, self.quality, self.training_by_seed,
+                            self.transfer_by_seed, self.optimal_by_seed, transfer.binary,
+                            self.embeddings_location, self.checkpoint_locations[self.reference], retrieval)
+        r = lay_out(data)
+        self.card_evaluation = card_evaluation(data)  # the shipped model's card gets the run's evaluation
+        add_evaluation(self.model_location, self.card_evaluation)
         self.report_location = storage.join(self.reports, current.run_id)
         for location in (self.report_location, self.run_location("report")):
             write_report(r, location)
@@ -237,10 +249,11 @@ class GalleryTrainFlow(FlowSpec):
         for kind, content in r.blocks:
             current.card.append(Markdown(content) if kind == "md" else Image(r.files[content]))
         outputs = (f"- report: `{self.report_location}/report.md` (+ metrics.json, CSVs, PNGs, explorer.html)\n"
-                   f"- embeddings ({self.exported_galleries} galleries, {self.reference}): `{self.embeddings_location}`\n"
+                   f"- embeddings ({self.exported_galleries} galleries, {self.reference.label()}): `{self.embeddings_location}`\n"
+                   f"- model folder to ship (`gallery.load_model`): `{self.model_location}`\n"
                    f"- ImageNet-transfer embeddings: `{self.imagenet_location}`\n"
                    f"- data-quality list: `{self.quality_location}`\n"
-                   + "".join(f"- checkpoints ({w}): `{c}`\n" for w, c in self.checkpoint_locations.items()))
+                   + "".join(f"- checkpoints ({m.label()}): `{c}`\n" for m, c in self.checkpoint_locations.items()))
         current.card.append(Markdown("## Outputs\n" + outputs))
         self.next(self.end)
 
@@ -249,6 +262,7 @@ class GalleryTrainFlow(FlowSpec):
         """Where the outputs are."""
         print(f"report: {self.report_location}/report.md")
         print(f"embeddings: {self.embeddings_location} ({self.exported_galleries} galleries)")
+        print(f"model folder: {self.model_location}")
 
 
 if __name__ == "__main__":

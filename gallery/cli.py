@@ -140,20 +140,61 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from gallery.runs import export_run_model
+
+    export_run_model(args.run, args.out, args.weighting, args.pooling, args.seed,
+                     log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {args.out}: load it with gallery.load_model({args.out!r}) (docs/shipping.md)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from gallery.compare.comparison import compare
+    from gallery.compare.render import write_comparison
+    from gallery.compare.sides import side
+
+    a, b = side(args.a, args.embeddings_a), side(args.b, args.embeddings_b)
+    comparison = compare(a, b, args.k)
+    out = args.out or f"compare-{a.run_id or 'A'}-vs-{b.run_id or 'B'}"
+    written = write_comparison(comparison, out)
+    print(f"{comparison.verdict}: {'; '.join(comparison.reasons)}\nmean top-{comparison.stability.k} overlap "
+          f"{comparison.stability.mean_overlap.estimate:.0%} on {comparison.common:,} common galleries "
+          f"({comparison.seconds:.1f} s)\nwrote {written['compare.md']} and {', '.join(n for n in written if n != 'compare.md')}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from gallery.serve.app import run_server
     from gallery.serve.limits import MB, Limits, resolved_roots
-    from gallery.serve.service import SEARCHES, open_service
+    from gallery.serve.service import SEARCHES, open_service, service_from_model
 
     limits = Limits(max_body_bytes=args.max_body_mb * MB, max_photos=args.max_photos, max_photo_bytes=args.max_photo_mb * MB,
                     allowed_roots=resolved_roots(args.allow_root), workers=args.workers)
     searches = SEARCHES if args.search == "both" else (args.search,)
-    service = open_service(args.run, args.embeddings, args.manifest, args.tasks, searches,
-                           log=lambda line: print(line, file=sys.stderr))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.model:
+        if not args.embeddings or args.run:
+            raise UserError("--model serves an exported model folder with the embeddings file its model made: give "
+                            "--embeddings FILE, and no --run")
+        service = service_from_model(args.model, args.embeddings, args.manifest, args.tasks, searches, log=log)
+    else:
+        service = open_service(args.run, args.embeddings, args.manifest, args.tasks, searches, log=log)
+    comparison = _comparison(service, args.compare, log=log)
     print(f"serving run {service.run_id} ({len(service.ids):,} galleries) at http://{args.host}:{args.port}/ "
           f"(API: /openapi.json)", file=sys.stderr)
-    run_server(service, limits, args.host, args.port)
+    run_server(service, limits, args.host, args.port, comparison)
     return 0
+
+
+def _comparison(service, other: str | None, log, k: int | None = None):
+    """The compare view's comparison of the service's embeddings with `--compare`'s, or None without it."""
+    if other is None:
+        return None
+    from gallery.compare.neighbours import K
+    from gallery.serve.compare import CompareView, comparison_location
+
+    return CompareView(service, comparison_location(other), k or K, log=log)
 
 
 def cmd_explorer(args) -> int:
@@ -162,7 +203,7 @@ def cmd_explorer(args) -> int:
 
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     service = open_service(args.run, args.embeddings, args.manifest, args.tasks, with_model=False, log=log)
-    export_explorer(service, args.out, k=args.k, log=log)
+    export_explorer(service, args.out, k=args.k, log=log, comparison=_comparison(service, args.compare, log, args.k))
     return 0
 
 
@@ -237,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
                         f"the embeddings and reused (default {defaults.approximate_above:,})")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("export-model", parents=[debug], help="a run's model as a folder to ship: safetensors weights, "
+                                                             "ONNX graphs, binary code, model card, config")
+    p.add_argument("--run", default="latest", help="GalleryTrainFlow run id (default: latest)")
+    p.add_argument("--out", required=True, help="the folder (or s3:// prefix) to write")
+    p.add_argument("--weighting", default=None, help="another trained model's weighting (default: the exported one's)")
+    p.add_argument("--pooling", default=None, help="with a study: the model's pooling (default: the preset's)")
+    p.add_argument("--seed", type=_count, default=None, help="with evaluation.seeds: the model's seed (default: the preset's)")
+    p.set_defaults(func=cmd_export_model)
+
+    p = sub.add_parser("compare", parents=[debug], help="is model B better than model A? transfer, retrieval and "
+                                                        "neighbour stability paired on the same galleries")
+    p.add_argument("a", help="run id (or latest) or exported model folder: the current model")
+    p.add_argument("b", help="run id or exported model folder: the candidate")
+    p.add_argument("--embeddings-a", default=None, help="with a model folder A: the embeddings file its model made")
+    p.add_argument("--embeddings-b", default=None, help="with a model folder B: the embeddings file its model made")
+    p.add_argument("--out", default=None, help="folder for compare.md, compare.json, figures (default: compare-<A>-vs-<B>)")
+    p.add_argument("-k", type=_positive, default=10, help="neighbours compared per gallery (default 10)")
+    p.set_defaults(func=cmd_compare)
+
     for name, helper in (("serve", "the search service and explorer page of a training run (an HTTP server)"),
                          ("explorer", "write the explorer page as one self-contained HTML file")):
         p = sub.add_parser(name, parents=[debug], help=helper)
@@ -247,7 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "of a run's own")
         p.add_argument("--manifest", default=None, help="catalogue manifest for photos and attributes (default: the run's)")
         p.add_argument("--tasks", default=None, help="task spec naming the tasks and held-out attributes (with --manifest)")
+        p.add_argument("--compare", default=None, metavar="RUN_OR_FILE",
+                       help="another run id or embeddings Parquet file of the same galleries: the compare view, both "
+                            "maps side by side and each gallery's top-k neighbours under both")
     p = sub.choices["serve"]
+    p.add_argument("--model", default=None, metavar="FOLDER",
+                   help="an exported model folder (gallery export-model) to serve with --embeddings, no run store needed")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=_count, default=8000)
     p.add_argument("--allow-root", action="append", default=[],

@@ -102,11 +102,20 @@ class TrainedRun:
     def model(self) -> GalleryModel:
         from gallery.training.checkpoints import load_trained  # here: a flow's light steps never import torch
 
-        return load_trained(self.tasks, self.stats, self.settings, self.checkpoints)
+        return load_trained(self.checkpoints)
 
 
 def trained_run(run: str = "latest") -> TrainedRun:
     """A successful GalleryTrainFlow run by id, or the latest successful one."""
+    found = finished_run(run)
+    data = found["end"].task.data
+    return TrainedRun(found.id, data.run_settings, data.catalogue.trained, data.catalogue.stats,
+                      data.checkpoint_locations[data.reference], data.embeddings_location,
+                      data.manifest_location, data.tasks_location)
+
+
+def finished_run(run: str = "latest"):
+    """The metaflow Run of a successful GalleryTrainFlow run by id, or the latest successful one."""
     from metaflow import Flow, Run, namespace
     from metaflow.exception import MetaflowNotFound
 
@@ -121,10 +130,7 @@ def trained_run(run: str = "latest") -> TrainedRun:
     if not found.successful:
         raise RunNotFound(f"{TRAIN_FLOW} run {run} did not finish successfully: `python flows/train_flow.py resume` it, "
                           "or pass another run")
-    data = found["end"].task.data
-    return TrainedRun(found.id, data.run_settings, data.catalogue.trained, data.catalogue.stats,
-                      data.checkpoint_locations[data.reference], data.embeddings_location,
-                      data.manifest_location, data.tasks_location)
+    return found
 
 
 def checkpoints_to_resume(store_root: str, *parts: str, markers=("last.pt",)) -> str | None:
@@ -214,3 +220,32 @@ def run_train_flow(settings_file: str, datastore: str, **params) -> None:
                 config=[("settings", settings_file)]).run(**params) as running:
         if running.status != "successful":
             raise RuntimeError(f"the train flow with {settings_file} failed: {running.stderr[-2000:]}")
+
+
+def export_run_model(run: str, out: str, weighting: str | None = None, pooling: str | None = None,
+                     seed: int | None = None, log=print):
+    """`gallery export-model`: a finished run's model as a folder (gallery.artifact). Default: the exported
+    one (the reference weighting, the preset's pooling and seed), with the binary code and evaluation of the
+    run; another trained model gets sign bits (the run fitted its code on the exported model's space)."""
+    from gallery.artifact.folder import export_checkpoint
+    from gallery.model.identity import ModelIdentity
+    from gallery.retrieval.codes import code_location, load_code, sign_code
+    from gallery.training.checkpoints import checkpoint_config
+
+    found = finished_run(run)
+    data = found["end"].task.data
+    reference = data.reference  # the exported model's ModelIdentity
+    wanted = ModelIdentity(weighting or reference.weighting, pooling or reference.pooling,
+                           reference.seed if seed is None else seed, reference.backbone)
+    folders = {checkpoint_config(location).identity: location
+               for models in data.checkpoints_by_seed for location in models.values()}
+    if wanted not in folders:
+        trained = "; ".join(f"--weighting {i.weighting} --pooling {i.pooling} --seed {i.seed}" for i in sorted(folders))
+        raise RunNotFound(f"run {found.id} trained no model with {wanted.weighting} weighting, {wanted.pooling} pooling "
+                          f"and seed {wanted.seed}; it trained: {trained}")
+    if wanted == reference:
+        code, evaluation = load_code(code_location(data.embeddings_location)), data.card_evaluation
+    else:
+        log(f"run {found.id} fitted its binary code to the exported model's embeddings: this model gets sign bits")
+        code, evaluation = sign_code(checkpoint_config(folders[wanted]).embedding_dim), None
+    return export_checkpoint(folders[wanted], code, out, found.id, evaluation, log)

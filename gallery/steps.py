@@ -14,32 +14,35 @@ import pandas as pd
 import torch
 
 import gallery.storage as storage
-from gallery.config import Settings, SplitSettings, cells, preset_cells
+from gallery.config import Settings, SplitSettings, preset_models, primary_task, reference_model, trained_models
 from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
 from gallery.data.shards import Shard, ShardWriter
+from gallery.training.model_config import model_config
 from gallery.errors import UserError
 from gallery.evaluation.holdout import vectors_as_galleries
-from gallery.evaluation.retrieval_suite import (ATTRIBUTES_ONLY, IMAGENET, SPECIALISED, UNIFIED, Arm, ArmIdentity,
-                                               RetrievalResult, retrieval_suite)
-from gallery.evaluation.seeds import seeded, seeds_of, with_seed
+from gallery.evaluation.arms import (ATTRIBUTES_ONLY, IMAGENET_ARM, MTL, SPECIALISED, EmbeddingArm, baseline_arm,
+                                     mtl_arm)
+from gallery.evaluation.retrieval_suite import RetrievalArm, RetrievalResult, retrieval_suite
+from gallery.evaluation.seeds import seeds_of, task_optimal_folder, with_seed
 from gallery.evaluation.task_optimal import TaskOptimalResult, train_task_optimal
-from gallery.evaluation.transfer import TransferResult, transfer_arm, transfer_suite
+from gallery.evaluation.transfer import TransferResult, transfer_suite
 from gallery.model.backbones import WeightsUnavailable, build_backbone
 from gallery.model.gallery_model import GalleryEncoder, GalleryModel, build_model
+from gallery.model.identity import ModelIdentity
 from gallery.model.metric import pair_keys
 from gallery.model.weightings import build_weighting
 from gallery.model.pooling import MeanPool
 from gallery.progress import Progress
-from gallery.retrieval.codes import BinaryCode, code_location, code_that_fits, fit_code, save_code
+from gallery.retrieval.codes import BinaryCode, code_location, code_that_fits, fit_code, load_code, save_code
 from gallery.retrieval.embeddings import (embed_galleries, embed_with_photo_weights, embedding_matrix, embeddings_code,
                                           embeddings_table, read_embeddings, write_embeddings)
 from gallery.training.cache import trunk_features
-from gallery.training.checkpoints import load_trained
+from gallery.training.checkpoints import load_trained, save_config
 from gallery.training.device import pick_device
 from gallery.training.distributed import Ranks
-from gallery.training.engine import FitConfig, TrainData, TrainResult, fit, score
+from gallery.training.engine import FitConfig, FitHooks, FitOptions, TrainData, TrainResult, fit, score
 
 CHUNK_GALLERIES = 64  # preprocessing holds this many galleries' pixels at a time
 
@@ -52,6 +55,7 @@ def ingest_for_run(manifest: str, tasks: str, settings: Settings) -> Catalogue:
     """The checked catalogue, with a note (shown by `describe` and in the report) for every setting it is
     too small for, so that nothing the data already tells fails after training."""
     catalogue = ingest(manifest, tasks, settings.data.split.valid, settings.data.split.test)
+    primary_task(settings, [t.name for t in catalogue.holdout])  # evaluation.primary_task names a held-out task
     _, why = code_that_fits(settings.retrieval.code, int((catalogue.frame["split"] == "train").sum()))
     catalogue.notes += [why] if why else []
     return catalogue
@@ -121,20 +125,29 @@ def shard_source(shards: list[Shard], settings: Settings) -> ShardSource:
 
 @dataclass(frozen=True)
 class Training:
-    """One model a run trains: a weighting with a pooling (a study's cell), for one seed, on every task
-    (`role` unified: the attribute tasks and the metric tasks), or, to compare retrieval against it, on the
-    attribute tasks alone (attributes_only) or on one metric task alone (specialised, `task`)."""
+    """One model a run trains: its identity (a weighting with a pooling, a study's cell, for one seed:
+    gallery.model.identity), on every task (`role` mtl: the attribute tasks and the metric tasks, the unified
+    model), or, to compare retrieval against it, on the attribute tasks alone (attributes_only) or on one
+    metric task alone (specialised, `task`). Its role is the kind of arm it gives (gallery.evaluation.arms)."""
 
-    name: str          # the weighting, "+<pooling>" where it is not model.pooling; or the comparison model's name
-    weighting: str
-    pooling: str
-    seed: int
-    role: str = UNIFIED
+    model: ModelIdentity
+    role: str = MTL
     task: str | None = None   # a specialised model's metric task
 
     def settings(self, settings: Settings) -> Settings:
         """The run's settings as this model trains with them."""
-        return with_seed(replace(settings, model=replace(settings.model, pooling=self.pooling)), self.seed)
+        return trained_settings(self.model, settings)
+
+    def folder(self, settings: Settings) -> str:
+        """Its checkpoints folder's name, made from its fields (never read back): the model's
+        (ModelIdentity.folder) for an MTL model, its role (and task) for a comparison model."""
+        if self.role == MTL:
+            return self.model.folder(settings.train.seed)
+        return self.role if self.task is None else f"{self.role}_{self.task}"
+
+    def arm(self, reference: ModelIdentity) -> EmbeddingArm:
+        """The arm its embeddings are in an evaluation; `reference`: the run's reference model."""
+        return mtl_arm(self.model, reference) if self.role == MTL else EmbeddingArm(self.role, self.model, task=self.task)
 
     def tasks(self, catalogue: Catalogue) -> list:
         """The tasks this model learns."""
@@ -149,11 +162,11 @@ def trainings(settings: Settings, metric_tasks=()) -> list[Training]:
     """Every model the run trains: each weighting with model.pooling and each of train.poolings, per seed;
     with metric tasks and evaluation.retrieval_arms, also the reference weighting's model of the attribute
     tasks alone and one of each metric task alone (the first seed's), which retrieval compares with."""
-    out = [Training(name, w, p, seed) for seed in seeds_of(settings) for name, (w, p) in cells(settings).items()]
+    out = [Training(m) for seed in seeds_of(settings) for m in trained_models(settings, seed)]
     if metric_tasks and settings.evaluation.retrieval_arms:
-        w, p, seed = settings.train.reference_weighting, settings.model.pooling, settings.train.seed
-        out += [Training("attributes_only", w, p, seed, ATTRIBUTES_ONLY)]
-        out += [Training(f"specialised_{t.name}", w, p, seed, SPECIALISED, t.name) for t in metric_tasks]
+        reference = reference_model(settings)
+        out += [Training(reference, ATTRIBUTES_ONLY)]
+        out += [Training(reference, SPECIALISED, t.name) for t in metric_tasks]
     return out
 
 
@@ -180,6 +193,9 @@ def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Setting
     source = shard_source(shards, settings)
     torch.manual_seed(settings.train.seed)
     model = build_model(settings.model, tasks, catalogue.stats)
+    if ranks.is_main:  # the folder rebuilds its model alone (gallery.training.checkpoints)
+        save_config(checkpoints, model_config(identity_of(weighting, settings), settings.model, tasks, catalogue.stats,
+                                              model.encoder))
     for task in tasks:
         if task.kind == "pairs":
             model.set_pairs(task.name, *known_pairs(catalogue, task.name))
@@ -195,10 +211,15 @@ def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Setting
         + (f", data-parallel rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""))
     config = FitConfig.of(settings.train)
     result = fit(model, build_weighting(weighting, tasks, catalogue.stats), data, config,
-                 checkpoints=checkpoints, resume_from=resume_from, device=device, log=log, on_epoch_end=on_epoch_end,
-                 ranks=ranks)
+                 FitOptions(checkpoints=checkpoints, resume_from=resume_from, device=device, ranks=ranks, log=log,
+                            hooks=FitHooks(on_epoch_end=on_epoch_end)))
     result.test = score(model, data, "test", config.batch_galleries, device, config.precision)
     return result
+
+
+def identity_of(weighting: str, settings: Settings) -> ModelIdentity:
+    """The identity of the model `settings` train with `weighting` (their pooling, seed and backbone)."""
+    return ModelIdentity(weighting, settings.model.pooling, settings.train.seed, settings.model.backbone)
 
 
 def known_pairs(catalogue: Catalogue, task: str) -> tuple[torch.Tensor, int]:
@@ -233,6 +254,26 @@ def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Sha
     return len(source)
 
 
+def export_model_folder(checkpoints: str, embeddings_location: str, out: str, run_id: str, log=print) -> str:
+    """The shipped form of the exported model (gallery.artifact): its checkpoints' best weights, its
+    embeddings' binary code, ONNX graphs, card and config -> the folder `out`."""
+    from gallery.artifact.folder import export_checkpoint
+
+    export_checkpoint(checkpoints, load_code(code_location(embeddings_location)), out, run_id, log=log)
+    return out
+
+
+def card_evaluation(data) -> str:
+    """The shipped model card's evaluation: the run report's transfer scorecard (and retrieval headline)
+    from its ReportData (gallery.evaluation.report)."""
+    from gallery.evaluation.render import retrieval_headline, scorecard_markdown  # matplotlib: only here
+
+    text = (f"From the training run's report (run `{data.run_id}`): how the embedding transfers to held-out tasks it "
+            "was never taught, paired against ImageNet features on the same galleries, with 95% intervals.\n\n"
+            + scorecard_markdown(data.scorecard, data.transfer))
+    return text + ("\n\n" + retrieval_headline(data.relevance) if data.relevance else "")
+
+
 def embedded_photos(frame: pd.DataFrame, gallery_ids: list[str], shards: list[Shard], settings: Settings) -> list[list[str]]:
     """Each gallery's photos in the order its shard stores them: the manifest's first data.max_images,
     less those preprocessing skipped as unreadable (the data-quality report lists them)."""
@@ -256,8 +297,8 @@ def pretrained_embeddings(source: ShardSource, settings: Settings, backbone: str
 
 
 def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Settings, embeddings_location: str,
-                        imagenet_location: str, metadata: dict, checkpoints_by_seed: list[dict[str, str]],
-                        reference: str, log=print) -> list[TransferResult]:
+                        imagenet_location: str, metadata: dict, checkpoints_by_seed: list[dict[ModelIdentity, str]],
+                        reference: ModelIdentity, log=print) -> list[TransferResult]:
     """The transfer suite (gallery.evaluation.transfer) once per seed (evaluation.seeds): the seed's own
     models give the MTL arms (the first seed's reference model is the exported one), the seed initialises
     every head and orders its batches. Also writes the ImageNet-transfer embeddings for later comparisons.
@@ -274,20 +315,21 @@ def transfer_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Set
     write_embeddings(imagenet_location, embeddings_table(ids, splits, imagenet, {
         "backbone": settings.model.backbone, "pooling": "mean", "weighting": "none (ImageNet weights)", **metadata}))
     fixed, notes = baseline_arms(source, settings, log)
-    fixed = {"imagenet": vectors_as_galleries(ids, imagenet)} | fixed
+    fixed = {IMAGENET_ARM: vectors_as_galleries(ids, imagenet)} | fixed
     per_seed, embedding_seconds = [], time.perf_counter() - start
     for k, seed in enumerate(seeds_of(settings)):
         start, arms = time.perf_counter(), {}
-        for name, checkpoints in sorted(checkpoints_by_seed[k].items(), key=lambda nc: nc[0] != reference):
-            if k == 0 and name == reference:
+        for trained, checkpoints in sorted(checkpoints_by_seed[k].items(),
+                                           key=lambda mc: not mtl_arm(mc[0], reference).reference):  # the reference first
+            if k == 0 and trained == reference:
                 vectors = embedding_matrix(table)
             else:
-                model = load_trained(catalogue.trained, catalogue.stats, trained_settings(name, settings), checkpoints)
+                model = load_trained(checkpoints)
                 vectors = embed_galleries(model.encoder, source, settings.train.use_cache,
                                           workers=settings.data.loader_workers)
-            arms[transfer_arm(name, reference)] = vectors_as_galleries(ids, vectors)
+            arms[mtl_arm(trained, reference)] = vectors_as_galleries(ids, vectors)
         embedding_seconds += time.perf_counter() - start
-        head_arms = [transfer_arm(name, reference) for name in preset_cells(settings)] + list(fixed)  # and baselines
+        head_arms = [mtl_arm(m.with_seed(seed), reference) for m in preset_models(settings)] + list(fixed)  # and baselines
         result = transfer_suite(catalogue, with_seed(settings, seed), arms | fixed, source, pixels, notes, log,
                                 head_arms=head_arms)
         result.seconds["arm_embeddings"] = embedding_seconds
@@ -309,17 +351,18 @@ def retrieval_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Se
     train = catalogue.frame.set_index("gallery_id").loc[ids, "split"].to_numpy() == "train"
     code_name = code_that_fits(settings.retrieval.code, int(train.sum()))[0]
 
-    def arm(identity: ArmIdentity, vectors: np.ndarray, code: BinaryCode | None = None) -> Arm:
-        return Arm(identity, vectors, code or fit_code(vectors[train], code_name))
+    def arm(which: EmbeddingArm, vectors: np.ndarray, code: BinaryCode | None = None) -> RetrievalArm:
+        return RetrievalArm(which, vectors, code or fit_code(vectors[train], code_name))
 
-    arms = [arm(ArmIdentity(UNIFIED, UNIFIED), embedding_matrix(table), embeddings_code(embeddings_location))]
+    reference = reference_model(settings)
+    arms = [arm(mtl_arm(reference, reference), embedding_matrix(table), embeddings_code(embeddings_location))]
     for t, checkpoints in compared.items():
-        model = load_trained(t.tasks(catalogue), catalogue.stats, t.settings(settings), checkpoints)
+        model = load_trained(checkpoints)
         vectors = embed_galleries(model.encoder, source, settings.train.use_cache, workers=settings.data.loader_workers)
-        arms.append(arm(ArmIdentity(t.name, t.role, t.task), vectors))
-    arms.append(arm(ArmIdentity(IMAGENET, IMAGENET), pretrained_embeddings(source, settings, settings.model.backbone)))
+        arms.append(arm(t.arm(reference), vectors))
+    arms.append(arm(IMAGENET_ARM, pretrained_embeddings(source, settings, settings.model.backbone)))
     baselines, _ = baseline_arms(source, settings, log)
-    arms += [arm(ArmIdentity(name, "pretrained"), galleries.data.numpy()) for name, galleries in baselines.items()]
+    arms += [arm(which, galleries.data.numpy()) for which, galleries in baselines.items()]
     result = retrieval_suite(catalogue, ids, arms, settings.retrieval.rerank, code_name, settings.train.seed)
     log(f"retrieval: {len(arms)} arms on {', '.join(f'{n} queries of {t}' for t, n in result.queries.items())} "
         f"in {result.seconds:.1f} s")
@@ -332,17 +375,11 @@ def baseline_arms(source: ShardSource, settings: Settings, log=print) -> tuple[d
     arms, notes = {}, []
     for name in settings.evaluation.baselines:
         try:
-            arms[f"baseline:{name}"] = vectors_as_galleries(source.gallery_ids, pretrained_embeddings(source, settings, name))
+            arms[baseline_arm(name)] = vectors_as_galleries(source.gallery_ids, pretrained_embeddings(source, settings, name))
         except WeightsUnavailable as e:
             notes.append(f"The baseline `{name}` was not run: its pretrained weights are not on this machine ({e})")
             log(notes[-1])
     return arms, notes
-
-
-def trained_settings(name: str, settings: Settings) -> Settings:
-    """The settings a trained model of that name was built with (its pooling)."""
-    pooling = cells(settings)[name][1]
-    return replace(settings, model=replace(settings.model, pooling=pooling))
 
 
 def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Settings, names: list[str],
@@ -352,6 +389,11 @@ def task_optimal_models(catalogue: Catalogue, shards: list[Shard], settings: Set
     tasks = [t for t in catalogue.tasks if t.name in set(names)]
     source = shard_source(shards, settings)
     return [train_task_optimal(catalogue, tasks, source, with_seed(settings, seed),
-                               lambda name, seed=seed: checkpoints_of(seeded(name, seed, settings)),
-                               lambda name, seed=seed: recovery_of(seeded(name, seed, settings)), log)
+                               lambda name, seed=seed: checkpoints_of(task_optimal_folder(name, seed, settings)),
+                               lambda name, seed=seed: recovery_of(task_optimal_folder(name, seed, settings)), log)
             for seed in seeds_of(settings)]
+
+
+def trained_settings(model: ModelIdentity, settings: Settings) -> Settings:
+    """The run's settings as a trained model of that identity was trained with (its pooling and seed)."""
+    return with_seed(replace(settings, model=replace(settings.model, pooling=model.pooling)), model.seed)

@@ -6,6 +6,8 @@ import base64
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -20,7 +22,7 @@ from metaflow.cards import get_cards
 from gallery.data.contracts import load_schema
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE
 from gallery.model.weightings import WEIGHTINGS
-from gallery.retrieval.embeddings import code_matrix, embeddings_code, read_embeddings
+from gallery.retrieval.embeddings import code_matrix, embedding_matrix, embeddings_code, read_embeddings
 
 pytestmark = pytest.mark.flow
 
@@ -53,9 +55,51 @@ def test_smoke_run_exports_one_embedding_per_gallery(smoke_run):
     assert required <= set(meta)
 
 
+def test_the_run_ships_its_model_and_a_fresh_process_embeds_as_the_export_did(smoke_run, tmp_path):
+    """The store's model folder, loaded with no Metaflow import, embeds 50 of the catalogue's galleries from
+    their photo files as the export did from the (float32) feature cache; onnxruntime agrees per photo."""
+    end = smoke_run["end"].task.data
+    table, _ = read_embeddings(end.embeddings_location)
+    frame = end.catalogue.frame.set_index("gallery_id")
+    ids = table["gallery_id"].to_pylist()[:50]
+    photos = [list(frame.loc[g, "images"])[:4] for g in ids]  # smoke: at most 4 photos per gallery, all readable
+    (tmp_path / "photos.json").write_text(json.dumps(photos))
+    script = f"""
+import json, sys, numpy as np, onnxruntime, torch, gallery
+model = gallery.load_model({end.model_location!r})
+assert "metaflow" not in sys.modules
+galleries = json.load(open({str(tmp_path / 'photos.json')!r}))
+np.save({str(tmp_path / 'vectors.npy')!r}, model.embed(galleries))
+pixels = np.stack([model.photo(p, p) for p in galleries[0]])
+features = onnxruntime.InferenceSession({end.model_location + '/model.onnx'!r}).run(None, {{"photos": pixels}})[0]
+with torch.no_grad():
+    print(float(np.abs(features - model.model.encoder.images(torch.from_numpy(pixels)).numpy()).max()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    assert float(done.stdout.split()[-1]) <= 1e-4
+    exported = embedding_matrix(table)[:50]
+    np.testing.assert_allclose(np.load(tmp_path / "vectors.npy"), exported, atol=1e-5)
+
+
+def test_a_run_compared_with_itself_differs_in_nothing(smoke_run, tmp_path):
+    from gallery.cli import main
+
+    assert main(["compare", smoke_run.id, smoke_run.id, "--out", str(tmp_path)]) == 0
+    c = json.loads((tmp_path / "compare.json").read_text())
+    common = smoke_run["end"].task.data.exported_galleries
+    assert c["common"] == common and c["verdict"] == "no clear difference"
+    assert c["stability"]["mean_overlap"]["estimate"] == 1.0 and c["stability"]["histogram"][-1] == common
+    rows = ([r["scores"] for r in c["transfer"] + c["retrieval"]] + [r["errors"] for r in c["task_errors"]]
+            + [r["shares"] for r in c["agreement"]])
+    assert c["transfer"] and c["task_errors"] and c["agreement"]
+    assert all(r["difference"]["estimate"] == 0 for r in rows)
+    assert c["transfer_error_change"]["estimate"] == 0
+    assert "## Verdict: **no clear difference**" in (tmp_path / "compare.md").read_text()
+
+
 def test_smoke_run_trains_both_weightings_and_writes_a_card(smoke_run):
     end = smoke_run["end"].task.data
-    assert set(end.training) == {"pseudo_uniform", "kendall"}
+    assert {m.weighting for m in end.training} == {"pseudo_uniform", "kendall"} and end.reference in end.training
     for result in end.training.values():
         assert len(result.history) >= 1 and np.isfinite(result.best_criterion)
         assert result.test.split == "test" and len(result.test.gallery_ids) == (end.catalogue.frame["split"] == "test").sum()
@@ -95,10 +139,12 @@ def test_smoke_run_report(smoke_run):
 
     table2 = pd.read_csv(folder / "table2.csv").query("holdout_task == 'star_rating'")
     arms = table2[table2["row"] != "baseline"]
-    assert sorted(arms["arm"].unique()) == ["end_to_end", "imagenet", "mtl", "mtl:kendall"]
+    assert sorted(arms["arm"].unique()) == ["End-to-end model", "ImageNet transfer", "MTL embeddings",
+                                            "MTL embeddings (kendall)"]   # the arms' labels
     assert set(table2["split"]) == {"valid+test"}
     assert (arms.groupby("arm").size() == 6).all() and (table2["row"] == "baseline").sum() == 1
-    assert list(arms[arms["arm"] == "mtl"]["row"]) == [f"{p}% of one epoch" for p in (20, 40, 60, 80, 100)] + ["2 epochs"]
+    mtl_rows = arms[arms["arm"] == "MTL embeddings"]
+    assert list(mtl_rows["row"]) == [f"{p}% of one epoch" for p in (20, 40, 60, 80, 100)] + ["2 epochs"]
     holdout = next(h for h in metrics["holdout"] if h["task"] == "star_rating")
     assert holdout["split"] == "valid+test" and set(holdout["scored_ids"]) <= unseen
     transfer = pd.read_csv(folder / "transfer.csv")
@@ -107,7 +153,10 @@ def test_smoke_run_report(smoke_run):
     assert set(entries["probe"]) == {"head", "linear", "knn"} and "## Transfer scorecard" in report
     for s in metrics["transfer"]["scores"]:
         assert set(s["gallery_ids"]) <= unseen, (s["task"], s["probe"], s["arm"])
-    assert [r["value"] for r in holdout["arms"]["mtl"]["rows"]] == pytest.approx(list(arms[arms["arm"] == "mtl"]["value"]))
+    (mtl,) = [a for a in holdout["arms"] if a["arm"]["kind"] == "mtl" and a["arm"]["reference"]]  # fields, not names
+    assert mtl["arm"]["model"] == {"weighting": "pseudo_uniform", "pooling": "mean", "seed": 0, "backbone": "efficientnet_lite0"}
+    assert [r["value"] for r in mtl["rows"]] == pytest.approx(list(mtl_rows["value"]))
+    assert metrics["reference_model"] == mtl["arm"]["model"] and metrics["primary_task"] == "star_rating"
     assert "| majority class baseline |" in report and "paper (MTL / ImageNet / end-to-end)" in report
 
     per_task = pd.read_csv(folder / "per_task.csv")
@@ -115,13 +164,14 @@ def test_smoke_run_report(smoke_run):
     for w in ("pseudo_uniform", "kendall"):
         assert per_task[f"error_{w}"].notna().all() and len(per_task[f"relative_error_increase_{w}"].dropna()) > 20
     assert metrics["per_task"]["measured_on"] == "test" and metrics["per_task"]["selected_on"] == "valid"
-    assert [r["error_kendall"] for r in metrics["per_task"]["rows"]] == pytest.approx(per_task["error_kendall"].tolist())
+    assert [next(m["error"] for m in r["models"] if m["model"]["weighting"] == "kendall")
+            for r in metrics["per_task"]["rows"]] == pytest.approx(per_task["error_kendall"].tolist())
     for name, model in metrics["task_optimal"]["models"].items():
         assert set(model["test_ids"]) <= test_ids and model["selected_on"] == "valid", name
     balance = pd.read_csv(folder / "class_balance.csv").set_index("weighting")
-    for w in ("pseudo_uniform", "kendall"):
-        assert metrics["comparisons"]["class_balance"][w]["pearson"]["estimate"] == pytest.approx(
-            balance.loc[w, "pearson_estimate"], nan_ok=True)
+    for b in metrics["comparisons"]["class_balance"]["models"]:
+        assert b["pearson"]["estimate"] == pytest.approx(balance.loc[b["model"]["weighting"], "pearson_estimate"],
+                                                         nan_ok=True)
     wins = metrics["comparisons"]["pseudo_uniform_wins"]["wins"]
     assert wins["wins"] == int((per_task["error_pseudo_uniform"] < per_task["error_kendall"]).sum())
     assert metrics["binary_vs_float"]["measured_on"] == "test (queries)"
@@ -137,9 +187,12 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
     metrics = json.loads((folder / "metrics.json").read_text())
     report = (folder / "report.md").read_text()
     holdout = next(h for h in metrics["holdout"] if h["task"] == "star_rating")
-    mtl, imagenet = (np.array(holdout["arms"][arm]["rows"][-1]["scores"]) for arm in ("mtl", "imagenet"))
+    arm = {(a["arm"]["kind"], a["arm"]["reference"]): a for a in holdout["arms"]}
+    mtl, imagenet = (np.array(arm[key]["rows"][-1]["scores"]) for key in (("mtl", True), ("imagenet", False)))
     assert len(mtl) == len(imagenet) == holdout["scored_galleries"]
-    final = metrics["comparisons"]["table2"][holdout["task"]]["rows"][-1]["versus"]["imagenet"]
+    versus = metrics["comparisons"]["table2"][holdout["task"]]["rows"][-1]["versus"]
+    assert [v["arm"]["kind"] for v in versus] == ["imagenet", "end_to_end"]
+    final = versus[0]["effect"]
     assert final["estimate"] == pytest.approx(mtl.mean() - imagenet.mean())
     assert final["low"] <= final["estimate"] <= final["high"]
     side = 1 if final["low"] > 0 else -1 if final["high"] < 0 else 0
@@ -177,7 +230,8 @@ def test_a_study_of_every_weighting_with_two_poolings_in_one_smoke_run(tmp_path)
     end = run["end"].task.data
     weightings, poolings = sorted(WEIGHTINGS), ["mean", "pma"]
     names = sorted(w if p == "mean" else f"{w}+{p}" for w in weightings for p in poolings)
-    assert len(list(run["train"].tasks())) == 2 and sorted(end.training) == names
+    assert len(list(run["train"].tasks())) == 2 and sorted(m.label() for m in end.training) == names
+    assert sorted((m.weighting, m.pooling) for m in end.training) == sorted((w, p) for w in weightings for p in poolings)
     for name, result in end.training.items():
         assert len(result.history) == 1 and np.isfinite(result.best_criterion), name
         assert all(np.isfinite(list(h.train_task_losses.values())).all() for h in result.history), name
@@ -199,7 +253,7 @@ def test_a_study_of_every_weighting_with_two_poolings_in_one_smoke_run(tmp_path)
     assert sorted(zip(study["weighting"], study["pooling"])) == sorted(
         (w, p) for w in weightings for p in poolings if (w, p) != ("pseudo_uniform", "mean"))
     assert "## Study: weightings and poolings against the paper's configuration" in report
-    assert {c["pooling"] for c in metrics["study"]["cells"]} == set(poolings)
+    assert {c["model"]["pooling"] for c in metrics["study"]["cells"]} == set(poolings)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +280,7 @@ def test_killed_two_process_training_resumes_from_its_checkpoint(two_process_run
     for name in ("start", "ingest", "preprocess", "data_quality"):
         assert resumed[name].task.origin_pathspec.startswith(f"GalleryTrainFlow/{killed.id}/"), name
     nodes = list(resumed["train"].tasks())
-    assert len(nodes) == 2 and sorted((t.name, task.data.rank) for task in nodes for t in task.data.trained) == [
+    assert len(nodes) == 2 and sorted((t.model.weighting, task.data.rank) for task in nodes for t in task.data.trained) == [
         ("kendall", 0), ("kendall", 1)]
     for task in nodes:
         assert task.origin_pathspec is None  # re-executed, not cloned
@@ -246,8 +300,8 @@ def test_two_processes_train_one_model(two_process_run, smoke_run):
     _, resumed = two_process_run
     digests = {result.weights_digest for task in resumed["train"].tasks() for result, _ in task.data.trained.values()}
     assert len(digests) == 1
-    two = resumed["end"].task.data.training["kendall"].history
-    one = smoke_run["end"].task.data.training["kendall"].history
+    two, one = (next(r for m, r in run["end"].task.data.training.items() if m.weighting == "kendall").history
+                for run in (resumed, smoke_run))
     assert len(two) == len(one)
     for a, b in zip(two, one):
         ratios = [a.valid_task_losses[t] / b.valid_task_losses[t] for t in a.valid_task_losses

@@ -50,7 +50,7 @@ def _phase(phase: str, settings, folder: str) -> dict:
         trained = train_weighting(catalogue, shards, settings, "pseudo_uniform", f"{folder}/checkpoints",
                                   log=lambda _: None)
         train_seconds = time.perf_counter() - start
-        model = load_trained(catalogue.trained, catalogue.stats, settings, f"{folder}/checkpoints")
+        model = load_trained(f"{folder}/checkpoints")
         start = time.perf_counter()
         exported = export_embeddings(model, catalogue.frame, shards, settings, f"{folder}/embeddings.parquet",
                                      {"run_id": "bench"})
