@@ -9,8 +9,8 @@ The names a user of a finished run needs, importable from the top (loaded on fir
     hits = search_embeddings(run.embeddings_location, images=["a.jpg"], model_run=run)
     model = load_model("model/")                     # an exported model folder (`gallery export-model`)
 
-Layout (docs/design.md §2), imports flowing one way: data <- model <- config <- training <- retrieval <- evaluation
-<- steps / runs <- flows, cli, bench.
+Layout (docs/design.md §2), imports flowing one way: data <- model <- config <- training <- retrieval <- artifact
+<- evaluation <- steps / runs <- compare <- serve <- flows, cli, bench.
 """
 from importlib import import_module
 

@@ -19,7 +19,6 @@ from gallery.data.images import DataQuality, load_galleries, quality_csv
 from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
 from gallery.data.shards import Shard, ShardWriter
-from gallery.training.model_config import model_config
 from gallery.errors import UserError
 from gallery.evaluation.holdout import vectors_as_galleries
 from gallery.evaluation.arms import (ATTRIBUTES_ONLY, IMAGENET_ARM, MTL, SPECIALISED, EmbeddingArm, baseline_arm,
@@ -43,6 +42,7 @@ from gallery.training.checkpoints import load_trained, save_config
 from gallery.training.device import pick_device
 from gallery.training.distributed import Ranks
 from gallery.training.engine import FitConfig, FitHooks, FitOptions, TrainData, TrainResult, fit, score
+from gallery.training.model_config import model_config
 
 CHUNK_GALLERIES = 64  # preprocessing holds this many galleries' pixels at a time
 
@@ -194,7 +194,7 @@ def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Setting
     torch.manual_seed(settings.train.seed)
     model = build_model(settings.model, tasks, catalogue.stats)
     if ranks.is_main:  # the folder rebuilds its model alone (gallery.training.checkpoints)
-        save_config(checkpoints, model_config(identity_of(weighting, settings), settings.model, tasks, catalogue.stats,
+        save_config(checkpoints, model_config(identity_of(weighting, settings), settings, tasks, catalogue.stats,
                                               model.encoder))
     for task in tasks:
         if task.kind == "pairs":

@@ -178,7 +178,7 @@ def served_run(tmp_path_factory):
     model = build_model(settings.model, catalogue.tasks, catalogue.stats).eval()
     storage.save_torch(str(out / "checkpoints" / "best.pt"), {"model": model.state_dict()})
     save_config(str(out / "checkpoints"), model_config(ModelIdentity("pseudo_uniform", "mean", 0, "efficientnet_lite0"),
-                                                       settings.model, catalogue.tasks, catalogue.stats, model.encoder,
+                                                       settings, catalogue.tasks, catalogue.stats, model.encoder,
                                                        "fixture"))
     ids, galleries, _ = load_galleries(catalogue.frame["gallery_id"], catalogue.frame["images"], 32)
     threads = torch.get_num_threads()

@@ -15,8 +15,9 @@ import gallery.storage as storage
 from gallery.training.model_config import ModelFolderError, model_config
 from gallery.artifact.folder import WEIGHTS_FILE, export_checkpoint
 from gallery.artifact.loaded import PhotoError, load_model
-from gallery.config import ModelSettings
+from gallery.config import ModelSettings, Settings
 from gallery.data.packed import PackedGalleries
+from gallery.data.shards import decode_stored, encode_image
 from gallery.data.tasks import Task
 from gallery.model.gallery_model import build_model
 from gallery.model.identity import ModelIdentity
@@ -33,13 +34,18 @@ def galleries(seed: int, count: int = 6) -> list[np.ndarray]:
     return [rng.integers(0, 256, (int(rng.integers(1, 5)), SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
 
 
+def as_stored(gallery: np.ndarray) -> np.ndarray:
+    """The photos as the shards hold them (JPEG at quality 90, read back): what training saw."""
+    return np.stack([decode_stored(encode_image(p, "jpeg", 90)) for p in gallery])
+
+
 def exported(tmp_path, pooling: str):
     """A freshly built model (random weights, perturbed so nothing is at its initial value) written as a
     checkpoints folder, as training leaves it, then exported."""
     torch.manual_seed(0)
-    settings = ModelSettings(backbone="efficientnet_lite0", weights="random", trainable_blocks=1, image_size=SIZE,
-                             pooling=pooling, hidden=16)
-    model = build_model(settings, TASKS).eval()
+    settings = Settings(model=ModelSettings(backbone="efficientnet_lite0", weights="random", trainable_blocks=1,
+                                            image_size=SIZE, pooling=pooling, hidden=16))
+    model = build_model(settings.model, TASKS).eval()
     with torch.no_grad():
         for p in model.encoder.pooling.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -47,7 +53,8 @@ def exported(tmp_path, pooling: str):
     save_config(checkpoints, model_config(ModelIdentity("kendall", pooling, 3, "efficientnet_lite0"), settings, TASKS,
                                           {}, model.encoder))
     storage.save_torch(f"{checkpoints}/best.pt", {"model": model.state_dict()})
-    vectors = embed_with_photo_weights(model.encoder, PackedGalleries.from_arrays(list("abcdef"), galleries(0)), False)
+    stored = [as_stored(g) for g in galleries(0)]
+    vectors = embed_with_photo_weights(model.encoder, PackedGalleries.from_arrays(list("abcdef"), stored), False)
     code = fit_code(np.random.default_rng(1).normal(size=(300, model.encoder.dim)).astype(np.float32), "itq16")
     folder = tmp_path / "model"
     export_checkpoint(checkpoints, code, str(folder), "run-7", log=lambda line: None)
@@ -71,7 +78,7 @@ def test_a_loaded_folder_embeds_as_the_model_did_and_its_onnx_graphs_agree(tmp_p
     # the same galleries through onnxruntime: the encoder per photo, then the pooling per gallery
     encoder = onnxruntime.InferenceSession(str(folder / "model.onnx"))
     pooling_graph = onnxruntime.InferenceSession(str(folder / "pooling.onnx"))
-    for photos, want in zip(galleries(0), expected.vectors):
+    for photos, want in zip(map(as_stored, galleries(0)), expected.vectors):
         features = encoder.run(None, {"photos": photos})[0]
         with torch.no_grad():
             np.testing.assert_allclose(features, model.encoder.images(torch.from_numpy(photos)).numpy(), atol=1e-4)
@@ -147,7 +154,7 @@ def test_a_model_folder_serves_its_embeddings_without_a_run_store(tmp_path):
     location = str(tmp_path / "embeddings.parquet")
     write_embeddings(location, embeddings_table(list("abcdef"), ["train"] * 6, expected.vectors, {"run_id": "run-7"}, code))
     service = service_from_model(str(folder), location, log=lambda line: None)
-    photos = list(galleries(0)[2])
+    photos = list(as_stored(galleries(0)[2]))
     np.testing.assert_allclose(service.embed(photos), expected.vectors[2], atol=1e-6)
     top = service.search_vector(service.embed(photos), 1, ["float"])[0].hits[0]
     assert top.gallery_id == "c" and top.score == pytest.approx(1.0, abs=1e-5)

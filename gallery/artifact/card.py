@@ -66,7 +66,8 @@ vectors = model.embed([["a.jpg", "b.jpg"], ["c.jpg"]])   # one row per gallery
 bits = model.binarize(vectors)                       # packed uint8 codes
 ```
 Without Python: `{ENCODER_FILE}` maps `photos` (uint8, N x {p.image_size} x {p.image_size} x 3, RGB, resized
-{p.resize}) to `features` (N x {config.embedding_dim}); `{POOLING_FILE}` maps one gallery's `features`
+{p.resize}, then encoded as {p.stored_as} at quality {p.stored_quality} and decoded, as in training) to `features`
+(N x {config.embedding_dim}); `{POOLING_FILE}` maps one gallery's `features`
 (P x {config.embedding_dim}) to its `embedding` (1 x {config.embedding_dim}){" and `photo_weights` (P)" if attention else ""}.
 `config.json` holds everything else (tasks, preprocessing, file hashes).
 """

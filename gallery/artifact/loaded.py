@@ -10,6 +10,7 @@ from PIL import Image
 from gallery.training.model_config import ModelConfig, ModelFolderError
 from gallery.artifact.folder import WEIGHTS_FILE, read_config, read_model_file
 from gallery.data.images import ImageProblem, load_image, photo_array
+from gallery.data.shards import decode_stored, encode_image
 from gallery.errors import UserError
 from gallery.retrieval.codes import BinaryCode, parse_code
 
@@ -36,19 +37,22 @@ class LoadedModel:
         return self.config.embedding_dim
 
     def photo(self, photo, where: str) -> np.ndarray:
-        """A photo path (or URI), PIL image, or uint8 (H, W, 3) array as the encoder's input."""
-        size = self.config.preprocessing.image_size
+        """A photo path (or URI), PIL image, or uint8 (H, W, 3) array as the encoder's input: resized, then
+        stored and read back as training's shards did (gallery.training.model_config.Preprocessing)."""
+        p = self.config.preprocessing
         try:
             if isinstance(photo, (str, os.PathLike, bytes)):
-                return load_image(photo, size)
-            if isinstance(photo, Image.Image):
-                return photo_array(photo, size)
-            array = np.asarray(photo)
-            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-                raise ImageProblem(f"an array must be uint8 (height, width, 3) RGB, not {array.dtype} {array.shape}")
-            return array if array.shape[:2] == (size, size) else photo_array(Image.fromarray(array), size)
+                pixels = load_image(photo, p.image_size)
+            elif isinstance(photo, Image.Image):
+                pixels = photo_array(photo, p.image_size)
+            else:
+                array = np.asarray(photo)
+                if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                    raise ImageProblem(f"an array must be uint8 (height, width, 3) RGB, not {array.dtype} {array.shape}")
+                pixels = photo_array(Image.fromarray(array), p.image_size)
         except ImageProblem as e:
             raise PhotoError(f"{where} cannot be used: {e}; give a readable photo (JPEG, PNG, WEBP, GIF)") from None
+        return decode_stored(encode_image(pixels, p.stored_as, p.stored_quality))
 
     def embed(self, galleries, batch_galleries: int = 64, with_photo_weights: bool = False):
         """(G, d) float32 embeddings, one per gallery (each a list of photos: paths, PIL images or arrays, or

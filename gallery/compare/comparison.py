@@ -75,6 +75,7 @@ class TransferRow:
     metric: str
     probe: str
     scores: Paired       # accuracy or MSE
+    error_change: Effect  # B's errors / A's − 1 (< 0: B errs less): every task on one scale
 
 
 @dataclass
@@ -163,7 +164,8 @@ def compare_transfer(a, b, seed: int = 0) -> tuple[list[TransferRow], Effect | N
             if len(ids) < 2:
                 continue
             rows.append(TransferRow(task.name, task.kind, task.metric, probe,
-                                    paired(x, y, -1 if task.kind == "regression" else 1, seed)))
+                                    paired(x, y, -1 if task.kind == "regression" else 1, seed),
+                                    error_change([(task.kind, ids, y, x)], seed, "task x probe")))
             pairs.append((task.kind, ids, y, x))
     return rows, (error_change(pairs, seed, "task x probe pairs") if pairs else None)
 

@@ -46,8 +46,10 @@ def markdown(c: Comparison) -> str:
              f"\n## Verdict: **{c.verdict}**\n", *[f"- {r}" for r in c.reasons], f"\nThe rule: {c.rule}\n"]
     if c.transfer:
         lines += ["## Transfer (held-out tasks, the exported models)\n",
-                  "| held-out task | probe | n | A | B | B − A [95% CI] | reading |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| `{r.task}` ({r.metric}) | {PROBES.get(r.probe, r.probe)} | {_cells(r.scores)} |" for r in c.transfer]
+                  "| held-out task | probe | n | A | B | B − A [95% CI] | reading | B's errors vs A's [95% CI] |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| `{r.task}` ({r.metric}) | {PROBES.get(r.probe, r.probe)} | {_cells(r.scores)} | "
+                  f"{effect_text(r.error_change, change=True)} |" for r in c.transfer]
         if c.transfer_error_change is not None:
             lines.append(f"\nIn aggregate, B's transfer errors against A's (geometric mean of the error ratios over "
                          f"every task x probe): **{effect_text(c.transfer_error_change, change=True)}** "
@@ -114,12 +116,12 @@ def transfer_figure(c: Comparison):
     rows = c.transfer
     fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(rows) + 1.2))
     ys = np.arange(len(rows))
-    est = np.array([r.scores.difference.estimate for r in rows])
-    low, high = np.array([r.scores.difference.low for r in rows]), np.array([r.scores.difference.high for r in rows])
+    est = np.array([r.error_change.estimate for r in rows]) * 100
+    low, high = (np.array([getattr(r.error_change, side) for r in rows]) * 100 for side in ("low", "high"))
     ax.errorbar(est, ys, xerr=[np.nan_to_num(est - low), np.nan_to_num(high - est)], fmt="o", markersize=3, capsize=2)
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_yticks(ys, [f"{r.task} / {PROBES.get(r.probe, r.probe)}" for r in rows], fontsize=7)
-    ax.set_xlabel("B − A (accuracy: > 0 better; MSE: < 0 better)")
+    ax.set_xlabel("B's errors against A's, % change [95% CI] (< 0: B errs less)")
     fig.tight_layout()
     return fig
 

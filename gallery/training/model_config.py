@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 
-from gallery.config import ModelSettings
+from gallery.config import ModelSettings, Settings
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
 from gallery.errors import UserError
@@ -33,13 +33,16 @@ def project_version() -> str:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a photo becomes the encoder's input: decoded (first frame, EXIF orientation), converted to RGB,
-    resized bilinearly to size x size, as uint8 NHWC; the encoder itself subtracts `mean` and divides by
-    `std` (per channel, on the 0-255 scale)."""
+    """How a photo becomes the encoder's input, as training saw it: decoded (first frame, EXIF orientation),
+    converted to RGB, resized bilinearly to size x size, then encoded as the shards store it (`stored_as`
+    at `stored_quality`: data.image_format and data.image_quality) and decoded again, as uint8 NHWC; the
+    encoder itself subtracts `mean` and divides by `std` (per channel, on the 0-255 scale)."""
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    stored_as: str = "jpeg"
+    stored_quality: int = 90
     resize: str = "bilinear"
     layout: str = "uint8 (photos, height, width, 3), RGB"
 
@@ -101,12 +104,14 @@ class ModelConfig:
         return replace(self.model, weights="random")
 
 
-def model_config(identity: ModelIdentity, model_settings: ModelSettings, tasks, stats, encoder,
+def model_config(identity: ModelIdentity, settings: Settings, tasks, stats, encoder,
                  run_id: str | None = None) -> ModelConfig:
-    """The config of a model built with `model_settings` for `tasks` (its GalleryEncoder: `encoder`)."""
-    images = encoder.images
-    return ModelConfig(identity, model_settings, tuple(tasks), {t.name: stats[t.name] for t in tasks if t.name in stats},
-                       Preprocessing(model_settings.image_size, _channels(images.mean), _channels(images.std)),
+    """The config of a model built with `settings` (its model and data sections) for `tasks` (its
+    GalleryEncoder: `encoder`)."""
+    images, m = encoder.images, settings.model
+    return ModelConfig(identity, m, tuple(tasks), {t.name: stats[t.name] for t in tasks if t.name in stats},
+                       Preprocessing(m.image_size, _channels(images.mean), _channels(images.std),
+                                     settings.data.image_format, settings.data.image_quality),
                        encoder.dim, images.split, run_id)
 
 
