@@ -89,7 +89,7 @@ def test_a_half_uploaded_catalogue_is_generated_again(s3_run):
 
 def test_a_killed_training_is_retried_from_its_attempts_checkpoint(s3_run):
     nodes = list(s3_run["train"].tasks())
-    assert sorted(t.name for task in nodes for t in task.data.trained) == ["kendall", "pseudo_uniform"]
+    assert sorted(t.model.weighting for task in nodes for t in task.data.trained) == ["kendall", "pseudo_uniform"]
     for task in nodes:
         assert task.current_attempt == 1 and task.origin_pathspec is None  # retried by Metaflow, not resumed
         ((result, _),) = task.data.trained.values()
