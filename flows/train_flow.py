@@ -169,7 +169,8 @@ class GalleryTrainFlow(FlowSpec):
         started = time.perf_counter()
         self.exported_galleries = export_embeddings(model, self.catalogue.frame, self.shard_list, self.cfg,
                                                     self.embeddings_location,
-                                                    {"run_id": current.run_id, "weighting": self.reference.weighting})
+                                                    {"run_id": current.run_id, "weighting": self.reference.weighting,
+                                                     "seed": self.reference.seed})
         self.embedding_seconds_per_gallery = (time.perf_counter() - started) / max(self.exported_galleries, 1)
         self.model_location = export_model_folder(self.checkpoint_locations[self.reference], self.embeddings_location,
                                                   self.run_location("model"), current.run_id)

@@ -92,9 +92,7 @@ class TrainedRun:
 
     run_id: str
     settings: Settings
-    tasks: list
-    stats: dict
-    checkpoints: str
+    checkpoints: str                 # the exported model's folder: it rebuilds the model alone
     embeddings_location: str
     manifest_location: str = ""  # the catalogue it was trained on: attributes and photos for `gallery serve`
     tasks_location: str = ""
@@ -109,8 +107,7 @@ def trained_run(run: str = "latest") -> TrainedRun:
     """A successful GalleryTrainFlow run by id, or the latest successful one."""
     found = finished_run(run)
     data = found["end"].task.data
-    return TrainedRun(found.id, data.run_settings, data.catalogue.trained, data.catalogue.stats,
-                      data.checkpoint_locations[data.reference], data.embeddings_location,
+    return TrainedRun(found.id, data.run_settings, data.checkpoint_locations[data.reference], data.embeddings_location,
                       data.manifest_location, data.tasks_location)
 
 

@@ -269,7 +269,8 @@ def card_evaluation(data) -> str:
     from gallery.evaluation.render import retrieval_headline, scorecard_markdown  # matplotlib: only here
 
     text = (f"From the training run's report (run `{data.run_id}`): how the embedding transfers to held-out tasks it "
-            "was never taught, paired against ImageNet features on the same galleries, with 95% intervals.\n\n"
+            "was never taught, against every other arm the run evaluated (ImageNet features, an end-to-end model, the "
+            "other weightings' embeddings), paired on the same galleries, with 95% intervals.\n\n"
             + scorecard_markdown(data.scorecard, data.transfer))
     return text + ("\n\n" + retrieval_headline(data.relevance) if data.relevance else "")
 

@@ -191,5 +191,5 @@ def served_run(tmp_path_factory):
     location = str(out / "run" / "embeddings.parquet")
     code = save_code(fit_code(vectors[(splits == "train").to_numpy()], "itq16"), code_location(location))
     write_embeddings(location, embeddings_table(ids, splits, vectors, {"run_id": "fixture"}, code))
-    return TrainedRun("fixture", settings, catalogue.tasks, catalogue.stats, str(out / "checkpoints"), location,
+    return TrainedRun("fixture", settings, str(out / "checkpoints"), location,
                       str(manifest), str(out / "catalogue" / "tasks.yaml"))

@@ -19,10 +19,11 @@ def brute_top_k(x: np.ndarray, k: int) -> list[set]:
     return [set(np.argsort(-row, kind="stable")[:k]) for row in similarity]
 
 
-def make_side(ids, vectors, labels=None) -> Side:
+def make_side(ids, vectors, labels=None, splits=None, **measured) -> Side:
     tasks = [Task("colour", "colour", "multiclass", classes=("a", "b", "c"))] if labels is not None else []
-    return Side("here", None, None, "file.parquet", list(ids), np.asarray(vectors, np.float32), 8,
-                labels={"colour": labels} if labels is not None else {}, label_tasks=tasks)
+    ids = list(ids)
+    return Side("here", None, None, "file.parquet", ids, splits or ["test"] * len(ids), np.asarray(vectors, np.float32),
+                8, labels={"colour": labels} if labels is not None else {}, label_tasks=tasks, **measured)
 
 
 def test_a_side_against_itself_keeps_every_neighbour_and_changes_nothing():
@@ -101,3 +102,57 @@ def test_the_files_hold_every_number_and_each_gallerys_overlap(tmp_path):
     text = (tmp_path / "compare.md").read_text()
     assert f"## Verdict: **{c.verdict}**" in text and "No transfer scores to pair" in text
     assert len((tmp_path / "neighbour_overlap.csv").read_text().splitlines()) == 41
+
+
+def test_scores_pair_by_gallery_whatever_order_each_run_lists_them_in():
+    """Transfer and test scores of two runs listed in different orders, with known changes: every row's
+    values and differences against a computation by hand, and a gallery scored in one run only left out."""
+    from gallery.evaluation.arms import IMAGENET_ARM, mtl_arm
+    from gallery.evaluation.transfer import HeldOutTask, ProbeScores, TransferResult
+    from gallery.model.identity import ModelIdentity
+    from gallery.training.engine import GalleryScores
+
+    rng = np.random.default_rng(5)
+    ids = [f"g{i}" for i in range(50)]
+    right_a = rng.integers(0, 2, 50).astype(float)
+    right_b = right_a.copy()
+    right_b[:10] = 1 - right_b[:10]                    # ten galleries change, in both directions
+    sq_a, sq_b = rng.random(50) * 4, rng.random(50) * 4
+    order = rng.permutation(50)                         # B lists its galleries in another order
+
+    def transfer(seed, right, sq, listed):
+        arm = mtl_arm(ModelIdentity("kendall", "mean", seed, "lite0"), ModelIdentity("kendall", "mean", seed, "lite0"))
+        kept = [i for i in listed if i != 49] if seed else list(listed)   # B did not score g49
+        scores = [ProbeScores("stars", "linear", arm, [ids[i] for i in kept], right[kept]),
+                  ProbeScores("age", "knn", arm, [ids[i] for i in kept], sq[kept])]
+        tasks = [HeldOutTask("stars", "multiclass", "accuracy", 100, 50), HeldOutTask("age", "regression", "MSE", 100, 50)]
+        return TransferResult(tasks, [arm, IMAGENET_ARM], scores, [])
+
+    def test(right, sq, listed):
+        return GalleryScores("test", [ids[i] for i in listed], ["colour", "price"], np.stack([right, sq], 1)[listed])
+
+    a = make_side(ids, rng.normal(size=(50, 4)), transfer=transfer(0, right_a, sq_a, range(50)),
+                  test=test(right_a, sq_a, range(50)), task_kinds={"colour": "multiclass", "price": "regression"})
+    b = make_side([ids[i] for i in order], rng.normal(size=(50, 4)), transfer=transfer(1, right_b, sq_b, order),
+                  test=test(right_b, sq_b, order), task_kinds={"colour": "multiclass", "price": "regression"})
+    c = compare(a, b)
+    stars, age = c.transfer
+    common = np.arange(49)                              # g49: scored by A only
+    assert (stars.task, stars.scores.n, age.scores.n) == ("stars", 49, 49)
+    assert stars.scores.value_a == pytest.approx(right_a[common].mean())
+    assert stars.scores.value_b == pytest.approx(right_b[common].mean())
+    assert stars.scores.difference.estimate == pytest.approx(right_b[common].mean() - right_a[common].mean())
+    assert age.scores.difference.estimate == pytest.approx(sq_b[common].mean() - sq_a[common].mean())
+    errors = {r.task: r.errors for r in c.task_errors}
+    assert errors["colour"].value_a == pytest.approx(1 - right_a.mean())
+    assert errors["colour"].difference.estimate == pytest.approx(right_a.mean() - right_b.mean())
+    assert errors["price"].difference.estimate == pytest.approx(sq_b.mean() - sq_a.mean())
+    expected = np.exp(np.mean([np.log((1 - right_b[common].mean()) / (1 - right_a[common].mean())),
+                               np.log(sq_b[common].mean() / sq_a[common].mean())])) - 1
+    assert c.transfer_error_change.estimate == pytest.approx(expected)
+
+
+def test_galleries_in_other_splits_are_said():
+    x = np.random.default_rng(6).normal(size=(20, 4))
+    c = compare(make_side(range(20), x), make_side(range(20), x, splits=["train"] * 5 + ["test"] * 15))
+    assert any(n.startswith("5 common galleries are in different splits in A and B") for n in c.notes)

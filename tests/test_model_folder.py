@@ -17,10 +17,11 @@ from gallery.artifact.folder import WEIGHTS_FILE, export_checkpoint
 from gallery.artifact.loaded import PhotoError, load_model
 from gallery.config import ModelSettings, Settings
 from gallery.data.packed import PackedGalleries
-from gallery.data.shards import decode_stored, encode_image
+from gallery.data.shards import as_stored
 from gallery.data.tasks import Task
 from gallery.model.gallery_model import build_model
 from gallery.model.identity import ModelIdentity
+from gallery.model.pooling import POOLINGS
 from gallery.retrieval.codes import fit_code
 from gallery.retrieval.embeddings import embed_with_photo_weights
 from gallery.training.checkpoints import save_config
@@ -34,9 +35,9 @@ def galleries(seed: int, count: int = 6) -> list[np.ndarray]:
     return [rng.integers(0, 256, (int(rng.integers(1, 5)), SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def as_stored(gallery: np.ndarray) -> np.ndarray:
+def stored(gallery: np.ndarray) -> np.ndarray:
     """The photos as the shards hold them (JPEG at quality 90, read back): what training saw."""
-    return np.stack([decode_stored(encode_image(p, "jpeg", 90)) for p in gallery])
+    return np.stack([as_stored(p) for p in gallery])
 
 
 def exported(tmp_path, pooling: str):
@@ -53,24 +54,24 @@ def exported(tmp_path, pooling: str):
     save_config(checkpoints, model_config(ModelIdentity("kendall", pooling, 3, "efficientnet_lite0"), settings, TASKS,
                                           {}, model.encoder))
     storage.save_torch(f"{checkpoints}/best.pt", {"model": model.state_dict()})
-    stored = [as_stored(g) for g in galleries(0)]
-    vectors = embed_with_photo_weights(model.encoder, PackedGalleries.from_arrays(list("abcdef"), stored), False)
+    as_trained = PackedGalleries.from_arrays(list("abcdef"), [stored(g) for g in galleries(0)])
+    vectors = embed_with_photo_weights(model.encoder, as_trained, False)
     code = fit_code(np.random.default_rng(1).normal(size=(300, model.encoder.dim)).astype(np.float32), "itq16")
     folder = tmp_path / "model"
     export_checkpoint(checkpoints, code, str(folder), "run-7", log=lambda line: None)
     return model, vectors, code, folder
 
 
-@pytest.mark.parametrize("pooling", ["mean", "gated_attention"])
+@pytest.mark.parametrize("pooling", sorted(POOLINGS))  # each exports its own graph
 def test_a_loaded_folder_embeds_as_the_model_did_and_its_onnx_graphs_agree(tmp_path, pooling):
     model, expected, code, folder = exported(tmp_path, pooling)
     loaded = load_model(folder)
     assert loaded.identity == ModelIdentity("kendall", pooling, 3, "efficientnet_lite0")
     assert loaded.config.run_id == "run-7" and [t.name for t in loaded.config.tasks] == ["style", "price"]
-    vectors, weights = loaded.embed(galleries(0), with_photo_weights=True)
+    vectors, weights = loaded.embed(galleries(0), batch_galleries=4, with_photo_weights=True)  # two batches
     np.testing.assert_allclose(vectors, expected.vectors, atol=1e-6)
     np.testing.assert_array_equal(loaded.binarize(vectors), code.encode(expected.vectors))
-    if pooling == "mean":
+    if pooling not in ("gated_attention", "pma"):
         assert weights is None
     else:
         for got, want in zip(weights, expected.photo_weights):
@@ -78,13 +79,13 @@ def test_a_loaded_folder_embeds_as_the_model_did_and_its_onnx_graphs_agree(tmp_p
     # the same galleries through onnxruntime: the encoder per photo, then the pooling per gallery
     encoder = onnxruntime.InferenceSession(str(folder / "model.onnx"))
     pooling_graph = onnxruntime.InferenceSession(str(folder / "pooling.onnx"))
-    for photos, want in zip(map(as_stored, galleries(0)), expected.vectors):
+    for photos, want in zip(map(stored, galleries(0)), expected.vectors):
         features = encoder.run(None, {"photos": photos})[0]
         with torch.no_grad():
             np.testing.assert_allclose(features, model.encoder.images(torch.from_numpy(photos)).numpy(), atol=1e-4)
         outputs = pooling_graph.run(None, {"features": features})
         np.testing.assert_allclose(outputs[0][0], want, atol=1e-4)
-        assert len(outputs) == (2 if pooling == "gated_attention" else 1)
+        assert len(outputs) == (2 if weights is not None else 1)
     config = json.loads((folder / "config.json").read_text())
     assert set(config["files"]) == {"model.safetensors", "model.onnx", "pooling.onnx", "binary_code.npz", "MODEL_CARD.md"}
     assert config["preprocessing"]["image_size"] == SIZE and config["embedding_dim"] == model.encoder.dim
@@ -146,7 +147,6 @@ def test_a_changed_missing_or_newer_folder_and_an_unreadable_photo_are_named(tmp
 
 def test_a_model_folder_serves_its_embeddings_without_a_run_store(tmp_path):
     from gallery.retrieval.embeddings import embeddings_table, write_embeddings
-    from gallery.retrieval.search import SearchError
     from gallery.serve.service import service_from_model
 
     _, expected, _, folder = exported(tmp_path, "mean")
@@ -154,11 +154,17 @@ def test_a_model_folder_serves_its_embeddings_without_a_run_store(tmp_path):
     location = str(tmp_path / "embeddings.parquet")
     write_embeddings(location, embeddings_table(list("abcdef"), ["train"] * 6, expected.vectors, {"run_id": "run-7"}, code))
     service = service_from_model(str(folder), location, log=lambda line: None)
-    photos = list(as_stored(galleries(0)[2]))
+    photos = list(galleries(0)[2])  # the service stores and reads them back as training's shards did
     np.testing.assert_allclose(service.embed(photos), expected.vectors[2], atol=1e-6)
     top = service.search_vector(service.embed(photos), 1, ["float"])[0].hits[0]
     assert top.gallery_id == "c" and top.score == pytest.approx(1.0, abs=1e-5)
     other = str(tmp_path / "other.parquet")
     write_embeddings(other, embeddings_table(list("abcdef"), ["train"] * 6, expected.vectors, {"run_id": "run-8"}, code))
-    with pytest.raises(SearchError, match="run-8.*run run-7's.*two models, two spaces"):
+    with pytest.raises(ModelFolderError, match=r"other\.parquet was not made by the model in .*its run_id is 'run-8', "
+                                               r"the model's 'run-7'.*two models, two spaces"):
         service_from_model(str(folder), other)
+    kendall_file = str(tmp_path / "pseudo_uniform.parquet")  # the same run's other model: another space
+    write_embeddings(kendall_file, embeddings_table(list("abcdef"), ["train"] * 6, expected.vectors,
+                                                    {"run_id": "run-7", "weighting": "pseudo_uniform", "seed": 3}, code))
+    with pytest.raises(ModelFolderError, match="its weighting is 'pseudo_uniform', the model's 'kendall'"):
+        service_from_model(str(folder), kendall_file)

@@ -81,6 +81,19 @@ with torch.no_grad():
     np.testing.assert_allclose(np.load(tmp_path / "vectors.npy"), exported, atol=1e-5)
 
 
+def test_export_model_ships_another_trained_model_and_names_those_there_are(smoke_run, tmp_path, capsys):
+    from gallery.artifact.loaded import load_model
+    from gallery.cli import main
+
+    assert main(["export-model", "--run", smoke_run.id, "--weighting", "kendall", "--out", str(tmp_path / "k")]) == 0
+    kendall = load_model(tmp_path / "k")
+    assert (kendall.identity.weighting, kendall.config.run_id, kendall.code.name) == ("kendall", smoke_run.id, "sign")
+    assert "No evaluation was attached" in (tmp_path / "k" / "MODEL_CARD.md").read_text()
+    assert main(["export-model", "--run", smoke_run.id, "--seed", "7", "--out", str(tmp_path / "none")]) == 2
+    assert re.search(r"trained no model with pseudo_uniform weighting, mean pooling and seed 7; it trained: "
+                     r".*--weighting kendall --pooling mean --seed 0", capsys.readouterr().err)
+
+
 def test_a_run_compared_with_itself_differs_in_nothing(smoke_run, tmp_path):
     from gallery.cli import main
 

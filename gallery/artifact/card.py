@@ -25,7 +25,7 @@ def _trained_on(config: ModelConfig) -> str:
 def model_card(config: ModelConfig, evaluation: str | None = None) -> str:
     """The card's Markdown; `evaluation` is the run report's headline (Markdown), when there is one."""
     i, p = config.identity, config.preprocessing
-    attention = config.onnx.get("photo_weights", False)
+    attention = config.onnx is not None and config.onnx.photo_weights
     return f"""---
 library_name: gallery
 tags: [image-feature-extraction, multi-task-learning, gallery-embedding]

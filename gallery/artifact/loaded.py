@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -10,9 +11,12 @@ from PIL import Image
 from gallery.training.model_config import ModelConfig, ModelFolderError
 from gallery.artifact.folder import WEIGHTS_FILE, read_config, read_model_file
 from gallery.data.images import ImageProblem, load_image, photo_array
-from gallery.data.shards import decode_stored, encode_image
+from gallery.data.shards import as_stored
 from gallery.errors import UserError
 from gallery.retrieval.codes import BinaryCode, parse_code
+
+if TYPE_CHECKING:
+    from gallery.model.gallery_model import GalleryModel
 
 
 class PhotoError(UserError):
@@ -24,7 +28,7 @@ class LoadedModel:
     """An exported gallery model: `embed` galleries of photos, `binarize` their vectors."""
 
     config: ModelConfig
-    model: object          # the GalleryModel, eval mode, on the CPU
+    model: GalleryModel    # eval mode, on the CPU
     code: BinaryCode
     folder: str
 
@@ -52,27 +56,33 @@ class LoadedModel:
                 pixels = photo_array(Image.fromarray(array), p.image_size)
         except ImageProblem as e:
             raise PhotoError(f"{where} cannot be used: {e}; give a readable photo (JPEG, PNG, WEBP, GIF)") from None
-        return decode_stored(encode_image(pixels, p.stored_as, p.stored_quality))
+        return as_stored(pixels, p.stored_as, p.stored_quality)
 
     def embed(self, galleries, batch_galleries: int = 64, with_photo_weights: bool = False):
         """(G, d) float32 embeddings, one per gallery (each a list of photos: paths, PIL images or arrays, or
-        one uint8 (photos, H, W, 3) array),
-        as the training run's export computes them from pixels; with `with_photo_weights`, also each
-        gallery's photo weights (attention poolings; None otherwise)."""
+        one uint8 (photos, H, W, 3) array), as the training run's export computes them from pixels; with
+        `with_photo_weights`, also each gallery's photo weights (attention poolings; None otherwise).
+        Photos are decoded `batch_galleries` galleries at a time, so memory does not grow with the catalogue."""
         from gallery.data.packed import PackedGalleries
         from gallery.retrieval.embeddings import embed_with_photo_weights
 
-        arrays = []
-        for g, photos in enumerate(galleries):
-            if isinstance(photos, (str, os.PathLike, Image.Image)) or (isinstance(photos, np.ndarray) and photos.ndim != 4):
-                raise PhotoError(f"gallery {g} is one photo, not a list of photos: pass [[photo, ...], ...]")
-            if not len(photos):
-                raise PhotoError(f"gallery {g} has no photos: every gallery needs at least one")
-            arrays.append(np.stack([self.photo(p, f"photo {k} of gallery {g} ({_named(p)})") for k, p in enumerate(photos)]))
-        store = PackedGalleries.from_arrays([str(g) for g in range(len(arrays))], arrays)
-        embedded = embed_with_photo_weights(self.model.encoder, store, from_features=False,
-                                            batch_galleries=batch_galleries, device="cpu")
-        return (embedded.vectors, embedded.photo_weights) if with_photo_weights else embedded.vectors
+        galleries, vectors, weights = list(galleries), [], []
+        for start in range(0, len(galleries), batch_galleries):
+            arrays = [self._gallery(photos, start + g) for g, photos in enumerate(galleries[start:start + batch_galleries])]
+            store = PackedGalleries.from_arrays([str(g) for g in range(len(arrays))], arrays)
+            embedded = embed_with_photo_weights(self.model.encoder, store, from_features=False,
+                                                batch_galleries=batch_galleries, device="cpu")
+            vectors.append(embedded.vectors)
+            weights += embedded.photo_weights or []
+        out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+        return (out, weights if self.model.encoder.has_photo_weights else None) if with_photo_weights else out
+
+    def _gallery(self, photos, g: int) -> np.ndarray:
+        if isinstance(photos, (str, os.PathLike, Image.Image)) or (isinstance(photos, np.ndarray) and photos.ndim != 4):
+            raise PhotoError(f"gallery {g} is one photo, not a list of photos: pass [[photo, ...], ...]")
+        if not len(photos):
+            raise PhotoError(f"gallery {g} has no photos: every gallery needs at least one")
+        return np.stack([self.photo(p, f"photo {k} of gallery {g} ({_named(p)})") for k, p in enumerate(photos)])
 
     def binarize(self, vectors: np.ndarray) -> np.ndarray:
         """(G, d) embeddings -> (G, bytes) packed uint8 binary codes (the run's fitted code)."""

@@ -20,6 +20,7 @@ import numpy as np
 from gallery.compare.neighbours import K, NeighbourChange, neighbour_change
 from gallery.compare.sides import CompareError, Side
 from gallery.evaluation.arms import MTL
+from gallery.evaluation.probes import PROBES
 from gallery.evaluation.scorecard import error_change, errors_of
 from gallery.evaluation.statistics import Effect, paired_difference
 from gallery.model.identity import ModelIdentity
@@ -151,12 +152,12 @@ def _pair(ids_a: list[str], scores_a: np.ndarray, ids_b: list[str], scores_b: np
 def compare_transfer(a, b, seed: int = 0) -> tuple[list[TransferRow], Effect | None]:
     """Every held-out task x probe both runs scored their exported model's arm on, paired per gallery."""
     arm_a, arm_b = a.reference, b.reference
-    kinds = {t.name: t for t in a.tasks}
+    in_a = {t.name for t in a.tasks}
     rows, pairs = [], []
     for task in b.tasks:
-        if task.name not in kinds:
+        if task.name not in in_a:
             continue
-        for probe in ("head", "linear", "knn"):
+        for probe in PROBES:
             sa, sb = a.get(task.name, probe, arm_a), b.get(task.name, probe, arm_b)
             if sa is None or sb is None:
                 continue
@@ -287,6 +288,10 @@ def compare(a: Side, b: Side, k: int = K, seed: int = 0) -> Comparison:
         notes.append(f"The two sides embedded different galleries: compared on the {len(ids):,} both hold "
                      f"({len(a.ids) - len(ids):,} only in A, {len(b.ids) - len(ids):,} only in B).")
     at_a, at_b = {g: i for i, g in enumerate(a.ids)}, {g: i for i, g in enumerate(b.ids)}
+    moved = sum(a.splits[at_a[g]] != b.splits[at_b[g]] for g in ids)
+    if moved:  # scores pair on the galleries scored in both runs: those neither model trained on
+        notes.append(f"{moved:,} common galleries are in different splits in A and B: transfer and test scores "
+                     "pair only on the galleries that are scored (not trained on) in both.")
     change = neighbour_change(a.vectors[[at_a[g] for g in ids]], b.vectors[[at_b[g] for g in ids]], k)
     transfer, change_of_errors = (compare_transfer(a.transfer, b.transfer, seed) if a.transfer and b.transfer
                                   else ([], None))

@@ -15,9 +15,10 @@ import pandas as pd  # noqa: E402
 
 import gallery.storage as storage  # noqa: E402
 from gallery.compare.comparison import Comparison, Paired, SideSummary  # noqa: E402
+from gallery.evaluation.probes import PROBES  # noqa: E402
+from gallery.evaluation.report import jsonable  # noqa: E402
 from gallery.evaluation.statistics import effect_text  # noqa: E402
 
-PROBES = {"head": "2-layer head", "linear": "linear probe", "knn": "k-NN probe"}
 
 
 def _who(s: SideSummary) -> str:
@@ -48,7 +49,7 @@ def markdown(c: Comparison) -> str:
         lines += ["## Transfer (held-out tasks, the exported models)\n",
                   "| held-out task | probe | n | A | B | B − A [95% CI] | reading | B's errors vs A's [95% CI] |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| `{r.task}` ({r.metric}) | {PROBES.get(r.probe, r.probe)} | {_cells(r.scores)} | "
+        lines += [f"| `{r.task}` ({r.metric}) | {PROBES[r.probe]} | {_cells(r.scores)} | "
                   f"{effect_text(r.error_change, change=True)} |" for r in c.transfer]
         if c.transfer_error_change is not None:
             lines.append(f"\nIn aggregate, B's transfer errors against A's (geometric mean of the error ratios over "
@@ -90,16 +91,10 @@ def markdown(c: Comparison) -> str:
 
 
 def as_json(c: Comparison) -> dict:
-    """Every number of the comparison; identities as fields; per-gallery overlaps go to the CSV."""
+    """Every number of the comparison (NaN as null); identities as fields; per-gallery overlaps go to the CSV."""
     d = asdict(c)
     d.pop("overlap"), d.pop("common_ids")
-    return d
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"{type(x).__name__} is not JSON")
+    return jsonable(d)
 
 
 def overlap_figure(c: Comparison):
@@ -120,7 +115,7 @@ def transfer_figure(c: Comparison):
     low, high = (np.array([getattr(r.error_change, side) for r in rows]) * 100 for side in ("low", "high"))
     ax.errorbar(est, ys, xerr=[np.nan_to_num(est - low), np.nan_to_num(high - est)], fmt="o", markersize=3, capsize=2)
     ax.axvline(0, color="grey", linewidth=0.8)
-    ax.set_yticks(ys, [f"{r.task} / {PROBES.get(r.probe, r.probe)}" for r in rows], fontsize=7)
+    ax.set_yticks(ys, [f"{r.task} / {PROBES[r.probe]}" for r in rows], fontsize=7)
     ax.set_xlabel("B's errors against A's, % change [95% CI] (< 0: B errs less)")
     fig.tight_layout()
     return fig
@@ -131,7 +126,7 @@ def write_comparison(c: Comparison, out: str) -> dict[str, str]:
     import io
 
     files = {"compare.md": markdown(c).encode(),
-             "compare.json": json.dumps(as_json(c), indent=1, default=_json_default, allow_nan=True).encode(),
+             "compare.json": json.dumps(as_json(c), indent=1, allow_nan=False).encode(),
              "neighbour_overlap.csv": pd.DataFrame({"gallery_id": c.common_ids, "overlap": c.overlap}).to_csv(
                  index=False).encode()}
     for name, fig in [("neighbour_overlap.png", overlap_figure(c))] + (

@@ -47,6 +47,11 @@ def decode_stored(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
+def as_stored(pixels: np.ndarray, image_format: str = "jpeg", quality: int = 90) -> np.ndarray:
+    """A photo as a shard stores and reads it back: what training saw, so what a query photo should be."""
+    return decode_stored(encode_image(pixels, image_format, quality))
+
+
 @dataclass
 class Shard:
     """What a preprocessed shard is, for the steps after it (a small Metaflow artifact)."""

@@ -18,7 +18,7 @@ import numpy as np
 from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
-from gallery.evaluation.arms import EmbeddingArm, paper_arms, reference_arm
+from gallery.evaluation.arms import END_TO_END, IMAGENET, EmbeddingArm, paper_arms, reference_arm
 from gallery.evaluation.holdout import HoldoutResult, Row
 from gallery.evaluation.scorecard import Scorecard, scorecard
 from gallery.evaluation.statistics import (CONSISTENT, NOISE, OPPOSITE, Effect, correlations, paired_difference,
@@ -38,6 +38,9 @@ PAPER_PU_WINS = (22, 31)                                    # §4.2: pseudo-unif
 PAPER_BALANCE_R = {"pseudo_uniform": 0.78, "kendall": 0.80}  # Figure 6: Pearson's r, p < .001 both
 PAPER_MTL_BETTER = {"B1", "B3", "B11"}                      # Figure 5: better than task-optimal, both weightings
 PAPER_WEIGHTINGS = ("pseudo_uniform", "kendall")             # the two the paper trained
+
+
+PAPER_COLUMNS = {IMAGENET: 1, END_TO_END: 2}  # the paper's Table 2 columns after MTL's, by arm kind
 
 
 def paper_row(row: Row):
@@ -323,9 +326,10 @@ def findings(card: Scorecard | None, holdouts: list[tuple[HoldoutResult, list[Ta
     for holdout, rows in holdouts:
         one_epoch = [r for r in rows[:-1] if r.fraction == 1.0]
         for row in one_epoch[-1:] + rows[-1:]:   # after one epoch of the labelled data, and after all epochs
-            for k, versus in enumerate(row.versus, start=1):   # the paper's columns: ImageNet, end-to-end
+            for versus in row.versus:
                 e = versus.effect
-                out.append(Finding(TABLE2_BEATS, e.reading, e, (row.paper[0], row.paper[k]) if row.paper else None,
+                paper = (row.paper[0], row.paper[PAPER_COLUMNS[versus.arm.kind]]) if row.paper else None
+                out.append(Finding(TABLE2_BEATS, e.reading, e, paper,
                                    task=holdout.task, baseline=versus.arm, row=row.row, probes=("head",),
                                    metric=holdout.metric))
     for m, o in optimal.items():

@@ -104,7 +104,7 @@ class ArmResult:
 @dataclass
 class HoldoutResult:
     """The 2-layer head on one held-out task: every arm's rows on the same labelled scored galleries
-    (Table 2 is its star-rating view)."""
+    (Table 2 is the primary task's view: gallery.config.primary_task)."""
 
     task: str
     kind: str

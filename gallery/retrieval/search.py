@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from gallery.config import RetrievalSettings
 from gallery.data.images import ImageProblem, load_image, read_image_bytes
+from gallery.data.shards import as_stored
 from gallery.data.inputs import InputProblem, open_random_access
 from gallery.errors import UserError, excerpt
 from gallery.retrieval.codes import code_of
@@ -176,10 +177,11 @@ def _embed_seeds(embeddings_location: str, dimension: int, images, model_run) ->
     if model_run is None:
         raise ValueError("seed images need the training run whose model embeds them (model_run)")
     model = seed_model(embeddings_location, model_run)
-    pictures = []
+    pictures, data = [], model_run.settings.data
     for image in images:
-        try:
-            pictures.append(load_image(image, model_run.settings.model.image_size))
+        try:  # prepared as training saw its photos: resized, then stored and read back as its shards did
+            pictures.append(as_stored(load_image(image, model_run.settings.model.image_size), data.image_format,
+                                      data.image_quality))
         except ImageProblem as e:
             name = excerpt(image, 200, quote=False) if isinstance(image, str) else f"({len(image)} bytes)"
             raise SearchError(f"seed image {name}: {e}; pass readable JPEG/PNG/WEBP/GIF files") from None

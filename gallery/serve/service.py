@@ -19,6 +19,7 @@ from PIL import Image
 
 from gallery.config import RetrievalSettings
 from gallery.data.images import ImageProblem, load_image
+from gallery.data.shards import as_stored
 from gallery.model.gallery_model import GalleryEncoder
 from gallery.retrieval.codes import code_of
 from gallery.retrieval.embeddings import embed_images, read_columns, read_embeddings_metadata
@@ -35,11 +36,13 @@ FILTER_DEPTH = 20_000  # ... up to this many: a filter few galleries pass may fi
 
 @dataclass(frozen=True)
 class Embedder:
-    """The run's image encoder and the photo size it was trained at: what turns seed photos into a query."""
+    """The run's image encoder, the photo size it was trained at and how its shards stored photos (format,
+    quality): what turns seed photos into a query, prepared as training saw its photos."""
 
     encoder: GalleryEncoder
     image_size: int
     run_id: str
+    stored: tuple[str, int] = ("jpeg", 90)
 
 
 @dataclass(frozen=True)
@@ -162,16 +165,17 @@ class Service:
 
     def model(self) -> Embedder:
         if self.embedder is None:
-            raise Unavailable("this server has no model to embed photos with: start it with --run RUN "
+            raise Unavailable("this server has no model to embed photos with: start it with --run RUN, or --model FOLDER "
                               "(the training run that made the embeddings)")
         return self.embedder
 
     def embed(self, photos: list[np.ndarray]) -> np.ndarray:
-        """Photos (already decoded at `model().image_size`) embedded together as one gallery."""
-        encoder = self.model().encoder
+        """Photos (already decoded at `model().image_size`) embedded together as one gallery, after the round
+        trip through the shards' storage format that training's photos took."""
+        model = self.model()
         if not photos:
             raise RequestProblem("no photos: upload at least one (field 'photos') or name one (field 'paths')")
-        return embed_images(encoder, photos)
+        return embed_images(model.encoder, [as_stored(p, *model.stored) for p in photos])
 
     def binary_code(self, vector: np.ndarray) -> bytes:
         """An embedding's packed bits, by the code that made the file's bits."""
@@ -222,7 +226,8 @@ def service_from_run(run: TrainedRun, embeddings_location: str | None = None, se
     embedder = None
     if with_model:
         model = seed_model(location, run)
-        embedder = Embedder(model.encoder, run.settings.model.image_size, run.run_id)
+        data = run.settings.data
+        embedder = Embedder(model.encoder, run.settings.model.image_size, run.run_id, (data.image_format, data.image_quality))
     catalogue = (run.manifest_location, run.tasks_location) if run.manifest_location else None
     return Service(location, embedder, catalogue, run.settings.retrieval, searches, run.settings.evaluation.projection_points,
                    log)
@@ -252,15 +257,12 @@ def service_from_model(folder: str, embeddings_location: str, manifest: str | No
                        searches=SEARCHES, log=print) -> Service:
     """The service of an exported model folder (gallery.artifact) and an embeddings file its model made: no
     Metaflow run store needed. Seed photos are embedded by the folder's model, so the file must be its space."""
+    from gallery.artifact.folder import check_made_by
     from gallery.artifact.loaded import load_model
-    from gallery.retrieval.search import SearchError
 
     model = load_model(folder)
-    meta = read_embeddings_metadata(embeddings_location)
-    if int(meta["dimension"]) != model.dim or meta.get("run_id") not in (None, model.config.run_id):
-        raise SearchError(f"{embeddings_location} holds {meta.get('dimension')}-d embeddings of run {meta.get('run_id')}, "
-                          f"but {folder} is run {model.config.run_id}'s {model.dim}-d model: two models, two spaces. "
-                          "Serve the embeddings file its model made (its run's embeddings.parquet)")
-    embedder = Embedder(model.model.encoder, model.config.preprocessing.image_size, model.config.run_id or folder)
+    check_made_by(model.config, folder, embeddings_location, read_embeddings_metadata(embeddings_location))
+    p = model.config.preprocessing
+    embedder = Embedder(model.model.encoder, p.image_size, model.config.run_id or folder, (p.stored_as, p.stored_quality))
     return Service(embeddings_location, embedder, (manifest, tasks) if manifest else None, RetrievalSettings(), searches,
                    log=log)

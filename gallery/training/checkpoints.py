@@ -6,6 +6,7 @@ checkpoint, so a folder rebuilds its model alone: a study's model its own poolin
 from __future__ import annotations
 
 import gallery.storage as storage
+from gallery.data.inputs import InputProblem, read_bytes
 from gallery.training.model_config import CONFIG_FILE, ModelConfig, ModelFolderError
 from gallery.model.gallery_model import GalleryModel, build_model
 
@@ -19,7 +20,11 @@ def checkpoint_config(checkpoints: str) -> ModelConfig:
     if not storage.exists(location):
         raise ModelFolderError(f"{location} does not exist: {checkpoints} is not a checkpoints folder of this "
                                "version of gallery (training writes config.json there before its first epoch)")
-    return ModelConfig.from_json(storage.read_bytes(location).decode(), location)
+    try:
+        text = read_bytes(location, "model").decode("utf-8", "replace")
+    except InputProblem as e:
+        raise ModelFolderError(f"checkpoints folder {checkpoints}: {e}") from None
+    return ModelConfig.from_json(text, location)
 
 
 def load_checkpoint(checkpoints: str) -> tuple[GalleryModel, ModelConfig]:

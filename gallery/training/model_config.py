@@ -48,6 +48,18 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class OnnxGraphs:
+    """An exported folder's ONNX graphs (gallery.artifact.onnx_graphs) and how closely onnxruntime matched
+    PyTorch on random photos at export (largest absolute difference per output)."""
+
+    encoder: str
+    pooling: str
+    opset: int
+    photo_weights: bool          # the pooling graph's second output (attention poolings)
+    max_abs_difference: dict[str, float]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A trained gallery model: who it is, how to rebuild it (`model` settings, tasks, label statistics)
     and how to preprocess its photos."""
@@ -63,13 +75,11 @@ class ModelConfig:
     gallery_version: str = field(default_factory=project_version)
     format: int = FORMAT
     code_file: str | None = None   # an exported folder's binary code (numpy .npz)
-    onnx: dict = field(default_factory=dict)   # graph files and how closely onnxruntime matched PyTorch
+    onnx: OnnxGraphs | None = None  # an exported folder's graphs
     files: dict[str, str] = field(default_factory=dict)  # an exported folder's files -> SHA-256
 
     def as_json(self) -> str:
-        d = asdict(self)
-        d["tasks"] = [asdict(t) for t in self.tasks]
-        return json.dumps(d, indent=2, default=list) + "\n"
+        return json.dumps(asdict(self), indent=2, default=list) + "\n"
 
     @staticmethod
     def from_json(text: str, where: str) -> "ModelConfig":
@@ -93,8 +103,9 @@ class ModelConfig:
                 stats={name: LabelStats(**s) for name, s in d["stats"].items()},
                 preprocessing=Preprocessing(**{**d["preprocessing"], "mean": tuple(d["preprocessing"]["mean"]),
                                                "std": tuple(d["preprocessing"]["std"])}),
+                onnx=OnnxGraphs(**d["onnx"]) if d.get("onnx") else None,
                 **{f.name: d[f.name] for f in fields(ModelConfig)
-                   if f.name not in ("identity", "model", "tasks", "stats", "preprocessing") and f.name in d})
+                   if f.name not in ("identity", "model", "tasks", "stats", "preprocessing", "onnx") and f.name in d})
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFolderError(f"{where} is incomplete or damaged ({type(e).__name__}: {e}); export the model "
                                    "again (`gallery export-model`)") from None
