@@ -172,8 +172,8 @@ class GalleryTrainFlow(FlowSpec):
                                                     {"run_id": current.run_id, "weighting": self.reference.weighting,
                                                      "seed": self.reference.seed})
         self.embedding_seconds_per_gallery = (time.perf_counter() - started) / max(self.exported_galleries, 1)
-        self.model_location = export_model_folder(self.checkpoint_locations[self.reference], self.embeddings_location,
-                                                  self.run_location("model"), current.run_id)
+        self.model_location = export_model_folder(model, self.checkpoint_locations[self.reference],
+                                                  self.embeddings_location, self.run_location("model"), current.run_id)
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
         self.evaluations = ([TRANSFER, EXPLORER] + ([RETRIEVAL] if self.catalogue.metric else [])
                             + group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups))

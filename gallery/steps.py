@@ -38,7 +38,7 @@ from gallery.retrieval.codes import BinaryCode, code_location, code_that_fits, f
 from gallery.retrieval.embeddings import (embed_galleries, embed_with_photo_weights, embedding_matrix, embeddings_code,
                                           embeddings_table, read_embeddings, write_embeddings)
 from gallery.training.cache import trunk_features
-from gallery.training.checkpoints import load_trained, save_config
+from gallery.training.checkpoints import checkpoint_config, load_trained, save_config
 from gallery.training.device import pick_device
 from gallery.training.distributed import Ranks
 from gallery.training.engine import FitConfig, FitHooks, FitOptions, TrainData, TrainResult, fit, score
@@ -254,12 +254,14 @@ def export_embeddings(model: GalleryModel, frame: pd.DataFrame, shards: list[Sha
     return len(source)
 
 
-def export_model_folder(checkpoints: str, embeddings_location: str, out: str, run_id: str, log=print) -> str:
-    """The shipped form of the exported model (gallery.artifact): its checkpoints' best weights, its
-    embeddings' binary code, ONNX graphs, card and config -> the folder `out`."""
-    from gallery.artifact.folder import export_checkpoint
+def export_model_folder(model: GalleryModel, checkpoints: str, embeddings_location: str, out: str, run_id: str,
+                        log=print) -> str:
+    """The shipped form of the exported model (gallery.artifact), already loaded from `checkpoints` (whose
+    config describes it): weights, ONNX graphs, its embeddings' binary code, card and config -> `out`."""
+    from gallery.artifact.folder import write_model_folder
 
-    export_checkpoint(checkpoints, load_code(code_location(embeddings_location)), out, run_id, log=log)
+    config = replace(checkpoint_config(checkpoints), run_id=run_id)
+    write_model_folder(model, config, load_code(code_location(embeddings_location)), out, log=log)
     return out
 
 
