@@ -96,15 +96,14 @@ class BackboneName:
 
     @staticmethod
     def of(name: str) -> "BackboneName":
-        """The one place a backbone's name is read (settings validation and building both come here)."""
-        if name in BACKBONES:
-            return BackboneName(None, name)
-        library, _, model = name.partition(":")
-        return BackboneName(library, model)
+        """The one place a backbone's name is read (settings validation and building both come here): the
+        library whose prefix it carries, looked up among LIBRARIES, else the name as a built-in's."""
+        library = next((lib for lib in LIBRARIES if name.startswith(f"{lib}:")), None)
+        return BackboneName(library, name if library is None else name[len(library) + 1:])
 
     @property
     def known(self) -> bool:
-        return self.library is None or (self.library in LIBRARIES and bool(self.model))
+        return self.model in BACKBONES if self.library is None else bool(self.model)
 
 
 def known_backbone(name: str) -> bool:
@@ -116,9 +115,9 @@ def known_backbone(name: str) -> bool:
 
 def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int = 1, image_size: int = 224) -> ImageEncoder:
     parts = BackboneName.of(name)
-    if parts.library is None:
-        return BACKBONES[name](weights=weights, trainable_blocks=trainable_blocks, image_size=image_size)
     if not parts.known:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, "
                          "torchvision:<model name> or timm:<model name>")
+    if parts.library is None:
+        return BACKBONES[name](weights=weights, trainable_blocks=trainable_blocks, image_size=image_size)
     return split(name, LIBRARIES[parts.library].layout(parts.model, weights, image_size), trainable_blocks, image_size)
