@@ -234,8 +234,7 @@ def export_run_model(run: str, out: str, weighting: str | None = None, pooling: 
     reference = data.reference  # the exported model's ModelIdentity
     wanted = ModelIdentity(weighting or reference.weighting, pooling or reference.pooling,
                            reference.seed if seed is None else seed, reference.backbone)
-    folders = {checkpoint_config(location).identity: location
-               for models in data.checkpoints_by_seed for location in models.values()}
+    folders = {model: location for models in data.checkpoints_by_seed for model, location in models.items()}
     if wanted not in folders:
         trained = "; ".join(f"--weighting {i.weighting} --pooling {i.pooling} --seed {i.seed}" for i in sorted(folders))
         raise RunNotFound(f"run {found.id} trained no model with {wanted.weighting} weighting, {wanted.pooling} pooling "

@@ -62,7 +62,6 @@ def run_side(run: str) -> Side:
     """A finished GalleryTrainFlow run: its exported embeddings and what its report measured."""
     from gallery.data.labels import MISSING_CLASS
     from gallery.runs import finished_run
-    from gallery.training.checkpoints import checkpoint_config
 
     found = finished_run(run)
     data = found["end"].task.data
@@ -73,8 +72,7 @@ def run_side(run: str) -> Side:
              if t.kind in ("binary", "multiclass") and t.name in frame.columns]
     labels = {t.name: np.where(frame[t.name].to_numpy() == MISSING_CLASS, np.nan, frame[t.name].to_numpy(float))
               for t in tasks}
-    identity = checkpoint_config(data.checkpoint_locations[data.reference]).identity
-    return Side(str(run), identity, found.id, data.embeddings_location, ids, splits, vectors, code_bytes,
+    return Side(str(run), data.reference, found.id, data.embeddings_location, ids, splits, vectors, code_bytes,
                 data.transfer_by_seed[0], reference.test, {t.name: t.kind for t in data.catalogue.trained},
                 data.retrieval_result, labels, tasks,
                 sum(e.seconds for e in reference.history), data.embedding_seconds_per_gallery)
