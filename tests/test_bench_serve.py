@@ -1,4 +1,5 @@
-"""`gallery bench serve`: the synthetic catalogue it serves, every latency row, a bounded load test without errors."""
+"""`gallery bench serve`: the synthetic catalogue it serves, every latency row, a bounded load test without errors,
+and the hostile clients' phase (its figures are the bench's to print, not asserted here)."""
 from dataclasses import replace
 
 import numpy as np
@@ -25,7 +26,8 @@ def test_the_synthetic_catalogue_is_the_bench_vectors_with_their_code(tmp_path):
 def test_bench_serve_measures_each_size_and_a_load_without_errors():
     lines = []
     settings = replace(RetrievalSettings(), approximate_above=1_000, rerank=50)
-    result = bench_serve(sizes=(600, 2_000), clients=2, seconds=3, queries=10, settings=settings, log=lines.append)
+    result = bench_serve(sizes=(600, 2_000), clients=2, seconds=3, queries=10, settings=settings, hostile_seconds=2,
+                         log=lines.append)
     assert [(r.galleries, r.operation.split(",")[0]) for r in result.latencies] == [
         (600, "by id"), (600, "by id"), (600, "embed 10 photos at 64 px + search (float"),
         (2_000, "by id"), (2_000, "embed 10 photos at 64 px + search (code)")]
@@ -33,5 +35,10 @@ def test_bench_serve_measures_each_size_and_a_load_without_errors():
     assert all(r.p99_ms >= r.p50_ms for r in result.latencies)
     load = result.load
     assert load.errors == 0 and load.galleries == 600 and load.clients == 2 and 3 <= load.seconds < 3 + 60
+    slow, (over, within) = result.hostile.slow, result.hostile.uploads
+    assert slow.connections == 200 and slow.health_errors == 0
+    assert set(over.answers) == {413} and over.photos == 44 and set(within.answers) <= {200} and within.photos == 1
     table = lines[-1].splitlines()
-    assert len(table) == 2 + len(result.latencies) + 3 and table[-1].split()[1] == "0"
+    load_row = 2 + len(result.latencies) + 2
+    assert len(table) == load_row + 1 + 4 + 2 and table[load_row].split()[1] == "0"
+    assert table[-2].split()[:3] == ["44", "350", "413:"]

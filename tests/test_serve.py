@@ -7,6 +7,7 @@ map and the page are in test_explorer.py.
 """
 import io
 import os
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -135,6 +136,25 @@ def test_filters_keep_only_matching_galleries(client, stored, manifest):
     assert len(found) == both.sum() - 1 < 5  # fewer match than k: every match, and no other
 
 
+def test_repeated_filters_on_one_attribute_keep_any_of_its_values(client, stored, manifest):
+    """Filters on one attribute are OR-ed (as SQL's IN), different attributes AND-ed; by id and by vector alike."""
+    ids, unit, _ = stored
+    types = manifest.loc[ids, "property_type"]
+    first, second = types.iloc[4], next(t for t in types if t != types.iloc[4])
+    region = manifest.loc[ids[4], "world_region"]
+    either = types.isin([first, second]).to_numpy()
+    in_region = either & (manifest.loc[ids, "world_region"] == region).to_numpy()
+    for where, allowed in (([f"property_type={first}", f"property_type={second}"], either),
+                           ([f"property_type={first}", f"world_region={region}", f"property_type={second}"], in_region)):
+        found = hits(client.get("/api/neighbours", params={"id": ids[4], "k": 6, "search": "float", "where": where}), "float")
+        assert [g for g, _ in found] == numpy_top(stored, unit[4], 6, exclude=4, allowed=allowed)[0]
+    by_vector = client.post("/api/search/vector", json={"vector": unit[4].tolist(), "k": 6, "search": "float",
+                                                        "where": {"property_type": [first, second]}})
+    assert [g for g, _ in hits(by_vector, "float")] == numpy_top(stored, unit[4], 6, allowed=either)[0]
+    response = client.get("/api/neighbours", params={"id": ids[4], "where": ["property_type=castle", "property_type=igloo"]})
+    assert response.status_code == 404 and "property_type='castle' or 'igloo'" in response.json()["detail"]
+
+
 def test_neighbours_say_which_are_relevant_by_the_catalogues_metric_tasks(client, stored, manifest, served_run):
     """A hit in the query's identity group (same property_id) or engaged with it (co_views.parquet) is
     marked with those tasks' names, as the catalogue's own files say; every other hit is marked by none."""
@@ -198,6 +218,18 @@ def test_seed_paths_under_an_allowed_root_equal_uploads(client, served_run, mani
     uploaded = client.post("/api/search/photos", files=uploads(paths), data={"k": "4"})
     assert hits(by_path, "float") == hits(uploaded, "float") == hits(absolute, "float")
     assert hits(by_path, "code") == hits(uploaded, "code")
+
+
+def test_a_relative_seed_path_is_looked_up_under_every_allowed_root(service, served_run, manifest, photos_root, stored,
+                                                                  tmp_path):
+    roots = resolved_roots([tmp_path, photos_root])  # the photos are under the second root only
+    paths = photo_files(manifest, served_run, stored[0][30])
+    with TestClient(create_app(service, Limits(allowed_roots=roots))) as two_roots:
+        by_path = two_roots.post("/api/search/photos", data={"paths": [p.name for p in paths], "k": "4"})
+        assert hits(by_path, "float") == hits(two_roots.post("/api/search/photos", files=uploads(paths),
+                                                             data={"k": "4"}), "float")
+        missing = two_roots.post("/api/search/photos", data={"paths": ["missing.jpg"]})
+        assert missing.status_code == 404 and "'missing.jpg'" in missing.json()["detail"]
 
 
 def test_embed_gives_the_exported_embedding_and_code(client, served_run, manifest, stored):
@@ -316,6 +348,27 @@ def test_too_many_or_too_large_photos_are_413(client, served_run, manifest, stor
     assert response.status_code == 413 and "'huge.jpg'" in response.json()["detail"]
 
 
+def test_photos_declaring_more_pixels_than_a_request_may_hold_are_413_before_decoding(service, monkeypatch):
+    """The probe's upload, shrunk: one-bit PNGs of 7990 x 7990 px, a few KB each, 63.8 million pixels declared."""
+    image = io.BytesIO()
+    Image.new("1", (7990, 7990)).save(image, "PNG")
+    decoded = []
+    monkeypatch.setattr("gallery.serve.limits.decode", lambda *args: decoded.append(args))
+    with TestClient(create_app(service, Limits())) as default_client:
+        response = default_client.post("/api/search/photos",
+                                        files=[("photos", (f"blank{i}.png", image.getvalue(), "image/png")) for i in range(2)])
+    detail = response.json()["detail"]
+    assert response.status_code == 413 and not decoded
+    assert "2 photos hold 127,680,200 pixels" in detail and "limit of 100,000,000 per request" in detail
+    assert "--max-megapixels" in detail
+
+
+def test_decoding_past_the_time_limit_is_413_naming_it(service, served_run, manifest, stored):
+    with TestClient(create_app(service, Limits(max_decode_seconds=1e-9))) as hurried:
+        response = hurried.post("/api/embed", files=uploads(photo_files(manifest, served_run, stored[0][1]))[:1])
+    assert response.status_code == 413 and "max_decode_seconds" in response.json()["detail"]
+
+
 def test_a_200_mb_body_is_refused_before_it_is_read(service):
     with TestClient(create_app(service, Limits())) as default_client:
         response = default_client.post("/api/search/photos", content=b"\0" * (200 << 20),
@@ -416,3 +469,26 @@ def test_the_worker_pool_is_bounded():
         return answers
 
     assert sorted(anyio.run(main)) == ["first", "queued"]
+
+
+def test_photo_jobs_leave_a_worker_to_searches():
+    async def main():
+        pool, started, release = WorkerPool(workers=2, queue=4), anyio.Event(), anyio.Event()
+        running = []
+
+        def photo_job(token):
+            running.append(token)
+            anyio.from_thread.run_sync(started.set)
+            anyio.from_thread.run(release.wait)
+
+        async with anyio.create_task_group() as tasks:
+            for token in ("photos 1", "photos 2"):
+                tasks.start_soon(partial(pool.run, photo_job, token, photos=True))
+            await started.wait()
+            await anyio.sleep(0.05)
+            assert running == ["photos 1"]  # the second photo job waits for the first ...
+            assert await pool.run(lambda: "search") == "search"  # ... while a search has the other worker
+            release.set()
+        return running
+
+    assert anyio.run(main) == ["photos 1", "photos 2"]

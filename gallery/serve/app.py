@@ -2,12 +2,14 @@
 
 Work that costs CPU (searches, decoding and embedding photos, thumbnails, the map) runs on a bounded
 pool of worker threads: at most `Limits.workers` at once and `Limits.queue` waiting, beyond that 503.
+Seed-photo work takes at most all workers but one, so searches by id are answered while uploads decode.
 Every problem with a request is a 4xx whose `detail` names what is wrong (gallery.serve.problems);
 anything else is a 500 that is logged, and the process goes on.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from functools import partial
 from typing import Literal
 
@@ -17,12 +19,12 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from gallery.data.images import ImageProblem, decode, read_image_bytes
 from gallery.errors import UserError
 from gallery.serve.compare import CompareView
+from gallery.serve.connections import server_options
 from gallery.serve.explorer import PLOTLY_ROUTE, SERVED_POLICY, explorer_data, plotly_js, served_page
-from gallery.serve.limits import BodySizeLimit, Limits, readable_location
-from gallery.serve.problems import Busy, NotAnImage, RequestProblem, TooLarge
+from gallery.serve.limits import BodySizeLimit, Limits, decode_photos, readable_location
+from gallery.serve.problems import Busy, RequestProblem, TooLarge
 from gallery.serve.service import SEARCHES, Ranking, Service
 
 MAX_K = 200
@@ -61,7 +63,8 @@ class VectorQuery(BaseModel):
     vector: list[float] = Field(description="an embedding made by this run's model (POST /api/embed)")
     k: int = Field(10, ge=1, le=MAX_K)
     search: Search = "both"
-    where: dict[str, str] = Field(default_factory=dict, description="attribute: value that every result must have")
+    where: dict[str, str | list[str]] = Field(default_factory=dict, description="attribute: the value (or any of the "
+                                              "values) every result must have")
 
 
 class Embedded(BaseModel):
@@ -75,17 +78,21 @@ class Embedded(BaseModel):
 
 
 class WorkerPool:
-    """At most `workers` jobs at once on threads, at most `queue` more waiting; past that, Busy (503)."""
+    """At most `workers` jobs at once on threads, at most `queue` more waiting; past that, Busy (503). Photo
+    jobs (decoding, embedding: up to seconds each) take at most `workers - 1` of the workers, so a few clients
+    uploading cannot make every search wait for them."""
 
     def __init__(self, workers: int, queue: int):
         self.limiter, self.capacity, self.pending = anyio.CapacityLimiter(workers), workers + queue, 0
+        self.photo_limiter = anyio.CapacityLimiter(max(1, workers - 1))
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, photos: bool = False):
         if self.pending >= self.capacity:
             raise Busy(f"all {self.capacity} places are taken: retry in a moment")
         self.pending += 1
         try:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+            async with self.photo_limiter if photos else nullcontext():
+                return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         finally:
             self.pending -= 1
 
@@ -94,14 +101,14 @@ def _searches(search: str) -> list[str]:
     return list(SEARCHES) if search == "both" else [search]
 
 
-def _where(pairs: list[str]) -> dict[str, str]:
-    """`attribute=value` filters as a dict; a clear 400 for one without '='."""
-    out = {}
+def _where(pairs: list[str]) -> dict[str, list[str]]:
+    """`attribute=value` filters as each attribute's values (repeated ones: any of them); a clear 400 for one without '='."""
+    out: dict[str, list[str]] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise RequestProblem(f"filter {pair!r}: write attribute=value, e.g. where=property_type=hotel")
-        out[name] = value
+        out.setdefault(name, []).append(value)
     return out
 
 
@@ -124,7 +131,7 @@ def create_app(service: Service, limits: Limits = Limits(), comparison: CompareV
 
     @app.exception_handler(RequestProblem)
     async def request_problem(request: Request, problem: RequestProblem):
-        headers = {"Retry-After": "1"} if isinstance(problem, Busy) else None
+        headers = {"Retry-After": str(problem.retry_after_s)} if isinstance(problem, Busy) else None
         return JSONResponse({"detail": str(problem)}, problem.status, headers=headers)
 
     @app.exception_handler(UserError)
@@ -149,17 +156,7 @@ def create_app(service: Service, limits: Limits = Limits(), comparison: CompareV
                 raise TooLarge(f"uploaded photo {upload.filename!r} is over the {limits.max_photo_bytes:,} bytes "
                                "allowed per photo")
             uploaded.append((f"uploaded photo {upload.filename!r}", data))
-
-        def decoded() -> list[np.ndarray]:
-            out = []
-            for what, data in uploaded + named:
-                try:
-                    out.append(decode(data if isinstance(data, bytes) else read_image_bytes(data), size))
-                except ImageProblem as e:
-                    raise NotAnImage(f"{what}: {e}; send JPEG, PNG, WEBP or GIF photos") from None
-            return out
-
-        return await pool.run(decoded)
+        return await pool.run(decode_photos, uploaded + named, size, limits, photos=True)
 
     @app.get("/health", summary="the service is up: what it serves and its limits")
     async def health() -> dict:
@@ -215,14 +212,14 @@ def create_app(service: Service, limits: Limits = Limits(), comparison: CompareV
         def embed_and_search():
             return service.search_vector(service.embed(pictures), k, searches, filters)
 
-        return {"k": k, "photos": len(pictures), "results": _rankings(await pool.run(embed_and_search))}
+        return {"k": k, "photos": len(pictures), "results": _rankings(await pool.run(embed_and_search, photos=True))}
 
     @app.post("/api/embed", response_model=Embedded,
               summary="a new gallery's embedding and binary code (photos embedded together by the run's model)")
     async def embed(photos: list[UploadFile] = File([], description="the gallery's photos"),
                     paths: list[str] = Form([], description="photos on the server, under an allowed root")):
         pictures = await seed_photos(photos, paths)
-        vector = await pool.run(service.embed, pictures)
+        vector = await pool.run(service.embed, pictures, photos=True)
         return {"run_id": service.run_id, "photos": len(pictures), "dimension": len(vector),
                 "embedding": vector.tolist(), "code": service.code.name, "code_bits": service.code.bits,
                 "bits_hex": service.binary_code(vector).hex()}
@@ -255,9 +252,8 @@ def one_thread_per_request() -> None:
 
 def run_server(service: Service, limits: Limits, host: str = "127.0.0.1", port: int = 8000,
                comparison: CompareView | None = None) -> None:
-    """Serve until interrupted."""
+    """Serve until interrupted, by uvicorn with the connection deadlines and limits of gallery.serve.connections."""
     import uvicorn
 
     one_thread_per_request()
-    uvicorn.run(create_app(service, limits, comparison), host=host, port=port, log_level="info", timeout_keep_alive=5,
-                limit_concurrency=limits.workers + limits.queue + 16)
+    uvicorn.run(create_app(service, limits, comparison), host=host, port=port, log_level="info", **server_options(limits))

@@ -155,11 +155,18 @@ class ServedCatalogue:
                 self._keys[name] = np.array(["" if v is None else label_key(v) for v in values], dtype=object)
             return self._keys[name]
 
-    def matching(self, where: dict[str, str]) -> np.ndarray:
-        """Boolean mask of the galleries whose attributes equal every `where` value (compared as label_key text)."""
+    def matching(self, where: dict[str, str | list[str]]) -> np.ndarray:
+        """Boolean mask of the galleries whose attributes equal every `where` entry (compared as label_key
+        text): an attribute given several values matches any of them (as SQL's IN), different attributes all."""
         mask = np.ones(len(self.frame), bool)
         for name, wanted in where.items():
-            if wanted == "":
+            values = filter_values(wanted)
+            if not values or "" in values:
                 raise RequestProblem(f"filter on {name!r} has no value: write {name}=VALUE")
-            mask &= self.keys(name) == label_key(wanted)
+            mask &= np.isin(self.keys(name), [label_key(v) for v in values])
         return mask
+
+
+def filter_values(wanted: str | list[str]) -> list[str]:
+    """A filter's values: one, or a list of which any may match."""
+    return [wanted] if isinstance(wanted, str) else list(wanted)

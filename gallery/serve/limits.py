@@ -1,22 +1,35 @@
-"""What a request may cost and reach: body size, photos per request, bytes per photo, the folders it may name.
+"""What a request may cost and reach: body size, photos and pixels per request, bytes per photo, decode
+time, the folders it may name, and how long a client may take to send a request (gallery.serve.connections).
 
 The body limit is enforced while the body arrives (an ASGI middleware), before any parser buffers it:
 a declared Content-Length over the limit is refused at once, a chunked body when it passes the limit.
+Seed photos are counted by the pixels their headers declare before any is decoded: a few kilobytes of
+PNG can declare 64 million pixels, and four requests of 44 such photos held every worker for 40 s and
+1 GiB that the process kept.
 Paths are resolved with realpath before they are checked, so `..` segments and symlinks that lead out
 of an allowed root are refused like any other path outside it.
 """
 from __future__ import annotations
 
+import ctypes
+import io
 import json
 import os
 import stat
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+from PIL import Image
+
 import gallery.storage as storage
+from gallery.data.images import ImageProblem, decode, read_image_bytes
 from gallery.errors import UserError
-from gallery.serve.problems import Forbidden, NotFound, RequestProblem, TooLarge
+from gallery.serve.problems import Forbidden, NotAnImage, NotFound, RequestProblem, TooLarge
 
 MB = 1 << 20
+REQUESTS_BEYOND_QUEUE = 16  # requests in flight past the workers and their queue: the cheap ones (/health, a gallery)
 
 
 @dataclass(frozen=True)
@@ -25,17 +38,34 @@ class Limits:
     max_photos: int = 44               # seed photos in one request (the paper's largest gallery)
     max_photo_bytes: int = 16 * MB     # one uploaded or named photo
     allowed_roots: tuple[str, ...] = ()  # folders (or s3:// prefixes) whose photos a request may name
+    max_request_pixels: int = 100_000_000  # pixels of all seed photos of one request, as their headers declare
+    max_decode_seconds: float = 10.0   # decoding one request's seed photos
     workers: int = 4                   # requests computed at once (searches, embeddings, thumbnails)
     queue: int = 64                    # requests waiting for a worker before the server answers 503
+    connections: int = 512             # open connections; past them every request is answered 503 (below the
+                                       # usual 1,024 open files a process may hold)
+    header_timeout: float = 10.0       # seconds a client has to send a request's line and headers
+    body_timeout: float = 10.0         # seconds a request body may go without a byte
+    min_body_rate: int = 16 * 1024     # bytes/s: a body is due body_timeout after its headers, plus 1 s per this many bytes
 
     def __post_init__(self):
-        small = [name for name in ("max_body_bytes", "max_photos", "max_photo_bytes", "workers") if getattr(self, name) < 1]
-        if small or self.queue < 0:
-            raise UserError(f"server limits {', '.join(small) or 'queue'} must be at least {0 if not small else 1}")
+        wrong = [f"{name} must be at least 1" for name in ("max_body_bytes", "max_photos", "max_photo_bytes",
+                 "max_request_pixels", "workers", "connections", "min_body_rate") if getattr(self, name) < 1]
+        wrong += [f"{name} must be more than 0 s" for name in ("max_decode_seconds", "header_timeout", "body_timeout")
+                  if not getattr(self, name) > 0]
+        wrong += ["queue must be at least 0"] if self.queue < 0 else []
+        if wrong:
+            raise UserError(f"server limits: {'; '.join(wrong)}")
+
+    @property
+    def requests(self) -> int:
+        """Requests in flight at once, beyond which the server answers 503 (gallery.serve.connections)."""
+        return self.workers + self.queue + REQUESTS_BEYOND_QUEUE
 
     def describe(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_photos": self.max_photos,
-                "max_photo_bytes": self.max_photo_bytes, "workers": self.workers, "queue": self.queue,
+                "max_photo_bytes": self.max_photo_bytes, "max_request_pixels": self.max_request_pixels,
+                "max_decode_seconds": self.max_decode_seconds, "workers": self.workers, "queue": self.queue,
                 "paths_readable": bool(self.allowed_roots)}
 
 
@@ -56,7 +86,8 @@ def resolved_roots(roots) -> tuple[str, ...]:
 
 def readable_location(text: str, limits: Limits) -> str:
     """The location a request named, if it lies under an allowed root and is a regular file within the
-    size limit; relative paths are taken from each root in turn. Anything else: 403, 404 or 413 naming it."""
+    size limit; a relative path is looked for under every root, the first that holds it wins. Anything else:
+    403, 404 or 413 naming it."""
     if not limits.allowed_roots:
         raise Forbidden(f"photo path {text!r}: this server reads no paths (start it with --allow-root FOLDER "
                         "to allow the photos under a folder), upload the photos instead")
@@ -67,12 +98,15 @@ def readable_location(text: str, limits: Limits) -> str:
             raise Forbidden(f"photo URI {text!r} is not under an allowed root ({', '.join(limits.allowed_roots)})")
         return text
     text = text.removeprefix("file://")
+    inside = []
     for root in (r for r in limits.allowed_roots if not storage.is_uri(r)):
         real = os.path.realpath(os.path.join(root, text))
         if os.path.commonpath([real, root]) == root:
-            return _regular_file(text, real, limits)
-    raise Forbidden(f"photo path {text!r} is not under an allowed root ({', '.join(limits.allowed_roots)}); "
-                    "links out of a root count as outside")
+            inside.append(real)
+    if not inside:
+        raise Forbidden(f"photo path {text!r} is not under an allowed root ({', '.join(limits.allowed_roots)}); "
+                        "links out of a root count as outside")
+    return _regular_file(text, next((real for real in inside if os.path.exists(real)), inside[0]), limits)
 
 
 def _regular_file(text: str, real: str, limits: Limits) -> str:
@@ -129,9 +163,83 @@ class BodySizeLimit:
         await self.app(scope, counted_receive, tracked_send)
 
     async def _refuse(self, send, what: str):
-        body = json.dumps({"detail": f"{what} is over this server's limit of {self.max_bytes:,} bytes: "
-                                     "send fewer or smaller photos"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_problem(send, 413, f"{what} is over this server's limit of {self.max_bytes:,} bytes: "
+                                      "send fewer or smaller photos")
+
+
+async def send_problem(send, status: int, detail: str, headers=()) -> None:
+    """An answer in the app's error shape, {"detail": ...}, sent on a raw ASGI `send` by what runs before the
+    app (or instead of it); the connection is closed after it."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------- seed photos
+
+
+def decode_photos(photos: list[tuple[str, bytes | str]], size: int, limits: Limits) -> list[np.ndarray]:
+    """Seed photos, (what to call each, its bytes or an allowed location), decoded at `size` within the
+    request's limits: 413 when their headers declare more than `max_request_pixels` (nothing decoded) or
+    decoding passes `max_decode_seconds`; 415 naming one that is not an image. Decoding's memory is given
+    back to the system afterwards (release_memory)."""
+    read = []
+    for what, data in photos:
+        with _named(what):
+            read.append((what, data if isinstance(data, bytes) else read_image_bytes(data)))
+    pixels = sum(_declared_pixels(data) for _, data in read)
+    if pixels > limits.max_request_pixels:
+        raise TooLarge(f"the request's {len(read)} photos hold {pixels:,} pixels, more than this server's limit of "
+                       f"{limits.max_request_pixels:,} per request: send fewer or smaller photos, or start the server "
+                       f"with a larger --max-megapixels (now {limits.max_request_pixels / 1e6:g})")
+    start, out = time.monotonic(), []
+    try:
+        for what, data in read:
+            with _named(what):
+                out.append(decode(data, size))
+            if time.monotonic() - start > limits.max_decode_seconds:
+                raise TooLarge(f"decoding the request's photos took more than this server's limit of "
+                               f"{limits.max_decode_seconds:g} s per request (Limits.max_decode_seconds): send fewer "
+                               "or smaller photos")
+    finally:
+        release_memory()
+    return out
+
+
+@contextmanager
+def _named(what: str):
+    """A photo that cannot be read or decoded as a 415 naming it."""
+    try:
+        yield
+    except ImageProblem as e:
+        raise NotAnImage(f"{what}: {e}; send JPEG, PNG, WEBP or GIF photos") from None
+
+
+def _declared_pixels(data: bytes) -> int:
+    """Width x height as the image's header declares them (nothing is decoded); 0 when there is no readable
+    header: decode then says what is wrong with the file."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - any unreadable header is decode's to report, with its reason
+        return 0
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to call
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system. Decoding runs on worker threads, and glibc keeps what a thread's
+    arena freed for that thread's next use: four workers decoding large photos held 1 GiB that no request
+    used again. malloc_trim(0) returns it (about 0.15 s after such decoding, microseconds otherwise)."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)

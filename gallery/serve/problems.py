@@ -33,6 +33,7 @@ class Unavailable(RequestProblem):
 
 
 class Busy(RequestProblem):
-    """Every worker is busy and the queue is full: come back shortly."""
+    """Every worker is busy and the queue is full, or the connections are: come back shortly."""
 
     status = 503
+    retry_after_s = 1  # the Retry-After header every 503 carries

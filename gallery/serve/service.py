@@ -5,8 +5,9 @@ bench and the tests call it directly. Search by a gallery, by a vector, or by se
 one gallery by the run's model (the same model and the same steps as `gallery search --images`);
 "float" search ranks by exact (or HNSW) cosine, "code" search is two-stage: Hamming candidates on the
 binary codes re-ranked by exact cosine (gallery.retrieval.search.FileIndex). Filters keep the galleries
-whose manifest attributes equal the given values; the index is asked for more candidates until k pass
-(among the nearest FILTER_DEPTH: every gallery of a catalogue up to that size).
+whose manifest attributes equal the given values (every attribute filtered on, any of the values given for
+one); the index is asked for more candidates until k pass (among the nearest FILTER_DEPTH: every gallery
+of a catalogue up to that size).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gallery.retrieval.embeddings import embed_images, read_columns, read_embedd
 from gallery.retrieval.search import FileIndex, model_run_id, seed_model
 from gallery.runs import RunNotFound, TrainedRun, trained_run
 from gallery.evaluation.projection import GalleryMap, gallery_map
-from gallery.serve.catalogue import ServedCatalogue
+from gallery.serve.catalogue import ServedCatalogue, filter_values
 from gallery.serve.problems import NotFound, RequestProblem, Unavailable
 
 SEARCHES = ("float", "code")
@@ -158,7 +159,8 @@ class Service:
             raise Unavailable("filters need the catalogue's attributes: this server was started without a manifest")
         mask = self.catalogue.matching(where)
         if not mask.any():
-            raise NotFound(f"no gallery has {', '.join(f'{k}={v!r}' for k, v in where.items())}")
+            wanted = (f"{k}={' or '.join(map(repr, filter_values(v)))}" for k, v in where.items())
+            raise NotFound(f"no gallery has {', '.join(wanted)}")
         return mask
 
     # ------------------------------------------------------------------ seed photos
