@@ -1,6 +1,8 @@
 """Backbones by name: torchvision:<model> and timm:<model> cut into a frozen trunk and a trainable top,
 giving the network's own pre-logits vector, weights only from local caches or files, and the
 frozen-trunk feature cache for maps and tokens alike."""
+import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -167,6 +169,28 @@ def test_torchvision_imagenet_weights_come_from_torch_hub_cache_only(tmp_path, m
     assert torch.equal(build_backbone("torchvision:resnet18", str(path), 1, SIZE).trunk[0][0].weight, net.conv1.weight)
     with pytest.raises(WeightsUnavailable, match="does not exist"):
         build_backbone("torchvision:resnet18", str(tmp_path / "nope.pth"), 1, SIZE)
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("not a state dict", r" is not a state dict \(\w+: .*\); give a \.pth/\.pt file saved with "
+                         r"torch\.save\(model\.state_dict\(\), path\) or a \.safetensors file, or fix model\.weights"),
+    ("safetensors header", r" is not a state dict \(SafetensorError: .*\); give a \.pth/\.pt file"),
+    ("named pipe", r": is a named pipe; give the path of a regular file, or fix model\.weights"),
+    ("too large", r": is larger than the model file limit \(.* > 1\.0 KiB\); give a smaller file, or raise "
+                  r"the limit with GALLERY_MAX_MODEL_BYTES"),
+])
+def test_a_weights_file_is_read_through_the_input_layer(tmp_path, monkeypatch, damage, reason):
+    """model.weights is a user's file: bounded like every input (a pipe is refused, never opened for a read
+    that would hang; a file over GALLERY_MAX_MODEL_BYTES is refused), and bytes that are no state dict are
+    named with the fix, not a pickle or safetensors traceback."""
+    path = tmp_path / ("w.safetensors" if damage == "safetensors header" else "w.pth")
+    if damage == "named pipe":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"\x80\x04junk" * (200 if damage == "too large" else 8))
+    monkeypatch.setenv("GALLERY_MAX_MODEL_BYTES", "1KiB")
+    with pytest.raises(WeightsUnavailable, match=rf"^torchvision:resnet18 weights file {re.escape(str(path))}{reason}"):
+        build_backbone("torchvision:resnet18", str(path), 1, SIZE)
 
 
 def test_timm_pretrained_weights_come_from_the_hugging_face_cache_only(tmp_path, monkeypatch):

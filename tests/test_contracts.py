@@ -120,6 +120,17 @@ def test_unknown_kind(tmp_path):
     assert "fix: use one of" in msg
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b", "..\\x"])
+def test_task_names_that_are_path_components_are_refused(tmp_path, name):
+    """A task name becomes a folder name in the run's store (checkpoints, task-optimal results): '.', '..'
+    and names with a path separator would write outside their folder."""
+    spec = json.loads(json.dumps(SPEC))
+    spec["holdout"][0]["name"] = name
+    msg = violations(tmp_path, rows(), spec)
+    assert f"tasks.yaml: holdout[0].name: task name {name!r} is not allowed" in msg
+    assert "fix: name it with letters, digits, '_', '.' and '-' only, and not '.' or '..' alone" in msg
+
+
 def test_binary_with_third_value(tmp_path):
     df = rows()
     df["has_pool"] = df["has_pool"].astype(object)

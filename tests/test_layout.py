@@ -17,7 +17,7 @@ STAGES = {
     "retrieval": 5,
     "artifact": 6,  # a model folder: weights, ONNX graphs, the retrieval code
     "evaluation": 7,
-    "steps": 8, "runs": 8,
+    "steps": 8, "runs": 8, "preflight": 8,  # preflight: what the flow's start checks before any work
     "compare": 9,   # reads finished runs' evaluations
     "serve": 10,
     "bench": 11,

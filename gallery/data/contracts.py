@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 
 import gallery.storage as storage
 from gallery.data.documents import parse_document
-from gallery.data.inputs import LIMIT_VARIABLES, InputProblem, Limits, MissingInput, read_bytes, read_text, size_text
+from gallery.data.inputs import LIMIT_VARIABLES, InputProblem, Limits, MissingInput, read_bounded, read_text, size_text
 from gallery.data.labels import label_key
 from gallery.data.tasks import Task
 from gallery.errors import ContractError, Violation, example, excerpt
@@ -61,13 +61,16 @@ def _schema_error_to_violation(path: str, err) -> Violation:
         "type": f"give a value of type {err.validator_value}",
         "minItems": f"give at least {err.validator_value} item(s)",
         "uniqueItems": "list each value once",
-        "pattern": "use letters, digits, '_', '.', '-' only",
+        "pattern": "name it with letters, digits, '_', '.' and '-' only, and not '.' or '..' alone (a task name is "
+                   "a folder name in the run's store)",
         "not": "'classes'/'num_classes' apply to multiclass tasks only, 'positive' to binary tasks only, "
                "'file' to pairs tasks only (which name no 'column')",
     }
     problem = excerpt(err.message, 300, quote=False)  # a message holds the offending value: never all of it
     if err.validator == "not":
         problem = "a key does not fit this task's kind"
+    elif err.validator == "pattern":  # the task name's: the value, not the regular expression, says what is wrong
+        problem = f"task name {excerpt(err.instance, 60)} is not allowed"
     return Violation(path, where, problem, fixes.get(err.validator, "see data_contracts/tasks.schema.json"))
 
 
@@ -157,7 +160,7 @@ def load_manifest(path) -> pd.DataFrame:
                                        "write the manifest as .parquet, .csv or .jsonl"
                                        + (f" (a {suffix} file is a task spec{SWAPPED})" if suffix in (".yaml", ".yml") else ""))])
     try:
-        data = read_bytes(path, "manifest")
+        data = read_bounded(path, "manifest")
     except InputProblem as e:
         missing = isinstance(e, MissingInput)
         raise ContractError([Violation(path, "file", "the manifest does not exist" if missing else e.reason,

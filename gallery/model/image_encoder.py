@@ -10,17 +10,21 @@ be cached once (gallery.training.cache); the top is the rest, trained.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from gallery.data.inputs import InputProblem, check_bounded, normalize, read_bounded
+from gallery.errors import UserError, excerpt
 from gallery.model.pointwise import as_gemms
 
 
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are not on this machine; the message says how to provide them."""
+class WeightsUnavailable(UserError):
+    """Pretrained weights are not on this machine, or their file cannot be used; the message says how to
+    provide them (a UserError: a run stops on it with the message, not a traceback)."""
 
 
 @dataclass(frozen=True)
@@ -128,15 +132,40 @@ def split(name: str, layout: BlockLayout, trainable_blocks: int, image_size: int
     return encoder.train()
 
 
-def load_file(path: str, name: str) -> dict:
-    """A state dict from a local .pth/.pt (torch) or .safetensors file."""
-    if not os.path.isfile(path):
-        raise WeightsUnavailable(f"{name} weights file {path!r} does not exist; fix model.weights in the settings")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file as load_safetensors
+def checked_file(path: str, name: str) -> str:
+    """`path` (a file:// URI as a path), once the input layer found a regular file there within
+    GALLERY_MAX_MODEL_BYTES, without reading it: what a run checks at start, before the file is read."""
+    try:
+        check_bounded(path, "model")
+    except InputProblem as e:
+        raise _unusable(name, e) from None
+    return normalize(path)
 
-        return load_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+
+def load_file(path: str, name: str) -> dict:
+    """A state dict from a .pth/.pt (torch) or .safetensors file, read through the input layer (regular
+    files only, within GALLERY_MAX_MODEL_BYTES), so a FIFO, a device or a huge file is refused, not read."""
+    try:
+        data = read_bounded(path, "model")
+    except InputProblem as e:
+        raise _unusable(name, e) from None
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            return load_safetensors(data)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the file's, named with the fix
+        raise WeightsUnavailable(
+            f"{name} weights file {path} is not a state dict "
+            f"({e.__class__.__name__}: {excerpt(str(e), 160, quote=False)}); "
+            "give a .pth/.pt file saved with torch.save(model.state_dict(), path) or a .safetensors file, "
+            "or fix model.weights in the settings") from None
+
+
+def _unusable(name: str, problem: InputProblem) -> WeightsUnavailable:
+    return WeightsUnavailable(f"{name} weights file {problem.location}: {problem.reason}; {problem.fix}, "
+                              "or fix model.weights in the settings")
 
 
 def torch_hub_file(url: str) -> str:

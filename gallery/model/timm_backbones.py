@@ -24,7 +24,8 @@ import re
 import torch
 from torch import nn
 
-from gallery.model.image_encoder import BlockLayout, Normalization, WeightsUnavailable, torch_hub_file
+from gallery.data.inputs import is_remote
+from gallery.model.image_encoder import BlockLayout, Normalization, WeightsUnavailable, checked_file, torch_hub_file
 
 CONTAINERS = ("stages", "blocks", "layers", "features")
 NUMBERED_STAGE = re.compile(r"(layer|stage|s)\d+")
@@ -129,12 +130,26 @@ def create(name: str, weights: str, image_size: int) -> nn.Module:
         raise ValueError(f"timm has no model {name!r}; see timm.list_models()")
     cfg = timm.models.get_pretrained_cfg(name)
     kwargs = {"num_classes": 0, **({"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {})}
-    if weights == "random":
+    path = weights_file(name, weights)
+    if path is None:
         return timm.create_model(name, pretrained=False, **kwargs)
-    path = cached_weights(name, cfg) if weights == "imagenet" else weights
-    if not os.path.isfile(path):
-        raise WeightsUnavailable(f"timm:{name} weights file {path!r} does not exist; fix model.weights in the settings")
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
+
+
+def weights_file(name: str, weights: str) -> str | None:
+    """Where the weights of `name` are (None for random ones): its default pretrained weights in a local
+    cache, or a local file, checked by the input layer without reading it; timm reads the file itself
+    (it unwraps training checkpoints and adapts, e.g., a ViT's position embedding), so it must be local."""
+    import timm
+
+    if weights == "random":
+        return None
+    if weights == "imagenet":
+        return cached_weights(name, timm.models.get_pretrained_cfg(name))
+    if is_remote(weights):
+        raise WeightsUnavailable(f"timm:{name} weights file {weights}: timm reads its weights from this machine's "
+                                 "disk; copy the file here and set model.weights to its path")
+    return checked_file(weights, f"timm:{name}")
 
 
 def cached_weights(name: str, cfg) -> str:

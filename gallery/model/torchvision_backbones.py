@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gallery.model.image_encoder import (IMAGENET, BlockLayout, ClassToken, SpatialMean, WeightsUnavailable,
-                                         load_file, torch_hub_file)
+                                         checked_file, load_file, torch_hub_file)
 
 
 def _sequential(*parts) -> nn.Sequential:
@@ -167,13 +167,14 @@ def layout(name: str, weights: str, image_size: int) -> BlockLayout:
     return FAMILIES[kind](net)
 
 
-def state_dict(name: str, weights: str) -> dict | None:
-    """None for random weights; torchvision's default weights from torch.hub's cache; or a local file."""
+def weights_file(name: str, weights: str) -> str | None:
+    """Where the weights of `name` are (None for random ones): torchvision's default weights in torch.hub's
+    cache, or a local file; found and checked without reading them."""
     label = f"torchvision:{name}"
     if weights == "random":
         return None
     if weights != "imagenet":
-        return load_file(weights, label)
+        return checked_file(weights, label)
     from torchvision import models
 
     url = models.get_model_weights(name).DEFAULT.url
@@ -185,4 +186,10 @@ def state_dict(name: str, weights: str) -> dict | None:
             f"models.get_model('{name}', weights='DEFAULT')\"` and copy the file to that path "
             "(or point TORCH_HOME at a folder holding hub/checkpoints/), or (b) set "
             "model.weights to the path of the .pth file in your settings JSON.")
-    return load_file(cached, label)
+    return cached
+
+
+def state_dict(name: str, weights: str) -> dict | None:
+    """None for random weights; else the file `weights_file` finds, read through the input layer."""
+    path = weights_file(name, weights)
+    return None if path is None else load_file(path, f"torchvision:{name}")

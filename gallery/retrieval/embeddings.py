@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import torch
 
 import gallery.storage as storage
-from gallery.data.inputs import open_random_access, read_bytes
+from gallery.data.inputs import open_random_access, read_bounded
 from gallery.data.packed import PackedGalleries
 from gallery.data.readers import batches_of, stream
+from gallery.errors import UserError, example
 from gallery.model.gallery_model import GalleryEncoder
 from gallery.retrieval.codes import BinaryCode, code_of, sign_code
 from gallery.training.device import autocast, fast_layout, pick_device
@@ -122,10 +123,37 @@ def _gallery_metadata(schema) -> dict:
             if k.decode().startswith("gallery.")}
 
 
+class NonFiniteEmbeddings(UserError):
+    """An embeddings file with NaN or infinite values: cosine ranks nothing by them, so it is refused at read."""
+
+
+SCAN_ROWS = 65536  # rows looked at together when naming the galleries with a non-finite value
+
+
+def _finite(location: str, table):
+    """`table` as read from `location`, unless its `embedding` column holds NaN or infinity: then a
+    NonFiniteEmbeddings naming the file, how many galleries and the first few ids. The test is a float64
+    sum per chunk of the column as read (any NaN or infinity makes it non-finite; float32 values cannot
+    overflow it), so a sound file costs no copy; only a refused one is scanned row by row."""
+    if "embedding" not in table.column_names or all(
+            np.isfinite(chunk.flatten().to_numpy().sum(dtype=np.float64)) for chunk in table["embedding"].chunks):
+        return table
+    vectors = embedding_matrix(table)
+    rows = np.concatenate([start + np.flatnonzero(~np.isfinite(vectors[start:start + SCAN_ROWS]).all(axis=1))
+                           for start in range(0, len(vectors), SCAN_ROWS)])
+    ids = (table if "gallery_id" in table.column_names else read_columns(location, ["gallery_id"]))["gallery_id"]
+    raise NonFiniteEmbeddings(
+        f"embeddings file {location}: {len(rows)} of {len(vectors)} galleries have NaN or infinite values in "
+        f"`embedding` (e.g. {example(ids.take(rows[:5]).to_pylist())}); no search can rank by them. Export the "
+        "embeddings again from a model whose training did not diverge (its loss stayed finite), or leave those "
+        "galleries out of the file")
+
+
 def read_columns(location: str, columns: list[str]):
-    """Some columns of an embeddings file, reading only their bytes (ids and codes without the floats)."""
+    """Some columns of an embeddings file, reading only their bytes (ids and codes without the floats);
+    floats that are not finite are refused (NonFiniteEmbeddings)."""
     with open_random_access(location, "embeddings") as f:
-        return pq.read_table(f, columns=columns)
+        return _finite(location, pq.read_table(f, columns=columns))
 
 
 def embedding_matrix(table) -> np.ndarray:
@@ -153,5 +181,5 @@ def photo_weights_of(table) -> dict[str, tuple[list[str], np.ndarray]] | None:
 
 def read_embeddings(location: str):
     """(table, metadata dict without the 'gallery.' prefix) of an embeddings Parquet file."""
-    table = pq.read_table(io.BytesIO(read_bytes(location, "embeddings")))
+    table = _finite(location, pq.read_table(io.BytesIO(read_bounded(location, "embeddings"))))
     return table, _gallery_metadata(table.schema)
