@@ -26,11 +26,10 @@ from pydantic import (AfterValidator, ConfigDict, Field, Strict, TypeAdapter, Va
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
-from gallery.data.shards import FORMATS
 from gallery.data.split import TEST_FRACTION, VALID_FRACTION, Share
 from gallery.data.documents import parse_document
 from gallery.data.inputs import MissingInput, read_text
-from gallery.data.synth import SynthSettings
+from gallery.data.synth_settings import SynthSettings
 from gallery.errors import ContractError, UserError
 from gallery.model.identity import ModelIdentity
 
@@ -86,6 +85,12 @@ def _poolings():
     return POOLINGS
 
 
+def _image_formats():
+    from gallery.data.shards import FORMATS  # imported late: it loads the imaging libraries
+
+    return FORMATS
+
+
 def _weightings():
     from gallery.model.weightings import WEIGHTINGS
 
@@ -103,7 +108,7 @@ Pooling = Annotated[str, one_of("pooling", _poolings)]
 Weighting = Annotated[str, one_of("weighting", _weightings)]
 Precision = Annotated[str, one_of("precision", lambda: PRECISIONS)]
 CacheDtype = Annotated[str, one_of("cache dtype", lambda: CACHE_DTYPES)]
-ImageFormat = Annotated[str, one_of("image format", lambda: FORMATS)]
+ImageFormat = Annotated[str, one_of("image format", _image_formats)]
 Code = Annotated[str, AfterValidator(_code)]
 
 
@@ -215,6 +220,11 @@ class EvalSettings:
     projection_points: Annotated[Int, Field(ge=2)] = 3000  # UMAP on at most this many galleries
     retrieval_examples: NonNegative = 3
     seeds: Count = 1                   # training and evaluation repeated with train.seed, +1, ...: mean and spread
+    # the costly yardsticks, each switchable (the report says what a run skipped): the end-to-end arm of the
+    # held-out tasks, and the task-optimal models (one per MTL task and seed) on at most this many train galleries
+    end_to_end: Flag = True
+    task_optimal: Flag = True
+    task_optimal_galleries: Count = 2000  # the default catalogue's size: a larger catalogue's are a stable sample
     baselines: tuple[Backbone, ...] = ()  # other pretrained backbones whose mean-pooled features are transfer arms
     # with metric tasks: also train the attribute tasks alone and each metric task alone, for retrieval to
     # compare the unified model with (gallery.evaluation.retrieval_suite)
@@ -222,6 +232,7 @@ class EvalSettings:
     # the held-out task of Table 2 and of the scorecard's primary comparison (None: star_rating where the
     # catalogue holds it out, else its first held-out task: gallery.config.primary_task)
     primary_task: str | None = None
+    retrieval_queries: Count = 2000  # queries per exact search of the whole catalogue: a stable sample beyond
 
 
 @dataclass(frozen=True, config=CHECKED)

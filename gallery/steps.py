@@ -366,7 +366,8 @@ def retrieval_evaluation(catalogue: Catalogue, shards: list[Shard], settings: Se
     arms.append(arm(IMAGENET_ARM, pretrained_embeddings(source, settings, settings.model.backbone)))
     baselines, _ = baseline_arms(source, settings, log)
     arms += [arm(which, galleries.data.numpy()) for which, galleries in baselines.items()]
-    result = retrieval_suite(catalogue, ids, arms, settings.retrieval.rerank, code_name, settings.train.seed)
+    result = retrieval_suite(catalogue, ids, arms, settings.retrieval.rerank, code_name, settings.train.seed,
+                             max_queries=settings.evaluation.retrieval_queries)
     log(f"retrieval: {len(arms)} arms on {', '.join(f'{n} queries of {t}' for t, n in result.queries.items())} "
         f"in {result.seconds:.1f} s")
     return result

@@ -156,3 +156,26 @@ def test_galleries_in_other_splits_are_said():
     x = np.random.default_rng(6).normal(size=(20, 4))
     c = compare(make_side(range(20), x), make_side(range(20), x, splits=["train"] * 5 + ["test"] * 15))
     assert any(n.startswith("5 common galleries are in different splits in A and B") for n in c.notes)
+
+
+def test_sampled_queries_get_the_neighbours_and_overlap_that_every_query_gets(monkeypatch):
+    """neighbour_change on a sample of query rows (the stable sample that caps its cost, linear in the
+    catalogue) gives those rows' lines of the full computation, in blocks of queries too."""
+    import gallery.compare.neighbours as neighbours
+    from gallery.evaluation.relevance import sample_rows
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(200, 12))
+    b = a + rng.normal(scale=0.5, size=a.shape)
+    full = neighbours.neighbour_change(a, b, k=5)
+    np.testing.assert_array_equal(full.queries, np.arange(200))
+    monkeypatch.setattr(neighbours, "QUERY_BLOCK", 7)
+    rows = sample_rows(np.arange(200), [f"g{i}" for i in range(200)], 30)
+    some = neighbours.neighbour_change(a, b, k=5, queries=rows)
+    assert len(rows) == 30 and some.k == 5
+    np.testing.assert_array_equal(some.queries, rows)
+    np.testing.assert_array_equal(some.a, full.a[rows])
+    np.testing.assert_array_equal(some.b, full.b[rows])
+    np.testing.assert_array_equal(some.overlap, full.overlap[rows])
+    top_a = brute_top_k(a, 5)
+    assert [set(r) for r in some.a] == [top_a[r] for r in rows]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import gallery.evaluation.relevance as relevance
-from gallery.evaluation.relevance import compare_rankings, queries, ranking_scores, relevant_sets, summary
+from gallery.evaluation.relevance import (compare_rankings, queries, ranking_scores, relevant_sets, sample_rows,
+                                          summary)
 from gallery.retrieval.codes import fit_code, sign_code
 
 KS = (1, 10, 100)
@@ -149,3 +150,54 @@ def test_compare_rankings():
     assert better.low > 0 and better.estimate == pytest.approx(summary(good)["recall@10"] - summary(noise)["recall@10"])
     with pytest.raises(ValueError, match="same query rows"):
         compare_rankings(good, ranking_scores(informative, rows[1:], relevant), "mrr")
+
+
+def tied_case(n=300, seed=4):
+    """Vectors of +-1 in 16 dimensions, a third of them copies of others: unit entries +-1/4, so every
+    cosine is a multiple of 1/16 computed exactly in any order, and ties are ties in the brute force too
+    (17 values: many ties; with a sign code, Hamming ties); groups of 2 to 60 rows, so some queries find
+    their first relevant gallery deep, past max(k), where its rank is counted rather than sorted."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.choice([-1.0, 1.0], (n, 16))
+    copies = rng.random(n) < 0.33
+    vectors[copies] = vectors[rng.integers(0, n, copies.sum())]
+    groups = np.concatenate([np.full(60, 0), np.repeat(np.arange(1, 121), 2)])[:n].astype(float)
+    groups[rng.random(n) < 0.2] = np.nan
+    return vectors, relevant_sets(n, rng.permutation(groups))
+
+
+@pytest.mark.parametrize("ks,rerank", [((1, 2, 5), 0), ((1, 10, 100), 0), ((1, 3), 7), ((1, 10), 40), ((1, 500), 299)])
+@pytest.mark.parametrize("search", ["float", "code"])
+def test_counted_ranks_equal_the_argsort_ranks_with_ties(monkeypatch, ks, rerank, search):
+    """Each query ranks by counting the galleries ahead of its relevant ones, sorting only the first max(k)
+    (or `rerank`) places: the same recall@k and reciprocal rank as the full argsort ranking (ties to the
+    lower row), on data full of ties, in ragged blocks."""
+    monkeypatch.setattr(relevance, "BLOCK_CELLS", 300 * 7)
+    vectors, relevant = tied_case()
+    code = fit_code(vectors, "sign") if search == "code" else None
+    rows = queries(relevant, np.ones(len(vectors), bool))
+    scores = ranking_scores(vectors, rows, relevant, ks, code, rerank)
+    expected = []
+    for q in rows:
+        ranking = brute_force_ranking(vectors, q, code, rerank)
+        hits = np.isin(ranking, relevant[q])
+        expected.append(([hits[:k].sum() / len(relevant[q]) for k in ks], 1 / (np.flatnonzero(hits)[0] + 1)))
+    for i, k in enumerate(ks):
+        np.testing.assert_allclose(scores.recall[k], [recall[i] for recall, _ in expected])
+    np.testing.assert_allclose(scores.reciprocal_rank, [rr for _, rr in expected])
+    assert (scores.reciprocal_rank < 1 / max(ks)).any() or max(ks) > 100  # some first relevant ranks were counted
+
+
+def test_the_query_cap_is_a_stable_sample_of_the_gallery_ids():
+    ids = [f"listing-{i}" for i in range(1000)]
+    rows = np.flatnonzero(np.arange(1000) % 3 == 0)
+    np.testing.assert_array_equal(sample_rows(rows, ids, 400), rows)  # no more than the cap: all of them
+    np.testing.assert_array_equal(sample_rows(rows, ids, None), rows)
+    some = sample_rows(rows, ids, 50)
+    assert len(some) == 50 and set(some) <= set(rows) and (np.diff(some) > 0).all()
+    np.testing.assert_array_equal(sample_rows(rows, ids, 50), some)  # the same every time
+    assert set(some) <= set(sample_rows(rows, ids, 80))  # a larger cap keeps them
+    reordered = ids[::-1]  # the same galleries listed in another order: the same ids are sampled
+    picked = sample_rows(np.array(sorted(999 - rows)), reordered, 50)
+    assert {reordered[r] for r in picked} == {ids[r] for r in some}
+    assert {ids[r] for r in sample_rows(rows, ids, 50, purpose="other")} != {ids[r] for r in some}

@@ -14,6 +14,7 @@ from gallery.data.ingest import Catalogue
 from gallery.data.labels import LabelStats
 from gallery.data.tasks import Task
 from gallery.evaluation.arms import END_TO_END_ARM, IMAGENET_ARM, EmbeddingArm, mtl_arm
+from gallery.evaluation.comparisons import HELPS_IMBALANCED, WORSE_THAN_OPTIMAL
 from gallery.evaluation.holdout import ArmResult, HoldoutResult, Row
 from gallery.evaluation.neighbours import BinaryVsFloat, CodeCurveRow
 from gallery.evaluation.render import lay_out
@@ -174,10 +175,54 @@ def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
         data.scorecard.aggregates)
     assert metrics["training"][1] == {"model": KENDALL.as_dict(), "epochs": 3, "best_epoch": 1, "stopped_early": False,
                                       "best_valid_relative_loss": pytest.approx(0.9), "selected_on": "valid"}
-    (mtl,) = [a for a in metrics["holdout"][0]["arms"] if a["arm"]["kind"] == "mtl"]
-    assert mtl["rows"][-1]["scores"] == data.holdouts[0].of(MTL).rows[-1].scores.tolist()
+    (mtl,) = [a for a in metrics["holdout"]["tasks"][0]["arms"] if a["arm"]["kind"] == "mtl"]
+    assert mtl["rows"][-1]["value"] == pytest.approx(data.holdouts[0].of(MTL).rows[-1].scores.mean())
+    # the per-gallery scores are in Parquet files beside metrics.json, which names them and holds none
+    assert (metrics["holdout"]["per_gallery"], metrics["transfer"]["per_gallery"], metrics["task_optimal"]["per_gallery"]
+            ) == ("holdout_scores.parquet", "transfer_scores.parquet", "task_optimal_scores.parquet")
+    assert "scored_ids" not in json.dumps(metrics) and "test_scores" not in json.dumps(metrics)
+    holdout = pd.read_parquet(pd.io.common.BytesIO(report.files["holdout_scores.parquet"]))
+    last = holdout[(holdout["arm_kind"] == "mtl") & (holdout["row"] == data.holdouts[0].of(MTL).rows[-1].label)]
+    assert last["gallery_id"].tolist() == data.holdouts[0].scored_ids
+    assert last["score"].tolist() == data.holdouts[0].of(MTL).rows[-1].scores.tolist()
+    assert set(last["arm_weighting"]) == {"pseudo_uniform"} and set(last["arm_seed"]) == {0}
+    transfer = pd.read_parquet(pd.io.common.BytesIO(report.files["transfer_scores.parquet"]))
+    assert len(transfer) == sum(len(s.gallery_ids) for s in data.transfer.scores)
+    linear = transfer[(transfer["probe"] == "linear") & (transfer["arm_kind"] == "imagenet")]
+    assert linear["score"].tolist() == data.transfer.get("star_rating", "linear", IMAGENET_ARM).scores.tolist()
+    optimal = pd.read_parquet(pd.io.common.BytesIO(report.files["task_optimal_scores.parquet"]))
+    assert {t: g["score"].tolist() for t, g in optimal.groupby("task")} == {
+        t: list(o.test_scores) for t, o in data.optimal.items()}
     kendall = next(b for b in metrics["comparisons"]["class_balance"]["models"] if b["model"]["weighting"] == "kendall")
     assert all(v is None or not (isinstance(v, float) and math.isnan(v)) for v in kendall["pearson"].values())
+
+
+def test_a_run_without_task_optimal_models_or_end_to_end_says_what_it_skipped():
+    """evaluation.task_optimal and evaluation.end_to_end off: the per-task errors against the baseline stay,
+    Figures 5 and 6 and Table 2's end-to-end column go, and the report and metrics.json list what was skipped."""
+    rng = np.random.default_rng(7)
+    cat = catalogue(rng)
+    settings = Settings(evaluation=EvalSettings(task_optimal=False, end_to_end=False))
+    held = transfer(rng, 0.3)
+    held.holdouts[0].arms = [a for a in held.holdouts[0].arms if a.arm != END_TO_END_ARM]
+    held.arms, held.scores = held.arms[:2], [s for s in held.scores if s.arm != END_TO_END_ARM]
+    data = compare("run-3", settings, cat, DataQuality([], []), [training(rng, 0.0)], [held], [{}])
+    assert data.vs_optimal == {} and data.balance == {} and len(data.per_task) == len(TASKS)
+    expected = float(np.mean(1 - data.training[PU].test.scores[:, 0]))  # B1: right/wrong, every test gallery
+    assert data.per_task[0].of(PU).error == pytest.approx(expected) and math.isnan(data.per_task[0].error_task_optimal)
+    assert {f.claim for f in data.findings}.isdisjoint({WORSE_THAN_OPTIMAL, HELPS_IMBALANCED})
+    report = lay_out(data)
+    md = report.markdown()
+    assert "## MTL vs task-optimal models" not in md and "## MTL tasks on test" in md and "MTL - end-to-end" not in md
+    assert "the task-optimal models, and with them Figures 5 and 6 (`evaluation.task_optimal` is false)" in md
+    assert "the end-to-end arm of the held-out tasks (`evaluation.end_to_end` is false)" in md
+    assert "no end-to-end arm (evaluation.end_to_end is off)" in md and "relative_error.png" not in report.files
+    metrics = json.loads(json.dumps(report.metrics))
+    assert metrics["task_optimal"] == {"measured_on": "test", "selected_on": "valid", "per_gallery": None, "models": {}}
+    assert len(metrics["not_measured"]) == 4 and "task_optimal_scores.parquet" not in report.files  # + seeds, study
+    per_task = pd.read_csv(pd.io.common.BytesIO(report.files["per_task.csv"]))
+    assert per_task["error_task_optimal"].isna().all() and per_task["error_pseudo_uniform"].tolist() == pytest.approx(
+        [r.of(PU).error for r in data.per_task])
 
 
 def test_models_and_arms_round_trip_through_metrics_json_as_fields(data):

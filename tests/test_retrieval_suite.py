@@ -104,3 +104,25 @@ def test_the_report_shows_every_arm_and_claim_and_keeps_per_query_values_out_of_
     assert [EmbeddingArm.from_dict(a) for a in numbers["arms"]] == [UNIFIED, ATTRIBUTES]  # fields, with their labels
     assert [a["label"] for a in numbers["arms"]] == ["MTL embeddings", "attribute tasks only"]
     assert Settings().evaluation.retrieval_arms
+
+
+def test_the_queries_are_capped_by_a_stable_sample_of_the_same_galleries_for_every_arm(catalogue):
+    """evaluation.retrieval_queries caps each task's queries (the cost is then linear in the catalogue): a
+    stable sample of the eligible ones by a hash of the id, the same for every arm and search, so the claims
+    still pair; the default cap keeps every query of a catalogue this size."""
+    from gallery.evaluation.relevance import QUERIES, queries, sample_rows
+
+    ids = catalogue.frame["gallery_id"].tolist()
+    train = catalogue.frame["split"].to_numpy() == "train"
+    arms = [arm(UNIFIED, vectors(0.5, 2), train), arm(ATTRIBUTES, vectors(1.0, 2), train)]
+    assert QUERIES == Settings().evaluation.retrieval_queries >= 2000
+    capped = retrieval_suite(catalogue, ids, arms, rerank=20, code="itq16", max_queries=50)
+    assert capped.queries == {"same": 50, "co": 50}
+    eligible = queries(ground_truth(catalogue, ids)["same"], ~train)
+    asked = capped.row(UNIFIED, "same", FLOAT).scores.query_rows
+    np.testing.assert_array_equal(asked, sample_rows(eligible, ids, 50))
+    assert all(np.array_equal(r.scores.query_rows, asked) for r in capped.rows if r.task == "same")
+    assert {c.effect.n for c in capped.claims} == {50}
+    again = retrieval_suite(catalogue, ids, arms[::-1], rerank=20, code="itq16", max_queries=50)
+    np.testing.assert_array_equal(again.row(UNIFIED, "same", FLOAT).scores.query_rows, asked)
+    assert retrieval_suite(catalogue, ids, arms, rerank=20, code="itq16").queries == {"same": 120, "co": 60}

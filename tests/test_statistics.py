@@ -132,3 +132,18 @@ def test_spearman_interval_stays_defined_when_resamples_are_constant():
     rho = correlations(x, y, seed=0)["spearman"]
     assert rho.estimate == pytest.approx(stats.spearmanr(x, y).statistic)
     assert not math.isnan(rho.low) and rho.low <= rho.estimate <= rho.high
+
+
+@pytest.mark.parametrize("cells", [1, 120 * 7, 120 * 500])
+def test_a_bootstrap_in_batches_is_the_bootstrap_in_one(monkeypatch, cells):
+    """Memory bounded by batches of resamples (statistics.BATCH_CELLS; 1 cell: one resample a batch) gives
+    the very interval of one batch of all RESAMPLES: the resamples come from one generator in turn."""
+    import gallery.evaluation.statistics as statistics
+
+    a, b = paired_case(seed=5)
+    x, y = np.random.default_rng(6).normal(size=(2, 120))
+    monkeypatch.setattr(statistics, "BATCH_CELLS", 1 << 30)
+    whole = (paired_difference(a, b, 3), relative_increase(1 - a, 1 - b, 3), correlations(x, y, 3)["spearman"])
+    monkeypatch.setattr(statistics, "BATCH_CELLS", cells)
+    batched = (paired_difference(a, b, 3), relative_increase(1 - a, 1 - b, 3), correlations(x, y, 3)["spearman"])
+    assert [(e.low, e.high) for e in batched] == [(e.low, e.high) for e in whole]

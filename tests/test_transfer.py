@@ -282,3 +282,24 @@ def test_every_arm_is_tuned_on_one_grid_and_the_scale_of_its_features_does_not_m
     assert all(c in grid for arm in result.arms for c in arm.chosen)
     for a, b in zip(mtl.rows, scaled.rows):
         np.testing.assert_allclose(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("cells", [1, 400 * 150])
+def test_the_aggregates_resamples_streamed_in_batches_are_the_whole_draw(monkeypatch, cells):
+    """The aggregate's bootstrap weights, drawn in batches (scorecard.WEIGHT_CELLS; 1 cell: one resample a
+    batch) for memory bounded whatever the catalogue, are the rows of the one cached RESAMPLES x n draw:
+    the same interval (up to the last bits of a matrix product)."""
+    import gallery.evaluation.scorecard as scorecard
+
+    rng = np.random.default_rng(8)
+    ids = [f"g{i}" for i in range(400)]
+    pairs = [("binary", ids, (rng.random(400) < 0.8).astype(float), (rng.random(400) < 0.7).astype(float)),
+             ("binary", ids[:250], (rng.random(250) < 0.9).astype(float), (rng.random(250) < 0.85).astype(float)),
+             ("regression", ids[100:], rng.random(300), 1.2 * rng.random(300))]
+    whole = scorecard.error_change(pairs, seed=4)
+    monkeypatch.setattr(scorecard, "WEIGHT_CELLS", cells)
+    assert len(list(scorecard.resample_weights(400, 4))) > 1
+    streamed = scorecard.error_change(pairs, seed=4)
+    assert streamed.estimate == whole.estimate
+    assert (streamed.low, streamed.high) == pytest.approx((whole.low, whole.high), rel=1e-12)
+    assert whole.low < whole.estimate < whole.high

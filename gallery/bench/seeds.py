@@ -123,14 +123,9 @@ def score_spread(metrics_per_run: list[dict]) -> list[Spread]:
     def key(score: dict) -> tuple:
         return score["task"], score["probe"], _unseeded(_arm(score["arm"]))
 
-    keyed = [{key(s): _mean(s["scores"]) for s in m["transfer"]["scores"]} for m in metrics_per_run]
+    keyed = [{key(s): _number(s["value"]) for s in m["transfer"]["scores"]} for m in metrics_per_run]
     first = metrics_per_run[0]["transfer"]["scores"]
     return [Spread(s["task"], s["probe"], _arm(s["arm"]), [k.get(key(s), math.nan) for k in keyed]) for s in first]
-
-
-def _mean(values) -> float:
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else math.nan
 
 
 def label(of: ReadingId) -> str:

@@ -88,6 +88,17 @@ def arm_label(arm: EmbeddingArm) -> str:
     return {IMAGENET: "ImageNet transfer", END_TO_END: "End-to-end model"}[arm.kind]
 
 
+def arm_columns(arm: EmbeddingArm | None, prefix: str = "arm") -> dict:
+    """An arm in a table's row: its label, and its fields beside it (so a table is filtered by fields, not by label)."""
+    if arm is None:
+        return {prefix: None}
+    model = arm.model
+    return {prefix: arm_label(arm), f"{prefix}_kind": arm.kind, f"{prefix}_reference": arm.reference,
+            f"{prefix}_weighting": model.weighting if model else None, f"{prefix}_pooling": model.pooling if model else None,
+            f"{prefix}_seed": model.seed if model else None,
+            f"{prefix}_backbone": model.backbone if model else arm.backbone, f"{prefix}_task": arm.task}
+
+
 def reference_arm(arms) -> EmbeddingArm | None:
     """The reference model's MTL arm among `arms`, if there is one."""
     return next((a for a in arms if a.kind == MTL and a.reference), None)

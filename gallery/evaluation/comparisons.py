@@ -80,14 +80,16 @@ class Table2Comparison:
     paper: tuple[float, float, float] | None
     versus: list[Versus]   # each other arm of Table 2 (ImageNet transfer, end-to-end), in its column order
 
-    def against(self, arm: EmbeddingArm) -> Effect:
-        return next(v.effect for v in self.versus if v.arm == arm)
+    def against(self, arm: EmbeddingArm) -> Effect | None:
+        """MTL minus `arm`; None where the run has no such arm (evaluation.end_to_end off)."""
+        return next((v.effect for v in self.versus if v.arm == arm), None)
 
 
 def table2_comparisons(holdout: HoldoutResult, primary_task: str | None, seed: int = 0) -> list[Table2Comparison]:
     """Per row: MTL - ImageNet and MTL - end-to-end on the same test galleries, with the reading
     against the paper's claim that MTL embeddings transfer best (higher accuracy, lower MSE); the paper's
-    figures beside the primary task's rows (`beside_the_paper`)."""
+    figures beside the primary task's rows (`beside_the_paper`). Time O(rows·arms·RESAMPLES·n) (paired
+    bootstraps over the n scored galleries), memory O(n + statistics.BATCH_CELLS)."""
     better = 1 if holdout.metric == "accuracy" else -1
     arms = [a.arm for a in holdout.arms]
     mtl = holdout.of(reference_arm(arms))
@@ -144,26 +146,37 @@ class TaskRow:
 def per_task(catalogue: Catalogue, training: dict[ModelIdentity, TrainResult], optimal: dict[str, TaskOptimalResult],
              seed: int = 0) -> list[TaskRow]:
     """One row per MTL task: test errors of each trained model, its task-optimal model and the baseline, and
-    each model's relative error increase over the task-optimal model with its paired interval."""
+    each model's relative error increase over the task-optimal model with its paired interval. Without
+    task-optimal models (`optimal` empty: evaluation.task_optimal off) a row has the models and the baseline.
+    Time O(tasks·models·RESAMPLES·n) (paired bootstraps over the n test galleries; the pairing is by id,
+    dictionaries), memory O(n + statistics.BATCH_CELLS)."""
     labels = catalogue.frame.set_index("gallery_id")
     rows = []
     for task in catalogue.tasks:
-        opt = optimal[task.name]
-        optimal_scores = _scores_by_id(opt.test_ids, opt.test_scores)
+        opt = optimal.get(task.name)
+        optimal_scores = None if opt is None else _scores_by_id(opt.test_ids, opt.test_scores)
         models = []
         for model, result in training.items():
             mtl_scores = _scores_by_id(*result.test.task(task.name))
-            common = [g for g in mtl_scores if g in optimal_scores]
+            common = [g for g in mtl_scores if optimal_scores is None or g in optimal_scores]
             mtl = np.array([mtl_scores[g] for g in common])
-            increase = relative_increase(errors_of(task.kind, mtl),
-                                         errors_of(task.kind, np.array([optimal_scores[g] for g in common])), seed)
+            increase = (NO_OPTIMAL if optimal_scores is None else relative_increase(
+                errors_of(task.kind, mtl), errors_of(task.kind, np.array([optimal_scores[g] for g in common])), seed))
             base = baseline_scores(task, catalogue.stats[task.name], labels.loc[common, task.name].to_numpy(float))
             versus = paired_difference(errors_of(task.kind, base), errors_of(task.kind, mtl), seed)
             models.append(ModelOnTask(model, float(errors_of(task.kind, mtl).mean()) if len(mtl) else math.nan,
                                       increase, versus))
-        rows.append(TaskRow(task.name, task.kind, catalogue.stats[task.name].minority_fraction, opt.test_labelled,
-                            opt.error, opt.baseline_error, opt.epochs, models))
+        if opt is None:  # the baseline on the models' labelled test galleries (the last model's: all have the same)
+            rows.append(TaskRow(task.name, task.kind, catalogue.stats[task.name].minority_fraction, len(common),
+                                math.nan, float(errors_of(task.kind, base).mean()) if len(base) else math.nan,
+                                math.nan, models))
+        else:
+            rows.append(TaskRow(task.name, task.kind, catalogue.stats[task.name].minority_fraction, opt.test_labelled,
+                                opt.error, opt.baseline_error, opt.epochs, models))
     return rows
+
+
+NO_OPTIMAL = Effect(math.nan, math.nan, math.nan, None, 0, "no task-optimal model (evaluation.task_optimal is off)")
 
 
 @dataclass
@@ -264,7 +277,8 @@ def balance_points(rows: list[TaskRow], model: ModelIdentity) -> tuple[np.ndarra
 
 def class_balance(rows: list[TaskRow], models, seed: int = 0) -> dict[ModelIdentity, ClassBalance]:
     """Binary tasks: minority-class fraction against relative error increase: Pearson and Spearman
-    with intervals, the least-squares line for the figure, and the reading against the paper's r > 0."""
+    with intervals, the least-squares line for the figure, and the reading against the paper's r > 0.
+    Time O(models·RESAMPLES·tasks·log tasks): its points are tasks, not galleries."""
     out = {}
     for model in models:
         x, y = balance_points(rows, model)
@@ -379,7 +393,7 @@ def headline_numbers(catalogue: Catalogue, training: dict[ModelIdentity, TrainRe
     numbers += [HeadlineNumber("transfer_error_change", a.effect.estimate, arm=a.arm, baseline=a.baseline, probe=a.probe)
                 for a in scorecard(transfer, test_ids, seed).aggregates if a.arm is not None and a.arm.reference]
     rows = per_task(catalogue, training, optimal)
-    for m in training:
+    for m in training if optimal else ():  # against the task-optimal models, where the run trained them
         increases = [e for e in (r.of(m).relative_error_increase.estimate for r in rows) if not math.isnan(e)]
         numbers.append(HeadlineNumber("median_relative_error_increase",
                                       float(np.median(increases)) if increases else math.nan, model=m))

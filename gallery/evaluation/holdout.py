@@ -210,7 +210,7 @@ def scored_rows(data: TrainData) -> TrainData:
 
 def standardised(store: PackedGalleries, rows: np.ndarray) -> PackedGalleries:
     """An arm's vectors standardised on `rows` (the train galleries; the linear probe's scaler), so one
-    grid of learning rates suits every arm whatever the scale of its features."""
+    grid of learning rates suits every arm whatever the scale of its features. Time and memory O(N·d)."""
     data = store.data.float().numpy()
     mean, scale = scaler(data[rows])
     return PackedGalleries(store.gallery_ids, store.offsets, torch.from_numpy((data - mean) / scale))
@@ -218,7 +218,8 @@ def standardised(store: PackedGalleries, rows: np.ndarray) -> PackedGalleries:
 
 def tuned_rows(kind: str, runs: list[GridRun], folds: np.ndarray) -> tuple[list[Row], list[int]]:
     """Every row of Table 2 with each scored gallery scored by the grid point chosen on the other folds
-    after all epochs, and the index chosen per fold. Only chosen points' earlier rows are scored."""
+    after all epochs, and the index chosen per fold. Only chosen points' earlier rows are scored.
+    Time O(rows·(chosen points' scoring + n)), memory O(grid·n) over the n scored galleries."""
     best = chosen_out_of_fold(kind, np.stack([run.final for run in runs]), folds)
     picked, rows = np.arange(len(folds)), []
     for i, (label, seen, fraction, epochs) in enumerate(runs[0].marks):
@@ -233,13 +234,16 @@ def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms:
     """The 2-layer head on every vector arm (`arms`: one vector per gallery, the same galleries in the
     same order) and end-to-end from `shards` (the preprocessed galleries as the preset trains: features
     or pixels; `pixels`: the same as pixels, for the timing from pixels, which costs about one more
-    end-to-end training: `time_from_pixels` False skips it), each tuned on the grid."""
+    end-to-end training: `time_from_pixels` False skips it), each tuned on the grid. evaluation.end_to_end
+    off leaves the end-to-end arm out (it costs as much as every other arm together).
+    Time O(arms·grid·epochs·n_train) training steps (linear in the train galleries) plus O(arms·grid·rows·n)
+    scoring, memory O(N·d) for an arm's vectors and O(grid·n) scores: nothing pairwise."""
     ev, stats, seed = settings.evaluation, catalogue.stats, settings.train.seed
     config = FitConfig.of(settings.train, batch_galleries=ev.batch_galleries, max_epochs=ev.holdout_epochs,
                           patience=None)
     grid = [HeadSetting(lr, wd) for lr in ev.head_lrs for wd in ev.head_weight_decays]
     results, ids, data = [], None, None
-    for arm, store in [*arms.items(), (END_TO_END_ARM, shards)]:
+    for arm, store in [*arms.items(), *([(END_TO_END_ARM, shards)] if ev.end_to_end else [])]:
         end_to_end = arm == END_TO_END_ARM
         from_features = settings.train.use_cache if end_to_end else True
         workers = settings.data.loader_workers if end_to_end else 0

@@ -2,7 +2,8 @@
 
 The yardstick is exact float (cosine) search; every code is searched exactly too (flat Hamming), so
 the numbers measure the code, not an approximate index. Test galleries are the queries (codes are
-fitted on train).
+fitted on train), at most `evaluation.retrieval_queries` of them (a stable sample beyond: exact search of
+all is quadratic), so every search here is O(min(Q, cap)·N·d): linear in the catalogue.
 """
 from __future__ import annotations
 
@@ -13,21 +14,20 @@ import numpy as np
 from gallery.config import RetrievalSettings
 from gallery.data.ingest import Catalogue
 from gallery.evaluation.projection import agreement_attributes
+from gallery.evaluation.relevance import QUERIES, sample_rows
 from gallery.retrieval.codes import BinaryCode, CodeError, fit_code
 from gallery.retrieval.embeddings import embedding_matrix, read_embeddings
 from gallery.retrieval.index import CodeIndex, FloatIndex, normalize, without_self
 
-MAX_QUERIES = 2_000  # test galleries used as queries (a seeded sample beyond): exact search of all is quadratic
-
-
 def recall_at_k(exact: np.ndarray, found: np.ndarray) -> float:
-    """Mean share of each query's exact top-k rows that `found` (same shape) also returns."""
+    """Mean share of each query's exact top-k rows that `found` (same shape) also returns. Time O(Q·k)."""
     k = exact.shape[1]
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, found)]))
 
 
 def attribute_agreement(neighbours: np.ndarray, labels: np.ndarray, query_rows: np.ndarray) -> float:
-    """Mean share of a query's neighbours with the query's label (labelled queries and neighbours only)."""
+    """Mean share of a query's neighbours with the query's label (labelled queries and neighbours only).
+    Time O(Q·k)."""
     shares = []
     for row, found in zip(query_rows, neighbours):
         if labels[row] < 0:
@@ -39,7 +39,8 @@ def attribute_agreement(neighbours: np.ndarray, labels: np.ndarray, query_rows: 
 
 
 def float_neighbours(embeddings: np.ndarray, query_rows: np.ndarray, k: int) -> np.ndarray:
-    """Each query's top k other galleries by exact cosine."""
+    """Each query's top k other galleries by exact cosine (a flat faiss index). Time O(Q·N·d), memory
+    O(N·d + Q·k)."""
     index = FloatIndex(embeddings, RetrievalSettings(approximate_above=len(embeddings)))
     return without_self(index.search(embeddings[query_rows], k + 1), query_rows, k)
 
@@ -47,7 +48,8 @@ def float_neighbours(embeddings: np.ndarray, query_rows: np.ndarray, k: int) -> 
 def code_neighbours(codes: np.ndarray, unit_vectors: np.ndarray | None, query_rows: np.ndarray, k: int,
                     rerank: int) -> np.ndarray:
     """Each query's top k other galleries by exact Hamming distance, or with `unit_vectors` its top `rerank`
-    by Hamming re-ordered by cosine (two-stage search). The query's own row is asked for one more place."""
+    by Hamming re-ordered by cosine (two-stage search). The query's own row is asked for one more place.
+    Time O(Q·N·bytes + Q·rerank·d), memory O(N·bytes + Q·(k + rerank))."""
     settings = RetrievalSettings(rerank=rerank + 1, approximate_above=len(codes))
     index = CodeIndex(codes, settings, vectors=unit_vectors)
     queries = None if unit_vectors is None else unit_vectors[query_rows]
@@ -75,7 +77,8 @@ def code_curve(embeddings: np.ndarray, train_rows: np.ndarray, query_rows: np.nd
                labels: dict[str, np.ndarray], names, run_code: BinaryCode, rerank: int) -> list[CodeCurveRow]:
     """Recall@k against exact float search and attribute agreement, for pure Hamming and two-stage search,
     per code (fitted on the train rows; the run's own code as exported). A code that cannot be fitted
-    here (more bits than train galleries) is listed with the reason."""
+    here (more bits than train galleries) is listed with the reason. Time per code O(train·d²) to fit,
+    O(N·d·bits) to encode, O(Q·N·bytes + Q·rerank·d) to search; memory O(N·(d + bytes))."""
     k, unit = exact.shape[1], normalize(embeddings)
     rows = []
     for name in names:
@@ -113,17 +116,17 @@ class BinaryVsFloat:
 
 
 def binary_vs_float(catalogue: Catalogue, ids: list[str], embeddings: np.ndarray, imagenet_location: str,
-                    run_code: BinaryCode, settings: RetrievalSettings, k: int = 10) -> BinaryVsFloat | None:
+                    run_code: BinaryCode, settings: RetrievalSettings, k: int = 10,
+                    max_queries: int | None = QUERIES) -> BinaryVsFloat | None:
     """Recall@k of the run's two-stage code search against float search, attribute agreement of the top-k
     neighbours (float MTL, code MTL, float ImageNet transfer), and the recall/size curve over
-    `settings.curve_codes`; test galleries as queries."""
+    `settings.curve_codes`; test galleries as queries, at most `max_queries` (`evaluation.retrieval_queries`:
+    a stable sample beyond, `sample_rows`). Time O(codes·min(Q, max_queries)·N·d), memory O(N·d)."""
     frame = catalogue.frame.set_index("gallery_id").loc[ids]
     split = frame["split"].to_numpy()
-    queries = np.flatnonzero(split == "test")
+    queries = sample_rows(np.flatnonzero(split == "test"), ids, max_queries)
     if len(queries) == 0 or len(ids) <= k:
         return None
-    if len(queries) > MAX_QUERIES:
-        queries = np.sort(np.random.default_rng(0).choice(queries, MAX_QUERIES, replace=False))
     imagenet_table, _ = read_embeddings(imagenet_location)
     if imagenet_table["gallery_id"].to_pylist() != ids:
         raise ValueError("the ImageNet and MTL embeddings must list the same galleries in the same order")

@@ -54,7 +54,8 @@ def umap_2d(embeddings: np.ndarray, seed: int, max_points: int) -> tuple[np.ndar
     2,000 galleries (measured on 2 cores, UMAP's compiled code cached). Its numba functions compile on
     first use in every new process: a cache folder shared by runs (NUMBA_CACHE_DIR, set only if the user
     has not) keeps the compiled code. 200 optimisation epochs instead of UMAP's 500 for small inputs: a
-    figure, not an analysis."""
+    figure, not an analysis. Capped: with m = min(N, max_points), time O(N) to sample plus O(m²·d) for the
+    exact neighbour graph and O(m·n_neighbors·epochs) for the layout, memory O(m·d)."""
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "gallery" / "numba"))
     import umap  # heavy import (numba): only where it is used
 
@@ -83,7 +84,8 @@ class GalleryMap:
 
 def gallery_map(embeddings_location: str, max_points: int, seed: int = 0, log=print) -> GalleryMap:
     """The UMAP map of an embeddings file's galleries (a seeded sample of `max_points` at most), saved
-    beside the file (as the search indexes are, gallery.retrieval.saved) and reused until it changes."""
+    beside the file (as the search indexes are, gallery.retrieval.saved) and reused until it changes.
+    Time O(N·d) to read the file plus `umap_2d`'s, capped by `max_points`; memory O(N·d)."""
     def build() -> np.ndarray:
         log(f"mapping the galleries of {embeddings_location} in 2-D (UMAP, at most {max_points:,} of them)")
         floats = embedding_matrix(read_columns(embeddings_location, ["embedding"]))

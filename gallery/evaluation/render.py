@@ -16,7 +16,9 @@ import pandas as pd  # noqa: E402
 import gallery.storage as storage  # noqa: E402
 from gallery.data.images import DataQuality  # noqa: E402
 import gallery.evaluation.comparisons as comparisons  # noqa: E402
-from gallery.evaluation.arms import END_TO_END_ARM, IMAGENET_ARM, MTL, EmbeddingArm, arm_label, paper_arms  # noqa: E402
+from gallery.evaluation.arms import (END_TO_END_ARM, IMAGENET_ARM, MTL, EmbeddingArm, arm_columns, arm_label,  # noqa: E402
+                                     paper_arms)
+from gallery.evaluation.gallery_scores import score_files  # noqa: E402
 from gallery.evaluation.comparisons import (PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE,  # noqa: E402
                                             ClassBalance, Finding, HeadlineNumber, Table2Comparison, TaskRow,
                                             VersusBaseline, VersusOptimal, WeightingWins, beside_the_paper, paper_code,
@@ -110,16 +112,6 @@ class Report:
         return "\n\n".join(f"![{c}]({c})" if kind == "png" else c for kind, c in self.blocks) + "\n"
 
 
-def arm_columns(arm: EmbeddingArm | None, prefix: str = "arm") -> dict:
-    """An arm in a CSV row: its label, and its fields beside it (so a table is filtered by fields, not by label)."""
-    if arm is None:
-        return {prefix: None}
-    model = arm.model
-    return {prefix: arm_label(arm), f"{prefix}_kind": arm.kind, f"{prefix}_reference": arm.reference,
-            f"{prefix}_weighting": model.weighting if model else None, f"{prefix}_pooling": model.pooling if model else None,
-            f"{prefix}_backbone": model.backbone if model else arm.backbone, f"{prefix}_task": arm.task}
-
-
 def fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
@@ -160,8 +152,9 @@ def table2_markdown(holdout: HoldoutResult, primary_task: str | None) -> str:
     lines.append("| training time per instance, training steps as the arm runs them | " + " | ".join(
         _ms(holdout.of(a).seconds_per_instance) for a in arms)
         + (f" | {PAPER_TIME_PER_INSTANCE['mtl']} / - / {PAPER_TIME_PER_INSTANCE['end_to_end']} |" if paper else " |"))
-    lines.append("| training time per instance from pixels, every layer of the model | - | - | "
-                 + _ms(holdout.of(END_TO_END_ARM).seconds_per_instance_from_pixels) + end)
+    if holdout.has(END_TO_END_ARM):
+        lines.append("| training time per instance from pixels, every layer of the model | - | - | "
+                     + _ms(holdout.of(END_TO_END_ARM).seconds_per_instance_from_pixels) + end)
     lines.append(f"| total training time, all {len(holdout.grid)} grid points | "
                  + " | ".join(f"{holdout.of(a).train_seconds:.1f} s" for a in arms)
                  + (" | 4 h (CPU) / - / 40 h (GPU) |" if paper else " |"))
@@ -171,14 +164,14 @@ def table2_markdown(holdout: HoldoutResult, primary_task: str | None) -> str:
 
 
 def tuning_markdown(holdouts: list[HoldoutResult]) -> str:
-    """The grid every arm's 2-layer head (and the end-to-end model) was tuned on, the rule, and what each
+    """The grid every arm's 2-layer head (and the end-to-end model, where it ran) was tuned on, the rule, and what each
     arm chose on each held-out task."""
     if not holdouts or not holdouts[0].grid:
         return ""
     grid = holdouts[0].grid
     lrs, decays = (sorted({getattr(g, k) for g in grid}) for k in ("lr", "weight_decay"))
     arms = [a.arm for a in holdouts[0].arms]
-    lines = [f"Every arm's 2-layer head, and the end-to-end model, trained once per learning rate "
+    lines = [f"Every arm's 2-layer head{', and the end-to-end model,' if END_TO_END_ARM in arms else ''} trained once per learning rate "
              f"({', '.join(f'{v:g}' for v in lrs)}) x weight decay ({', '.join(f'{v:g}' for v in decays)}), "
              "inputs standardised on the train galleries; each fold of the scored galleries is scored, in every "
              "row, with the point that did best after all epochs on the other folds. Chosen (folds):", "",
@@ -195,10 +188,13 @@ def _ms(seconds) -> str:
 def paired_markdown(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str:
     """MTL minus each other arm, row by row, on the same test galleries: the difference, its paired
     bootstrap interval, McNemar's p (right/wrong answers) and the reading against the paper."""
-    lines = ["| data seen | MTL - ImageNet transfer | reading | MTL - end-to-end | reading |", "|" + " --- |" * 5]
+    columns = {IMAGENET_ARM: "MTL - ImageNet transfer", END_TO_END_ARM: "MTL - end-to-end"}
+    others = [a for a in columns if rows and rows[0].against(a) is not None]  # end-to-end: where the run has it
+    lines = ["| data seen | " + " | ".join(f"{columns[a]} | reading" for a in others) + " |",
+             "|" + " --- |" * (1 + 2 * len(others))]
     for r in rows:
-        a, b = r.against(IMAGENET_ARM), r.against(END_TO_END_ARM)
-        lines.append(f"| {r.row} | {effect_text(a)} | {a.reading} | {effect_text(b)} | {b.reading} |")
+        lines.append(f"| {r.row} | " + " | ".join(f"{effect_text(e)} | {e.reading}"
+                                                  for e in (r.against(a) for a in others)) + " |")
     better = "higher" if holdout.metric == "accuracy" else "lower"
     method = rows[-1].against(IMAGENET_ARM).method if rows else ""
     return "\n".join(lines) + (f"\n\nDifferences in {holdout.metric} with 95% intervals ({method}); "
@@ -207,9 +203,9 @@ def paired_markdown(holdout: HoldoutResult, rows: list[Table2Comparison]) -> str
 
 def table2_reading(holdout: HoldoutResult, rows: list[Table2Comparison], primary_task: str | None) -> str:
     imagenet, end_to_end = rows[-1].against(IMAGENET_ARM), rows[-1].against(END_TO_END_ARM)
-    text = (f"After all epochs, MTL - ImageNet transfer = {effect_text(imagenet)}: "
-            f"{imagenet.reading}; MTL - end-to-end = {effect_text(end_to_end)}: "
-            f"{end_to_end.reading}.")
+    text = (f"After all epochs, MTL - ImageNet transfer = {effect_text(imagenet)}: {imagenet.reading}; "
+            + (f"MTL - end-to-end = {effect_text(end_to_end)}: {end_to_end.reading}." if end_to_end is not None
+               else "no end-to-end arm (evaluation.end_to_end is off)."))
     if beside_the_paper(holdout, primary_task):
         text += (" The paper (star rating, 250k properties, 4 epochs): MTL 0.631, ImageNet 0.542, end-to-end 0.598; "
                  f"here {holdout.scored_galleries} labelled galleries no model trained on decide it.")
@@ -221,15 +217,17 @@ def _interval(effect: Effect) -> Effect:
     return Effect(effect.estimate, effect.low, effect.high)
 
 
-def per_task_markdown(table: list[TaskRow], models: list[ModelIdentity]) -> str:
-    cols = ["task", "kind", "test labelled", "baseline error", "task-optimal error (epochs)"]
-    cols += [f"{m.label()} error" for m in models] + [f"{m.label()} relative error increase [95% CI]" for m in models]
+def per_task_markdown(table: list[TaskRow], models: list[ModelIdentity], optimal: bool = True) -> str:
+    """Each MTL task's test errors; with `optimal`, its task-optimal model's and each model's increase over it."""
+    cols = ["task", "kind", "test labelled", "baseline error"] + (["task-optimal error (epochs)"] if optimal else [])
+    cols += [f"{m.label()} error" for m in models]
+    cols += [f"{m.label()} relative error increase [95% CI]" for m in models] if optimal else []
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in table:
-        cells = [r.task, r.kind, str(r.test_labelled), fmt(r.error_baseline),
-                 f"{fmt(r.error_task_optimal)} ({fmt(r.task_optimal_epochs, 0)})"]
+        cells = [r.task, r.kind, str(r.test_labelled), fmt(r.error_baseline)]
+        cells += [f"{fmt(r.error_task_optimal)} ({fmt(r.task_optimal_epochs, 0)})"] if optimal else []
         cells += [fmt(r.of(m).error) for m in models]
-        cells += [effect_text(_interval(r.of(m).relative_error_increase), 2) for m in models]
+        cells += [effect_text(_interval(r.of(m).relative_error_increase), 2) for m in models] if optimal else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -641,6 +639,45 @@ def study_markdown(cells: list[CellRanking]) -> str:
 
 # ---------------------------------------------------------------- the whole report
 
+def optimal_cap_text(data: ReportData) -> str:
+    """Where evaluation.task_optimal_galleries bit: on how many of the train galleries the yardsticks trained."""
+    trained = max((o.train_galleries for o in data.optimal.values()), default=0)
+    if not trained or trained >= data.splits["train"]:
+        return ""
+    return (f"; **capped**: the task-optimal models trained on {trained:,} of the {data.splits['train']:,} train "
+            "galleries (evaluation.task_optimal_galleries, a stable sample) while the MTL models trained on all of "
+            "them, which favours MTL in this comparison")
+
+
+def optimal_sections(r: Report, data: ReportData) -> None:
+    """Figures 5 and 6: every MTL model against the task-optimal models, task by task."""
+    s = data.settings
+    epochs = [o.epochs for o in data.optimal.values() if o.epochs]
+    ran = ", ".join(f"{m.label()} {len(t.history)}" for m, t in data.training.items())
+    r.text("## MTL vs task-optimal models (Figure 5)\nError is 1 - accuracy (classification) or MSE (regression) on "
+           "the test split, each model at the epoch its validation loss selected; relative error increase = "
+           "(err_MTL - err_opt) / err_opt, below 0 when MTL does better, with a paired bootstrap interval over the "
+           f"task's labelled test galleries. Budgets: the MTL models at most {s.train.max_epochs} epochs with patience "
+           f"{s.train.patience} (they ran {ran}); each task-optimal model the same budget, on the MTL model's "
+           f"batches, with its own early stopping (they ran {np.mean(epochs) if epochs else math.nan:.1f} epochs on "
+           f"average, {min(epochs, default=0):.0f} to {max(epochs, default=0):.0f})" + optimal_cap_text(data) + ".\n\n"
+           + per_task_markdown(data.per_task, data.models))
+    r.table("per_task.csv", per_task_frame(data.per_task))
+    r.figure("relative_error.png", relative_error_figure(data.per_task, data.models),
+             "Relative error increase per task on test, with 95% intervals.")
+    r.text(figure5_markdown(data.vs_optimal, data.wins, data.vs_baseline))
+
+    r.text("## Class balance vs MTL benefit (Figure 6)\nBinary tasks: minority-class fraction against relative error "
+           "increase. The paper finds a positive r: MTL helps most where classes are most imbalanced.\n\n"
+           + figure6_markdown(data.balance))
+    r.table("class_balance.csv", pd.DataFrame([
+        {"weighting": m.weighting, "pooling": m.pooling, "n": b.n, "slope": b.slope, "intercept": b.intercept, "reading": b.reading,
+         **{f"{kind}_{k}": getattr(getattr(b, kind), k) for kind in ("pearson", "spearman")
+            for k in ("estimate", "low", "high", "p")}} for m, b in data.balance.items()]))
+    r.figure("class_balance.png", class_balance_figure(data.per_task, data.balance),
+             "Minority-class fraction against relative error increase, with least-squares lines.")
+
+
 def lay_out(data: ReportData) -> Report:
     """The report in reading order: what the run reproduces, data, training, Table 2, Figures 5 and 6, the
     seeds' spread, binary codes, the projection and retrieval examples; metrics.json holds every number."""
@@ -654,7 +691,9 @@ def lay_out(data: ReportData) -> Report:
            f"({data.splits['valid']}), `test` reports ({data.splits['test']})**: every comparison is paired on the same "
            "test galleries, which no model was selected on, and read from its 95% interval: \"consistent with the "
            "paper\" only when the interval excludes no effect on the paper's side."
-           + (" Scores are averaged over the seeds, gallery by gallery, before the comparisons." if seeds > 1 else ""))
+           + (" Scores are averaged over the seeds, gallery by gallery, before the comparisons." if seeds > 1 else "")
+           + ("\n\nNot measured in this run (settings, docs/sizing.md):\n" + "\n".join(f"- {x}" for x in data.skipped)
+              if data.skipped else ""))
     r.text("## Transfer scorecard\nDoes the embedding carry what the photos show to tasks it was never taught? Every "
            f"held-out task ({', '.join(f'`{t.name}`' for t in data.transfer.tasks)}) x probe (the paper's 2-layer "
            "head, a linear probe, a k-NN probe) x embedding arm, scored on the labelled galleries no model trained on "
@@ -707,30 +746,15 @@ def lay_out(data: ReportData) -> Report:
          **{k: value for k, value in vars(v.effect).items()}}
         for h, rows in data.table2 for row in rows for v in row.versus]))
 
-    epochs = [o.epochs for o in data.optimal.values() if o.epochs]
-    ran = ", ".join(f"{m.label()} {len(t.history)}" for m, t in data.training.items())
-    r.text("## MTL vs task-optimal models (Figure 5)\nError is 1 - accuracy (classification) or MSE (regression) on "
-           "the test split, each model at the epoch its validation loss selected; relative error increase = "
-           "(err_MTL - err_opt) / err_opt, below 0 when MTL does better, with a paired bootstrap interval over the "
-           f"task's labelled test galleries. Budgets: the MTL models at most {s.train.max_epochs} epochs with patience "
-           f"{s.train.patience} (they ran {ran}); each task-optimal model the same budget, on the MTL model's "
-           f"batches, with its own early stopping (they ran {np.mean(epochs) if epochs else math.nan:.1f} epochs on "
-           f"average, {min(epochs, default=0):.0f} to {max(epochs, default=0):.0f}).\n\n"
-           + per_task_markdown(data.per_task, data.models))
-    r.table("per_task.csv", per_task_frame(data.per_task))
-    r.figure("relative_error.png", relative_error_figure(data.per_task, data.models),
-             "Relative error increase per task on test, with 95% intervals.")
-    r.text(figure5_markdown(data.vs_optimal, data.wins, data.vs_baseline))
-
-    r.text("## Class balance vs MTL benefit (Figure 6)\nBinary tasks: minority-class fraction against relative error "
-           "increase. The paper finds a positive r: MTL helps most where classes are most imbalanced.\n\n"
-           + figure6_markdown(data.balance))
-    r.table("class_balance.csv", pd.DataFrame([
-        {"weighting": m.weighting, "pooling": m.pooling, "n": b.n, "slope": b.slope, "intercept": b.intercept, "reading": b.reading,
-         **{f"{kind}_{k}": getattr(getattr(b, kind), k) for kind in ("pearson", "spearman")
-            for k in ("estimate", "low", "high", "p")}} for m, b in data.balance.items()]))
-    r.figure("class_balance.png", class_balance_figure(data.per_task, data.balance),
-             "Minority-class fraction against relative error increase, with least-squares lines.")
+    if data.optimal:
+        optimal_sections(r, data)
+    else:
+        r.text("## MTL tasks on test\nError is 1 - accuracy (classification) or MSE (regression) on the test split, "
+               "each model at the epoch its validation loss selected, against the majority/mean baseline. No "
+               "task-optimal models (evaluation.task_optimal is off): Figures 5 and 6 are not measured.\n\n"
+               + per_task_markdown(data.per_task, data.models, optimal=False) + "\n\n"
+               + figure5_markdown({}, data.wins, data.vs_baseline))
+        r.table("per_task.csv", per_task_frame(data.per_task))
     if data.study:
         r.text("## Study: weightings and poolings against the paper's configuration\nEvery trained model against "
                "pseudo-uniform weighting with mean pooling, on the same galleries: the change of errors (geometric mean "
@@ -761,11 +785,13 @@ def lay_out(data: ReportData) -> Report:
         r.figure("retrieval.png", retrieval_figure(data.retrieval), "Seeds from a test gallery; its nearest other galleries"
                  + (", each shown by its photos with the largest attention weights, heaviest first." if weighted else "."))
     r.metrics = metrics(data)
+    r.files.update(score_files(data.transfer.scores, data.holdouts, data.optimal))  # named by metrics.json
     return r
 
 
 def write_report(r: Report, location: str) -> None:
-    """report.md, metrics.json, the CSV tables and PNG figures into a folder or store location."""
+    """report.md, metrics.json, the CSV tables, PNG figures and per-gallery Parquet scores into a folder or
+    store location."""
     for name, data in r.files.items():
         storage.write_bytes(storage.join(location, name), data)
     storage.write_bytes(storage.join(location, "metrics.json"), json.dumps(r.metrics, indent=2).encode())

@@ -18,6 +18,7 @@ from gallery.config import Settings, preset_models, reference_model
 from gallery.data.images import DataQuality
 from gallery.data.ingest import Catalogue, describe
 from gallery.data.tasks import Task
+from gallery.evaluation import gallery_scores
 from gallery.evaluation.arms import arm_label
 from gallery.evaluation.comparisons import (ClassBalance, Finding, HeadlineNumber, Table2Comparison, TaskRow,
                                             VersusBaseline, VersusOptimal, WeightingWins, class_balance, findings,
@@ -111,6 +112,30 @@ class ReportData:
     def holdouts(self) -> list[HoldoutResult]:
         return self.transfer.holdouts
 
+    @property
+    def skipped(self) -> list[str]:
+        """What the settings left out or capped, each with the setting that did it: the report says so, so a
+        reader of a fast run on a large catalogue does not take a missing comparison for a measured one."""
+        ev, train_galleries = self.settings.evaluation, self.splits["train"]
+        capped = max((o.train_galleries for o in self.optimal.values()), default=0)
+        out = [] if ev.task_optimal else ["the task-optimal models, and with them Figures 5 and 6 "
+                                          "(`evaluation.task_optimal` is false)"]
+        if 0 < capped < train_galleries:
+            out.append(f"the task-optimal models trained on {capped:,} of the {train_galleries:,} train galleries "
+                       "(`evaluation.task_optimal_galleries`)")
+        if not ev.end_to_end:
+            out.append("the end-to-end arm of the held-out tasks (`evaluation.end_to_end` is false)")
+        if len(self.seeds) == 1:
+            out.append("repetitions with other seeds: no spread across seeds (`evaluation.seeds` is 1)")
+        if not self.settings.train.poolings:
+            out.append("the study of other poolings (`train.poolings` is empty)")
+        if self.relevance is not None and ev.retrieval_queries in self.relevance.queries.values():
+            out.append(f"retrieval's queries beyond {ev.retrieval_queries:,} per task: a stable sample of that many "
+                       "(`evaluation.retrieval_queries`)")
+        if self.relevance is not None and not ev.retrieval_arms:
+            out.append("retrieval's attribute-only and specialised models (`evaluation.retrieval_arms` is false)")
+        return out
+
 
 def paper_view(transfer: TransferResult) -> list[HoldoutResult]:
     """The held-out task Table 2 shows: the primary one (gallery.config.primary_task)."""
@@ -132,11 +157,11 @@ def compare(run_id: str, settings: Settings, catalogue: Catalogue, quality: Data
     models = preset_models(settings)
     table = per_task(catalogue, training, optimal, seed)
     table2 = [(h, table2_comparisons(h, transfer.primary_task, seed)) for h in paper_view(transfer)]
-    vs_optimal = {m: mtl_vs_optimal(table, m) for m in models}
+    vs_optimal = {m: mtl_vs_optimal(table, m) for m in models} if optimal else {}  # evaluation.task_optimal off
     vs_baseline = {m: mtl_vs_baseline(table, m) for m in models}
     pair = paper_pair(models)
     wins = weighting_wins(table, *pair) if pair else None
-    balance = class_balance(table, models, seed)
+    balance = class_balance(table, models, seed) if optimal else {}
     found = findings(card, table2, vs_optimal, wins, vs_baseline, balance)
     spreads = []
     if len(training_by_seed) > 1:
@@ -156,7 +181,8 @@ def binary_codes(catalogue: Catalogue, settings: Settings, embeddings_location: 
     codes of several sizes, so a flow computes it beside the transfer suite, not in its report step."""
     table, _ = read_embeddings(embeddings_location)
     return binary_vs_float(catalogue, table["gallery_id"].to_pylist(), embedding_matrix(table), imagenet_location,
-                           embeddings_code(embeddings_location), settings.retrieval)
+                           embeddings_code(embeddings_location), settings.retrieval,
+                           max_queries=settings.evaluation.retrieval_queries)
 
 
 def build_report(run_id: str, settings: Settings, catalogue: Catalogue, quality: DataQuality,
@@ -233,14 +259,19 @@ def metrics(data: ReportData) -> dict:
                      "selected_on": "train (probes fitted), other folds (linear and k-NN hyperparameters)",
                      "tasks": data.transfer.tasks, "primary_task": data.transfer.primary_task,
                      "arms": labelled(data.transfer.arms), "notes": data.transfer.notes,
-                     "seconds": data.transfer.seconds, "scores": data.transfer.scores},
+                     "seconds": data.transfer.seconds, "per_gallery": gallery_scores.TRANSFER,
+                     "scores": [{"task": s.task, "probe": s.probe, "arm": s.arm, "value": s.value,
+                                 "galleries": len(s.gallery_ids), "chosen": s.chosen} for s in data.transfer.scores]},
         "scorecard": data.scorecard,
         "study": {"per_task_measured_on": "test", "transfer_measured_on": "valid+test", "selected_on": "valid",
                   "against": "pseudo_uniform with mean pooling (the paper's)",
                   "cells": [{**jsonable(c), "reading": c.reading} for c in data.study]},
-        "holdout": data.holdouts,
+        "holdout": {"per_gallery": gallery_scores.HOLDOUT, "tasks": [holdout_summary(h) for h in data.holdouts]},
         "per_task": {**test, "rows": data.per_task},
-        "task_optimal": {**test, "models": data.optimal},
+        "task_optimal": {**test, "per_gallery": gallery_scores.TASK_OPTIMAL if data.optimal else None,
+                         "models": {name: {**{k: v for k, v in jsonable(o).items() if k not in ("test_ids", "test_scores")},
+                                           "test_labelled": o.test_labelled} for name, o in data.optimal.items()}},
+        "not_measured": data.skipped,
         "comparisons": {
             "table2": {h.task: {"measured_on": h.split, "selected_on": h.selected_on, "rows": rows}
                        for h, rows in data.table2},
@@ -254,6 +285,20 @@ def metrics(data: ReportData) -> dict:
         "retrieval": {"measured_on": "test (seed photos)", "examples": data.retrieval},
         "retrieval_against_relevance": None if data.relevance is None else relevance_metrics(data.relevance),
     })
+
+
+def holdout_summary(h: HoldoutResult) -> dict:
+    """A held-out task's 2-layer head as metrics.json holds it: every row's value, its scores in the Parquet
+    file beside it (gallery.evaluation.gallery_scores)."""
+    return {"task": h.task, "kind": h.kind, "metric": h.metric, "train_galleries": h.train_galleries,
+            "scored_galleries": h.scored_galleries, "baseline": h.baseline, "grid": h.grid, "split": h.split,
+            "selected_on": h.selected_on,
+            "arms": [{"arm": a.arm, "train_seconds": a.train_seconds, "seconds_per_instance": a.seconds_per_instance,
+                      "instances": a.instances, "seconds_per_instance_from_pixels": a.seconds_per_instance_from_pixels,
+                      "chosen": a.chosen,
+                      "rows": [{"label": r.label, "fraction": r.fraction, "epochs": r.epochs,
+                                "galleries_seen": r.galleries_seen, "value": r.value, "ci_low": r.ci_low,
+                                "ci_high": r.ci_high} for r in a.rows]} for a in h.arms]}
 
 
 def relevance_metrics(result: RetrievalResult) -> dict:

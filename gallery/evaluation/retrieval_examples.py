@@ -1,11 +1,13 @@
 """Retrieval examples for the report (paper Fig. 1): a few photos embedded as one gallery, and the
-galleries nearest to it by cosine similarity."""
+galleries nearest to it by cosine similarity: `evaluation.retrieval_examples` queries (3), each an exact
+search of the catalogue, so linear in it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from gallery.config import RetrievalSettings
 from gallery.data.images import ImageProblem, load_image
 from gallery.model.gallery_model import GalleryEncoder
 from gallery.retrieval.embeddings import embed_images
@@ -34,12 +36,14 @@ def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], e
 
     With `photo_weights` (gallery -> its embedded photos and their attention weights, from an
     attention pooling's export), each result shows its photos heaviest first, the top-weighted one
-    with its weight; otherwise its first photos."""
+    with its weight; otherwise its first photos. The search is exact (a flat index at every size: a few
+    queries do not pay for building an approximate one over a large catalogue). Time O(N·d +
+    n_examples·(N·d + the seed photos' encoding)), memory O(N·d)."""
     rng = np.random.default_rng(seed)
     position = {g: i for i, g in enumerate(gallery_ids)}
     images = frame.set_index("gallery_id")["images"]
     test = [g for g in frame.loc[frame["split"] == "test", "gallery_id"] if g in position]
-    index = FloatIndex(embeddings)
+    index = FloatIndex(embeddings, RetrievalSettings(approximate_above=len(embeddings)))
     examples = []
     for source in rng.choice(test, size=min(n_examples, len(test)), replace=False):
         seeds = list(images[source][:seeds_per_example])
@@ -53,7 +57,8 @@ def retrieval_examples(encoder: GalleryEncoder, frame, gallery_ids: list[str], e
 
 
 def _shown_photos(gallery_id: str, images: list[str], photo_weights, shown: int = 3) -> tuple[list[str], float | None]:
-    """A result's photos: by weight, heaviest first, with the top one's weight; else the first ones."""
+    """A result's photos: by weight, heaviest first, with the top one's weight; else the first ones.
+    Time O(photos·log photos)."""
     if not photo_weights or gallery_id not in photo_weights:
         return list(images[:shown]), None
     photos, weights = photo_weights[gallery_id]

@@ -3,11 +3,12 @@ galleries the catalogue says belong together?
 
 Each metric task gives a ground truth: an identity task's groups (a gallery's other listings), a pairs
 task's engagement (its partners, pairs that cross splits included). The queries are the valid and test
-galleries with something relevant (no model trained on them, nor on their pairs); the candidates are every
-other gallery of the catalogue, all splits. Every arm ranks them by cosine, and by its binary code as search
-does (the `retrieval.rerank` nearest by Hamming distance ordered by exact cosine; the code fitted on the
-arm's train galleries, as the export fits it): recall@1/10/100 and the reciprocal rank of the first
-relevant gallery (gallery.evaluation.relevance).
+galleries with something relevant (no model trained on them, nor on their pairs), at most
+`evaluation.retrieval_queries` of them per task (a stable sample by a hash of the id beyond, so the cost
+stays linear in the catalogue); the candidates are every other gallery of the catalogue, all splits. Every
+arm ranks them by cosine, and by its binary code as search does (the `retrieval.rerank` nearest by Hamming
+distance ordered by exact cosine; the code fitted on the arm's train galleries, as the export fits it):
+recall@1/10/100 and the reciprocal rank of the first relevant gallery (gallery.evaluation.relevance).
 
 Arms (gallery.evaluation.arms.EmbeddingArm): the reference MTL arm, *unified* (the exported model: attribute
 and metric tasks), `attributes_only` (the same weighting on the attribute tasks alone: today's MTL),
@@ -27,7 +28,8 @@ import numpy as np
 
 from gallery.data.ingest import Catalogue
 from gallery.evaluation.arms import ATTRIBUTES_ONLY, BASELINE, IMAGENET, MTL, SPECIALISED, EmbeddingArm, reference_arm
-from gallery.evaluation.relevance import RankingScores, compare_rankings, queries, ranking_scores, relevant_sets, summary
+from gallery.evaluation.relevance import (QUERIES, RankingScores, compare_rankings, queries, ranking_scores,
+                                          relevant_sets, sample_rows, summary)
 from gallery.evaluation.statistics import CONSISTENT, NOISE, OPPOSITE, Effect
 from gallery.retrieval.codes import BinaryCode
 
@@ -89,7 +91,8 @@ class RetrievalResult:
 
 
 def ground_truth(catalogue: Catalogue, gallery_ids: list[str]) -> dict[str, list[np.ndarray]]:
-    """Per metric task, each gallery's relevant galleries (positions in `gallery_ids`, the embedded ones)."""
+    """Per metric task, each gallery's relevant galleries (positions in `gallery_ids`, the embedded ones).
+    Time and memory O(N + pairs + Σ group size²) (`relevant_sets`)."""
     at = catalogue.frame.reset_index(drop=True).set_index("gallery_id").index.get_indexer(gallery_ids)
     out = {}
     for task in catalogue.metric:
@@ -106,15 +109,17 @@ def ground_truth(catalogue: Catalogue, gallery_ids: list[str]) -> dict[str, list
 
 
 def retrieval_suite(catalogue: Catalogue, gallery_ids: list[str], arms: list[RetrievalArm], rerank: int, code: str,
-                    seed: int = 0) -> RetrievalResult:
-    """Every arm's recall@k and reciprocal rank on every metric task's queries, by float and by binary
-    search, and the claims' paired comparisons. Cost: O(arms x queries x galleries x dimension)."""
+                    seed: int = 0, max_queries: int | None = QUERIES) -> RetrievalResult:
+    """Every arm's recall@k and reciprocal rank on every metric task's queries (at most `max_queries`,
+    `evaluation.retrieval_queries`: a stable sample, `sample_rows`; None: all), by float and by binary
+    search, and the claims' paired comparisons. Time O(tasks·arms·min(Q, max_queries)·N·d), linear in the
+    N galleries; memory O(N·d + relevance.BLOCK_CELLS)."""
     start = time.perf_counter()
     split = catalogue.frame.set_index("gallery_id").loc[gallery_ids, "split"].to_numpy()
     truth = ground_truth(catalogue, gallery_ids)
     rows, asked = [], {}
     for task, relevant in truth.items():
-        asked[task] = queries(relevant, split != "train")
+        asked[task] = sample_rows(queries(relevant, split != "train"), gallery_ids, max_queries)
         for arm in arms:
             for search, code_of in ((FLOAT, None), (BINARY, arm.code)):
                 scores = ranking_scores(arm.vectors, asked[task], relevant, code=code_of, rerank=rerank)
@@ -128,7 +133,7 @@ def retrieval_suite(catalogue: Catalogue, gallery_ids: list[str], arms: list[Ret
 
 def claims(result: RetrievalResult, seed: int = 0) -> list[RetrievalClaim]:
     """Unified against each other arm on every task (float search), and binary against float for the
-    unified arm, each on `CLAIM_METRICS`; tasks without a query have none."""
+    unified arm, each on `CLAIM_METRICS`; tasks without a query have none. Time O(claims·RESAMPLES·Q)."""
     out = []
     unified_arm = reference_arm(result.arms)
     for task in result.tasks:

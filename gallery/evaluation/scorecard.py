@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,12 +70,14 @@ class Scorecard:
 
 
 def _on_test(a: ProbeScores, b: ProbeScores, test_ids: set, seed: int) -> Effect:
+    """The paired difference on the test galleries alone. Time O(RESAMPLES·n), memory O(n + BATCH_CELLS)."""
     keep = np.array([g in test_ids for g in a.gallery_ids], bool)
     return paired_difference(a.scores[keep], b.scores[keep], seed)
 
 
 def compare_arms(result: TransferResult, arm: EmbeddingArm, baseline: EmbeddingArm, test_ids: set, seed: int = 0) -> list[ScoreEntry]:
-    """Every task x probe the two arms share, as a ScoreEntry."""
+    """Every task x probe the two arms share, as a ScoreEntry. Time O(tasks·probes·RESAMPLES·n) (three
+    bootstraps each), memory O(n + WEIGHT_CELLS + statistics.BATCH_CELLS) over a task's n scored galleries."""
     out = []
     for task in result.tasks:
         better = -1 if task.kind == "regression" else 1
@@ -92,10 +95,29 @@ def compare_arms(result: TransferResult, arm: EmbeddingArm, baseline: EmbeddingA
     return out
 
 
+# resample x gallery weights drawn at once (32 MB of float64): memory O(WEIGHT_CELLS), not the RESAMPLES x n
+# matrix (3.2 GB at 200k scored galleries); draws that fit are kept for the next comparison over as many galleries
+WEIGHT_CELLS = 1 << 22
+
+
+def resample_weights(n: int, seed: int) -> Iterator[np.ndarray]:
+    """How often each of n galleries is drawn in each bootstrap resample: RESAMPLES rows in all, yielded in
+    batches of `WEIGHT_CELLS // n` rows, every batch drawn from one generator, so the rows are those of one
+    RESAMPLES x n multinomial draw whatever the batch size (the same for every comparison over n galleries
+    with one seed). Where the whole draw fits in one batch (n up to 2,098) it is drawn once and kept (0.1 s
+    for the default's 800). Time O(RESAMPLES·n) per pass, memory O(WEIGHT_CELLS)."""
+    batch = max(1, WEIGHT_CELLS // max(n, 1))
+    if batch >= RESAMPLES:
+        yield _all_weights(n, seed)
+        return
+    rng, p = np.random.default_rng(seed), np.full(n, 1 / n)
+    for start in range(0, RESAMPLES, batch):
+        yield rng.multinomial(n, p, size=min(batch, RESAMPLES - start)).astype(float)
+
+
 @functools.lru_cache(maxsize=8)
-def resample_weights(n: int, seed: int) -> np.ndarray:
-    """How often each of n galleries is drawn in each bootstrap resample (RESAMPLES x n), the same for
-    every comparison over n galleries with one seed: drawn once (0.1 s for the default's 800), not per entry."""
+def _all_weights(n: int, seed: int) -> np.ndarray:
+    """All RESAMPLES x n weights at once, for an n small enough (at most WEIGHT_CELLS cells: 8 x 32 MB kept at most)."""
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=RESAMPLES).astype(float)
     weights.flags.writeable = False
     return weights
@@ -108,26 +130,32 @@ def error_change(pairs: list[tuple[str, list[str], np.ndarray, np.ndarray]], see
     errs moves the summary by its ratio, not by an unbounded difference over a tiny error (the mean
     relative reduction it replaces blew up on saturated tasks). A mean error of 0 counts as half an
     error of one gallery (classification), so a ratio stays finite. The interval is a paired bootstrap
-    that resamples the galleries of all pairs together (a gallery keeps all its tasks): O(resamples x
-    galleries) per pair."""
+    that resamples the galleries of all pairs together (a gallery keeps all its tasks), its resample
+    weights streamed in batches (`resample_weights`). Time O(RESAMPLES·(n + Σ pair sizes)) over the n
+    galleries of all pairs, memory O(WEIGHT_CELLS + RESAMPLES·pairs + n)."""
     pool = sorted({g for _, ids, _, _ in pairs for g in ids})
     position = {g: i for i, g in enumerate(pool)}
-    weights = resample_weights(len(pool), seed) if pool else None
-    estimates, resampled = [], []
+    estimates, errors = [], []
     for kind, ids, scores_a, scores_b in pairs:
         err_a, err_b = errors_of(kind, np.asarray(scores_a, float)), errors_of(kind, np.asarray(scores_b, float))
         if not len(err_b):
             continue
         floor = 0.5 / len(err_b) if kind != "regression" else np.finfo(float).tiny
         estimates.append(np.log(max(err_a.mean(), floor)) - np.log(max(err_b.mean(), floor)))
-        w = weights[:, [position[g] for g in ids]]
-        total = w.sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_a, mean_b = (w @ err_a) / total, (w @ err_b) / total
-        resampled.append(np.log(np.maximum(mean_a, floor)) - np.log(np.maximum(mean_b, floor)))
+        errors.append((np.array([position[g] for g in ids], np.int64), err_a, err_b, floor))
     if not estimates:
         return Effect(math.nan, math.nan, math.nan, None, 0, "no pairs")
-    means = np.nanmean(np.stack(resampled), 0)
+    resampled, done = np.empty((len(errors), RESAMPLES)), 0   # per pair, each resample's log error ratio
+    for weights in resample_weights(len(pool), seed):
+        rows = slice(done, done + len(weights))
+        for i, (columns, err_a, err_b, floor) in enumerate(errors):
+            w = weights[:, columns]
+            total = w.sum(1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_a, mean_b = (w @ err_a) / total, (w @ err_b) / total
+            resampled[i, rows] = np.log(np.maximum(mean_a, floor)) - np.log(np.maximum(mean_b, floor))
+        done += len(weights)
+    means = np.nanmean(resampled, 0)
     tail = (1 - CONFIDENCE) / 2 * 100
     low, high = (float(np.expm1(np.nanpercentile(means, q))) for q in (tail, 100 - tail))
     return Effect(float(np.expm1(np.mean(estimates))), low, high, None, len(pool),
@@ -135,7 +163,8 @@ def error_change(pairs: list[tuple[str, list[str], np.ndarray, np.ndarray]], see
 
 
 def aggregate(entries: list[ScoreEntry], result: TransferResult, probe: str = "all", seed: int = 0) -> Aggregate:
-    """The change of errors over `entries` (`error_change`), read against "MTL errs less" (< 0)."""
+    """The change of errors over `entries` (`error_change`), read against "MTL errs less" (< 0).
+    Time O(RESAMPLES·Σ entry sizes), memory O(WEIGHT_CELLS + RESAMPLES·entries + n)."""
     pairs = []
     for e in entries:
         a, b = result.get(e.task, e.probe, e.arm), result.get(e.task, e.probe, e.baseline)
@@ -147,7 +176,9 @@ def aggregate(entries: list[ScoreEntry], result: TransferResult, probe: str = "a
 
 def scorecard(result: TransferResult, test_ids: set, seed: int = 0) -> Scorecard:
     """Every MTL arm against every baseline arm (ImageNet, other backbones, and end-to-end for the
-    2-layer head), per task and probe, with aggregates over tasks per probe and over all."""
+    2-layer head), per task and probe, with aggregates over tasks per probe and over all.
+    Time O(MTL arms·baselines·tasks·probes·RESAMPLES·n): linear in the n scored galleries; memory
+    O(n + WEIGHT_CELLS)."""
     mtl = [a for a in result.arms if a.kind == MTL]
     baselines = [a for a in result.arms if a.kind != MTL]
     entries, aggregates = [], []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch
 import gallery.storage as storage
 from gallery.config import Settings
 from gallery.data.ingest import Catalogue
+from gallery.data.split import stable_sample
 from gallery.data.tasks import Task
 from gallery.model.gallery_model import build_model
 from gallery.model.weightings import PseudoUniform
@@ -61,6 +62,7 @@ class TaskOptimalResult:
     baseline_error: float
     test_ids: list[str] = field(default_factory=list)
     test_scores: list[float] = field(default_factory=list)
+    train_galleries: int = 0     # trained on: every train gallery, or evaluation.task_optimal_galleries of them
     split: str = "test"
     selected_on: str = "valid"
 
@@ -101,6 +103,9 @@ def train_task_optimal(catalogue: Catalogue, tasks: list[Task], source, settings
 def _train(catalogue: Catalogue, tasks: list[Task], source, settings: Settings, checkpoints_of, log):
     data = TrainData.from_catalogue(catalogue.frame, tasks, source, settings.train.use_cache,
                                     settings.data.loader_workers)
+    kept = stable_sample([source.gallery_ids[r] for r in data.train_rows], settings.evaluation.task_optimal_galleries,
+                         "task_optimal")
+    data = replace(data, train_rows=data.train_rows[kept])  # a cap: days of training on a 500k catalogue otherwise
     config = FitConfig.of(settings.train)
     models = []
     for task in tasks:
@@ -119,7 +124,7 @@ def _train(catalogue: Catalogue, tasks: list[Task], source, settings: Settings, 
                 error(task.kind, result.history[best].valid_metrics[task.name]), len(result.history), best,
                 config.max_epochs, config.patience,
                 error(task.kind, baseline(task.kind, data.targets[data.train_rows, m], data.targets[data.test_rows, m])),
-                ids, scores.tolist())
+                ids, scores.tolist(), len(data.train_rows))
             storage.write_bytes(storage.join(checkpoints_of(task.name), RESULT), outcome.to_json())
             log(f"task-optimal {task.name}: test error {outcome.error:.4f} with epoch {best + 1} of "
                 f"{outcome.epochs} (selected on valid)")

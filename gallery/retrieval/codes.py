@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 import gallery.storage as storage
-from gallery.data.inputs import InputProblem, MissingInput, read_bytes
+from gallery.data.inputs import InputProblem, MissingInput, read_bounded
 from gallery.errors import UserError, excerpt
 from gallery.retrieval.index import BLOCK_ROWS, normalize, one_faiss_thread
 
@@ -146,7 +146,7 @@ def save_code(code: BinaryCode, location: str) -> BinaryCode:
 def load_code(location: str) -> BinaryCode:
     """A code saved by save_code (a folder path or an s3:// URI)."""
     try:
-        data = read_bytes(location, "embeddings")
+        data = read_bounded(location, "embeddings")
     except MissingInput:
         raise CodeError(f"binary code {location} does not exist: the export writes it beside the training run's "
                         f"embeddings ({CODE_FILE}); keep it with the embeddings file that names it, or export again") from None
