@@ -17,8 +17,17 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow.fs as pafs
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+
+def _fs():
+    """pyarrow.fs, loaded on first use: the flow's light steps (join_shards, end) never import pyarrow."""
+    import pyarrow.fs
+
+    return pyarrow.fs
 
 _S3_OPTIONS: dict = {}
 
@@ -40,11 +49,11 @@ def configure_s3(endpoint_url: str | None = None, ca_bundle: str | bool | None =
 def _s3_filesystem(bucket: str, timeout: float | None = None) -> pafs.S3FileSystem:
     options = dict(_S3_OPTIONS)
     if "endpoint_override" not in options:
-        options["region"] = pafs.resolve_s3_region(bucket)  # AWS itself answers a bucket only in its region
+        options["region"] = _fs().resolve_s3_region(bucket)  # AWS itself answers a bucket only in its region
     if timeout is not None:  # a user's input: give up on a store that does not answer, after one retry
         options |= {"connect_timeout": timeout, "request_timeout": timeout,
-                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
-    return pafs.S3FileSystem(**options)
+                    "retry_strategy": _fs().AwsStandardS3RetryStrategy(max_attempts=2)}
+    return _fs().S3FileSystem(**options)
 
 
 def is_uri(location: str) -> bool:
@@ -61,8 +70,8 @@ def filesystem(location: str, timeout: float | None = None) -> tuple[pafs.FileSy
         path = location[len("s3://"):]
         return _s3_filesystem(path.split("/", 1)[0], timeout), path
     if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), os.path.abspath(location)
+        return _fs().FileSystem.from_uri(location)
+    return _fs().LocalFileSystem(), os.path.abspath(location)
 
 
 def join(base: str, *parts: str) -> str:
@@ -79,7 +88,7 @@ def parent(location: str) -> str:
 
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return fs.get_file_info(path).type != _fs().FileType.NotFound
 
 
 def read_bytes(location: str) -> bytes:
@@ -96,7 +105,7 @@ def open_input_file(location: str):
 
 def write_bytes(location: str, data: bytes) -> None:
     fs, path = filesystem(location)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, _fs().LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
@@ -110,7 +119,7 @@ def write_bytes(location: str, data: bytes) -> None:
 def delete(location: str) -> None:
     """Remove one file; a file that is already gone is fine."""
     fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+    if fs.get_file_info(path).type != _fs().FileType.NotFound:
         fs.delete_file(path)
 
 
@@ -118,7 +127,7 @@ def staging_dir(location: str) -> str:
     """A local folder to write files destined for `location` (a folder or prefix), then `publish` them:
     inside the destination for a local store (so publishing is a rename), a temporary folder otherwise."""
     fs, path = filesystem(location)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, _fs().LocalFileSystem):
         os.makedirs(path, exist_ok=True)
         return tempfile.mkdtemp(prefix=".staging-", dir=path)
     return tempfile.mkdtemp(prefix="gallery-staging-")
@@ -127,7 +136,7 @@ def staging_dir(location: str) -> str:
 def publish(local_path: str, location: str) -> None:
     """Move a finished local file to `location`: an atomic rename locally, an upload to an object store."""
     fs, path = filesystem(location)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, _fs().LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.replace(local_path, path)
         return
@@ -155,4 +164,6 @@ def upload_dir(local_dir: str, location: str) -> None:
     """Copy a local folder to a location (an object-store prefix, or another folder)."""
     fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(os.path.abspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    fs_module = _fs()
+    fs_module.copy_files(os.path.abspath(local_dir), path, source_filesystem=fs_module.LocalFileSystem(),
+                         destination_filesystem=fs)

@@ -36,12 +36,13 @@ from gallery.data.inputs import (
     TooLarge,
     Unreachable,
     UnsupportedLocation,
-    read_bytes,
+    check_bounded,
+    read_bounded,
     read_input,
 )
 from gallery.errors import ContractError
 from gallery.retrieval.codes import code_that_fits, fit_code
-from gallery.retrieval.embeddings import embeddings_table, write_embeddings
+from gallery.retrieval.embeddings import NonFiniteEmbeddings, embeddings_table, read_embeddings, write_embeddings
 from gallery.runs import use_metaflow_s3_settings
 
 BOUND = 30       # seconds: any test past this is a hang
@@ -276,6 +277,22 @@ def test_socket_file_as_image():
             assert "is a socket" in image_problem(path)
 
 
+def test_a_file_checked_before_it_is_read_meets_the_same_refusals(fifo, web, silent_host, tmp_path):
+    """check_bounded (a model.weights file, checked when a run starts) refuses what read_bounded would, and
+    reads nothing: a pipe, a URL whose Content-Length is over the limit (a trickling one too), a silent host."""
+    limits = Limits(model=500, timeout=TIMEOUT, deadline=4)
+    with pytest.raises(NotAFile, match="is a named pipe"):
+        within(BOUND, check_bounded, str(fifo("w.pth")), "model", limits)
+    for url in (f"{web}/trickle", f"{web}/files/missing.pth"):
+        with pytest.raises(TooLarge if url.endswith("trickle") else MissingInput):
+            within(SILENT, check_bounded, url, "model", limits)
+    with pytest.raises(Unreachable):
+        within(BOUND, check_bounded, f"http://{silent_host}/w.pth", "model", limits)
+    small = tmp_path / "w.pth"
+    small.write_bytes(b"x" * 500)
+    check_bounded(str(small), "model", limits)
+
+
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_image_on_a_host_that_never_answers(silent_host, scheme):
     start = time.monotonic()
@@ -309,13 +326,13 @@ def test_gs_image_with_an_endpoint_that_never_answers(silent_host, monkeypatch):
 
 def test_a_server_that_trickles_hits_the_deadline(web):
     with pytest.raises(Unreachable, match="not read in 4 s"):
-        within(BOUND, read_bytes, f"{web}/trickle", "image")
+        within(BOUND, read_bounded, f"{web}/trickle", "image")
 
 
 def test_a_body_without_end_stops_at_the_limit(web, monkeypatch):
     monkeypatch.setenv("GALLERY_MAX_IMAGE_BYTES", "1MiB")
     with pytest.raises(TooLarge, match=r"larger than the image limit .*GALLERY_MAX_IMAGE_BYTES"):
-        within(BOUND, read_bytes, f"{web}/endless", "image")
+        within(BOUND, read_bounded, f"{web}/endless", "image")
 
 
 def test_a_huge_file_is_refused_before_reading(tmp_path):
@@ -392,7 +409,7 @@ def test_unreadable_image_references_stop_validation_not_preprocessing(cli, tmp_
 def test_s3_endpoint_that_is_down(closed_host, s3_endpoint):
     s3_endpoint(closed_host)
     with pytest.raises(Unreachable, match="s3://bucket/manifest.parquet: could not connect"):
-        within(BOUND, read_bytes, "s3://bucket/manifest.parquet", "manifest")
+        within(BOUND, read_bounded, "s3://bucket/manifest.parquet", "manifest")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "text", "empty"])
@@ -424,6 +441,22 @@ def test_search_on_embeddings_with_no_rows(cli, tmp_path):
     write_embeddings(path, embeddings_table([], [], np.zeros((0, 8), np.float32), {}))
     code, err = cli("search", "--embeddings", path, "--gallery-id", "a")
     assert code == 2 and f"embeddings file {path} holds no galleries" in err
+
+
+@pytest.mark.parametrize("bad,binary", [(np.nan, False), (np.inf, True)])
+def test_search_on_embeddings_with_non_finite_vectors(cli, tmp_path, bad, binary):
+    """NaN or infinity in stored vectors (a diverged model's export) is refused at read, not ranked into an empty
+    result with numpy's warnings; the file and the first galleries are named."""
+    path = str(tmp_path / "e.parquet")
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    x[[1, 6], 2] = bad
+    with np.errstate(invalid="ignore"):  # their bits, as the export of a diverged model wrote them
+        write_embeddings(path, embeddings_table([f"g{i}" for i in range(8)], ["train"] * 8, x, {"run_id": "1"}))
+    code, err = cli("search", "--embeddings", path, "--gallery-id", "g1", *(["--binary"] if binary else []))
+    assert code == 2 and f"embeddings file {path}: 2 of 8 galleries have NaN or infinite values in `embedding` " \
+                          "(e.g. 'g1', 'g6'); no search can rank by them. Export the embeddings again" in err, err
+    with pytest.raises(NonFiniteEmbeddings, match="2 of 8 galleries"):
+        read_embeddings(path)
 
 
 def test_search_on_a_folder(cli, tmp_path):
@@ -549,14 +582,14 @@ def test_s3_objects_are_read_through_the_same_checks(s3_bucket, monkeypatch, tmp
     use_metaflow_s3_settings()
     photo = Path(png(tmp_path / "p.png")).read_bytes()
     storage.write_bytes(f"{s3_bucket}/hostile/photo.png", photo)
-    assert read_bytes(f"{s3_bucket}/hostile/photo.png", "image") == photo
+    assert read_bounded(f"{s3_bucket}/hostile/photo.png", "image") == photo
     with pytest.raises(MissingInput, match="hostile/none.png: does not exist"):
-        read_bytes(f"{s3_bucket}/hostile/none.png", "image")
+        read_bounded(f"{s3_bucket}/hostile/none.png", "image")
     with pytest.raises(NotAFile, match="hostile: is a folder"):
-        read_bytes(f"{s3_bucket}/hostile", "image")
+        read_bounded(f"{s3_bucket}/hostile", "image")
     monkeypatch.setenv("GALLERY_MAX_IMAGE_BYTES", "10")
     with pytest.raises(TooLarge, match=r"photo.png: is larger than the image limit"):
-        read_bytes(f"{s3_bucket}/hostile/photo.png", "image")
+        read_bounded(f"{s3_bucket}/hostile/photo.png", "image")
 
 
 def test_a_huge_key_is_shown_as_an_excerpt(cli, catalogue):
@@ -639,7 +672,7 @@ def test_file_uris_are_decoded(tmp_path):
     uri = "file://" + spaced.replace(" ", "%20").replace("#", "%23")
     assert load_image(uri, 4).shape == (4, 4, 3)
     assert load_image("file://localhost" + spaced.replace(" ", "%20").replace("#", "%23"), 4).shape == (4, 4, 3)
-    assert read_bytes(uri, "image") == Path(spaced).read_bytes()
+    assert read_bounded(uri, "image") == Path(spaced).read_bytes()
 
 
 def test_file_uri_manifest_with_file_uri_images(tmp_path):
@@ -736,7 +769,7 @@ def test_bytes_already_received_are_held_to_the_same_limit(monkeypatch):
 
 def test_an_unsupported_scheme_read_directly_is_a_typed_error():
     with pytest.raises(UnsupportedLocation, match="ftp://h/a.jpg: URI scheme 'ftp:' is not supported"):
-        read_bytes("ftp://h/a.jpg", "image")
+        read_bounded("ftp://h/a.jpg", "image")
 
 
 def test_limits_from_the_environment():

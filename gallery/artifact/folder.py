@@ -16,7 +16,7 @@ import gallery.storage as storage
 from gallery.artifact.card import CARD_FILE, model_card
 from gallery.training.model_config import CONFIG_FILE, ModelConfig, ModelFolderError, OnnxGraphs
 from gallery.artifact.onnx_graphs import ENCODER_FILE, OPSET, POOLING_FILE, onnx_difference, onnx_graphs
-from gallery.data.inputs import InputProblem, read_bytes
+from gallery.data.inputs import InputProblem, read_bounded
 from gallery.retrieval.codes import CODE_FILE, BinaryCode, save_code
 
 WEIGHTS_FILE = "model.safetensors"
@@ -74,7 +74,7 @@ def read_model_file(folder: str, name: str, config: ModelConfig | None = None) -
     """A file of the folder, bounded by the input limits, checked against the config's SHA-256."""
     location = storage.join(folder, name)
     try:
-        data = read_bytes(location, "model")
+        data = read_bounded(location, "model")
     except InputProblem as e:
         raise ModelFolderError(f"model folder {folder}: {e}; export the model again (`gallery export-model`)") from None
     if config is not None and config.files.get(name) != sha256(data):

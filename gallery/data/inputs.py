@@ -1,8 +1,8 @@
 """The one way user-given bytes come in: bounded, and every failure a typed error naming the input.
 
-Manifests, task specs, settings files, images, seed photos and embeddings files are all read here,
-so that no input can hang a step or a server worker, exhaust memory through one read, or end in a
-library's traceback:
+Manifests, task specs, settings files, images, seed photos, embeddings files and model files (an exported
+model folder's, a `model.weights` file) are all read here, so that no input can hang a step or a server
+worker, exhaust memory through one read, or end in a library's traceback:
 
 - Local files: regular files only. The path is checked before it is opened and the open descriptor
   again after (opened non-blocking), so a FIFO, a device (`/dev/zero`), a socket or a folder is
@@ -34,13 +34,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
-
-import pyarrow as pa
-import pyarrow.fs as pafs
 
 import gallery.storage as storage
 from gallery.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")
 SUPPORTED_SCHEMES = ("file",) + REMOTE_SCHEMES
@@ -220,9 +221,9 @@ def _check_location(location: str) -> str:
 
 # ---------------------------------------------------------------- reading
 
-def read_bytes(location, kind: str, limits: Limits | None = None) -> bytes:
-    """All bytes of a user's file or object of `kind` (manifest, tasks, settings, image, embeddings),
-    bounded as the module docstring says; raises an InputProblem subclass naming `location`."""
+def read_bounded(location, kind: str, limits: Limits | None = None) -> bytes:
+    """All bytes of a user's file or object of `kind` (manifest, tasks, settings, image, embeddings,
+    model), bounded as the module docstring says; raises an InputProblem subclass naming `location`."""
     limits = limits or Limits.from_env()
     location = str(location)
     path = _check_location(location)
@@ -231,22 +232,37 @@ def read_bytes(location, kind: str, limits: Limits | None = None) -> bytes:
     return _read_local(path, location, kind, limits.of(kind))
 
 
+def check_bounded(location, kind: str, limits: Limits | None = None) -> None:
+    """What `read_bounded` checks before it reads, without reading: a readable location, a regular file (or
+    object) no larger than the kind's limit. For a file read much later than it is named (a weights file
+    checked when a run starts); raises the InputProblem the read would."""
+    limits = limits or Limits.from_env()
+    location = str(location)
+    path = _check_location(location)
+    if scheme_of(path) in ("http", "https"):
+        _remote(path, kind, limits, lambda beat: _open_http(path, kind, limits, beat).close())
+    elif is_remote(path):
+        _remote(path, kind, limits, lambda beat: _remote_file(path, kind, limits))
+    else:
+        os.close(_open_local(path, location, kind, limits.of(kind)))
+
+
 def read_input(source, kind: str = "image", limits: Limits | None = None) -> bytes:
     """Bytes a caller already received (a server's upload: `bytes`, `bytearray`, `memoryview`) checked
-    against the kind's limit, or the bytes of a path or URI read by `read_bytes`."""
+    against the kind's limit, or the bytes of a path or URI read by `read_bounded`."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         limits = limits or Limits.from_env()
         data = bytes(source)
         if len(data) > limits.of(kind):
             raise _too_large(f"uploaded {KIND_NAMES[kind]}", kind, len(data), limits.of(kind))
         return data
-    return read_bytes(os.fspath(source), kind, limits)
+    return read_bounded(os.fspath(source), kind, limits)
 
 
 def read_text(location, kind: str, limits: Limits | None = None) -> str:
     """A text file (task spec, settings) as str: UTF-8, a UTF-8 byte-order mark allowed; anything else
     (Latin-1, UTF-16, a Parquet file or an image given by mistake) is an Unreadable naming the file."""
-    data = read_bytes(location, kind, limits)
+    data = read_bounded(location, kind, limits)
     binary = binary_format(data)
     if binary:
         raise NotText(location, binary, kind)
@@ -276,8 +292,10 @@ def binary_format(data: bytes) -> str | None:
 
 
 def open_random_access(location, kind: str, limits: Limits | None = None):
-    """A random-access file (pyarrow NativeFile) of a user's file, checked like `read_bytes`: local files
+    """A random-access file (pyarrow NativeFile) of a user's file, checked like `read_bounded`: local files
     and s3:// objects are read in ranges (a Parquet footer, some columns), other URIs are read whole."""
+    import pyarrow  # here: a flow's light steps import this module (settings files) and never need pyarrow
+
     limits = limits or Limits.from_env()
     location = str(location)
     path = _check_location(location)
@@ -287,9 +305,9 @@ def open_random_access(location, kind: str, limits: Limits | None = None):
             return fs.open_input_file(key)
         return _remote(path, kind, limits, open_s3)
     if is_remote(path):
-        return pa.BufferReader(read_bytes(path, kind, limits))
+        return pyarrow.BufferReader(read_bounded(path, kind, limits))
     fd = _open_local(path, location, kind, limits.of(kind))
-    return pa.PythonFile(os.fdopen(fd, "rb"), mode="r")
+    return pyarrow.PythonFile(os.fdopen(fd, "rb"), mode="r")
 
 
 def _too_large(location: str, kind: str, size: int, limit: int) -> TooLarge:
@@ -420,6 +438,8 @@ def _remote_problem(location: str, error: BaseException) -> InputProblem:
 
 def _remote_file(location: str, kind: str, limits: Limits) -> tuple[pafs.FileSystem, str]:
     """The object's filesystem and key, after checking it is an object no larger than the limit."""
+    import pyarrow.fs as pafs
+
     scheme = scheme_of(location)
     if scheme == "s3":
         fs, key = storage.filesystem(location, timeout=limits.timeout)
@@ -438,6 +458,8 @@ def _remote_file(location: str, kind: str, limits: Limits) -> tuple[pafs.FileSys
 def _gcs_filesystem(timeout: float) -> pafs.GcsFileSystem:
     """pyarrow's GCS client; STORAGE_EMULATOR_HOST (the convention of Google's own clients) points it at
     an emulator or a private endpoint, without credentials."""
+    import pyarrow.fs as pafs
+
     options = {"retry_time_limit": timedelta(seconds=max(1, round(timeout)))}
     emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
     if emulator:
@@ -446,15 +468,22 @@ def _gcs_filesystem(timeout: float) -> pafs.GcsFileSystem:
     return pafs.GcsFileSystem(**options)
 
 
+def _open_http(location: str, kind: str, limits: Limits, beat):
+    """The open response of an http(s) URL, refused (and closed) when it claims more than the kind's limit."""
+    request = urllib.request.Request(location, headers={"User-Agent": "gallery", "Accept-Encoding": "identity"})
+    response = urllib.request.urlopen(request, timeout=limits.timeout)
+    beat()
+    claimed = response.headers.get("Content-Length")
+    if claimed and claimed.isdigit() and int(claimed) > limits.of(kind):
+        response.close()
+        raise _too_large(location, kind, int(claimed), limits.of(kind))
+    return response
+
+
 def _read_remote(location: str, kind: str, limits: Limits, beat) -> bytes:
     limit = limits.of(kind)
     if scheme_of(location) in ("http", "https"):
-        request = urllib.request.Request(location, headers={"User-Agent": "gallery", "Accept-Encoding": "identity"})
-        with urllib.request.urlopen(request, timeout=limits.timeout) as response:
-            beat()
-            claimed = response.headers.get("Content-Length")
-            if claimed and claimed.isdigit() and int(claimed) > limit:
-                raise _too_large(location, kind, int(claimed), limit)
+        with _open_http(location, kind, limits, beat) as response:
             return _read_capped(response, location, kind, limit, beat)
     fs, key = _remote_file(location, kind, limits)
     beat()

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from gallery.data.contracts import MANIFEST_FORMATS, decode_table
-from gallery.data.inputs import InputProblem, MissingInput, read_bytes
+from gallery.data.inputs import InputProblem, MissingInput, read_bounded
 from gallery.data.tasks import Task
 from gallery.errors import ContractError, Violation, example
 
@@ -102,7 +102,7 @@ def _read_table(task: Task) -> pd.DataFrame:
         raise ContractError([Violation(path, where, f"unsupported format {Path(path).suffix or '(no suffix)'!r}",
                                        "write the pairs as .parquet, .csv or .jsonl")])
     try:
-        data = read_bytes(path, "manifest")
+        data = read_bounded(path, "manifest")
     except InputProblem as e:
         raise ContractError([Violation(path, where, "the file does not exist" if isinstance(e, MissingInput)
                                        else e.reason, f"fix `file:` of task {task.name!r} (relative paths are from "

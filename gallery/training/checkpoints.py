@@ -6,7 +6,7 @@ checkpoint, so a folder rebuilds its model alone: a study's model its own poolin
 from __future__ import annotations
 
 import gallery.storage as storage
-from gallery.data.inputs import InputProblem, read_bytes
+from gallery.data.inputs import InputProblem, read_bounded
 from gallery.training.model_config import CONFIG_FILE, ModelConfig, ModelFolderError
 from gallery.model.gallery_model import GalleryModel, build_model
 
@@ -21,7 +21,7 @@ def checkpoint_config(checkpoints: str) -> ModelConfig:
         raise ModelFolderError(f"{location} does not exist: {checkpoints} is not a checkpoints folder of this "
                                "version of gallery (training writes config.json there before its first epoch)")
     try:
-        text = read_bytes(location, "model").decode("utf-8", "replace")
+        text = read_bounded(location, "model").decode("utf-8", "replace")
     except InputProblem as e:
         raise ModelFolderError(f"checkpoints folder {checkpoints}: {e}") from None
     return ModelConfig.from_json(text, location)

@@ -8,19 +8,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydantic import ConfigDict, Field, Strict, ValidationInfo, field_validator
-from pydantic.dataclasses import dataclass
-from pydantic_core import PydanticCustomError
 
 from gallery.data.contracts import CONTRACTS_DIR
-from gallery.data.split import TEST_FRACTION, VALID_FRACTION, Share, hash_split
+from gallery.data.split import hash_split
+from gallery.data.synth_settings import SynthSettings
 from gallery.data.synth.attributes import (
     DECOR_STYLES,
     REGIONS,
@@ -54,40 +51,6 @@ METRIC_TASKS = [
      "description": "Galleries viewed in one session, weighted by co-views: more often the closer their "
                     "tastes (luxury, setting, region, building, and a signature colour no other task reads)"},
 ]
-
-
-Whole = Annotated[int, Strict()]
-Flag = Annotated[bool, Strict()]  # "yes" or 1 is not true/false here
-
-
-@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-class SynthSettings:
-    """What to generate; checked when made (settings `data.synth`, or `gallery synth`'s options)."""
-    galleries: Annotated[Whole, Field(ge=1)] = 2500
-    seed: Annotated[Whole, Field(ge=0)] = 0
-    image_size: Annotated[Whole, Field(ge=8)] = 96
-    min_images: Annotated[Whole, Field(ge=1)] = 4
-    max_images: Annotated[Whole, Field(ge=1)] = 12
-    # the manifest's `split` column: these shares of the galleries to valid and test by the usual hash
-    # (gallery.data.split); a small catalogue evaluates with more power when it holds out more
-    valid_share: Share = VALID_FRACTION
-    test_share: Share = TEST_FRACTION
-    # metric-learning ground truth (metric.py): re-listings with a property_id column, co_views.parquet, and
-    # their two tasks; off, the catalogue has none of them (the rest as with them)
-    metric_tasks: Flag = True
-    # the share of galleries that are one of a property's 2-3 listings (the rest are listed once) ...
-    relisted_share: Annotated[float, Strict(), Field(ge=0, le=0.9)] = 0.4
-    # ... all in one split (each split holds that share: evaluated properties are never trained on), or
-    # drawn across splits (an evaluated gallery's other listings mostly train: its labels leak through them)
-    relisted_across_splits: Flag = False
-
-    @field_validator("max_images")
-    @classmethod
-    def _not_below_min(cls, value: int, info: ValidationInfo) -> int:
-        if value < info.data.get("min_images", 1):
-            raise PydanticCustomError("below_min_images", "fewer than min_images ({min_images})",
-                                      {"min_images": info.data["min_images"]})
-        return value
 
 
 def class_lists(n: int) -> dict[str, list]:
