@@ -22,8 +22,8 @@ from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, dat
                           flow_settings, name_the_user, parallel_workers_use_this_python, share_machine,
                           use_metaflow_s3_settings)
 
-# Steps that compute import what they compute with inside: the light ones (start, join_shards, end) then
-# start in about a second, not after importing torch (about 4 s each, docs/benchmarks.md).
+# Steps import what they compute with inside, and this module imports neither torch, numpy, pandas, pyarrow nor
+# matplotlib: the light steps (join_shards, end) start in about a second (docs/benchmarks.md).
 
 name_the_user()
 TRANSFER, RETRIEVAL, EXPLORER = "transfer", "retrieval", "explorer"  # the evaluations that are not task groups
@@ -52,10 +52,15 @@ class GalleryTrainFlow(FlowSpec):
 
     @step
     def start(self):
-        """Resolve the settings and the data source (the user's files, or the synthetic catalogue)."""
+        """Resolve the settings and the data source (the user's files, or the synthetic catalogue); stop here
+        on what would stop the run later (gallery.preflight: weights, a store or reports location not writable)."""
+        from gallery.preflight import preflight
+
         if bool(self.manifest) != bool(self.tasks):
             raise InputError("--manifest and --tasks go together: give both, or neither for the synthetic catalogue")
         self.store_root = self.store or default_store_root()
+        with as_input_error():
+            preflight(self.cfg, self.store_root, self.reports)
         self.run_settings = self.cfg  # kept with the run, for the embed flow and `gallery search`
         if self.manifest:
             self.manifest_location, self.tasks_location = self.manifest, self.tasks
@@ -176,7 +181,8 @@ class GalleryTrainFlow(FlowSpec):
                                                   self.embeddings_location, self.run_location("model"), current.run_id)
         self.imagenet_location = self.run_location("imagenet_embeddings.parquet")
         self.evaluations = ([TRANSFER, EXPLORER] + ([RETRIEVAL] if self.catalogue.metric else [])
-                            + group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups))
+                            + (group_tasks(self.catalogue.tasks, self.cfg.evaluation.task_groups)
+                               if self.cfg.evaluation.task_optimal else []))
         self.next(self.evaluate, foreach="evaluations")
 
     @retry(times=settings.resources.retries)

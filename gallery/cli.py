@@ -105,6 +105,11 @@ def cmd_bench(args) -> int:
         from gallery.bench.seeds import bench_seeds
 
         bench_seeds(runs=args.runs, preset=args.config or "default", out=args.out or "seeds-bench")
+    elif args.what == "pipeline":
+        from gallery.bench.pipeline import bench_pipeline
+
+        bench_pipeline(factors=args.factors, preset=args.config or "default", image_size=args.image_size,
+                       epochs=args.epochs, out=args.out)
     elif args.what == "serve":
         from gallery.bench.serve import bench_serve
 
@@ -170,7 +175,8 @@ def cmd_serve(args) -> int:
     from gallery.serve.service import SEARCHES, open_service, service_from_model
 
     limits = Limits(max_body_bytes=args.max_body_mb * MB, max_photos=args.max_photos, max_photo_bytes=args.max_photo_mb * MB,
-                    allowed_roots=resolved_roots(args.allow_root), workers=args.workers)
+                    max_request_pixels=args.max_megapixels * 1_000_000, allowed_roots=resolved_roots(args.allow_root),
+                    workers=args.workers)
     searches = SEARCHES if args.search == "both" else (args.search,)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.model:
@@ -324,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=_count, default=64, help="largest request body (default 64 MiB)")
     p.add_argument("--max-photos", type=_count, default=44, help="most photos per request (default 44)")
     p.add_argument("--max-photo-mb", type=_count, default=16, help="largest photo (default 16 MiB)")
+    p.add_argument("--max-megapixels", type=_count, default=100,
+                   help="most pixels of all seed photos of one request, in millions (default 100)")
     p.set_defaults(func=cmd_serve)
     p = sub.choices["explorer"]
     p.add_argument("--out", required=True, help="the HTML file to write (e.g. reports/<run id>/explorer.html)")
@@ -331,10 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explorer)
 
     p = sub.add_parser("bench", parents=[debug], help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train", "weightings", "scale", "search", "serve", "seeds"],
+    p.add_argument("what", choices=["train", "weightings", "scale", "pipeline", "search", "serve", "seeds"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
                         "weightings: each loss weighting's training step against pseudo-uniform's (default preset); "
                         "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
+                        "pipeline: the whole train flow at 1x and 10x the preset's galleries (--factors 1 10 50): each "
+                        "step's time and peak memory, each output's size; "
                         "search: exact and approximate search over float vectors and binary codes, and two-stage search; "
                         "serve: the service's latency by gallery id and by 10 seed photos, and a load test on 127.0.0.1; "
                         "seeds: the train flow run --runs times changing only train.seed, and how often each of the "
@@ -351,10 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=_count, default=8, help="serve: concurrent clients of the load test")
     p.add_argument("--seconds", type=_count, default=30, help="serve: length of the load test")
     p.add_argument("--code", default=defaults.code, help=f"search: binary code (default {defaults.code})")
+    p.add_argument("--factors", type=float, nargs="+", default=[1, 10],
+                   help="pipeline: catalogue sizes as multiples of the preset's galleries (default 1 10)")
+    p.add_argument("--image-size", type=_count, default=32, help="pipeline: image size of the runs (default 32 px)")
+    p.add_argument("--epochs", type=_count, default=2, help="pipeline: epochs of every model (default 2)")
     p.add_argument("--runs", type=_count, default=3, help="seeds: runs, with train.seed 0, 1, ... (default 3)")
-    p.add_argument("--config", default=None, help="seeds: a preset name or settings JSON (default: default)")
+    p.add_argument("--config", default=None, help="seeds, pipeline: a preset name or settings JSON (default: default)")
     p.add_argument("--out", default=None, help="seeds: the folder for the runs' stores, reports and seeds.md "
-                                               "(default: seeds-bench)")
+                                               "(default: seeds-bench); pipeline: keep the runs and the table there")
     p.set_defaults(func=cmd_bench)
     return parser
 

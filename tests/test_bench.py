@@ -136,7 +136,8 @@ def _seed_metrics(primary: float, aggregate: float, retrieval: float, score: flo
                  "baseline": specialised, "search": "float", "effect": effect(retrieval, "s")},
                 {"claim": "binary_loses_nothing", "task": "same_property", "metric": "recall@10", "arm": mtl,
                  "baseline": mtl, "search": "binary", "effect": effect(0.0, "b")}]},
-            "transfer": {"scores": [{"task": "has_spa", "probe": "knn", "arm": mtl, "scores": [score, 1.0, None]}]}}
+            "transfer": {"scores": [{"task": "has_spa", "probe": "knn", "arm": mtl, "value": (score + 1.0) / 2,
+                                     "galleries": 2}]}}
 
 
 def test_seeds_bench_counts_the_runs_that_keep_each_readings_sign():
@@ -162,3 +163,71 @@ def test_seeds_bench_counts_the_runs_that_keep_each_readings_sign():
     assert "| 2 of 3 |" in text and "+5.0% (a)" in text and "| 0.500 | 1.000 | 0.750 | 0.500 |" in text
     assert "primary: `star_rating` linear, MTL embeddings - ImageNet transfer (accuracy)" in text
     assert "MTL embeddings - `same_property` alone, recall@10" in text
+
+
+PIPELINE_LOG = """\
+2026-12-07 10:00:00.000 Workflow starting (run-id 17):
+2026-12-07 10:00:00.500 [17/start/1 (pid 11)] Task is starting.
+2026-12-07 10:00:02.000 [17/start/1 (pid 11)] Task finished successfully.
+2026-12-07 10:00:02.100 [17/preprocess/2 (pid 12)] Task is starting.
+2026-12-07 10:00:02.200 [17/preprocess/3 (pid 13)] Task is starting.
+2026-12-07 10:00:06.100 [17/preprocess/2 (pid 12)] some output
+2026-12-07 10:00:07.100 [17/preprocess/2 (pid 12)] Task finished successfully.
+2026-12-07 10:00:09.600 [17/preprocess/3 (pid 13)] Task finished successfully.
+2026-12-07 10:00:10.000 [17/end/4 (pid 14)] Task is starting.
+"""
+
+
+def test_pipeline_bench_reads_each_steps_span_from_metaflows_log():
+    """A step's time runs from its first task's start to its last task's end; an unfinished task counts not."""
+    from gallery.bench.pipeline import step_times
+
+    run_id, times = step_times(PIPELINE_LOG)
+    assert run_id == "17" and times == {"start": (pytest.approx(1.5), 1), "preprocess": (pytest.approx(7.5), 2)}
+
+
+def test_pipeline_bench_table_puts_each_size_beside_the_first_against_linear():
+    from gallery.bench.pipeline import OUTPUTS, SizeRun, StepCost, table
+
+    small = SizeRun(1000, "1", 100.0, [StepCost("train", 40.0, 500 * 2**20, 1), StepCost("evaluate", 50.0, 800 * 2**20, 5)],
+                    {name: 2**20 for name in OUTPUTS})
+    big = SizeRun(10000, "2", 900.0, [StepCost("train", 400.0, 600 * 2**20, 1), StepCost("evaluate", 450.0, 1200 * 2**20, 5)],
+                  {name: 10 * 2**20 for name in OUTPUTS} | {"metrics.json": 2**20})
+    text = table([small, big])
+    assert "| step | 1,000 | 10,000 | 10,000 / 1,000 (linear: 10x) |" in text
+    assert "| train | 40.0 | 400.0 | 10.00x |" in text and "| evaluate | 50.0 | 450.0 | 9.00x |" in text
+    assert "| whole run | 100 | 900 | 9.00x |" in text
+    assert "| evaluate | 800 | 1,200 | 1.50x |" in text and "| largest step | 800 | 1,200 | 1.50x |" in text
+    assert "| metrics.json | 1.00 | 1.00 | 1.00x |" in text and "| checkpoints | 1.00 | 10.00 | 10.00x |" in text
+
+
+@pytest.mark.flow
+def test_pipeline_bench_runs_the_flow_at_two_sizes_and_measures_each_step(tmp_path):
+    """Two tiny catalogues (the smoke preset on 80 and 160 galleries, one epoch, the costly yardsticks off):
+    every step of the flow is timed and its memory sampled, the outputs are measured where they lie, and
+    the larger run holds twice the galleries."""
+    import json
+
+    import pandas as pd
+
+    from gallery.bench.pipeline import STEPS, bench_pipeline, preset_document
+
+    preset = preset_document("smoke")
+    preset["evaluation"].update(task_optimal=False, end_to_end=False, retrieval_arms=False)
+    (tmp_path / "tiny.json").write_text(json.dumps(preset))
+    small, big = bench_pipeline((1, 2), preset=str(tmp_path / "tiny.json"), image_size=16, epochs=1,
+                                base_galleries=80, out=str(tmp_path / "bench"), log=lambda _: None)
+    for run, folder in ((small, "x1"), (big, "x2")):
+        assert [s.step for s in run.steps] == list(STEPS) and run.step("preprocess").tasks == 2
+        assert run.step("evaluate").tasks == 3  # transfer suite, explorer, retrieval: no task-optimal group
+        assert sum(s.seconds for s in run.steps) <= run.seconds
+        assert 100 * 2**20 < run.step("train").peak_rss < 8 * 2**30  # a process that imported torch, and its children
+        store = tmp_path / "bench" / folder / "store" / run.run_id
+        embeddings = pd.read_parquet(store / "embeddings.parquet")
+        assert len(embeddings) == run.galleries and run.outputs["embeddings"] == (store / "embeddings.parquet").stat().st_size
+        metrics = tmp_path / "bench" / folder / "reports" / run.run_id / "metrics.json"
+        assert run.outputs["metrics.json"] == metrics.stat().st_size
+    assert (small.galleries, big.galleries) == (80, 160)
+    text = (tmp_path / "bench" / "pipeline.md").read_text()
+    assert "| step | 80 | 160 | 160 / 80 (linear: 2x) |" in text and "| largest step |" in text
+    assert json.loads((tmp_path / "bench" / "pipeline.json").read_text())[1]["galleries"] == 160

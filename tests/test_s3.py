@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 from conftest import EMBED_FLOW, FLOW, METAFLOW_ROOT, S3_ENV, SMOKE, run_flow
 from metaflow import Runner, Task
@@ -41,12 +42,12 @@ def crash_while_uploading_the_catalogue(store_root: str, config: str) -> None:
 
 @pytest.fixture(scope="module")
 def s3_config(tmp_path_factory) -> str:
-    """The smoke preset on 80 galleries with one task-optimal group and no comparison models for retrieval
-    (the metric tasks and their co-view file, read from the bucket, stay): every request goes through moto's
-    server, so fewer images, tasks and models keep the S3 run near the local smoke run's time."""
+    """The smoke preset on 80 galleries without the task-optimal models, the end-to-end arm and the comparison
+    models for retrieval (the metric tasks and their co-view file, read from the bucket, stay): every request
+    goes through moto's server, so fewer images and models keep the S3 run near the local smoke run's time."""
     settings = json.loads(Path(SMOKE).read_text())
     settings["data"]["synth"]["galleries"] = 80
-    settings["evaluation"].update(task_groups=1, retrieval_arms=False)
+    settings["evaluation"].update(task_optimal=False, end_to_end=False, retrieval_arms=False)
     config = tmp_path_factory.mktemp("config") / "smoke_s3.json"
     config.write_text(json.dumps(settings))
     return str(config)
@@ -64,6 +65,19 @@ def s3_run(s3_bucket, s3_config):
     assert status == "successful", stderr[-3000:]
     print(f"smoke run on S3, one training retried: {time.perf_counter() - started:.0f}s")
     return run
+
+
+def test_a_run_checks_at_start_that_it_can_write_under_an_s3_prefix(s3_bucket):
+    """gallery.preflight's probe: an object written and deleted under the prefix; a bucket that does not exist
+    is named with the option that moves the store."""
+    from gallery.preflight import write_problem
+
+    use_metaflow_s3_settings()
+    assert write_problem(f"{s3_bucket}/probed", "the store", "--store") is None
+    fs, path = storage.filesystem(f"{s3_bucket}/probed")
+    assert fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True)) == []
+    problem = write_problem("s3://no-such-bucket/store", "the store", "--store")
+    assert problem.startswith("the store s3://no-such-bucket/store cannot be written (") and "give --store" in problem
 
 
 def test_the_run_keeps_everything_in_the_bucket(s3_run, s3_bucket):

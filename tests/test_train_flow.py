@@ -158,14 +158,16 @@ def test_smoke_run_report(smoke_run):
     assert (arms.groupby("arm").size() == 6).all() and (table2["row"] == "baseline").sum() == 1
     mtl_rows = arms[arms["arm"] == "MTL embeddings"]
     assert list(mtl_rows["row"]) == [f"{p}% of one epoch" for p in (20, 40, 60, 80, 100)] + ["2 epochs"]
-    holdout = next(h for h in metrics["holdout"] if h["task"] == "star_rating")
-    assert holdout["split"] == "valid+test" and set(holdout["scored_ids"]) <= unseen
+    holdout = next(h for h in metrics["holdout"]["tasks"] if h["task"] == "star_rating")
+    head_scores = pd.read_parquet(folder / metrics["holdout"]["per_gallery"])  # per-gallery data: beside metrics.json
+    assert holdout["split"] == "valid+test" and set(head_scores.query("task == 'star_rating'")["gallery_id"]) <= unseen
     transfer = pd.read_csv(folder / "transfer.csv")
     entries = transfer[transfer["row"] == "entry"]
     assert set(entries["task"]) == {"star_rating", "has_spa", "decor_style", "building_age_years"}
     assert set(entries["probe"]) == {"head", "linear", "knn"} and "## Transfer scorecard" in report
-    for s in metrics["transfer"]["scores"]:
-        assert set(s["gallery_ids"]) <= unseen, (s["task"], s["probe"], s["arm"])
+    transfer_scores = pd.read_parquet(folder / metrics["transfer"]["per_gallery"])
+    assert set(transfer_scores["gallery_id"]) <= unseen
+    assert len(transfer_scores) == sum(s["galleries"] for s in metrics["transfer"]["scores"])
     (mtl,) = [a for a in holdout["arms"] if a["arm"]["kind"] == "mtl" and a["arm"]["reference"]]  # fields, not names
     assert mtl["arm"]["model"] == {"weighting": "pseudo_uniform", "pooling": "mean", "seed": 0, "backbone": "efficientnet_lite0"}
     assert [r["value"] for r in mtl["rows"]] == pytest.approx(list(mtl_rows["value"]))
@@ -179,8 +181,10 @@ def test_smoke_run_report(smoke_run):
     assert metrics["per_task"]["measured_on"] == "test" and metrics["per_task"]["selected_on"] == "valid"
     assert [next(m["error"] for m in r["models"] if m["model"]["weighting"] == "kendall")
             for r in metrics["per_task"]["rows"]] == pytest.approx(per_task["error_kendall"].tolist())
+    optimal_scores = pd.read_parquet(folder / metrics["task_optimal"]["per_gallery"])
+    assert set(optimal_scores["gallery_id"]) <= test_ids and set(optimal_scores["task"]) == set(per_task["task"])
     for name, model in metrics["task_optimal"]["models"].items():
-        assert set(model["test_ids"]) <= test_ids and model["selected_on"] == "valid", name
+        assert model["test_labelled"] == (optimal_scores["task"] == name).sum() and model["selected_on"] == "valid", name
     balance = pd.read_csv(folder / "class_balance.csv").set_index("weighting")
     for b in metrics["comparisons"]["class_balance"]["models"]:
         assert b["pearson"]["estimate"] == pytest.approx(balance.loc[b["model"]["weighting"], "pearson_estimate"],
@@ -199,9 +203,11 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
     folder = Path(REPORTS) / smoke_run.id
     metrics = json.loads((folder / "metrics.json").read_text())
     report = (folder / "report.md").read_text()
-    holdout = next(h for h in metrics["holdout"] if h["task"] == "star_rating")
-    arm = {(a["arm"]["kind"], a["arm"]["reference"]): a for a in holdout["arms"]}
-    mtl, imagenet = (np.array(arm[key]["rows"][-1]["scores"]) for key in (("mtl", True), ("imagenet", False)))
+    holdout = next(h for h in metrics["holdout"]["tasks"] if h["task"] == "star_rating")
+    scores = pd.read_parquet(folder / metrics["holdout"]["per_gallery"]).query("task == 'star_rating'")
+    last = holdout["arms"][0]["rows"][-1]["label"]
+    mtl, imagenet = (scores.query(f"arm_kind == '{kind}' and arm_reference == {reference} and row == '{last}'")
+                     .sort_values("gallery_id")["score"].to_numpy() for kind, reference in (("mtl", True), ("imagenet", False)))
     assert len(mtl) == len(imagenet) == holdout["scored_galleries"]
     versus = metrics["comparisons"]["table2"][holdout["task"]]["rows"][-1]["versus"]
     assert [v["arm"]["kind"] for v in versus] == ["imagenet", "end_to_end"]
@@ -229,13 +235,14 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
 def test_a_study_of_every_weighting_with_two_poolings_in_one_smoke_run(tmp_path):
     """Every registered weighting with the preset's pooling and PMA (a study: train.poolings; the other
     poolings are unit-tested in tests/test_poolings.py and tests/test_models.py), trained by two
-    processes one model after another (the smoke preset on 80 galleries, one epoch, to keep it cheap):
-    each moves its own state and has its row in the report and in the ranking against the paper's
-    configuration; the paper's findings stay about the paper's two weightings."""
+    processes one model after another (the smoke preset on 80 galleries, one epoch, without the task-optimal
+    models and the end-to-end arm, to keep it cheap): each moves its own state and has its row in the report
+    and in the ranking against the paper's configuration; the paper's findings stay about the paper's two
+    weightings; the report says what the run skipped."""
     settings = json.loads(Path(SMOKE).read_text())
     settings["train"].update(weightings=sorted(WEIGHTINGS), processes=2, max_epochs=1, poolings=["pma"])
     settings["data"]["synth"]["galleries"] = 80
-    settings["evaluation"].update(holdout_epochs=1, task_groups=1, retrieval_arms=False)
+    settings["evaluation"].update(holdout_epochs=1, retrieval_arms=False, task_optimal=False, end_to_end=False)
     config = tmp_path / "smoke_study.json"
     config.write_text(json.dumps(settings))
     status, run, stderr = run_flow(config=str(config))
@@ -267,6 +274,14 @@ def test_a_study_of_every_weighting_with_two_poolings_in_one_smoke_run(tmp_path)
         (w, p) for w in weightings for p in poolings if (w, p) != ("pseudo_uniform", "mean"))
     assert "## Study: weightings and poolings against the paper's configuration" in report
     assert {c["model"]["pooling"] for c in metrics["study"]["cells"]} == set(poolings)
+    # switched off: no task-optimal branch ran, no end-to-end arm, and the report lists both
+    assert len(list(run["evaluate"].tasks())) == 3  # the transfer suite, the explorer, retrieval: no task groups
+    assert metrics["task_optimal"]["models"] == {} and not (folder / "task_optimal_scores.parquet").exists()
+    assert "end_to_end" not in {a["kind"] for a in metrics["transfer"]["arms"]}
+    assert "- the task-optimal models, and with them Figures 5 and 6 (`evaluation.task_optimal` is false)" in report
+    assert "- the end-to-end arm of the held-out tasks (`evaluation.end_to_end` is false)" in report
+    assert "retrieval's attribute-only and specialised models (`evaluation.retrieval_arms` is false)" in report
+    assert len(metrics["not_measured"]) == 4 and per_task["error_task_optimal"].isna().all()
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +292,7 @@ def two_process_run(tmp_path_factory):
     config = tmp_path_factory.mktemp("config") / "smoke_2_workers.json"
     settings = json.loads(Path(SMOKE).read_text())
     settings["train"].update(workers=2, weightings=["kendall"], reference_weighting="kendall")
-    settings["evaluation"].update(task_groups=1, retrieval_arms=False)  # what follows is the smoke run's, smaller
+    settings["evaluation"].update(task_optimal=False, end_to_end=False, retrieval_arms=False)  # the smoke run has them
     settings["resources"] = {"retries": 0}  # no automatic retry: the run fails, and `resume` recovers it
     config.write_text(json.dumps(settings))
     status, killed, _ = run_flow(env={"GALLERY_KILL_AFTER_EPOCH": "1"}, config=str(config))
