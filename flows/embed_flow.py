@@ -11,12 +11,10 @@ from metaflow import Config, FlowSpec, Parameter, current, resources, retry, ste
 
 import gallery.storage as storage
 from gallery.config import PRESETS_DIR
-from gallery.retrieval.embeddings import embeddings_code
 from gallery.runs import (as_input_error, default_store_root, flow_settings, name_the_user, share_machine, trained_run,
                           use_metaflow_s3_settings)
-from gallery.steps import collect_quality, export_embeddings, ingest_for_embedding, preprocess_shard, shard_rows
-from gallery.training.checkpoints import load_trained
 
+# Steps import what they compute with inside (torch and the rest load only where a step computes): docs/design.md §2.
 name_the_user()
 use_metaflow_s3_settings()
 
@@ -48,6 +46,8 @@ class GalleryEmbedFlow(FlowSpec):
     def ingest(self):
         """Validate the manifest (no task spec needed); products without a `split` are hashed as the
         training run hashed its own."""
+        from gallery.steps import ingest_for_embedding, shard_rows
+
         with as_input_error():
             self.catalogue = ingest_for_embedding(self.manifest, self.run_settings)
         self.shards = list(range(len(shard_rows(len(self.catalogue.frame), self.run_settings.data.shards))))
@@ -58,6 +58,8 @@ class GalleryEmbedFlow(FlowSpec):
     @step
     def preprocess(self):
         """The training run's decoding, resizing and frozen-trunk cache, for one shard."""
+        from gallery.steps import preprocess_shard, shard_rows
+
         share_machine(len(self.shards))
         rows = shard_rows(len(self.catalogue.frame), self.run_settings.data.shards)[self.input]
         self.shard = preprocess_shard(self.catalogue, rows, self.run_settings, self.run_location("shards", str(self.input)))
@@ -65,6 +67,9 @@ class GalleryEmbedFlow(FlowSpec):
 
     @step
     def join_shards(self, inputs):
+        """Collect the shards; list every image skipped while decoding."""
+        from gallery.steps import collect_quality
+
         self.merge_artifacts(inputs, exclude=["shard"])
         self.shard_list = [i.shard for i in inputs]
         self.quality_location = self.run_location("data_quality.csv")
@@ -77,6 +82,10 @@ class GalleryEmbedFlow(FlowSpec):
     @step
     def embed(self):
         """Every readable gallery through the training run's reference model -> embeddings Parquet."""
+        from gallery.retrieval.embeddings import embeddings_code
+        from gallery.steps import export_embeddings
+        from gallery.training.checkpoints import load_trained
+
         self.embeddings_location = self.run_location("embeddings.parquet")
         model = load_trained(self.checkpoints)
         self.embedded_galleries = export_embeddings(

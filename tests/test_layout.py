@@ -1,6 +1,10 @@
 """The package's layout (docs/design.md §2): imports flow one way between stages, with no cycle, and only
-the Metaflow adapter imports Metaflow. Read from the source with `ast`, so nothing is executed."""
+the Metaflow adapter imports Metaflow. Read from the source with `ast`, so nothing is executed; but the
+flows' modules are imported in a fresh process, to see what loading them loads."""
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +134,18 @@ def test_public_names_resolve():
 
     for name in gallery.__all__:
         assert callable(getattr(gallery, name)), name
+
+
+@pytest.mark.parametrize("flow", ["train_flow.py", "embed_flow.py"])
+def test_a_flow_module_loads_no_heavy_library(flow):
+    """Every task of a flow imports its module first: it must not load torch, numpy, pandas, pyarrow or
+    matplotlib, which the steps that compute import themselves (a light step then starts in about a second)."""
+    path = PACKAGE.parent / "flows" / flow
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('flow', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "print(sorted(m for m in ('torch', 'numpy', 'pandas', 'pyarrow', 'matplotlib', 'sklearn', 'scipy') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "USERNAME": "tests"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -16,13 +16,13 @@ import pandas as pd  # noqa: E402
 import gallery.storage as storage  # noqa: E402
 from gallery.data.images import DataQuality  # noqa: E402
 import gallery.evaluation.comparisons as comparisons  # noqa: E402
-from gallery.evaluation.arms import (END_TO_END_ARM, IMAGENET_ARM, MTL, EmbeddingArm, arm_columns, arm_label,  # noqa: E402
+from gallery.evaluation.arms import (END_TO_END_ARM, IMAGENET_ARM, MTL, arm_columns, arm_label,  # noqa: E402
                                      paper_arms)
-from gallery.evaluation.gallery_scores import score_files  # noqa: E402
 from gallery.evaluation.comparisons import (PAPER_BALANCE_R, PAPER_PU_WINS, PAPER_TIME_PER_INSTANCE,  # noqa: E402
                                             ClassBalance, Finding, HeadlineNumber, Table2Comparison, TaskRow,
                                             VersusBaseline, VersusOptimal, WeightingWins, beside_the_paper, paper_code,
                                             paper_row)
+from gallery.evaluation.gallery_scores import score_files  # noqa: E402
 from gallery.evaluation.holdout import HoldoutResult, chosen_text  # noqa: E402
 from gallery.evaluation.neighbours import SEARCHES, BinaryVsFloat  # noqa: E402
 from gallery.evaluation.probes import PROBES  # noqa: E402
