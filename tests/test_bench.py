@@ -203,9 +203,9 @@ def test_pipeline_bench_table_puts_each_size_beside_the_first_against_linear():
 
 @pytest.mark.flow
 def test_pipeline_bench_runs_the_flow_at_two_sizes_and_measures_each_step(tmp_path):
-    """Two tiny catalogues (the smoke preset on 80 and 160 galleries, one epoch, the costly yardsticks off):
-    every step of the flow is timed and its memory sampled, the outputs are measured where they lie, and
-    the larger run holds twice the galleries."""
+    """Two tiny catalogues (the smoke preset on 60 and 120 galleries without metric tasks, one shard, one
+    epoch, the costly yardsticks off): every step of the flow is timed and its memory sampled, the outputs
+    are measured where they lie, and the larger run holds twice the galleries."""
     import json
 
     import pandas as pd
@@ -213,13 +213,15 @@ def test_pipeline_bench_runs_the_flow_at_two_sizes_and_measures_each_step(tmp_pa
     from gallery.bench.pipeline import STEPS, bench_pipeline, preset_document
 
     preset = preset_document("smoke")
-    preset["evaluation"].update(task_optimal=False, end_to_end=False, retrieval_arms=False)
+    preset["data"].update(shards=1)
+    preset["data"]["synth"].update(metric_tasks=False, valid_share=0.2, test_share=0.2)
+    preset["evaluation"].update(task_optimal=False, end_to_end=False)
     (tmp_path / "tiny.json").write_text(json.dumps(preset))
     small, big = bench_pipeline((1, 2), preset=str(tmp_path / "tiny.json"), image_size=16, epochs=1,
-                                base_galleries=80, out=str(tmp_path / "bench"), log=lambda _: None)
+                                base_galleries=60, out=str(tmp_path / "bench"), log=lambda _: None)
     for run, folder in ((small, "x1"), (big, "x2")):
-        assert [s.step for s in run.steps] == list(STEPS) and run.step("preprocess").tasks == 2
-        assert run.step("evaluate").tasks == 3  # transfer suite, explorer, retrieval: no task-optimal group
+        assert [s.step for s in run.steps] == list(STEPS) and run.step("preprocess").tasks == 1
+        assert run.step("evaluate").tasks == 2  # the transfer suite and the explorer: no task-optimal group
         assert sum(s.seconds for s in run.steps) <= run.seconds
         assert 100 * 2**20 < run.step("train").peak_rss < 8 * 2**30  # a process that imported torch, and its children
         store = tmp_path / "bench" / folder / "store" / run.run_id
@@ -227,7 +229,7 @@ def test_pipeline_bench_runs_the_flow_at_two_sizes_and_measures_each_step(tmp_pa
         assert len(embeddings) == run.galleries and run.outputs["embeddings"] == (store / "embeddings.parquet").stat().st_size
         metrics = tmp_path / "bench" / folder / "reports" / run.run_id / "metrics.json"
         assert run.outputs["metrics.json"] == metrics.stat().st_size
-    assert (small.galleries, big.galleries) == (80, 160)
+    assert (small.galleries, big.galleries) == (60, 120)
     text = (tmp_path / "bench" / "pipeline.md").read_text()
-    assert "| step | 80 | 160 | 160 / 80 (linear: 2x) |" in text and "| largest step |" in text
-    assert json.loads((tmp_path / "bench" / "pipeline.json").read_text())[1]["galleries"] == 160
+    assert "| step | 60 | 120 | 120 / 60 (linear: 2x) |" in text and "| largest step |" in text
+    assert json.loads((tmp_path / "bench" / "pipeline.json").read_text())[1]["galleries"] == 120
