@@ -214,6 +214,31 @@ def test_task_optimal_models_trained_together_equal_one_by_one(catalogue, featur
         assert outcome.max_epochs == 4 and outcome.patience == 1  # the MTL budget, said in the report
 
 
+def test_task_optimal_models_train_on_a_stable_sample_of_the_train_galleries_when_capped(catalogue, features, tmp_path):
+    """evaluation.task_optimal_galleries: the models train on that many train galleries, those with the lowest
+    hash of their id (found here by hand), exactly as an uncapped training whose catalogue holds only them in
+    train; valid and test stay whole."""
+    from gallery.config import EvalSettings
+    from gallery.data.split import hash_unit
+
+    cat, _ = catalogue
+    task = next(t for t in cat.tasks if t.kind == "binary")
+    train = TrainSettings(batch_galleries=8, max_epochs=2, precision="fp32")
+    ids = [g for g in features.gallery_ids if cat.frame.set_index("gallery_id").loc[g, "split"] == "train"]
+    cap = len(ids) // 2
+    kept = set(sorted(ids, key=lambda g: hash_unit(f"task_optimal:{g}"))[:cap])
+    capped = train_task_optimal(cat, [task], features, Settings(model=MODEL, train=train,
+                                                                evaluation=EvalSettings(task_optimal_galleries=cap)),
+                                lambda name: str(tmp_path / "capped" / name), lambda name: None, log=lambda _: None)
+    frame = cat.frame.assign(split=[s if s != "train" or g in kept else "left out"
+                                    for g, s in zip(cat.frame["gallery_id"], cat.frame["split"])])
+    only_kept = train_task_optimal(replace(cat, frame=frame), [task], features, Settings(model=MODEL, train=train),
+                                   lambda name: str(tmp_path / "kept" / name), lambda name: None, log=lambda _: None)
+    a, b = capped[task.name], only_kept[task.name]
+    assert a.train_galleries == b.train_galleries == cap and a.test_ids == b.test_ids
+    assert (a.epochs, a.best_epoch) == (b.epochs, b.best_epoch) and a.error == pytest.approx(b.error, abs=1e-6)
+
+
 def test_task_optimal_keeps_its_result_not_its_checkpoints(catalogue, features, tmp_path):
     """A finished task-optimal model leaves only result.json, and a resumed run reuses that result
     instead of training the task again."""

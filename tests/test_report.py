@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from gallery.config import EvalSettings, Settings
@@ -182,6 +183,8 @@ def test_lay_out_in_reading_order_with_figures_tables_and_metrics(data):
             ) == ("holdout_scores.parquet", "transfer_scores.parquet", "task_optimal_scores.parquet")
     assert "scored_ids" not in json.dumps(metrics) and "test_scores" not in json.dumps(metrics)
     holdout = pd.read_parquet(pd.io.common.BytesIO(report.files["holdout_scores.parquet"]))
+    meta = pq.read_schema(pd.io.common.BytesIO(report.files["holdout_scores.parquet"])).metadata
+    assert meta[b"score"] == b"1/0 for a right/wrong class, or the squared error"
     last = holdout[(holdout["arm_kind"] == "mtl") & (holdout["row"] == data.holdouts[0].of(MTL).rows[-1].label)]
     assert last["gallery_id"].tolist() == data.holdouts[0].scored_ids
     assert last["score"].tolist() == data.holdouts[0].of(MTL).rows[-1].scores.tolist()

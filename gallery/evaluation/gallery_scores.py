@@ -32,7 +32,7 @@ def _long(parts: list[tuple[dict, list[str], np.ndarray]]) -> pa.Table:
                for n in names}
     columns["gallery_id"] = pa.array([g for _, ids, _ in parts for g in ids], pa.string())
     columns["score"] = pa.array(np.concatenate([np.asarray(s, float) for _, _, s in parts]) if parts else [], pa.float64())
-    return pa.table(columns)
+    return pa.table(columns).replace_schema_metadata({"score": SCORE})  # what a score is, for a reader of the file
 
 
 def transfer_table(scores: list[ProbeScores]) -> pa.Table:
