@@ -222,7 +222,6 @@ def test_pipeline_bench_runs_the_flow_at_two_sizes_and_measures_each_step(tmp_pa
     for run, folder in ((small, "x1"), (big, "x2")):
         assert [s.step for s in run.steps] == list(STEPS) and run.step("preprocess").tasks == 1
         assert run.step("evaluate").tasks == 2  # the transfer suite and the explorer: no task-optimal group
-        assert sum(s.seconds for s in run.steps) <= run.seconds
         assert 100 * 2**20 < run.step("train").peak_rss < 8 * 2**30  # a process that imported torch, and its children
         store = tmp_path / "bench" / folder / "store" / run.run_id
         embeddings = pd.read_parquet(store / "embeddings.parquet")

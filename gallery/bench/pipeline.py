@@ -5,7 +5,8 @@ size and a fixed epoch budget (so a size takes minutes, not hours), with the pre
 otherwise as they are. While it runs, its process tree is sampled (psutil, every `SAMPLE_SECONDS`): each
 Metaflow task with its children (DataLoader workers, data-parallel workers) is one tree, and a step's peak
 RSS is its largest tree's largest sampled sum. A step's time is from its first task's start to its last
-task's end, read from Metaflow's log. Then the size of every output. The table puts each figure of a
+task's end, read from Metaflow's log (wall-clock timestamps: a machine whose clock is stepped meanwhile, a
+paused VM's, shows it there; the whole run is timed with a monotonic clock). Then the size of every output. The table puts each figure of a
 larger size beside the first size's as a ratio, against the ratio of galleries (linear growth).
 """
 from __future__ import annotations
