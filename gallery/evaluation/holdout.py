@@ -235,7 +235,7 @@ def evaluate_holdout(catalogue: Catalogue, task: Task, settings: Settings, arms:
     same order) and end-to-end from `shards` (the preprocessed galleries as the preset trains: features
     or pixels; `pixels`: the same as pixels, for the timing from pixels, which costs about one more
     end-to-end training: `time_from_pixels` False skips it), each tuned on the grid. evaluation.end_to_end
-    off leaves the end-to-end arm out (it costs as much as every other arm together).
+    off leaves the end-to-end arm out (its training cost more than every other arm's together: docs/sizing.md).
     Time O(arms·grid·epochs·n_train) training steps (linear in the train galleries) plus O(arms·grid·rows·n)
     scoring, memory O(N·d) for an arm's vectors and O(grid·n) scores: nothing pairwise."""
     ev, stats, seed = settings.evaluation, catalogue.stats, settings.train.seed
