@@ -276,3 +276,16 @@ def test_umaps_graph_and_layout_code_joins_numbas_cache(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}).stdout
     assert out.split("] [") == ["['NullCache', 'NullCache', 'NullCache'", "'FunctionCache', 'FunctionCache', 'FunctionCache']\n"]
+
+
+def test_capped_task_optimal_models_are_said_in_the_skipped_list_and_beside_figure_5(data):
+    """Where evaluation.task_optimal_galleries bit (fewer train galleries than the split's), both places say so;
+    where it did not, neither does."""
+    assert data.optimal_capped_at is None and "**capped**" not in lay_out(data).markdown()
+    data.splits["train"] = 400
+    for o in data.optimal.values():
+        o.train_galleries = 100
+    md = lay_out(data).markdown()
+    assert data.optimal_capped_at == 100
+    assert "- the task-optimal models trained on 100 of the 400 train galleries (`evaluation.task_optimal_galleries`)" in md
+    assert "**capped**: the task-optimal models trained on 100 of the 400 train galleries" in md

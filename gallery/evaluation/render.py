@@ -641,10 +641,9 @@ def study_markdown(cells: list[CellRanking]) -> str:
 
 def optimal_cap_text(data: ReportData) -> str:
     """Where evaluation.task_optimal_galleries bit: on how many of the train galleries the yardsticks trained."""
-    trained = max((o.train_galleries for o in data.optimal.values()), default=0)
-    if not trained or trained >= data.splits["train"]:
+    if not data.optimal_capped_at:
         return ""
-    return (f"; **capped**: the task-optimal models trained on {trained:,} of the {data.splits['train']:,} train "
+    return (f"; **capped**: the task-optimal models trained on {data.optimal_capped_at:,} of the {data.splits['train']:,} train "
             "galleries (evaluation.task_optimal_galleries, a stable sample) while the MTL models trained on all of "
             "them, which favours MTL in this comparison")
 

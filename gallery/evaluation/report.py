@@ -113,16 +113,22 @@ class ReportData:
         return self.transfer.holdouts
 
     @property
+    def optimal_capped_at(self) -> int | None:
+        """The train galleries the task-optimal models trained on where evaluation.task_optimal_galleries bit
+        (fewer than the train split's), else None."""
+        trained = max((o.train_galleries for o in self.optimal.values()), default=0)
+        return trained if 0 < trained < self.splits["train"] else None
+
+    @property
     def skipped(self) -> list[str]:
         """What the settings left out or capped, each with the setting that did it: the report says so, so a
         reader of a fast run on a large catalogue does not take a missing comparison for a measured one."""
-        ev, train_galleries = self.settings.evaluation, self.splits["train"]
-        capped = max((o.train_galleries for o in self.optimal.values()), default=0)
+        ev = self.settings.evaluation
         out = [] if ev.task_optimal else ["the task-optimal models, and with them Figures 5 and 6 "
                                           "(`evaluation.task_optimal` is false)"]
-        if 0 < capped < train_galleries:
-            out.append(f"the task-optimal models trained on {capped:,} of the {train_galleries:,} train galleries "
-                       "(`evaluation.task_optimal_galleries`)")
+        if self.optimal_capped_at:
+            out.append(f"the task-optimal models trained on {self.optimal_capped_at:,} of the "
+                       f"{self.splits['train']:,} train galleries (`evaluation.task_optimal_galleries`)")
         if not ev.end_to_end:
             out.append("the end-to-end arm of the held-out tasks (`evaluation.end_to_end` is false)")
         if len(self.seeds) == 1:
