@@ -17,6 +17,7 @@ from metaflow import Config, FlowSpec, Parameter, card, current, parallel, resou
 from metaflow.cards import Image, Markdown
 
 import gallery.storage as storage
+from gallery.faults import reached
 from gallery.config import PRESETS_DIR, settings_from_dict
 from gallery.runs import (InputError, as_input_error, checkpoints_to_resume, data_parallel, default_store_root,
                           flow_settings, name_the_user, parallel_workers_use_this_python, share_machine,
@@ -122,20 +123,18 @@ class GalleryTrainFlow(FlowSpec):
         evaluation.seeds) side by side, each by train.workers data-parallel processes (DDP), or several one
         after another per process (train.processes); a retry or a resume continues from the last checkpoint."""
         from gallery.steps import assigned, train_weighting
-        from gallery.training.faults import kill_after_epoch
 
         p = current.parallel
         share_machine(p.num_nodes)
         ranks, device = data_parallel(self.cfg.train.workers)
         self.rank = ranks.rank
-        recovering = current.origin_run_id is not None or current.retry_count > 0
         self.trained = {}
         for t in assigned(self.trainings, p.node_index, p.num_nodes, self.cfg.train.workers):
             folder = t.folder(self.cfg)
             checkpoints = self.run_location("checkpoints", folder)
             result = train_weighting(self.catalogue, self.shard_list, t.settings(self.cfg), t.model.weighting, checkpoints,
                                      resume_from=checkpoints_to_resume(self.store_root, "checkpoints", folder),
-                                     on_epoch_end=kill_after_epoch(recovering), ranks=ranks, device=device,
+                                     ranks=ranks, device=device,
                                      tasks=t.tasks(self.catalogue))
             self.trained[t] = (result, checkpoints)
         self.next(self.join_train)
@@ -267,6 +266,7 @@ class GalleryTrainFlow(FlowSpec):
     @step
     def end(self):
         """Where the outputs are."""
+        reached("end")
         print(f"report: {self.report_location}/report.md")
         print(f"embeddings: {self.embeddings_location} ({self.exported_galleries} galleries)")
         print(f"model folder: {self.model_location}")

@@ -110,6 +110,11 @@ def cmd_bench(args) -> int:
 
         bench_pipeline(factors=args.factors, preset=args.config or "default", image_size=args.image_size,
                        epochs=args.epochs, out=args.out)
+    elif args.what == "faults":
+        from gallery.bench.faults import bench_faults
+
+        outcomes = bench_faults(preset=args.config or "smoke", out=args.out or "faults-bench")
+        return 0 if all(o.fired and o.identical for o in outcomes) else 1
     elif args.what == "serve":
         from gallery.bench.serve import bench_serve
 
@@ -339,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explorer)
 
     p = sub.add_parser("bench", parents=[debug], help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["train", "weightings", "scale", "pipeline", "search", "serve", "seeds"],
+    p.add_argument("what", choices=["train", "weightings", "scale", "pipeline", "search", "serve", "seeds", "faults"],
                    help="train: our step vs a plain PyTorch step, feature cache vs recompute, packed vs padded; "
                         "weightings: each loss weighting's training step against pseudo-uniform's (default preset); "
                         "scale: peak memory and speed of preprocess, train and export for two catalogue sizes; "
@@ -348,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "search: exact and approximate search over float vectors and binary codes, and two-stage search; "
                         "serve: the service's latency by gallery id and by 10 seed photos, and a load test on 127.0.0.1; "
                         "seeds: the train flow run --runs times changing only train.seed, and how often each of the "
-                        "report's readings keeps its sign")
+                        "report's readings keeps its sign; "
+                        "faults: the train flow (smoke preset) killed in every step, retried or resumed, against an "
+                        "uninterrupted run (about 25 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=4, help="train, weightings: timed training steps per variant (per round)")
     p.add_argument("--device", default=None, help="train, weightings: cpu or cuda (default: cuda when present)")
     p.add_argument("--rounds", type=int, default=5, help="weightings: rounds over the timed steps (more: less noise)")
@@ -366,9 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_count, default=32, help="pipeline: image size of the runs (default 32 px)")
     p.add_argument("--epochs", type=_count, default=2, help="pipeline: epochs of every model (default 2)")
     p.add_argument("--runs", type=_count, default=3, help="seeds: runs, with train.seed 0, 1, ... (default 3)")
-    p.add_argument("--config", default=None, help="seeds, pipeline: a preset name or settings JSON (default: default)")
+    p.add_argument("--config", default=None, help="seeds, pipeline, faults: a preset name or settings JSON "
+                                                   "(default: default; faults: smoke)")
     p.add_argument("--out", default=None, help="seeds: the folder for the runs' stores, reports and seeds.md "
-                                               "(default: seeds-bench); pipeline: keep the runs and the table there")
+                                               "(default: seeds-bench); pipeline: keep the runs and the table there; "
+                                               "faults: the runs and faults.md (default: faults-bench)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -20,6 +20,7 @@ from gallery.data.ingest import Catalogue, ingest
 from gallery.data.readers import ShardIndex, ShardSource
 from gallery.data.shards import Shard, ShardWriter
 from gallery.errors import UserError
+from gallery.faults import reached
 from gallery.evaluation.holdout import vectors_as_galleries
 from gallery.evaluation.arms import (ATTRIBUTES_ONLY, IMAGENET_ARM, MTL, SPECIALISED, EmbeddingArm, baseline_arm,
                                      mtl_arm)
@@ -58,6 +59,7 @@ def ingest_for_run(manifest: str, tasks: str, settings: Settings) -> Catalogue:
     primary_task(settings, [t.name for t in catalogue.holdout])  # evaluation.primary_task names a held-out task
     _, why = code_that_fits(settings.retrieval.code, int((catalogue.frame["split"] == "train").sum()))
     catalogue.notes += [why] if why else []
+    reached("ingest")
     return catalogue
 
 
@@ -90,7 +92,10 @@ def preprocess_shard(catalogue: Catalogue, rows, settings: Settings, location: s
                                                   m.image_size, progress, d.max_images)
             qualities.append(quality)
             splits = chunk.set_index("gallery_id")["split"]
-            stored = [writer.add(g, splits[g], a) for g, a in zip(ids, arrays)]
+            stored = []
+            for g, a in zip(ids, arrays):
+                stored.append(writer.add(g, splits[g], a))
+                reached("preprocess.gallery")
             if settings.train.use_cache and stored:
                 encoder = encoder or build_backbone(m.backbone, m.weights, m.trainable_blocks, m.image_size)
                 pixels = torch.from_numpy(np.concatenate(stored))
@@ -185,7 +190,7 @@ def training_processes(settings: Settings, trainings_: list[Training]) -> int:
 
 
 def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Settings, weighting: str,
-                    checkpoints: str, resume_from: str | None = None, log=print, on_epoch_end=None,
+                    checkpoints: str, resume_from: str | None = None, log=print,
                     ranks: Ranks = Ranks(), device=None, tasks=None) -> TrainResult:
     """MTL training of the model with one loss weighting, on `tasks` (default: every task the catalogue
     trains); `valid` selects the best epoch, whose weights end in `checkpoints/best.pt` and are scored on `test`."""
@@ -212,7 +217,8 @@ def train_weighting(catalogue: Catalogue, shards: list[Shard], settings: Setting
     config = FitConfig.of(settings.train)
     result = fit(model, build_weighting(weighting, tasks, catalogue.stats), data, config,
                  FitOptions(checkpoints=checkpoints, resume_from=resume_from, device=device, ranks=ranks, log=log,
-                            hooks=FitHooks(on_epoch_end=on_epoch_end)))
+                            hooks=FitHooks(on_step=lambda _: reached("train.step", ranks.rank),
+                                           on_epoch_end=lambda _: reached("train.epoch", ranks.rank))))
     result.test = score(model, data, "test", config.batch_galleries, device, config.precision)
     return result
 

@@ -54,13 +54,14 @@ def s3_config(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3_bucket, s3_config):
+def s3_run(s3_bucket, s3_config, tmp_path_factory):
     """That preset with `--datastore s3`; every training process SIGKILLs itself after epoch 1's
-    checkpoint on its first attempt."""
+    checkpoint on its first attempt (gallery.faults; the ledger lets the retry go on)."""
+    ledger = str(tmp_path_factory.mktemp("faults"))
     use_metaflow_s3_settings()  # this process reads the bucket too
     crash_while_uploading_the_catalogue(f"{s3_bucket}/metaflow/gallery", s3_config)  # where the run's store will be
     started = time.perf_counter()
-    status, run, stderr = run_flow(env={**S3_ENV, "GALLERY_KILL_AFTER_EPOCH": "1"}, config=s3_config, datastore="s3",
+    status, run, stderr = run_flow(env={**S3_ENV, "GALLERY_KILL_AT": "train.epoch:1", "GALLERY_FAULT_LEDGER": ledger}, config=s3_config, datastore="s3",
                                    reports=f"{s3_bucket}/reports")
     assert status == "successful", stderr[-3000:]
     print(f"smoke run on S3, one training retried: {time.perf_counter() - started:.0f}s")
@@ -110,7 +111,7 @@ def test_a_killed_training_is_retried_from_its_attempts_checkpoint(s3_run):
         assert result.resumed_at_epoch == 1  # epoch 0 came from the killed attempt's checkpoint
         assert [h.epoch for h in result.history] == [0, 1]
     first_attempts = "".join(Task(t.pathspec, attempt=0).stdout for t in nodes)  # workers log through node 0
-    assert "GALLERY_KILL_AFTER_EPOCH=1: killing this process after epoch 1" in first_attempts
+    assert "GALLERY_KILL_AT: killing this process at train.epoch (arrival 1, rank 0)" in first_attempts
 
 
 def test_resume_from_a_late_step(s3_run, s3_bucket):

@@ -232,15 +232,15 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """The smoke preset's Kendall model (the weighting with state of its own) trained by 2 data-parallel
-    processes (gloo), killed after epoch 1's checkpoint (GALLERY_KILL_AFTER_EPOCH SIGKILLs every training
-    process), then resumed."""
+    processes (gloo), killed after epoch 1's checkpoint (GALLERY_KILL_AT without a ledger SIGKILLs every
+    training process in every attempt), then resumed."""
     config = tmp_path_factory.mktemp("config") / "smoke_2_workers.json"
     settings = json.loads(Path(SMOKE).read_text())
     settings["train"].update(workers=2, weightings=["kendall"], reference_weighting="kendall")
     settings["evaluation"].update(task_optimal=False, end_to_end=False, retrieval_arms=False)  # the smoke run has them
     settings["resources"] = {"retries": 0}  # no automatic retry: the run fails, and `resume` recovers it
     config.write_text(json.dumps(settings))
-    status, killed, _ = run_flow(env={"GALLERY_KILL_AFTER_EPOCH": "1"}, config=str(config))
+    status, killed, _ = run_flow(env={"GALLERY_KILL_AT": "train.epoch:1"}, config=str(config))
     assert status == "failed"
     with Runner(FLOW, show_output=False, cwd=METAFLOW_ROOT).resume(origin_run_id=killed.id) as running:  # its config
         assert running.status == "successful", running.stderr[-3000:]

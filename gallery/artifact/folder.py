@@ -17,6 +17,7 @@ from gallery.artifact.card import CARD_FILE, model_card
 from gallery.training.model_config import CONFIG_FILE, ModelConfig, ModelFolderError, OnnxGraphs
 from gallery.artifact.onnx_graphs import ENCODER_FILE, OPSET, POOLING_FILE, onnx_difference, onnx_graphs
 from gallery.data.inputs import InputProblem, read_bounded
+from gallery.faults import reached
 from gallery.retrieval.codes import CODE_FILE, BinaryCode, save_code
 
 WEIGHTS_FILE = "model.safetensors"
@@ -52,6 +53,7 @@ def write_model_folder(model, config: ModelConfig, code: BinaryCode, out: str, e
     files[CARD_FILE] = model_card(config, evaluation).encode()
     for name, data in files.items():
         storage.write_bytes(storage.join(out, name), data)
+        reached("export.write")
     save_code(code, storage.join(out, CODE_FILE))
     files[CODE_FILE] = storage.read_bytes(storage.join(out, CODE_FILE))
     config = replace(config, files={name: sha256(data) for name, data in sorted(files.items())})

@@ -187,8 +187,8 @@ def table(runs: list[SizeRun]) -> str:
     first = runs[0]
     factors = [r.galleries / first.galleries for r in runs[1:]]
     sizes = " | ".join(f"{r.galleries:,}" for r in runs)
-    ratios = " | ".join(f"{r.galleries:,} / {first.galleries:,} (linear: {f:g}x)" for r, f in zip(runs[1:], factors))
-    head = f"| | {sizes} | {ratios} |"
+    ratios = "".join(f" {r.galleries:,} / {first.galleries:,} (linear: {f:g}x) |" for r, f in zip(runs[1:], factors))
+    head = f"| | {sizes} |{ratios}"
     rule = "|" + " --- |" * (1 + 2 * len(runs) - 1)
     lines = ["Step wall time (s), first task's start to last task's end:", "", head.replace("| |", "| step |", 1), rule]
     for name in STEPS:

@@ -23,6 +23,7 @@ from gallery.evaluation.comparisons import (PAPER_BALANCE_R, PAPER_PU_WINS, PAPE
                                             VersusBaseline, VersusOptimal, WeightingWins, beside_the_paper, paper_code,
                                             paper_row)
 from gallery.evaluation.gallery_scores import score_files  # noqa: E402
+from gallery.faults import reached  # noqa: E402
 from gallery.evaluation.holdout import HoldoutResult, chosen_text  # noqa: E402
 from gallery.evaluation.neighbours import SEARCHES, BinaryVsFloat  # noqa: E402
 from gallery.evaluation.probes import PROBES  # noqa: E402
@@ -793,5 +794,6 @@ def write_report(r: Report, location: str) -> None:
     store location."""
     for name, data in r.files.items():
         storage.write_bytes(storage.join(location, name), data)
+        reached("report.write")
     storage.write_bytes(storage.join(location, "metrics.json"), json.dumps(r.metrics, indent=2).encode())
     storage.write_bytes(storage.join(location, "report.md"), r.markdown().encode())

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import gallery.storage as storage
+from gallery.faults import reached
 from gallery.config import Settings
 from gallery.data.ingest import Catalogue
 from gallery.data.split import stable_sample
@@ -131,5 +132,5 @@ def _train(catalogue: Catalogue, tasks: list[Task], source, settings: Settings, 
             outcomes[task.name] = outcome
 
     fit(group, PseudoUniform(tasks, catalogue.stats), data, config,
-        options=FitOptions(log=log, hooks=FitHooks(on_members_done=done)))
+        options=FitOptions(log=log, hooks=FitHooks(on_step=lambda _: reached("task_optimal.step"), on_members_done=done)))
     return outcomes

@@ -24,6 +24,7 @@ import numpy as np
 
 from gallery.config import Settings, primary_task
 from gallery.data.ingest import Catalogue
+from gallery.faults import reached
 from gallery.data.packed import PackedGalleries
 from gallery.data.tasks import Task
 from gallery.evaluation.arms import END_TO_END_ARM, IMAGENET_ARM, EmbeddingArm, arm_label, reference_arm
@@ -121,6 +122,7 @@ def transfer_suite(catalogue: Catalogue, settings: Settings, arms: dict[Embeddin
                    for result in holdout.arms]
         for arm, store in arms.items():
             scores += probe_scores(task, catalogue, arm, store, seconds)
+        reached("transfer.task")
         tasks.append(HeldOutTask(task.name, task.kind, metric_name(task), holdout.train_galleries,
                                  holdout.scored_galleries))
         shown = (reference_arm(arms), IMAGENET_ARM)

@@ -3,6 +3,6 @@
 Owns the one training loop (the engine: early stopping on valid, per-epoch checkpoints, exact resume,
 used by every model the pipeline trains), the group of single-task models trained as one, loading a trained
 model from its checkpoints, the frozen-trunk feature cache, device choice and mixed precision,
-and the fault injection that proves recovery. May import gallery.model, gallery.data, gallery.config
+May import gallery.model, gallery.data, gallery.config
 and the base modules; never evaluation, retrieval or Metaflow.
 """

@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import asdict
 
 import gallery.storage as storage
+from gallery.faults import reached
 from gallery.data.synth import VERSION as SYNTH_VERSION
 from gallery.data.synth import generate
 
@@ -35,6 +36,7 @@ def synthetic_source(store_root: str, settings, log=print) -> tuple[str, str]:
             storage.upload_dir(tmp, location)
     else:
         generate(location, synth)
+    reached("synth.generated")
     storage.write_bytes(complete, json.dumps(asdict(synth)).encode())
     return manifest, tasks
 
