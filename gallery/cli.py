@@ -181,6 +181,7 @@ def cmd_serve(args) -> int:
 
     limits = Limits(max_body_bytes=args.max_body_mb * MB, max_photos=args.max_photos, max_photo_bytes=args.max_photo_mb * MB,
                     max_request_pixels=args.max_megapixels * 1_000_000, allowed_roots=resolved_roots(args.allow_root),
+                    decoding_pixels=args.decoding_megapixels and args.decoding_megapixels * 1_000_000,
                     workers=args.workers)
     searches = SEARCHES if args.search == "both" else (args.search,)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
@@ -337,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-photo-mb", type=_count, default=16, help="largest photo (default 16 MiB)")
     p.add_argument("--max-megapixels", type=_count, default=100,
                    help="most pixels of all seed photos of one request, in millions (default 100)")
+    p.add_argument("--decoding-megapixels", type=_count, default=None,
+                   help="most pixels all requests together decode at once, in millions; a request waits (at most "
+                        "10 s, then 503) until its photos fit (default: --max-megapixels)")
     p.set_defaults(func=cmd_serve)
     p = sub.choices["explorer"]
     p.add_argument("--out", required=True, help="the HTML file to write (e.g. reports/<run id>/explorer.html)")

@@ -37,7 +37,8 @@ def test_bench_serve_measures_each_size_and_a_load_without_errors():
     assert load.errors == 0 and load.galleries == 600 and load.clients == 2 and 3 <= load.seconds < 3 + 60
     slow, (over, within) = result.hostile.slow, result.hostile.uploads
     assert slow.connections == 200 and slow.health_errors == 0
-    assert set(over.answers) == {413} and over.photos == 44 and set(within.answers) <= {200} and within.photos == 1
+    assert set(over.answers) == {413} and over.photos == 44 and within.photos == 1
+    assert set(within.answers) <= {200, 503}  # decoded one at a time (the decode budget): 503 after too long a wait
     table = lines[-1].splitlines()
     load_row = 2 + len(result.latencies) + 2
     assert len(table) == load_row + 1 + 4 + 2 and table[load_row].split()[1] == "0"

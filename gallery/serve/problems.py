@@ -32,8 +32,15 @@ class Unavailable(RequestProblem):
     status = 409
 
 
+class BadGateway(RequestProblem):
+    """A store a named photo lives in (s3://) that failed or did not answer in time."""
+
+    status = 502
+
+
 class Busy(RequestProblem):
-    """Every worker is busy and the queue is full, or the connections are: come back shortly."""
+    """Every worker is busy and the queue is full, the connections are, or photo decoding waited too long:
+    come back shortly."""
 
     status = 503
     retry_after_s = 1  # the Retry-After header every 503 carries
