@@ -148,7 +148,9 @@ def comparable_metrics(metrics):
     return metrics
 
 
-def fingerprint(run: FlowRun) -> Fingerprint:
+def fingerprint(run: FlowRun, folder: Path) -> Fingerprint:
+    """The run's embeddings and comparable metrics.json, with `folder` (where this case keeps its store, so
+    the photo paths of retrieval's examples name it) taken out of the paths."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -157,16 +159,17 @@ def fingerprint(run: FlowRun) -> Fingerprint:
     digest.update(np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32).tobytes())
     if "embedding_bits" in table.column_names:
         digest.update(json.dumps(table.column("embedding_bits").to_pylist(), default=list).encode())
-    metrics = comparable_metrics(json.loads((run.output("report").parent / "metrics.json").read_text()))
+    text = (run.output("report").parent / "metrics.json").read_text().replace(json.dumps(str(folder))[1:-1], "")
+    metrics = comparable_metrics(json.loads(text))
     return Fingerprint(digest.hexdigest(), hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest(),
                        metrics)
 
 
-def compared(run: FlowRun, reference: Fingerprint) -> tuple[bool, list[str]]:
+def compared(run: FlowRun, folder: Path, reference: Fingerprint) -> tuple[bool, list[str]]:
     """Whether a run ended with the reference's result, and what differs when it did not."""
     if run.returncode != 0:
         return False, [f"run {run.run_id} failed (exit {run.returncode})"]
-    differences = fingerprint(run).differences(reference)
+    differences = fingerprint(run, folder).differences(reference)
     return not differences, differences[:5]
 
 
@@ -186,7 +189,7 @@ def retried(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
     run = flow(folder, ["run", *_store_args(folder)],
                {ENV: ",".join(f.kill for f in RETRIED), LEDGER_ENV: str(ledger)})
     done = run.returncode == 0
-    same, notes = compared(run, reference)
+    same, notes = compared(run, folder, reference)
     records = fired(str(ledger))
     log(f"retried: run {run.run_id} {'ended' if done else 'FAILED'} in {run.seconds:.0f} s; kills {records}")
     return [Outcome(f, any(r.startswith(f.kill.replace(":", ".") + ".") for r in records), "retry" if done else "",
@@ -201,7 +204,7 @@ def resumed(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
         args = ["resume", "--origin-run-id", origin] if origin else ["run", *_store_args(folder)]
         run = flow(folder, args, {ENV: fault.kill} if fault else {})
         if fault is None:
-            same, notes = compared(run, reference)
+            same, notes = compared(run, folder, reference)
             log(f"resumed: the last resume {run.run_id} {'ended' if run.returncode == 0 else 'FAILED'} "
                 f"in {run.seconds:.0f} s; identical: {same}")
             for o in outcomes:
@@ -223,7 +226,7 @@ def whole_run(folder: Path, reference: Fingerprint, log=print) -> Outcome:
     """The flow and its tasks killed together once training has logged its first epoch, then resumed."""
     killed = flow(folder, ["run", *_store_args(folder)], {}, kill_group_when="epoch 1: ")
     run = flow(folder, ["resume", "--origin-run-id", killed.run_id], {})
-    same, notes = compared(run, reference)
+    same, notes = compared(run, folder, reference)
     log(f"whole run killed: run {killed.run_id} (exit {killed.returncode}); resume {run.run_id} "
         f"{'ended' if run.returncode == 0 else 'FAILED'} in {run.seconds:.0f} s; identical: {same}")
     return Outcome(WHOLE_RUN, killed.returncode == -signal.SIGKILL, "resume" if run.returncode == 0 else "", same,
@@ -248,7 +251,7 @@ def bench_faults(preset: str = "smoke", out: str = "faults-bench", log=print) ->
     first = flow(reference_folder, ["run", *_store_args(reference_folder)], {})
     if first.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed (log in {reference_folder / 'logs'}):\n{first.log[-3000:]}")
-    reference = fingerprint(first)
+    reference = fingerprint(first, reference_folder)
     log(f"uninterrupted: run {first.run_id} in {first.seconds:.0f} s; embeddings {reference.embeddings[:12]}, "
         f"metrics {reference.metrics[:12]}")
     outcomes = [*retried(_setup(root / "retried", settings), reference, log),
