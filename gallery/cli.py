@@ -11,6 +11,7 @@ import time
 import traceback
 
 from gallery.errors import ContractError, UserError
+from gallery.storage import StorageError
 
 EXIT_USER = 2
 EXIT_BUG = 1
@@ -400,6 +401,8 @@ def main(argv=None) -> int:
     except ContractError as e:
         return _fail(str(e), debug)
     except UserError as e:
+        return _fail(f"gallery {args.command}: {e}", debug)
+    except StorageError as e:  # the store's own words: the location, what was tried, the fix
         return _fail(f"gallery {args.command}: {e}", debug)
     except OSError as e:  # a file the command writes or reads: a full disk, a folder it may not write
         where = f" {e.filename}" if e.filename else ""

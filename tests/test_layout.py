@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gallery"
 
 # The stage of each top-level unit of gallery/: a module may import its own unit and lower stages only.
 STAGES = {
-    "errors": 0, "storage": 0, "progress": 0,
+    "errors": 0, "storage": 0, "progress": 0, "faults": 0,  # faults: where a process may be killed (tests, benches)
     "data": 1,
     "model": 2,
     "config": 3,  # settings name the model registries' backbones, poolings and weightings

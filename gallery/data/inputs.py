@@ -33,7 +33,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, fields, replace
-from datetime import timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -444,7 +443,7 @@ def _remote_file(location: str, kind: str, limits: Limits) -> tuple[pafs.FileSys
     if scheme == "s3":
         fs, key = storage.filesystem(location, timeout=limits.timeout)
     else:
-        fs, key = _gcs_filesystem(limits.timeout), location.split("://", 1)[1]
+        fs, key = storage.gcs_filesystem(limits.timeout), location.split("://", 1)[1]
     info = fs.get_file_info(key)
     if info.type == pafs.FileType.NotFound:
         raise MissingInput(location, "does not exist", "check the bucket and key")
@@ -453,19 +452,6 @@ def _remote_file(location: str, kind: str, limits: Limits) -> tuple[pafs.FileSys
     if info.size is not None and info.size > limits.of(kind):
         raise _too_large(location, kind, info.size, limits.of(kind))
     return fs, key
-
-
-def _gcs_filesystem(timeout: float) -> pafs.GcsFileSystem:
-    """pyarrow's GCS client; STORAGE_EMULATOR_HOST (the convention of Google's own clients) points it at
-    an emulator or a private endpoint, without credentials."""
-    import pyarrow.fs as pafs
-
-    options = {"retry_time_limit": timedelta(seconds=max(1, round(timeout)))}
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
-    if emulator:
-        parts = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
-        options |= {"anonymous": True, "scheme": parts.scheme, "endpoint_override": parts.netloc}
-    return pafs.GcsFileSystem(**options)
 
 
 def _open_http(location: str, kind: str, limits: Limits, beat):

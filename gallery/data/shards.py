@@ -12,6 +12,7 @@ the rest. galleries.parquet is published last, so a shard without it was never f
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -86,11 +87,14 @@ class ShardWriter:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        """On an error nothing is published; the staging folder goes."""
+        """On an error nothing is published; the staging folder goes. A full disk is named (storage.full_disk)."""
         for f in (self.images, self.features):
             if f is not None and not f.closed:
-                f.close()
+                with contextlib.suppress(OSError):  # a full disk fails the close too: the folder goes all the same
+                    f.close()
         shutil.rmtree(self.staging, ignore_errors=True)
+        if (full := storage.full_disk(error, self.staging)) is not None:
+            raise full from error
 
     def add(self, gallery_id: str, split: str, pixels: np.ndarray) -> np.ndarray:
         """Encode a gallery's images (n, H, W, 3); returns them decoded, as readers will see them."""
