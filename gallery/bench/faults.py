@@ -10,8 +10,9 @@ figures and run ids, which no two runs share: `comparable_metrics`).
   mid-write, the transfer suite, a task-optimal group), each once (GALLERY_FAULT_LEDGER): Metaflow's retry
   must reach the result;
 - resumed: a chain on a fresh store: a run killed in `start`, then `resume` killed in the next step, and so
-  on (the retried steps killed in every attempt, so their retries are exhausted), then a last `resume`
-  with nothing killed;
+  on (the retried steps killed in every attempt, so their retries are exhausted; the two evaluate branches
+  killed in the same run, as a branch that finished would be cloned by the next resume), then a last
+  `resume` with nothing killed;
 - the whole run killed: the flow and all its tasks (their process group) SIGKILLed during training, as a
   lost machine would, then `resume`.
 """
@@ -62,7 +63,10 @@ class FlowRun:
 
     def output(self, name: str) -> Path:
         """Where the `end` step says an output is (a resume's may be a cloned step's, under its run id)."""
-        return Path(re.findall(rf"\] {name}: (\S+)", self.log)[-1])
+        said = re.findall(rf"\] {name}: (\S+)", self.log)
+        if not said:
+            raise FileNotFoundError(f"run {self.run_id}'s end step did not say where its {name} is")
+        return Path(said[-1])
 
 
 @dataclass(frozen=True)
@@ -103,16 +107,16 @@ RETRIED = [
     Fault("evaluate", "transfer.task:1", "retry", "the transfer-suite branch after its 1st held-out task"),
     Fault("evaluate", "task_optimal.step:3", "retry", "a task-optimal group mid-training (3rd step)"),
 ]
-RESUMED = [
-    Fault("start", "synth.generated", "resume", "the synthetic catalogue written, its completion marker not"),
-    Fault("ingest", "ingest", "resume", "the catalogue validated, the step's artifacts not saved"),
-    Fault("preprocess", "preprocess.gallery:5", "resume", "a shard part-written, in every attempt"),
-    Fault("train", "train.epoch:1", "resume", "training after an epoch's checkpoint, in every attempt"),
-    Fault("export", "export.write:2", "resume", "the model folder part-written (2nd file), in every attempt"),
-    Fault("evaluate", "transfer.task:1", "resume", "the transfer-suite branch, in every attempt"),
-    Fault("evaluate", "task_optimal.step:3", "resume", "a task-optimal group mid-training, in every attempt"),
-    Fault("report", "report.write:3", "resume", "the report part-written (3rd file)"),
-    Fault("end", "end", "resume", "the last step"),
+RESUMED = [  # each inner list: the kills of one run of the chain
+    [Fault("start", "synth.generated", "resume", "the synthetic catalogue written, its completion marker not")],
+    [Fault("ingest", "ingest", "resume", "the catalogue validated, the step's artifacts not saved")],
+    [Fault("preprocess", "preprocess.gallery:5", "resume", "a shard part-written, in every attempt")],
+    [Fault("train", "train.epoch:1", "resume", "training after an epoch's checkpoint, in every attempt")],
+    [Fault("export", "export.write:2", "resume", "the model folder part-written (2nd file), in every attempt")],
+    [Fault("evaluate", "transfer.task:1", "resume", "the transfer-suite branch, in every attempt"),
+     Fault("evaluate", "task_optimal.step:3", "resume", "a task-optimal group mid-training, in every attempt")],
+    [Fault("report", "report.write:3", "resume", "the report part-written (3rd file)")],
+    [Fault("end", "end", "resume", "the last step")],
 ]
 WHOLE_RUN = Fault("train", "", "resume", "the whole run (flow and tasks: the process group) during training")
 
@@ -169,7 +173,10 @@ def compared(run: FlowRun, folder: Path, reference: Fingerprint) -> tuple[bool, 
     """Whether a run ended with the reference's result, and what differs when it did not."""
     if run.returncode != 0:
         return False, [f"run {run.run_id} failed (exit {run.returncode})"]
-    differences = fingerprint(run, folder).differences(reference)
+    try:
+        differences = fingerprint(run, folder).differences(reference)
+    except FileNotFoundError as e:
+        return False, [str(e)]
     return not differences, differences[:5]
 
 
@@ -199,25 +206,27 @@ def retried(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
 def resumed(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
     """A chain of runs, each killed at the next fault of RESUMED and resumed by the next; the last resume
     kills nothing and must end with the uninterrupted run's result."""
-    outcomes, origin = [], None
-    for fault in [*RESUMED, None]:
+    outcomes, previous, origin = [], [], None
+    for faults in [*RESUMED, None]:
         args = ["resume", "--origin-run-id", origin] if origin else ["run", *_store_args(folder)]
-        run = flow(folder, args, {ENV: fault.kill} if fault else {})
-        if fault is None:
+        run = flow(folder, args, {ENV: ",".join(f.kill for f in faults)} if faults else {})
+        if faults is None:
             same, notes = compared(run, folder, reference)
             log(f"resumed: the last resume {run.run_id} {'ended' if run.returncode == 0 else 'FAILED'} "
                 f"in {run.seconds:.0f} s; identical: {same}")
             for o in outcomes:
                 o.identical, o.recovered_by, o.notes = same, "resume" if run.returncode == 0 else "", notes
-            outcomes[-1].seconds = run.seconds
+        for o in previous:
+            o.seconds = run.seconds  # this run resumed them
+        if faults is None:
             return outcomes
-        point = fault.kill.split(":")[0]
-        stopped = run.returncode != 0 and point in run.killed_at
-        log(f"resumed: {fault.step} ({fault.kill}): run {run.run_id} "
-            f"{'stopped by the kill' if stopped else 'did NOT stop there'} in {run.seconds:.0f} s")
-        if outcomes:
-            outcomes[-1].seconds = run.seconds  # this run resumed the previous fault
-        outcomes.append(Outcome(fault, stopped, "", False, 0.0))
+        previous = []
+        for fault in faults:
+            stopped = run.returncode != 0 and fault.kill.split(":")[0] in run.killed_at
+            log(f"resumed: {fault.step} ({fault.kill}): run {run.run_id} "
+                f"{'stopped by the kill' if stopped else 'did NOT stop there'} in {run.seconds:.0f} s")
+            previous.append(Outcome(fault, stopped, "", False, 0.0))
+        outcomes += previous
         origin = run.run_id
     return outcomes
 
