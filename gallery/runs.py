@@ -186,6 +186,27 @@ def parallel_workers_use_this_python() -> None:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
+def end_with_the_control_task() -> None:
+    """In a local @parallel step, a node other than the first: SIGKILL this process within a second of its
+    parent's exit. Metaflow's local runtime starts these nodes from the control task (node 0), which shares
+    its output pipes with them, and sees the step end only when every holder of the pipes has closed them;
+    a control task that fails neither stops nor waits for its nodes. Without this, a failed attempt lasts
+    until its last orphan ends (another model's nodes train on to their last epoch; a node waiting on a
+    collective, until the timeout), the retry waits that long, and the orphans write checkpoints beside it."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-the-control-task", daemon=True).start()
+
+
 def data_parallel(workers: int) -> tuple[Ranks, torch.device]:
     """Inside a @parallel step: this node's device and its ranks among the `workers` nodes that train
     the same model (torch.distributed joined through the main node Metaflow names)."""
@@ -197,6 +218,8 @@ def data_parallel(workers: int) -> tuple[Ranks, torch.device]:
 
     p = current.parallel
     local = runs_locally()  # every node on this machine
+    if local and p.node_index > 0:
+        end_with_the_control_task()
     device = pick_device(node=p.node_index if local else 0, distributed=workers > 1)
     own_gpu = device.type == "cuda" and (not local or torch.cuda.device_count() >= p.num_nodes)
     port = master_port(current.run_id, current.step_name, current.retry_count)

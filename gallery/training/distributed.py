@@ -5,6 +5,10 @@ Metaflow launches the processes (`@parallel`); this module only needs each one's
 the number of nodes and the main node's address. One parallel step trains every loss weighting
 at once: nodes [m·W, (m+1)·W) train model m with W workers each, in their own process group, so
 the weightings train side by side as the foreach over weightings did.
+
+Nothing waits forever on a peer (docs/cluster.md, Retries and resume): joining waits at most
+RENDEZVOUS_TIMEOUT for every node, and each collective at most COLLECTIVE_TIMEOUT for its group; a peer
+that died (its sockets closed) fails the others' next collective with gloo at once.
 """
 from __future__ import annotations
 
@@ -17,7 +21,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-TIMEOUT = timedelta(minutes=10)  # a peer that died must not leave the others waiting for half an hour
+# Longer than any rank spends alone between two collectives: rank 0 writing a checkpoint (the model and its
+# optimiser state, to S3 on a cluster) while the others wait in the barrier, or a rank preparing its data.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# Longer than the time between the first and the last node starting: on a cluster, pods scheduled apart.
+RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -69,16 +77,20 @@ def master_port(run_id: str, step: str, attempt: int) -> int:
 
 
 def join(node: int, nodes: int, workers: int, main_ip: str, port: int, device: torch.device,
-         backend: str = "gloo") -> Ranks:
+         backend: str = "gloo", timeout: timedelta = COLLECTIVE_TIMEOUT,
+         rendezvous_timeout: timedelta = RENDEZVOUS_TIMEOUT) -> Ranks:
     """Join the nodes of a parallel step; return the ranks of this node's model (node // workers).
-    NCCL needs a GPU of its own per rank; gloo works with CPU and CUDA tensors alike."""
+    NCCL needs a GPU of its own per rank; gloo works with CPU and CUDA tensors alike. Every node must
+    join within `rendezvous_timeout` (else each raises); a collective of a model's group that waits
+    longer than `timeout` raises (gloo), or NCCL's watchdog aborts it and ends the process (torch's default)."""
     if workers == 1:
         return Ranks()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://{main_ip}:{port}", rank=node, world_size=nodes,
-                            timeout=TIMEOUT)
-    groups = [dist.new_group(list(range(m * workers, (m + 1) * workers))) for m in range(nodes // workers)]
+                            timeout=rendezvous_timeout)
+    groups = [dist.new_group(list(range(m * workers, (m + 1) * workers)), timeout=timeout)
+              for m in range(nodes // workers)]
     return Ranks(node % workers, workers, groups[node // workers])
 
 
