@@ -175,15 +175,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def serve_limits(args):
+    """The server's Limits from `gallery serve`'s options."""
+    from gallery.serve.limits import MB, Limits, resolved_roots
+
+    return Limits(max_body_bytes=args.max_body_mb * MB, max_photos=args.max_photos, max_photo_bytes=args.max_photo_mb * MB,
+                  max_request_pixels=args.max_megapixels * 1_000_000, allowed_roots=resolved_roots(args.allow_root),
+                  decoding_pixels=args.decoding_megapixels and args.decoding_megapixels * 1_000_000,
+                  workers=args.workers)
+
+
 def cmd_serve(args) -> int:
     from gallery.serve.app import run_server
-    from gallery.serve.limits import MB, Limits, resolved_roots
     from gallery.serve.service import SEARCHES, open_service, service_from_model
 
-    limits = Limits(max_body_bytes=args.max_body_mb * MB, max_photos=args.max_photos, max_photo_bytes=args.max_photo_mb * MB,
-                    max_request_pixels=args.max_megapixels * 1_000_000, allowed_roots=resolved_roots(args.allow_root),
-                    decoding_pixels=args.decoding_megapixels and args.decoding_megapixels * 1_000_000,
-                    workers=args.workers)
+    limits = serve_limits(args)
     searches = SEARCHES if args.search == "both" else (args.search,)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.model:

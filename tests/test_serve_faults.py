@@ -234,3 +234,14 @@ def test_a_request_that_waited_too_long_for_the_budget_is_json_503_with_retry_af
         decodes.open_all()
         assert first.result().status_code == 200
     assert app.state.decode_budget.in_use == 0
+
+
+def test_the_decode_budget_is_the_request_bound_unless_serve_is_told_otherwise(tmp_path):
+    from gallery.cli import build_parser, serve_limits
+
+    def limits(*options):
+        return serve_limits(build_parser().parse_args(["serve", "--embeddings", str(tmp_path / "e.parquet"), *options]))
+
+    assert limits().decode_budget == 100_000_000 and limits("--max-megapixels", "30").decode_budget == 30_000_000
+    assert limits("--decoding-megapixels", "250").decode_budget == 250_000_000
+    assert limits("--decoding-megapixels", "250").describe()["decoding_pixels"] == 250_000_000  # /health shows it
