@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from gallery.bench.pipeline import preset_document
 from gallery.faults import ENV, LEDGER_ENV, fired
 
 FLOW = Path(__file__).resolve().parents[2] / "flows" / "train_flow.py"
+WHOLE_RUN_DELAY = 0.5  # seconds: a smoke epoch takes 1-2 s, so the kill lands inside epoch 2
 RUN_ID = re.compile(r"\(run-id (\d+)")
 KILLED = re.compile(ENV + r": killing this process at (\S+) ")
 # metrics.json keys that are wall-clock figures or name the run: they differ between any two runs
@@ -118,12 +120,14 @@ RESUMED = [  # each inner list: the kills of one run of the chain
     [Fault("report", "report.write:3", "resume", "the report part-written (3rd file)")],
     [Fault("end", "end", "resume", "the last step")],
 ]
-WHOLE_RUN = Fault("train", "", "resume", "the whole run (flow and tasks: the process group) during training")
+WHOLE_RUN = Fault("train", "", "resume", "the whole run (the flow and its tasks: their process group) mid-epoch 2 "
+                                          f"({WHOLE_RUN_DELAY:g} s after a training logged epoch 1)")
 
 
-def flow(folder: Path, args: list[str], env: dict, kill_group_when: str | None = None) -> FlowRun:
+def flow(folder: Path, args: list[str], env: dict, kill_group_when: str | None = None,
+         kill_after: float = 0.0) -> FlowRun:
     """flows/train_flow.py with `args` (run ... or resume ...), its log in `folder`; with `kill_group_when`,
-    the whole process group is SIGKILLed once that text is logged."""
+    the whole process group is SIGKILLed `kill_after` seconds after that text is logged."""
     config = ["--config", "settings", str(folder / "settings.json")] if args[0] == "run" else []  # resume: the origin's
     command = [sys.executable, str(FLOW), *config, *args]
     env = {**os.environ, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(folder / "datastore"), **env}
@@ -133,7 +137,7 @@ def flow(folder: Path, args: list[str], env: dict, kill_group_when: str | None =
         for line in process.stdout:
             lines.append(line)
             if kill_group_when and kill_group_when in line:
-                os.killpg(process.pid, signal.SIGKILL)
+                threading.Timer(kill_after, os.killpg, (process.pid, signal.SIGKILL)).start()
                 kill_group_when = None
         returncode = process.wait()
     log = "".join(lines)
@@ -232,8 +236,8 @@ def resumed(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
 
 
 def whole_run(folder: Path, reference: Fingerprint, log=print) -> Outcome:
-    """The flow and its tasks killed together once training has logged its first epoch, then resumed."""
-    killed = flow(folder, ["run", *_store_args(folder)], {}, kill_group_when="epoch 1: ")
+    """The flow and its tasks killed together inside training's second epoch, then resumed."""
+    killed = flow(folder, ["run", *_store_args(folder)], {}, kill_group_when="] epoch 1: ", kill_after=WHOLE_RUN_DELAY)
     run = flow(folder, ["resume", "--origin-run-id", killed.run_id], {})
     same, notes = compared(run, folder, reference)
     log(f"whole run killed: run {killed.run_id} (exit {killed.returncode}); resume {run.run_id} "
