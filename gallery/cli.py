@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "seeds: the train flow run --runs times changing only train.seed, and how often each of the "
                         "report's readings keeps its sign; "
                         "faults: the train flow (smoke preset) killed in every step, retried or resumed, against an "
-                        "uninterrupted run (about 25 minutes on 2 cores)")
+                        "uninterrupted run (about 12 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=4, help="train, weightings: timed training steps per variant (per round)")
     p.add_argument("--device", default=None, help="train, weightings: cpu or cuda (default: cuda when present)")
     p.add_argument("--rounds", type=int, default=5, help="weightings: rounds over the timed steps (more: less noise)")
