@@ -11,6 +11,7 @@ import pytest
 from readme_example import README, code_blocks, write_example
 
 from gallery.cli import main
+from gallery.faults import FAULT_POINTS
 from gallery.config import Settings
 
 REPO = README.parent
@@ -101,7 +102,8 @@ def setting_exists(dotted: str) -> bool:
 def test_every_setting_the_docs_name_exists():
     pattern = re.compile(rf"`((?:{'|'.join(SECTIONS)})\.[a-z_.]*[a-z_])")
     files = re.compile(r"\.(onnx|safetensors)$")  # the model folder's file names (docs/shipping.md), not settings
-    named = {m for doc in [README, *DOCS] for m in pattern.findall(doc.read_text()) if not files.search(m)}
+    named = {m for doc in [README, *DOCS] for m in pattern.findall(doc.read_text())
+             if not files.search(m) and m not in FAULT_POINTS}  # `train.step:15`: where gallery.faults kills
     assert {"model.pooling", "train.workers", "retrieval.code", "resources.train.memory"} <= named
     assert sorted(n for n in named if not setting_exists(n)) == []
     assert not setting_exists("model.poolng")  # the check itself can fail
