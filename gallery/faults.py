@@ -5,10 +5,10 @@ SIGKILLs itself there when GALLERY_KILL_AT asks for it: a comma-separated list o
 (the n-th arrival at the point in this process) or `point:n@rank` (only in that data-parallel rank),
 e.g. `GALLERY_KILL_AT=train.step:15` (mid-way through the smoke preset's second epoch).
 
-With GALLERY_FAULT_LEDGER (a folder) each asked-for kill fires once across processes, attempts and
-resumes: the first process to arrive records it there (an exclusive create) and dies; the retry finds
-the record and goes on, so Metaflow's retry must reach the result. Without a ledger it fires in every
-attempt: the step's retries are exhausted, the run fails, and `resume` (without GALLERY_KILL_AT) must.
+With GALLERY_KILL_FIRST_ATTEMPT=1 a kill fires only in a task's first attempt (Metaflow's --retry-count
+0), so Metaflow's retry must reach the result, whether or not the retried process reaches the point
+again (a data-parallel node its control task's failure ended never got there). Without it a kill fires in
+every attempt: the step's retries are exhausted, the run fails, and `resume` (without GALLERY_KILL_AT) must.
 `gallery bench faults` drives both over every step of the train flow (docs/bad-input.md, Faults).
 """
 from __future__ import annotations
@@ -18,10 +18,9 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 ENV = "GALLERY_KILL_AT"
-LEDGER_ENV = "GALLERY_FAULT_LEDGER"
+FIRST_ATTEMPT_ENV = "GALLERY_KILL_FIRST_ATTEMPT"
 
 # where each point is reached (the step of the train flow, and what has been written when it fires)
 FAULT_POINTS = {
@@ -54,11 +53,6 @@ class Kill:
             raise ValueError(f"{ENV}: unknown fault point {point!r}; the points are {', '.join(FAULT_POINTS)}")
         return cls(point, int(nth) if nth else 1, int(rank) if rank else None)
 
-    def record(self, rank: int) -> str:
-        """The ledger's name for this kill in this Metaflow task and rank: each foreach branch, @parallel node
-        and data-parallel rank dies once (a retry keeps its task id; a resume's task is a new one)."""
-        return f"{self.point}.{self.nth}.task{_task_id()}.rank{rank}"
-
 
 _arrivals: collections.Counter = collections.Counter()
 
@@ -70,33 +64,16 @@ def asked() -> list[Kill]:
 def reached(point: str, rank: int = 0) -> None:
     """A place a kill is worth surviving: SIGKILL this process here if GALLERY_KILL_AT asks (else nothing)."""
     kills = [k for k in asked() if k.point == point]
-    if not kills:
+    if not kills or (os.environ.get(FIRST_ATTEMPT_ENV) == "1" and _attempt() > 0):
         return
     _arrivals[point] += 1
     for kill in kills:
-        if kill.nth == _arrivals[point] and kill.rank in (None, rank) and _first_time(kill, rank):
+        if kill.nth == _arrivals[point] and kill.rank in (None, rank):
             print(f"{ENV}: killing this process at {point} (arrival {kill.nth}, rank {rank})", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _first_time(kill: Kill, rank: int) -> bool:
-    ledger = os.environ.get(LEDGER_ENV)
-    if not ledger:
-        return True
-    Path(ledger).mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(Path(ledger, kill.record(rank)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
-
-
-def _task_id() -> str:
-    """The Metaflow task this process runs (its command line's --task-id), or "" outside a flow."""
+def _attempt() -> int:
+    """The Metaflow attempt this process runs (its command line's --retry-count), 0 outside a flow."""
     argv = sys.argv
-    return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--task-id"), "")
-
-
-def fired(ledger: str) -> list[str]:
-    """The kills a ledger records as done, by `Kill.record` name."""
-    return sorted(p.name for p in Path(ledger).iterdir()) if Path(ledger).is_dir() else []
+    return next((int(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--retry-count"), 0)

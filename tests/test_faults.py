@@ -1,4 +1,4 @@
-"""gallery.faults: where a process kills itself, and the ledger that lets a retry go on. Each case runs in a
+"""gallery.faults: where a process kills itself, in every attempt or only the first. Each case runs in a
 child process that really receives the SIGKILL; the whole flow's kill-and-resume matrix is
 `gallery bench faults` (docs/benchmarks.md)."""
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gallery.faults import FAULT_POINTS, Kill, fired
+from gallery.faults import FAULT_POINTS, Kill
 
 CHILD = """
 import sys
@@ -19,8 +19,8 @@ for k in range(5):
 """
 
 
-def run_child(env: dict, rank: int = 0, task_id: str | None = None) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-c", CHILD, str(rank)] + (["--task-id", task_id] if task_id else [])
+def run_child(env: dict, rank: int = 0, attempt: str | None = None) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-c", CHILD, str(rank)] + (["--retry-count", attempt] if attempt else [])
     return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
 
 
@@ -38,15 +38,13 @@ def test_a_rank_qualified_kill_spares_the_other_ranks():
     assert run_child({"GALLERY_KILL_AT": "train.step:2@1"}, rank=0).returncode == 0
 
 
-def test_without_a_ledger_every_attempt_dies_and_with_one_only_the_first(tmp_path):
-    for _ in range(2):
-        assert run_child({"GALLERY_KILL_AT": "train.step:1"}).returncode == -signal.SIGKILL
-    ledger = {"GALLERY_KILL_AT": "train.step:1", "GALLERY_FAULT_LEDGER": str(tmp_path / "ledger")}
-    assert run_child(ledger, task_id="7").returncode == -signal.SIGKILL
-    again = run_child(ledger, task_id="7")  # the retry of the same task goes on
-    assert again.returncode == 0 and again.stdout.count("step") == 5
-    assert run_child(ledger, task_id="8").returncode == -signal.SIGKILL  # another foreach branch dies once too
-    assert fired(str(tmp_path / "ledger")) == ["train.step.1.task7.rank0", "train.step.1.task8.rank0"]
+def test_every_attempt_dies_unless_only_the_first_is_asked():
+    for attempt in ("0", "1"):  # Metaflow's --retry-count
+        assert run_child({"GALLERY_KILL_AT": "train.step:1"}, attempt=attempt).returncode == -signal.SIGKILL
+    first = {"GALLERY_KILL_AT": "train.step:1", "GALLERY_KILL_FIRST_ATTEMPT": "1"}
+    assert run_child(first, attempt="0").returncode == -signal.SIGKILL
+    retried = run_child(first, attempt="1")  # the retry goes on, whatever it reaches
+    assert retried.returncode == 0 and retried.stdout.count("step") == 5
 
 
 def test_an_unknown_point_names_the_known_ones():

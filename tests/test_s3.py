@@ -54,14 +54,13 @@ def s3_config(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3_bucket, s3_config, tmp_path_factory):
+def s3_run(s3_bucket, s3_config):
     """That preset with `--datastore s3`; every training process SIGKILLs itself after epoch 1's
-    checkpoint on its first attempt (gallery.faults; the ledger lets the retry go on)."""
-    ledger = str(tmp_path_factory.mktemp("faults"))
+    checkpoint in its first attempt (gallery.faults), unless its control task's failure ended it first."""
     use_metaflow_s3_settings()  # this process reads the bucket too
     crash_while_uploading_the_catalogue(f"{s3_bucket}/metaflow/gallery", s3_config)  # where the run's store will be
     started = time.perf_counter()
-    status, run, stderr = run_flow(env={**S3_ENV, "GALLERY_KILL_AT": "train.epoch:1", "GALLERY_FAULT_LEDGER": ledger}, config=s3_config, datastore="s3",
+    status, run, stderr = run_flow(env={**S3_ENV, "GALLERY_KILL_AT": "train.epoch:1", "GALLERY_KILL_FIRST_ATTEMPT": "1"}, config=s3_config, datastore="s3",
                                    reports=f"{s3_bucket}/reports")
     assert status == "successful", stderr[-3000:]
     print(f"smoke run on S3, one training retried: {time.perf_counter() - started:.0f}s")
@@ -108,7 +107,10 @@ def test_a_killed_training_is_retried_from_its_attempts_checkpoint(s3_run):
     for task in nodes:
         assert task.current_attempt == 1 and task.origin_pathspec is None  # retried by Metaflow, not resumed
         ((result, _),) = task.data.trained.values()
-        assert result.resumed_at_epoch == 1  # epoch 0 came from the killed attempt's checkpoint
+        # epoch 0 came from the killed attempt's checkpoint; the other node may have been ended by its control
+        # task's failure (gallery.runs.end_with_the_control_task) before writing its own: it starts again
+        control = "_node_" not in task.id
+        assert result.resumed_at_epoch == 1 or (not control and result.resumed_at_epoch is None)
         assert [h.epoch for h in result.history] == [0, 1]
     first_attempts = "".join(Task(t.pathspec, attempt=0).stdout for t in nodes)  # workers log through node 0
     assert "GALLERY_KILL_AT: killing this process at train.epoch (arrival 1, rank 0)" in first_attempts

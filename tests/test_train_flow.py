@@ -232,8 +232,8 @@ def test_smoke_run_report_reads_every_comparison_from_its_test(smoke_run):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """The smoke preset's Kendall model (the weighting with state of its own) trained by 2 data-parallel
-    processes (gloo), killed after epoch 1's checkpoint (GALLERY_KILL_AT without a ledger SIGKILLs every
-    training process in every attempt), then resumed."""
+    processes (gloo), killed after epoch 1's checkpoint (GALLERY_KILL_AT SIGKILLs every training process in
+    every attempt), then resumed."""
     config = tmp_path_factory.mktemp("config") / "smoke_2_workers.json"
     settings = json.loads(Path(SMOKE).read_text())
     settings["train"].update(workers=2, weightings=["kendall"], reference_weighting="kendall")

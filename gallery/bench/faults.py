@@ -7,7 +7,8 @@ file's metadata names its run, so the file itself differs) and metrics.json (wit
 figures and run ids, which no two runs share: `comparable_metrics`).
 
 - retried: one run with a kill in each retried step (a preprocess shard, a training mid-epoch, the export
-  mid-write, the transfer suite, a task-optimal group), each once (GALLERY_FAULT_LEDGER): Metaflow's retry
+  mid-write, the transfer suite, a task-optimal group), each in a task's first attempt only
+  (GALLERY_KILL_FIRST_ATTEMPT): Metaflow's retry
   must reach the result;
 - resumed: a chain on a fresh store: a run killed in `start`, then `resume` killed in the next step, and so
   on (the retried steps killed in every attempt, so their retries are exhausted; the two evaluate branches
@@ -18,6 +19,7 @@ figures and run ids, which no two runs share: `comparable_metrics`).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gallery.bench.pipeline import preset_document
-from gallery.faults import ENV, LEDGER_ENV, fired
+from gallery.faults import ENV, FIRST_ATTEMPT_ENV
 
 FLOW = Path(__file__).resolve().parents[2] / "flows" / "train_flow.py"
 WHOLE_RUN_DELAY = 0.5  # seconds: a smoke epoch takes 1-2 s, so the kill lands inside epoch 2
@@ -95,7 +97,7 @@ def _flat(value, path: str = "") -> dict:
 @dataclass
 class Outcome:
     fault: Fault
-    fired: bool               # the kill happened (in the log, and the ledger for retried cases)
+    fired: bool               # the kill happened (the killed process said so in the log)
     recovered_by: str         # "retry" or "resume": what reached the end
     identical: bool           # both fingerprints equal the uninterrupted run's
     seconds: float            # the recovering run's wall time (the failed run's not counted)
@@ -196,15 +198,14 @@ def _store_args(folder: Path) -> list[str]:
 
 def retried(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
     """One run with every retried step's kill, each firing once: it must end successfully, and the same."""
-    ledger = folder / "ledger"
-    run = flow(folder, ["run", *_store_args(folder)],
-               {ENV: ",".join(f.kill for f in RETRIED), LEDGER_ENV: str(ledger)})
+    run = flow(folder, ["run", *_store_args(folder)], {ENV: ",".join(f.kill for f in RETRIED), FIRST_ATTEMPT_ENV: "1"})
     done = run.returncode == 0
     same, notes = compared(run, folder, reference)
-    records = fired(str(ledger))
-    log(f"retried: run {run.run_id} {'ended' if done else 'FAILED'} in {run.seconds:.0f} s; kills {records}")
-    return [Outcome(f, any(r.startswith(f.kill.replace(":", ".") + ".") for r in records), "retry" if done else "",
-                    same, run.seconds, notes) for f in RETRIED]
+    killed = collections.Counter(run.killed_at)
+    log(f"retried: run {run.run_id} {'ended' if done else 'FAILED'} in {run.seconds:.0f} s; processes killed "
+        f"{dict(killed)}")
+    return [Outcome(f, killed[f.kill.split(":")[0]] > 0, "retry" if done else "", same, run.seconds, notes)
+            for f in RETRIED]
 
 
 def resumed(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
