@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -47,13 +48,22 @@ class Kill:
 
     @classmethod
     def parse(cls, text: str) -> "Kill":
-        where, _, rank = text.strip().partition("@")
-        point, _, nth = where.partition(":")
-        if point not in FAULT_POINTS:
-            raise ValueError(f"{ENV}: unknown fault point {point!r}; the points are {', '.join(FAULT_POINTS)}")
-        return cls(point, int(nth) if nth else 1, int(rank) if rank else None)
+        m = SPEC.fullmatch(text.strip())
+        if m is None:
+            raise ValueError(f"{ENV}: {text.strip()!r} is not point, point:n or point:n@rank (n and rank whole numbers)")
+        if m["point"] not in FAULT_POINTS:
+            raise ValueError(f"{ENV}: unknown fault point {m['point']!r}; the points are {', '.join(FAULT_POINTS)}")
+        return cls(m["point"], int(m["nth"] or 1), None if m["rank"] is None else int(m["rank"]))
+
+    @property
+    def spec(self) -> str:
+        """As GALLERY_KILL_AT writes it."""
+        if self.rank is None:
+            return self.point if self.nth == 1 else f"{self.point}:{self.nth}"
+        return f"{self.point}:{self.nth}@{self.rank}"
 
 
+SPEC = re.compile(r"(?P<point>[a-z_.]+)(?::(?P<nth>\d+))?(?:@(?P<rank>\d+))?")
 _arrivals: collections.Counter = collections.Counter()
 
 

@@ -50,7 +50,11 @@ def test_every_attempt_dies_unless_only_the_first_is_asked():
 def test_an_unknown_point_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown fault point 'train.stp'; the points are synth.generated, ingest"):
         Kill.parse("train.stp:3")
-    assert Kill.parse(" export.write:2@1 ") == Kill("export.write", 2, 1)
+    assert Kill.parse(" export.write:2@1 ") == Kill("export.write", 2, 1) and Kill("end").spec == "end"
+    assert Kill.parse(Kill("train.step", 15, 0).spec) == Kill("train.step", 15, 0)
+    for malformed in ("train.step:x", "train.step:3@", "train.step 3"):
+        with pytest.raises(ValueError, match=f"{malformed!r} is not point, point:n or point:n@rank"):
+            Kill.parse(malformed)
     assert set(FAULT_POINTS) >= {"ingest", "train.step", "export.write", "transfer.task", "task_optimal.step", "end"}
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gallery.bench.pipeline import preset_document
-from gallery.faults import ENV, FIRST_ATTEMPT_ENV
+from gallery.faults import ENV, FIRST_ATTEMPT_ENV, Kill
 
 FLOW = Path(__file__).resolve().parents[2] / "flows" / "train_flow.py"
 WHOLE_RUN_DELAY = 0.5  # seconds: a smoke epoch takes 1-2 s, so the kill lands inside epoch 2
@@ -45,11 +45,11 @@ VOLATILE = re.compile(r"seconds|time_ratio|^run_id$")
 
 @dataclass(frozen=True)
 class Fault:
-    """One case: the step killed, where (a GALLERY_KILL_AT spec; "" for the whole run's process group), and
-    how the run is meant to recover: "retry" (Metaflow's, within the run) or "resume"."""
+    """One case: the step killed, where (None: the whole run's process group), and how the run is meant to
+    recover: "retry" (Metaflow's, within the run) or "resume"."""
 
     step: str
-    kill: str
+    kill: Kill | None
     recovery: str
     what: str
 
@@ -105,25 +105,29 @@ class Outcome:
 
 
 RETRIED = [
-    Fault("preprocess", "preprocess.gallery:5", "retry", "a shard part-written (5th gallery)"),
-    Fault("train", "train.step:15", "retry", "training mid-epoch 2 (15th step; epoch 1's checkpoint written)"),
-    Fault("export", "export.write:1", "retry", "the model folder part-written (1st file)"),
-    Fault("evaluate", "transfer.task:1", "retry", "the transfer-suite branch after its 1st held-out task"),
-    Fault("evaluate", "task_optimal.step:3", "retry", "a task-optimal group mid-training (3rd step)"),
+    Fault("preprocess", Kill("preprocess.gallery", 5), "retry", "a shard part-written (5th gallery)"),
+    Fault("train", Kill("train.step", 15), "retry", "training mid-epoch 2 (15th step; epoch 1's checkpoint written)"),
+    Fault("export", Kill("export.write", 1), "retry", "the model folder part-written (1st file)"),
+    Fault("evaluate", Kill("transfer.task", 1), "retry", "the transfer-suite branch after its 1st held-out task"),
+    Fault("evaluate", Kill("task_optimal.step", 3), "retry", "a task-optimal group mid-training (3rd step)"),
 ]
 RESUMED = [  # each inner list: the kills of one run of the chain
-    [Fault("start", "synth.generated", "resume", "the synthetic catalogue written, its completion marker not")],
-    [Fault("ingest", "ingest", "resume", "the catalogue validated, the step's artifacts not saved")],
-    [Fault("preprocess", "preprocess.gallery:5", "resume", "a shard part-written, in every attempt")],
-    [Fault("train", "train.epoch:1", "resume", "training after an epoch's checkpoint, in every attempt")],
-    [Fault("export", "export.write:2", "resume", "the model folder part-written (2nd file), in every attempt")],
-    [Fault("evaluate", "transfer.task:1", "resume", "the transfer-suite branch, in every attempt"),
-     Fault("evaluate", "task_optimal.step:3", "resume", "a task-optimal group mid-training, in every attempt")],
-    [Fault("report", "report.write:3", "resume", "the report part-written (3rd file)")],
-    [Fault("end", "end", "resume", "the last step")],
+    [Fault("start", Kill("synth.generated"), "resume", "the synthetic catalogue written, its completion marker not")],
+    [Fault("ingest", Kill("ingest"), "resume", "the catalogue validated, the step's artifacts not saved")],
+    [Fault("preprocess", Kill("preprocess.gallery", 5), "resume", "a shard part-written, in every attempt")],
+    [Fault("train", Kill("train.epoch", 1), "resume", "training after an epoch's checkpoint, in every attempt")],
+    [Fault("export", Kill("export.write", 2), "resume", "the model folder part-written (2nd file), in every attempt")],
+    [Fault("evaluate", Kill("transfer.task", 1), "resume", "the transfer-suite branch, in every attempt"),
+     Fault("evaluate", Kill("task_optimal.step", 3), "resume", "a task-optimal group mid-training, in every attempt")],
+    [Fault("report", Kill("report.write", 3), "resume", "the report part-written (3rd file)")],
+    [Fault("end", Kill("end"), "resume", "the last step")],
 ]
-WHOLE_RUN = Fault("train", "", "resume", "the whole run (the flow and its tasks: their process group) mid-epoch 2 "
+WHOLE_RUN = Fault("train", None, "resume", "the whole run (the flow and its tasks: their process group) mid-epoch 2 "
                                           f"({WHOLE_RUN_DELAY:g} s after a training logged epoch 1)")
+
+
+def _spec(faults: list[Fault]) -> str:
+    return ",".join(f.kill.spec for f in faults)
 
 
 def flow(folder: Path, args: list[str], env: dict, kill_group_when: str | None = None,
@@ -198,13 +202,13 @@ def _store_args(folder: Path) -> list[str]:
 
 def retried(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
     """One run with every retried step's kill, each firing once: it must end successfully, and the same."""
-    run = flow(folder, ["run", *_store_args(folder)], {ENV: ",".join(f.kill for f in RETRIED), FIRST_ATTEMPT_ENV: "1"})
+    run = flow(folder, ["run", *_store_args(folder)], {ENV: _spec(RETRIED), FIRST_ATTEMPT_ENV: "1"})
     done = run.returncode == 0
     same, notes = compared(run, folder, reference)
     killed = collections.Counter(run.killed_at)
     log(f"retried: run {run.run_id} {'ended' if done else 'FAILED'} in {run.seconds:.0f} s; processes killed "
         f"{dict(killed)}")
-    return [Outcome(f, killed[f.kill.split(":")[0]] > 0, "retry" if done else "", same, run.seconds, notes)
+    return [Outcome(f, killed[f.kill.point] > 0, "retry" if done else "", same, run.seconds, notes)
             for f in RETRIED]
 
 
@@ -214,7 +218,7 @@ def resumed(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
     outcomes, previous, origin = [], [], None
     for faults in [*RESUMED, None]:
         args = ["resume", "--origin-run-id", origin] if origin else ["run", *_store_args(folder)]
-        run = flow(folder, args, {ENV: ",".join(f.kill for f in faults)} if faults else {})
+        run = flow(folder, args, {ENV: _spec(faults)} if faults else {})
         if faults is None:
             same, notes = compared(run, folder, reference)
             log(f"resumed: the last resume {run.run_id} {'ended' if run.returncode == 0 else 'FAILED'} "
@@ -227,8 +231,8 @@ def resumed(folder: Path, reference: Fingerprint, log=print) -> list[Outcome]:
             return outcomes
         previous = []
         for fault in faults:
-            stopped = run.returncode != 0 and fault.kill.split(":")[0] in run.killed_at
-            log(f"resumed: {fault.step} ({fault.kill}): run {run.run_id} "
+            stopped = run.returncode != 0 and fault.kill.point in run.killed_at
+            log(f"resumed: {fault.step} ({fault.kill.spec}): run {run.run_id} "
                 f"{'stopped by the kill' if stopped else 'did NOT stop there'} in {run.seconds:.0f} s")
             previous.append(Outcome(fault, stopped, "", False, 0.0))
         outcomes += previous
@@ -251,7 +255,7 @@ def table(outcomes: list[Outcome]) -> str:
     rows = ["| step | fault | killed | recovered by | embeddings and metrics.json | recovering run |",
             "| --- | --- | --- | --- | --- | --- |"]
     for o in outcomes:
-        kill = f"`{o.fault.kill}`: " if o.fault.kill else ""
+        kill = f"`{o.fault.kill.spec}`: " if o.fault.kill else ""
         rows.append(f"| {o.fault.step} | {kill}{o.fault.what} | {'yes' if o.fired else 'NO'} | "
                     f"{o.recovered_by or 'FAILED'} | {'identical' if o.identical else 'DIFFERENT: ' + ', '.join(o.notes)} | "
                     f"{o.seconds:.0f} s |")
@@ -275,7 +279,7 @@ def bench_faults(preset: str = "smoke", out: str = "faults-bench", log=print) ->
             f"{first.run_id}: {first.seconds:.0f} s; embeddings SHA-256 {reference.embeddings}, comparable "
             f"metrics.json SHA-256 {reference.metrics}.\n\n{table(outcomes)}\n")
     (root / "faults.md").write_text(text)
-    (root / "faults.json").write_text(json.dumps([{"step": o.fault.step, "kill": o.fault.kill, "recovery": o.fault.recovery,
+    (root / "faults.json").write_text(json.dumps([{"step": o.fault.step, "kill": o.fault.kill and o.fault.kill.spec, "recovery": o.fault.recovery,
                                                    "what": o.fault.what, "fired": o.fired, "recovered_by": o.recovered_by,
                                                    "identical": o.identical, "seconds": o.seconds, "notes": o.notes}
                                                   for o in outcomes],
